@@ -1,0 +1,144 @@
+"""The shared base of every config in ``configs/``: one field per line, each with its meaning.
+
+Dataset configs call ``base_config()`` and change what differs; ``parse_arg`` reads the variant
+string after the colon (``--config=configs/cifar10.py:runlocal,res=64``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all datasets (the paper's DDPM protocol where one exists)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # master seed: model init, training noise, attack noise (each stream folded in)
+  c.mode = 'all'  # default --mode: 'train', 'audit', 'report' or 'all' (train if needed, audit, report)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'fashion_mnist'  # 'fashion_mnist' (Debian IDX files), 'tfds' or 'folder'
+  c.data.name = 'fashion_mnist'  # dataset name (the tfds builder name when source = 'tfds')
+  c.data.split = 'train'  # split of the dataset that member and non-member indices point into
+  c.data.data_dir = ''  # IDX dir / tfds data_dir / image folder ('' = the source's default)
+  c.data.resolution = 32  # model resolution: images are (cropped and) resized to this
+  c.data.channels = 3  # model channels: 1 (grayscale) or 3 (RGB)
+  c.data.center_crop = 0  # centre crop to this size before resizing (0 = none; 140 for CelebA)
+  c.data.convert_channels = False  # allow gray<->RGB conversion (else a mismatch is an error)
+
+  c.split = ml_collections.ConfigDict()
+  c.split.file = ''  # split file (.npz SecMI/PIA format or .json manifest); '' = make one
+  c.split.num_members = 25000  # members (training set of the target) when making a split
+  c.split.num_nonmembers = 25000  # non-members when making a split
+  c.split.seed = 0  # seed of the random permutation that makes the split
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000  # T of the target model
+  c.diffusion.beta_schedule = 'linear'  # 'linear' or 'cosine'
+  c.diffusion.beta_start = 1e-4  # first linear beta
+  c.diffusion.beta_end = 0.02  # last linear beta
+
+  c.model = ml_collections.ConfigDict()
+  c.model.ch = 128  # base channels
+  c.model.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution level
+  c.model.num_res_blocks = 2  # residual blocks per level (down path; up path has one more)
+  c.model.attn_res = (16,)  # resolutions with self-attention (the middle block always has it)
+  c.model.dropout = 0.1  # dropout in residual blocks (training only)
+  c.model.norm_groups = 32  # GroupNorm groups
+  c.model.norm_eps = 1e-5  # GroupNorm epsilon (pytorch-ddpm 1e-5, diffusers 1e-6)
+  c.model.time_embed_layout = 'interleaved'  # sinusoid order: 'interleaved', 'sin_cos', 'cos_sin'
+  c.model.time_freq_shift = 0  # sinusoid frequency shift (pytorch-ddpm 0, diffusers 1)
+  c.model.downsample_padding = 'symmetric'  # 'symmetric' (pytorch-ddpm) or 'asymmetric' (diffusers)
+  c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 800_000  # optimizer steps
+  c.train.batch_size = 128  # global batch size (divisible by the device count)
+  c.train.lr = 2e-4  # Adam learning rate after warm-up
+  c.train.warmup_steps = 5000  # linear warm-up steps
+  c.train.grad_clip = 1.0  # global-norm gradient clipping
+  c.train.ema_decay = 0.9999  # EMA decay of the weights the attacks use
+  c.train.random_flip = True  # random horizontal flip augmentation
+  c.train.log_every = 100  # steps between log lines
+  c.train.checkpoint_every = 5000  # steps between checkpoints
+  c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
+
+  c.drc = ml_collections.ConfigDict()
+  c.drc.mask = 'center_box'  # 'center_box', 'random_box', 'random_patches', 'saliency_patches'
+  c.drc.mask_ratio = 0.5  # fraction of the image removed (rho)
+  c.drc.invert_mask = False  # remove the complement of the mask region instead
+  c.drc.patch_size = 4  # patch size of the patch masks
+  c.drc.restorer = 'ddim'  # 'ddim' (inpainting), 'repaint' or 'ddnm'
+  c.drc.steps = 50  # reverse steps (RePaint: respaced steps; DDIM/DDNM: number of steps)
+  c.drc.t_start = 1000  # DDIM/DDNM start time (< T starts from the noised degraded image)
+  c.drc.eta = 0.0  # DDIM eta (0 = deterministic)
+  c.drc.jump_length = 10  # RePaint jump length
+  c.drc.jump_n_sample = 10  # RePaint resamples per jump
+  c.drc.num_restorations = 4  # K restorations per image (different keys), one similarity each
+  c.drc.comparator = 'masked_mse'  # 'masked_mse', 'psnr', 'ssim', 'ssim_region'
+  c.drc.vote_quantile = 0.5  # votes: similarity above this quantile of non-member sims (agree plot)
+
+  c.attacks = ml_collections.ConfigDict()
+  c.attacks.names = 'drc,loss,secmi,pia,pian,sima'  # attacks run in one pass (comma list)
+  c.attacks.loss_t = 200  # Loss attack timestep
+  c.attacks.secmi_t = 100  # SecMI t_sec
+  c.attacks.secmi_k = 10  # SecMI DDIM interval
+  c.attacks.pia_t = 200  # PIA / PIAN timestep
+  c.attacks.pia_p = 4  # PIA norm exponent
+  c.attacks.sima_t = 100  # SimA timestep
+
+  c.audit = ml_collections.ConfigDict()
+  c.audit.batch_size = 64  # global batch of images per attack step (padded at the end)
+  c.audit.shard_size = 512  # images per score shard file (the unit of resume)
+  c.audit.checkpoint = ''  # target to audit ('' = the EMA weights trained in the workdir)
+  c.audit.max_images = 0  # audit at most this many of each set (0 = all), for smoke runs
+  c.audit.calibration_fraction = 0.2  # fraction of each set that fits the decision threshold
+  c.audit.bootstrap = 1000  # bootstrap resamples for 95% intervals
+  c.audit.num_evidence = 4  # evidence panels per kind (highest, lowest, borderline)
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'runlocal,res=64' into {'runlocal': True, 'res': 64} with typed defaults.
+
+  Every key must be one of ``defaults`` (a typo is an error naming it).
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in (arg or '').split(','):
+    if not item:
+      continue
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+    default = defaults[key]
+    if not _:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks any config to a CPU smoke run (tiny model, few images, few steps)."""
+  c.model.ch = 16
+  c.model.ch_mult = (1, 2)
+  c.model.num_res_blocks = 1
+  c.model.norm_groups = 8
+  c.model.attn_res = (c.data.resolution // 2,)
+  c.model.dropout = 0.0
+  c.split.num_members = 32
+  c.split.num_nonmembers = 32
+  c.train.steps = 20
+  c.train.batch_size = 16
+  c.train.warmup_steps = 5
+  c.train.log_every = 5
+  c.train.checkpoint_every = 10
+  c.drc.steps = 4
+  c.drc.num_restorations = 2
+  c.drc.jump_length = 2
+  c.drc.jump_n_sample = 2
+  c.audit.batch_size = 16
+  c.audit.shard_size = 32
+  c.audit.bootstrap = 50
+  c.audit.num_evidence = 1

@@ -1,0 +1,83 @@
+"""Device mesh, shardings and multi-host set-up: batch on P('data'), everything else replicated.
+
+Multi-host runs set ``DRC_JAX_DISTRIBUTED=1`` (the launchers in ``launch/`` do), which makes
+``initialize()`` call ``jax.distributed.initialize()``; on Cloud TPU and under SLURM it reads the
+coordinator and process ids from the environment, elsewhere from ``DRC_JAX_COORDINATOR``,
+``DRC_JAX_NUM_PROCESSES`` and ``DRC_JAX_PROCESS_ID``. Each process then feeds its own slice of
+every global batch (``jax.make_array_from_process_local_data``), and only process 0 writes files
+shared by all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_initialized = False
+
+
+def initialize() -> None:
+  """Starts jax.distributed when DRC_JAX_DISTRIBUTED=1 (idempotent)."""
+  global _initialized
+  if _initialized or os.environ.get('DRC_JAX_DISTRIBUTED', '0') != '1':
+    return
+  kw = {}
+  if os.environ.get('DRC_JAX_COORDINATOR'):
+    kw = dict(coordinator_address=os.environ['DRC_JAX_COORDINATOR'],
+              num_processes=int(os.environ['DRC_JAX_NUM_PROCESSES']),
+              process_id=int(os.environ['DRC_JAX_PROCESS_ID']))
+  if jax.default_backend() == 'cpu' or os.environ.get('DRC_JAX_CPU_COLLECTIVES'):
+    jax.config.update('jax_cpu_collectives_implementation',
+                      os.environ.get('DRC_JAX_CPU_COLLECTIVES', 'gloo'))
+  jax.distributed.initialize(**kw)
+  _initialized = True
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D ('data',) mesh over ``devices`` (default: every device of every process)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), ('data',))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, field: str) -> None:
+  n = jax.device_count()
+  if batch_size % n:
+    raise ValueError(f'{field}={batch_size} is not divisible by the {n} devices')
+
+
+def shard_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
+  """A global batch sharded on P('data') from this process's rows."""
+  return jax.make_array_from_process_local_data(data_sharding(mesh), np.asarray(local))
+
+
+def replicate(mesh: Mesh, tree):
+  """Puts a pytree (identical on every process) on every device."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array on every process."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+  """Only process 0 writes files shared by all processes."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

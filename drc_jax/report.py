@@ -1,0 +1,415 @@
+"""Audit report: ROC and histogram plots, evidence panels, and one self-contained HTML page.
+
+Inputs are host-side NumPy data produced by the audit:
+
+- a score table ``dict[str, np.ndarray]`` with ``split`` (int8 [N], 1 = member, 0 = non-member),
+  ``index`` (int64 [N]), ``hash`` (str [N], hex SHA-256 of the image bytes), ``label`` (int64 [N]),
+  one ``score/<attack>`` (float64 [N], higher = member) per attack, and optionally ``drc/sim``
+  (float64 [N, K]) and ``drc/votes`` (int [N]);
+- per-attack metrics ``dict[attack, dict]`` from ``metrics.attack_metrics``, optionally with a
+  ``calibrated`` sub-dict from ``metrics.calibrate`` and ``nfe_per_image``;
+- evidence items: dicts with ``kind``, ``index``, ``split``, ``score``, ``percentile`` (among
+  non-members), ``decision`` and the ``original``, ``degraded`` and ``restored`` images (float
+  [H, W, C] in [-1, 1], C = 1 or 3).
+
+Every file is written atomically (a temporary file in the same directory, then ``os.replace``), so
+a crash never leaves a half-written PNG or HTML behind. Matplotlib is imported lazily, with the Agg
+backend, and figures are built as ``matplotlib.figure.Figure`` objects (no pyplot global state).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from drc_jax import metrics as metrics_lib
+
+SCORE_PREFIX = 'score/'
+# Order of the evidence groups in the HTML; other kinds follow in order of appearance.
+EVIDENCE_KINDS = ('highest', 'lowest', 'borderline')
+# Evidence images are upscaled (nearest neighbour) so that their shorter side has at least this
+# many pixels: a 28x28 image becomes 112x112.
+MIN_PANEL_PIXELS = 112
+
+
+def _new_figure(width: float, height: float):
+  """A matplotlib Figure drawn by the Agg backend, outside pyplot's figure registry."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(figsize=(width, height), dpi=100, layout='constrained')
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
+                                  suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; make outputs readable like ordinary files.
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.unlink(tmp_path)
+    raise
+
+
+def _save_figure(fig, path: str) -> str:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png')
+  _write_atomic(path, buffer.getvalue())
+  return path
+
+
+def attack_names(table: Mapping[str, np.ndarray]) -> list[str]:
+  """The attacks of a score table, in key order: ``score/drc`` -> ``drc``."""
+  return [key[len(SCORE_PREFIX):] for key in table if key.startswith(SCORE_PREFIX)]
+
+
+def _member_nonmember(table: Mapping[str, np.ndarray], values: np.ndarray):
+  split = np.asarray(table['split'])
+  return values[split == 1], values[split == 0]
+
+
+def plot_roc(table: Mapping[str, np.ndarray], path: str, log_scale: bool = False) -> str:
+  """Plots the exact ROC of every attack on one figure, with the chance diagonal.
+
+  Args:
+    table: the score table.
+    path: where to write the PNG.
+    log_scale: log axes on both FPR and TPR; zero rates are clipped to 1/N (FPR) and 1/P (TPR).
+
+  Returns:
+    ``path``.
+  """
+  fig = _new_figure(5.5, 5.0)
+  ax = fig.add_subplot()
+  lowest = 1.0
+  for attack in attack_names(table):
+    members, nonmembers = _member_nonmember(table, np.asarray(table[SCORE_PREFIX + attack]))
+    fpr, tpr, _ = metrics_lib.roc_curve(members, nonmembers)
+    area = metrics_lib.auc(members, nonmembers)
+    if log_scale:
+      fpr, tpr = np.maximum(fpr, 1 / nonmembers.size), np.maximum(tpr, 1 / members.size)
+      lowest = min(lowest, 1 / nonmembers.size, 1 / members.size)
+    ax.plot(fpr, tpr, label=f'{attack} (AUC {area:.3f})', linewidth=1.5)
+  if log_scale:
+    ax.plot([lowest, 1], [lowest, 1], 'k--', linewidth=0.8, label='chance')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlim(lowest, 1)
+    ax.set_ylim(lowest, 1.05)
+  else:
+    ax.plot([0, 1], [0, 1], 'k--', linewidth=0.8, label='chance')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+  ax.set_xlabel('false positive rate')
+  ax.set_ylabel('true positive rate')
+  ax.set_title('ROC (log scale)' if log_scale else 'ROC')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(loc='lower right', fontsize='small')
+  return _save_figure(fig, path)
+
+
+def plot_histograms(table: Mapping[str, np.ndarray], path: str) -> str:
+  """Member vs non-member score histograms (densities on shared bins), one subplot per attack."""
+  attacks = attack_names(table)
+  num_cols = min(3, max(1, len(attacks)))
+  num_rows = max(1, math.ceil(len(attacks) / num_cols))
+  fig = _new_figure(4.0 * num_cols, 3.0 * num_rows)
+  for i, attack in enumerate(attacks):
+    ax = fig.add_subplot(num_rows, num_cols, i + 1)
+    scores = np.asarray(table[SCORE_PREFIX + attack], dtype=np.float64)
+    members, nonmembers = _member_nonmember(table, scores)
+    bins = np.histogram_bin_edges(scores[np.isfinite(scores)], bins=50)
+    ax.hist(nonmembers, bins=bins, density=True, alpha=0.55,
+            label=f'non-members ({nonmembers.size})')
+    ax.hist(members, bins=bins, density=True, alpha=0.55, label=f'members ({members.size})')
+    ax.set_title(attack)
+    ax.set_xlabel('score (higher = member)')
+    ax.legend(fontsize='x-small')
+  return _save_figure(fig, path)
+
+
+def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
+  """Precision and recall against the agree number (from ``metrics.agree_curve``).
+
+  Undefined precision (None: nothing predicted member) is left out of the curve.
+  """
+  agree_numbers = np.asarray(agree['agree'])
+  precision = np.array([np.nan if p is None else p for p in agree['precision']], dtype=np.float64)
+  recall = np.asarray(agree['recall'], dtype=np.float64)
+  fig = _new_figure(5.0, 3.8)
+  ax = fig.add_subplot()
+  ax.plot(agree_numbers, precision, 'o-', label='precision')
+  ax.plot(agree_numbers, recall, 's-', label='recall')
+  ax.set_xticks(agree_numbers)
+  ax.set_ylim(0, 1.05)
+  ax.set_xlabel('agree number (votes needed to call "member")')
+  ax.set_title('DRC votes: precision and recall')
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  return _save_figure(fig, path)
+
+
+def _display_image(image: Any, name: str) -> np.ndarray:
+  """[-1, 1] image [H, W(, C)] -> [0, 1] float [H', W', C] upscaled by nearest neighbour."""
+  image = np.asarray(image, dtype=np.float64)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f'{name} must be [H, W, C] with C = 1 or 3, got shape {image.shape}')
+  factor = max(1, math.ceil(MIN_PANEL_PIXELS / min(image.shape[:2])))
+  image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+  return np.clip((image + 1) / 2, 0, 1)
+
+
+def _split_name(split: Any) -> str:
+  if isinstance(split, str):
+    return split
+  return 'member' if int(split) == 1 else 'non-member'
+
+
+def _evidence_title(item: Mapping[str, Any]) -> str:
+  return (f"{item['kind']}: {_split_name(item['split'])} #{item['index']}, "
+          f"score {float(item['score']):.4g}, {float(item['percentile']):.1f}th percentile among "
+          f"non-members, decision: {item['decision']}")
+
+
+def evidence_panel(item: Mapping[str, Any], path: str) -> str:
+  """Writes one evidence row: original | degraded | restored | |original - restored| heat map.
+
+  Images are upscaled with nearest neighbour to at least ``MIN_PANEL_PIXELS`` on the shorter side.
+  The heat map shows the channel mean of |original - restored| on the [0, 1] pixel scale, with a
+  fixed colour range [0, 1] so panels are comparable with each other.
+
+  Args:
+    item: an evidence item (see the module docstring).
+    path: where to write the PNG.
+
+  Returns:
+    ``path``.
+  """
+  images = {name: _display_image(item[name], name) for name in ('original', 'degraded', 'restored')}
+  shapes = {image.shape for image in images.values()}
+  if len(shapes) != 1:
+    raise ValueError(f'evidence images differ in shape: {sorted(shapes)}')
+  difference = np.abs(images['original'] - images['restored']).mean(axis=-1)  # [H', W']
+  fig = _new_figure(10.0, 3.0)
+  axes = fig.subplots(1, 4)
+  for ax, (name, image) in zip(axes, images.items()):
+    if image.shape[-1] == 1:
+      ax.imshow(image[..., 0], cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+    else:
+      ax.imshow(image, interpolation='nearest')
+    ax.set_title(name)
+  heat = axes[3].imshow(difference, cmap='magma', vmin=0, vmax=1, interpolation='nearest')
+  axes[3].set_title('|original - restored|')
+  fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
+  for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(_evidence_title(item), fontsize='medium')
+  return _save_figure(fig, path)
+
+
+def _agree_from_table(table: Mapping[str, np.ndarray]) -> dict[str, list] | None:
+  """The agree curve from ``drc/votes``, with K from ``drc/sim``; None when either is missing."""
+  if 'drc/votes' not in table or 'drc/sim' not in table:
+    return None
+  members, nonmembers = _member_nonmember(table, np.asarray(table['drc/votes']))
+  return metrics_lib.agree_curve(members, nonmembers, k=int(np.asarray(table['drc/sim']).shape[1]))
+
+
+def _tpr_columns(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """(metric key, label) of every TPR@FPR in ``metrics``: tpr_at_0p1pct_fpr -> 'TPR@0.1%FPR'."""
+  columns = []
+  for per_attack in metrics.values():
+    for key in per_attack:
+      match = re.fullmatch(r'tpr_at_(.+)pct_fpr', key)
+      if match and key not in [c[0] for c in columns]:
+        columns.append((key, f"TPR@{match.group(1).replace('p', '.')}%FPR"))
+  return columns
+
+
+def _fmt(value: Any, spec: str, missing: str = '-') -> str:
+  return missing if value is None else format(float(value), spec)
+
+
+def _fmt_percent(value: Any, missing: str = '-') -> str:
+  return missing if value is None else f'{100 * float(value):.2f}%'
+
+
+def _fmt_interval(interval: Sequence[float] | None, percent: bool) -> str:
+  if interval is None:
+    return ''
+  lo, hi = interval
+  return f' [{_fmt_percent(lo)}, {_fmt_percent(hi)}]' if percent else f' [{lo:.3f}, {hi:.3f}]'
+
+
+def _fmt_nfe(value: Any) -> str:
+  return '-' if value is None else f'{float(value):g}'
+
+
+def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """A plain-text table for the terminal: attack, AUC, ASR, TPR@FPR columns, NFE; then warnings."""
+  tpr_columns = _tpr_columns(metrics)
+  header = ['attack', 'AUC', 'ASR'] + [label.replace('FPR', '') for _, label in tpr_columns]
+  header.append('NFE')
+  rows = [header]
+  for attack, m in metrics.items():
+    rows.append([attack, _fmt(m.get('auc'), '.4f'), _fmt(m.get('asr'), '.4f')]
+                + [_fmt_percent(m.get(key)) for key, _ in tpr_columns]
+                + [_fmt_nfe(m.get('nfe_per_image'))])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                     for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  for attack, m in metrics.items():
+    lines.extend(f'note ({attack}): {warning}' for warning in m.get('warnings', ()))
+  return '\n'.join(lines)
+
+
+def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """The HTML metrics table: one row per attack."""
+  tpr_columns = _tpr_columns(metrics)
+  calibrated = any('calibrated' in m for m in metrics.values())
+  header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [label for _, label in tpr_columns]
+  header.append('model calls / image')
+  if calibrated:
+    header += ['calibrated threshold', 'held-out TPR', 'held-out FPR', 'held-out accuracy']
+  header.append('warnings')
+  rows = []
+  for attack, m in metrics.items():
+    ci = m.get('ci95', {})
+    cells = [attack,
+             _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), percent=False),
+             _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), percent=False)]
+    cells += [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), percent=True)
+              for key, _ in tpr_columns]
+    cells.append(_fmt_nfe(m.get('nfe_per_image')))
+    if calibrated:
+      cal = m.get('calibrated', {})
+      cells += [_fmt(cal.get('threshold'), '.6g'), _fmt_percent(cal.get('tpr')),
+                _fmt_percent(cal.get('fpr')), _fmt(cal.get('accuracy'), '.4f')]
+    cells.append('; '.join(m.get('warnings', ())))
+    rows.append('<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in cells) + '</tr>')
+  head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
+  return f'<table>\n{head}\n' + '\n'.join(rows) + '\n</table>'
+
+
+def _img_tag(png_path: str, alt: str) -> str:
+  with open(png_path, 'rb') as f:
+    encoded = base64.b64encode(f.read()).decode('ascii')
+  return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
+
+
+def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) -> str:
+  """The panel title plus the image's label and hash prefix, looked up in the table."""
+  caption = _evidence_title(item)
+  if 'index' in table and 'split' in table:
+    split = 1 if _split_name(item['split']) == 'member' else 0
+    rows = np.flatnonzero((np.asarray(table['index']) == int(item['index']))
+                          & (np.asarray(table['split']) == split))
+    if rows.size:
+      if 'label' in table:
+        caption += f", label {int(np.asarray(table['label'])[rows[0]])}"
+      if 'hash' in table:
+        caption += f", sha256 {str(np.asarray(table['hash'])[rows[0]])[:16]}"
+  return caption
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
+td:first-child, td:last-child, th { text-align: left; }
+pre { background: #f4f4f4; padding: 1em; overflow-x: auto; }
+img { max-width: 100%; }
+figure { margin: 1em 0; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def write_report(workdir: str, table: Mapping[str, np.ndarray],
+                 metrics: Mapping[str, Mapping[str, Any]], evidence: Sequence[Mapping[str, Any]], *,
+                 config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None) -> str:
+  """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
+
+  The HTML embeds every image as a base64 data URI and needs no server or external resource.
+
+  Args:
+    workdir: the audit's working directory.
+    table: the score table.
+    metrics: attack name -> metrics (``metrics.attack_metrics`` output, optionally with
+      ``calibrated`` and ``nfe_per_image``).
+    evidence: evidence items, shown grouped by kind.
+    config_summary: text shown in a <pre> block.
+    agree: an ``agree_curve`` dict; if None it is computed from ``drc/votes`` and ``drc/sim`` when
+      the table has both, else the agree plot is left out.
+
+  Returns:
+    The path of ``report.html``.
+  """
+  report_dir = os.path.join(workdir, 'report')
+  os.makedirs(report_dir, exist_ok=True)
+  plots = [('ROC', plot_roc(table, os.path.join(report_dir, 'roc.png'), log_scale=False)),
+           ('ROC, log scale',
+            plot_roc(table, os.path.join(report_dir, 'roc_log.png'), log_scale=True)),
+           ('Score histograms', plot_histograms(table, os.path.join(report_dir, 'histograms.png')))]
+  if agree is None:
+    agree = _agree_from_table(table)
+  if agree is not None:
+    plots.append(('DRC agree number', plot_agree(agree, os.path.join(report_dir, 'agree.png'))))
+
+  kinds = list(EVIDENCE_KINDS) + [k for k in dict.fromkeys(str(e['kind']) for e in evidence)
+                                  if k not in EVIDENCE_KINDS]
+  groups: dict[str, list[tuple[str, str]]] = {kind: [] for kind in kinds}
+  for i, item in enumerate(evidence):
+    safe_kind = re.sub(r'[^A-Za-z0-9_-]', '_', str(item['kind']))
+    path = evidence_panel(item, os.path.join(report_dir, f'evidence_{i:03d}_{safe_kind}.png'))
+    groups[str(item['kind'])].append((_evidence_caption(item, table), path))
+
+  split = np.asarray(table['split'])
+  parts = [
+      '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
+      '<title>Membership inference audit</title>', f'<style>{_CSS}</style>\n</head>\n<body>',
+      '<h1>Membership inference audit</h1>',
+      f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
+      f'{html.escape(", ".join(attack_names(table)))}.</p>',
+  ]
+  if config_summary:
+    parts += ['<h2>Configuration</h2>', f'<pre>{html.escape(config_summary)}</pre>']
+  parts += ['<h2>Metrics</h2>', _metrics_html(metrics),
+            '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
+            'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '
+            'interpolation; with n non-members it rests on about n&middot;f false positives. '
+            'Intervals are 95% percentile bootstraps resampling members and non-members '
+            'separately.</p>']
+  for title, path in plots:
+    parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
+  if evidence:
+    parts.append('<h2>Evidence</h2>')
+    for kind, items in groups.items():
+      if not items:
+        continue
+      parts.append(f'<h3>{html.escape(kind)}</h3>')
+      for caption, path in items:
+        parts.append(f'<figure>{_img_tag(path, caption)}'
+                     f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+  parts.append('</body>\n</html>\n')
+  html_path = os.path.join(workdir, 'report.html')
+  _write_atomic(html_path, '\n'.join(parts).encode('utf-8'))
+  return html_path

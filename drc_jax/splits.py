@@ -1,0 +1,145 @@
+"""Membership split manifests: which images of a dataset split are members and which are not.
+
+A manifest holds index lists into one named dataset split, the seed that made it, the counts and
+a SHA-256 over the raw image bytes of each set (so a changed dataset is noticed). It is stored as
+JSON (``split.json`` in the workdir) and reads/writes the SecMI/PIA ``.npz`` format
+(``mia_train_idxs`` = members, ``mia_eval_idxs`` = non-members), so results are comparable with
+published ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+from etils import epath
+
+from drc_jax import data as data_lib
+from drc_jax import fileio
+
+
+@dataclasses.dataclass
+class SplitManifest:
+  dataset: str  # source name, e.g. 'fashion_mnist/train' or 'cifar10/train'
+  members: np.ndarray  # int64 indices into the dataset split
+  nonmembers: np.ndarray  # int64 indices into the dataset split
+  seed: int | None = None  # seed of the permutation (None when read from a .npz)
+  members_sha256: str = ''  # SHA-256 over the per-image SHA-256s of the members, in order
+  nonmembers_sha256: str = ''
+
+  def __post_init__(self):
+    self.members = np.asarray(self.members, np.int64).reshape(-1)
+    self.nonmembers = np.asarray(self.nonmembers, np.int64).reshape(-1)
+    for name, idx in (('members', self.members), ('non-members', self.nonmembers)):
+      if len(np.unique(idx)) != len(idx):
+        raise data_lib.DataError(f'split: duplicate indices among {name}')
+    both = np.intersect1d(self.members, self.nonmembers)
+    if both.size:
+      raise data_lib.DataError(f'split: index {int(both[0])} is both a member and a non-member')
+
+  def check_range(self, n: int, where: str) -> None:
+    for name, idx in (('members', self.members), ('non-members', self.nonmembers)):
+      bad = idx[(idx < 0) | (idx >= n)]
+      if bad.size:
+        raise data_lib.DataError(f'{where}: {name} index {int(bad[0])} out of range for a '
+                                 f'dataset split of {n} images')
+
+  def to_json(self) -> dict:
+    return {'dataset': self.dataset, 'seed': self.seed, 'num_members': len(self.members),
+            'num_nonmembers': len(self.nonmembers), 'members_sha256': self.members_sha256,
+            'nonmembers_sha256': self.nonmembers_sha256, 'members': self.members.tolist(),
+            'nonmembers': self.nonmembers.tolist()}
+
+
+def make_split(dataset: str, n_total: int, num_members: int, num_nonmembers: int,
+               seed: int) -> SplitManifest:
+  """Random disjoint member / non-member sets from a seeded permutation of ``range(n_total)``."""
+  if num_members < 1 or num_nonmembers < 1:
+    raise data_lib.DataError('config.split: num_members and num_nonmembers must be >= 1')
+  if num_members + num_nonmembers > n_total:
+    raise data_lib.DataError(f'config.split: {num_members} members + {num_nonmembers} '
+                             f'non-members exceed the {n_total} images of {dataset}')
+  perm = np.random.default_rng(seed).permutation(n_total)
+  return SplitManifest(dataset, np.sort(perm[:num_members]),
+                       np.sort(perm[num_members:num_members + num_nonmembers]), seed)
+
+
+def set_hash(hashes: list[str]) -> str:
+  return hashlib.sha256(''.join(hashes).encode()).hexdigest()
+
+
+def save(manifest: SplitManifest, path: str) -> None:
+  """Writes JSON (``.json``) or the SecMI/PIA ``.npz`` format (``.npz``), atomically."""
+  if str(path).endswith('.npz'):
+    import io  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    np.savez(buf, mia_train_idxs=manifest.members, mia_eval_idxs=manifest.nonmembers)
+    fileio.atomic_write_bytes(path, buf.getvalue())
+  else:
+    fileio.atomic_write_text(path, json.dumps(manifest.to_json()))
+
+
+def load(path: str, dataset: str = '') -> SplitManifest:
+  """Reads a ``.json`` manifest or a SecMI/PIA ``.npz`` split file."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise data_lib.DataError(f'{path}: split file not found (config.split.file)')
+  if str(path).endswith('.npz'):
+    try:
+      with p.open('rb') as f:
+        z = np.load(f)
+        missing = [k for k in ('mia_train_idxs', 'mia_eval_idxs') if k not in z.files]
+        if missing:
+          raise data_lib.DataError(f'{path}: missing key {missing[0]!r} (a SecMI/PIA split has '
+                                   f"'mia_train_idxs' and 'mia_eval_idxs'; found {z.files})")
+        members, nonmembers = z['mia_train_idxs'], z['mia_eval_idxs']
+    except (OSError, ValueError) as e:
+      raise data_lib.DataError(f'{path}: not a readable .npz file ({e})') from e
+    return SplitManifest(dataset, members, nonmembers)
+  try:
+    d = json.loads(p.read_text())
+    return SplitManifest(d['dataset'], d['members'], d['nonmembers'], d.get('seed'),
+                         d.get('members_sha256', ''), d.get('nonmembers_sha256', ''))
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise data_lib.DataError(f'{path}: not a valid split manifest ({e!r})') from e
+
+
+def resolve(split_cfg, source: data_lib.ImageSource, workdir: str,
+            write: bool = True) -> SplitManifest:
+  """The split of a run: from ``split.file``, else ``workdir/split.json``, else made and written.
+
+  A split made from the config must match one already in the workdir (same dataset, counts and
+  seed); image hashes are filled in when missing and checked when present.
+  """
+  path = os.path.join(workdir, 'split.json')
+  if split_cfg.file:
+    manifest = load(split_cfg.file, source.name)
+    where = split_cfg.file
+  elif epath.Path(path).exists():
+    manifest = load(path)
+    where = path
+    want = (source.name, split_cfg.num_members, split_cfg.num_nonmembers, split_cfg.seed)
+    have = (manifest.dataset, len(manifest.members), len(manifest.nonmembers), manifest.seed)
+    if want != have:
+      raise data_lib.DataError(
+          f'{path}: the workdir split (dataset, members, non-members, seed) = {have} differs '
+          f'from the config {want}; use another workdir or set config.split.file={path}')
+  else:
+    manifest = make_split(source.name, len(source), split_cfg.num_members,
+                          split_cfg.num_nonmembers, split_cfg.seed)
+    where = 'config.split'
+  manifest.check_range(len(source), where)
+  hashes = {name: set_hash(data_lib.image_hashes(source.read(idx)[0]))
+            for name, idx in (('members', manifest.members), ('nonmembers', manifest.nonmembers))}
+  for name, h in hashes.items():
+    old = getattr(manifest, f'{name}_sha256')
+    if old and old != h:
+      raise data_lib.DataError(f'{where}: the {name} images changed since the split was made '
+                               f'(SHA-256 {old[:12]}... now {h[:12]}...)')
+    setattr(manifest, f'{name}_sha256', h)
+  if write and not epath.Path(path).exists():
+    save(manifest, path)
+  return manifest

@@ -1,0 +1,158 @@
+"""Trains the target DDPM on the member split only (the membership benchmark protocol).
+
+One ``jax.jit`` train step: epsilon-prediction MSE at uniform t, Adam with linear warm-up and
+global-norm clipping, EMA of the weights; the batch is sharded on the ('data',) mesh and the state
+replicated. The data order is a function of (seed, step) alone, so a run killed at any point and
+restarted from its last checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from drc_jax import checkpoints
+from drc_jax import data as data_lib
+from drc_jax import model as model_lib
+from drc_jax import parallel
+from drc_jax import schedule as schedule_lib
+from drc_jax import splits as splits_lib
+
+State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
+
+
+def make_optimizer(tcfg) -> optax.GradientTransformation:
+  warmup = max(int(tcfg.warmup_steps), 1)
+  lr = optax.linear_schedule(0.0, tcfg.lr, warmup)  # constant tcfg.lr after warm-up
+  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), optax.adam(lr))
+
+
+def init_state(model_params, tx: optax.GradientTransformation) -> State:
+  return {'step': jnp.zeros((), jnp.int32), 'params': model_params,
+          'ema_params': jax.tree_util.tree_map(jnp.copy, model_params),
+          'opt_state': tx.init(model_params)}
+
+
+def make_train_step(model: model_lib.DiffusionModel, schedule: schedule_lib.NoiseSchedule,
+                    tx: optax.GradientTransformation, tcfg, mesh):
+  """Returns a jitted ``step(state, images [B,H,W,C], valid [B], key) -> (state, metrics)``."""
+  num_t = schedule.num_timesteps
+
+  def loss_fn(params, images, valid, key):
+    k_t, k_eps, k_flip, k_drop = jax.random.split(key, 4)
+    b = images.shape[0]
+    if tcfg.random_flip:
+      flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+      images = jnp.where(flip, images[:, :, ::-1, :], images)
+    t = jax.random.randint(k_t, (b,), 0, num_t)
+    eps = jax.random.normal(k_eps, images.shape, images.dtype)
+    x_t = schedule.q_sample(images, t, eps)
+    pred = model.apply_train(params, x_t, t, k_drop)
+    per_example = jnp.mean(jnp.square(pred - eps), axis=(1, 2, 3))  # [B]
+    w = valid.astype(jnp.float32)
+    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+  def step(state, images, valid, key):
+    key = jax.random.fold_in(key, state['step'])
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], images, valid, key)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    d = tcfg.ema_decay
+    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state['ema_params'], params)
+    new = {'step': state['step'] + 1, 'params': params, 'ema_params': ema, 'opt_state': opt_state}
+    return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+  rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+  """Global batch of member positions for ``step``: epochs of seeded permutations, no repeats
+  within an epoch; a function of (seed, step) alone, so resuming reproduces the order."""
+  out, pos = [], step * batch_size
+  while len(out) < batch_size:
+    epoch, offset = divmod(pos, n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    take = perm[offset:offset + batch_size - len(out)]
+    out.extend(take)
+    pos += len(take)
+  return np.asarray(out, np.int64)
+
+
+def build(config):
+  """Model config, model, schedule and optimizer of a config."""
+  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
+  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=config.seed)
+  schedule = schedule_lib.make_schedule(config.diffusion)
+  return unet_cfg, model, params, schedule, make_optimizer(config.train)
+
+
+def train(config, workdir: str) -> State:
+  """Trains (or resumes training) the target in ``workdir`` up to ``config.train.steps``."""
+  tcfg = config.train
+  parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
+  mesh = parallel.make_mesh()
+  source = data_lib.make_source(config.data)
+  split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
+  logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
+
+  unet_cfg, model, params, schedule, tx = build(config)
+  if parallel.is_writer():
+    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion))
+  logging.info('UNet: %.3fM parameters', model_lib.count_params(params) / 1e6)
+  state = init_state(params, tx)
+  mngr = checkpoints.manager(workdir, keep=tcfg.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = checkpoints.restore(mngr, abstract)
+    logging.info('resumed from step %d', int(state['step']))
+  state = parallel.replicate(mesh, state)
+  train_step = make_train_step(model, schedule, tx, tcfg, mesh)
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)  # training stream
+  n_proc, p_idx = jax.process_count(), jax.process_index()
+  local = tcfg.batch_size // n_proc
+
+  step = int(state['step'])
+  t_last, s_last = time.time(), step
+  while step < tcfg.steps:
+    idx = batch_indices(step, len(members), tcfg.batch_size, config.seed)
+    rows = members[idx[p_idx * local:(p_idx + 1) * local]]
+    images = parallel.shard_batch(mesh, rows)
+    valid = parallel.shard_batch(mesh, np.ones((local,), bool))
+    state, metrics = train_step(state, images, valid, key)
+    step += 1
+    if step % tcfg.log_every == 0 or step == tcfg.steps:
+      loss = float(metrics['loss'])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f'training loss became {loss} at step {step}')
+      now = time.time()
+      rate = (step - s_last) / max(now - t_last, 1e-9)
+      logging.info('step %d/%d loss %.5f grad_norm %.3f %.2f steps/s ETA %.0fs', step,
+                   tcfg.steps, loss, float(metrics['grad_norm']), rate,
+                   (tcfg.steps - step) / max(rate, 1e-9))
+      t_last, s_last = now, step
+    if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+      mngr.save(step, args=ocp.args.StandardSave(state))
+  mngr.wait_until_finished()
+  mngr.close()
+  return state
+
+
+def trained_steps(workdir: str) -> int | None:
+  """Latest checkpointed step in ``workdir`` (None when there is none)."""
+  if not (epath.Path(workdir) / checkpoints.CHECKPOINT_DIR).exists():
+    return None
+  mngr = checkpoints.manager(workdir)
+  step = mngr.latest_step()
+  mngr.close()
+  return step

@@ -1,0 +1,81 @@
+"""Config validation before any work starts: each error names the field and the allowed values."""
+
+from __future__ import annotations
+
+import jax
+
+from drc_jax import model as model_lib
+
+RESTORERS = ('ddim', 'repaint', 'ddnm')
+MASKS = ('center_box', 'random_box', 'random_patches', 'saliency_patches')
+DEGRADATIONS_LINEAR = ('downsample', 'grayscale')
+COMPARATORS = ('masked_mse', 'psnr', 'ssim', 'ssim_region')
+ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
+SOURCES = ('fashion_mnist', 'tfds', 'folder')
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field."""
+
+
+def _require(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def attack_names(config) -> list[str]:
+  names = [n.strip() for n in config.attacks.names.split(',') if n.strip()]
+  for n in names:
+    _require(n in ATTACKS, f'config.attacks.names: unknown attack {n!r}; known: {ATTACKS}')
+  _require(len(set(names)) == len(names), 'config.attacks.names: an attack is listed twice')
+  _require(bool(names), 'config.attacks.names: no attack named')
+  return names
+
+
+def check(config) -> None:
+  """Raises ConfigError on the first invalid field."""
+  d, n_dev = config.data, jax.device_count()
+  _require(d.source in SOURCES, f'config.data.source: {d.source!r} not in {SOURCES}')
+  _require(d.channels in (1, 3), f'config.data.channels: {d.channels} (expected 1 or 3)')
+  _require(d.resolution >= 8, f'config.data.resolution: {d.resolution} is below 8')
+  try:
+    model_lib.unet_config_from(config.model, d.resolution, d.channels)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.model: {e}') from e
+  T = config.diffusion.num_timesteps
+  _require(T >= 2, f'config.diffusion.num_timesteps: {T} (expected >= 2)')
+  _require(config.diffusion.beta_schedule in ('linear', 'cosine'),
+           f'config.diffusion.beta_schedule: {config.diffusion.beta_schedule!r}')
+  for field in ('train.batch_size', 'audit.batch_size'):
+    section, name = field.split('.')
+    bs = config[section][name]
+    _require(bs > 0 and bs % n_dev == 0,
+             f'config.{field}: {bs} is not a positive multiple of the {n_dev} devices')
+  _require(config.audit.shard_size % config.audit.batch_size == 0,
+           f'config.audit.shard_size ({config.audit.shard_size}) must be a multiple of '
+           f'config.audit.batch_size ({config.audit.batch_size})')
+  _require(0.0 < config.audit.calibration_fraction < 1.0,
+           f'config.audit.calibration_fraction: {config.audit.calibration_fraction} not in (0, 1)')
+  r = config.drc
+  _require(r.restorer in RESTORERS, f'config.drc.restorer: {r.restorer!r} not in {RESTORERS}')
+  _require(r.mask in MASKS + DEGRADATIONS_LINEAR,
+           f'config.drc.mask: {r.mask!r} not in {MASKS + DEGRADATIONS_LINEAR}')
+  if r.mask in DEGRADATIONS_LINEAR:
+    _require(r.restorer == 'ddnm', f'config.drc.mask={r.mask!r} is a linear degradation: '
+             f"it needs config.drc.restorer='ddnm'")
+  _require(0.0 < r.mask_ratio < 1.0, f'config.drc.mask_ratio: {r.mask_ratio} not in (0, 1)')
+  _require(r.comparator in COMPARATORS,
+           f'config.drc.comparator: {r.comparator!r} not in {COMPARATORS}')
+  _require(r.num_restorations >= 1, 'config.drc.num_restorations must be >= 1')
+  _require(1 <= r.steps <= T, f'config.drc.steps: {r.steps} not in [1, {T}]')
+  _require(1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}]')
+  _require(r.eta >= 0.0, f'config.drc.eta: {r.eta} < 0')
+  if r.restorer == 'repaint':
+    _require(r.jump_length >= 1 and r.jump_n_sample >= 1,
+             'config.drc.jump_length and jump_n_sample must be >= 1')
+  a = config.attacks
+  attack_names(config)
+  for name in ('loss_t', 'secmi_t', 'pia_t', 'sima_t'):
+    _require(0 <= a[name] < T, f'config.attacks.{name}: {a[name]} not in [0, {T})')
+  _require(a.secmi_k >= 1 and a.secmi_t + a.secmi_k < T,
+           f'config.attacks.secmi_t + secmi_k must stay below T={T}')

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up drc_jax on this machine (Debian package + virtual environment), then runs a job.
+#
+#   bash launch/local.sh main [drc_jax.main flags]   # the embedded default (or any config)
+#   bash launch/local.sh test [pytest args]          # the test suite
+#   bash launch/local.sh bench [drc_jax.bench flags] # restoration benchmark
+#   bash launch/local.sh setup                       # set up only
+#
+# Environment: VENV (default .venv in the repo), EXTRAS (pip extras, default: 'test' for main and
+# bench, 'test,torch' for test), DRC_JAX_SKIP_APT=1 to skip the apt step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job=${1:-main}
+shift || true
+venv=${VENV:-.venv}
+
+if [[ ${DRC_JAX_SKIP_APT:-0} != 1 && ! -d /usr/share/datasets/fashion-mnist ]]; then
+  echo "[setup] installing Debian package dataset-fashion-mnist (real images, offline)" >&2
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+case $job in
+  test) extras=${EXTRAS:-test,torch} ;;
+  *) extras=${EXTRAS:-test} ;;
+esac
+stamp="$venv/.drc_jax_installed_$(echo "$extras" | tr ',' '_')"
+if [[ ! -x $venv/bin/python || ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  echo "[setup] installing drc_jax[$extras] into $venv" >&2
+  [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip >&2
+  "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
+  touch "$stamp"
+fi
+
+case $job in
+  setup) ;;
+  main) exec "$venv/bin/python" -m drc_jax.main "$@" ;;
+  test) exec "$venv/bin/python" -m pytest -q "$@" ;;
+  bench) exec "$venv/bin/python" -m drc_jax.bench "$@" ;;
+  *) echo "unknown job '$job' (main, test, bench, setup)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,35 @@
+"""Test set-up: 8 fake CPU devices (for sharding tests), strict rank promotion, quiet logs."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+# Identical programs compiled by different tests (each train()/audit() call builds its own jit)
+# are compiled once per session through the persistent cache.
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(os.environ.get('TMPDIR', '/tmp'), f'drc_jax_test_cache_{os.getuid()}'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """Loads configs/<name>.py the way --config does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture
+def fmnist_local():
+  """The embedded default shrunk to a smoke run (real Fashion-MNIST images, tiny UNet)."""
+  return load_config('fashion_mnist', 'runlocal')

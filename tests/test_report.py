@@ -1,0 +1,117 @@
+"""Tests of drc_jax.report on a synthetic score table."""
+
+import hashlib
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from drc_jax import metrics
+from drc_jax import report
+
+ATTACKS = ('drc', 'loss', 'secmi')
+NUM_RESTORATIONS = 3
+
+
+def _synthetic_table(num_per_split: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  n = 2 * num_per_split
+  split = np.repeat(np.array([1, 0], dtype=np.int8), num_per_split)
+  table = {
+      'split': split,
+      'index': np.tile(np.arange(num_per_split, dtype=np.int64), 2),
+      'hash': np.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]),
+      'label': rng.integers(0, 10, size=n).astype(np.int64),
+  }
+  for shift, attack in enumerate(ATTACKS):
+    table[f'score/{attack}'] = rng.normal(size=n) + 0.5 * (shift + 1) * split
+  sim = rng.uniform(size=(n, NUM_RESTORATIONS)) + 0.3 * split[:, None]  # [N, K]
+  table['drc/sim'] = sim
+  table['drc/votes'] = (sim > 0.6).sum(axis=1)
+  return table
+
+
+def _evidence(table, channels: int) -> list[dict]:
+  rng = np.random.default_rng(1)
+  scores = table['score/drc']
+  nonmember_scores = scores[table['split'] == 0]
+  items = []
+  for kind, row in (('highest', int(np.argmax(scores))), ('lowest', int(np.argmin(scores))),
+                    ('borderline', 0)):
+    original = rng.uniform(-1, 1, size=(28, 28, channels))
+    degraded = original.copy()
+    degraded[8:20, 8:20] = 0.0
+    items.append({
+        'kind': kind, 'index': int(table['index'][row]), 'split': int(table['split'][row]),
+        'score': float(scores[row]),
+        'percentile': float(metrics.percentile_among(scores[row], nonmember_scores)[0]),
+        'decision': 'member' if scores[row] > 0 else 'non-member',
+        'original': original, 'degraded': degraded,
+        'restored': np.clip(original + rng.normal(0, 0.2, original.shape), -1, 1),
+    })
+  return items
+
+
+def _metrics(table) -> dict[str, dict]:
+  out = {}
+  members = table['split'] == 1
+  for nfe, attack in zip((250, 1, 12), ATTACKS):
+    scores = table[f'score/{attack}']
+    out[attack] = metrics.attack_metrics(scores[members], scores[~members], bootstrap=200)
+    out[attack]['nfe_per_image'] = nfe
+  calibrated = metrics.calibrate(table['score/drc'][members], table['score/drc'][~members],
+                                 fraction=0.5, seed=0)
+  out['drc']['calibrated'] = calibrated
+  return out
+
+
+def test_write_report_is_self_contained(tmp_path):
+  table = _synthetic_table()
+  evidence = _evidence(table, channels=3) + _evidence(table, channels=1)[:1]
+  html_path = report.write_report(str(tmp_path), table, _metrics(table), evidence,
+                                  config_summary='dataset: <cifar10> & "test"')
+  assert html_path == os.path.join(str(tmp_path), 'report.html')
+  text = open(html_path, encoding='utf-8').read()
+  for attack in ATTACKS:
+    assert attack in text
+  assert '&lt;cifar10&gt; &amp; &quot;test&quot;' in text  # Config text is escaped.
+  sources = re.findall(r'src="([^"]*)"', text)
+  assert len(sources) == 4 + len(evidence)  # ROC, log ROC, histograms, agree, panels.
+  assert all(src.startswith('data:image/png;base64,') for src in sources)
+  assert 'src="http' not in text and 'href=' not in text
+  assert str(tmp_path) not in text
+  for kind in ('highest', 'lowest', 'borderline'):
+    assert f'<h3>{kind}</h3>' in text
+  assert 'held-out accuracy' in text
+  assert 'TPR@0.1%FPR' in text
+
+  report_dir = tmp_path / 'report'
+  pngs = sorted(report_dir.glob('*.png'))
+  assert {p.name for p in pngs} >= {'roc.png', 'roc_log.png', 'histograms.png', 'agree.png'}
+  assert len(pngs) == 4 + len(evidence)
+  for png in pngs:
+    with Image.open(png) as image:
+      image.verify()
+  assert not list(report_dir.glob('*.tmp')) and not list(tmp_path.glob('*.tmp'))
+
+
+def test_evidence_panel_upscales_small_images(tmp_path):
+  table = _synthetic_table(num_per_split=20)
+  item = _evidence(table, channels=1)[0]
+  item['original'] = item['original'][..., 0]  # [H, W] is accepted too.
+  path = report.evidence_panel(item, str(tmp_path / 'panel.png'))
+  with Image.open(path) as image:
+    width, height = image.size
+  assert width >= 4 * report.MIN_PANEL_PIXELS and height >= report.MIN_PANEL_PIXELS
+
+
+def test_format_metrics_table():
+  table = _synthetic_table(num_per_split=100)
+  text = report.format_metrics_table(_metrics(table))
+  lines = text.splitlines()
+  assert lines[0].split() == ['attack', 'AUC', 'ASR', 'TPR@1%', 'TPR@0.1%', 'NFE']
+  for attack in ATTACKS:
+    assert any(line.startswith(attack) for line in lines[2:])
+  assert '250' in text
+  assert 'note (drc): TPR@0.1%FPR rests on 0.1 expected false positives' in text
