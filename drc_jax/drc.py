@@ -1,0 +1,79 @@
+"""DRC scoring: K x (degrade -> restore -> compare) per image, one jitted sharded program.
+
+``make_drc(cfg, model, schedule, mesh)`` returns a ``DrcScorer`` whose
+``similarities(params, keys, images) -> [B, K]`` runs K restorations per image (restoration k of
+image b uses the key ``fold_in(keys[b], k)`` for its degradation and its noise) and compares each
+with the original. The membership score is the mean over K (higher = member). ``evidence`` gives
+the degraded and restored images of restoration 0 for the report; because keys are per image,
+evidence recomputed later is exactly what was scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drc_jax import compare as compare_lib
+from drc_jax import degrade as degrade_lib
+from drc_jax import parallel
+from drc_jax import restore as restore_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DrcScorer:
+  num_restorations: int
+  nfe: int  # model calls per image (all K restorations)
+  restorer: restore_lib.Restorer
+  degrade: Callable
+  similarities: Callable  # (params, key_data [B,2] uint32, images) -> [B, K]
+  evidence: Callable  # (params, key_data, images) -> (degraded, restored) [B, H, W, C]
+
+
+def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
+  """DRC scorer for a config's ``drc`` section."""
+  restorer = restore_lib.make_restorer(cfg, model, schedule, mesh=None)
+  degrade = degrade_lib.make_degrader(cfg)
+  comparator = compare_lib.get(cfg.comparator)
+  k_total = int(cfg.num_restorations)
+  run = restorer.restore.jitted  # the raw traced function; we jit the whole K-loop below
+
+  def one(params, key_data, images, k):
+    keys = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), k))(key_data)
+    d = degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, 7))(keys), images)
+    restored = run(params, jax.random.key_data(keys), images, d)
+    return d, restored
+
+  def sims(params, key_data, images):
+    def body(_, k):
+      d, restored = one(params, key_data, images, k)
+      return None, comparator(images, restored, d)
+    _, s = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B]
+    return s.T
+
+  def evidence(params, key_data, images):
+    d, restored = one(params, key_data, images, 0)
+    return d.degraded_image(images.shape[-1]), restored
+
+  if mesh is not None:
+    rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    sims_fn = jax.jit(sims, in_shardings=(rep, dat, dat), out_shardings=dat)
+    ev_fn = jax.jit(evidence, in_shardings=(rep, dat, dat), out_shardings=(dat, dat))
+  else:
+    sims_fn, ev_fn = jax.jit(sims), jax.jit(evidence)
+  return DrcScorer(k_total, k_total * restorer.nfe, restorer, degrade, sims_fn, ev_fn)
+
+
+def image_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
+  """[B, 2] uint32 key data, one key per dataset index: fold_in(fold_in(key(seed), stream), i)."""
+  base = jax.random.fold_in(jax.random.key(seed), stream)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+  return np.asarray(jax.random.key_data(keys))
+
+
+def votes(sims: np.ndarray, threshold: float) -> np.ndarray:
+  """Per image, how many of its K restorations are above the member threshold: int [B]."""
+  return np.sum(np.asarray(sims) > threshold, axis=1).astype(np.int64)
