@@ -30,9 +30,10 @@ def initialize() -> None:
     kw = dict(coordinator_address=os.environ['DRC_JAX_COORDINATOR'],
               num_processes=int(os.environ['DRC_JAX_NUM_PROCESSES']),
               process_id=int(os.environ['DRC_JAX_PROCESS_ID']))
-  if jax.default_backend() == 'cpu' or os.environ.get('DRC_JAX_CPU_COLLECTIVES'):
-    jax.config.update('jax_cpu_collectives_implementation',
-                      os.environ.get('DRC_JAX_CPU_COLLECTIVES', 'gloo'))
+  # Must not touch the backend before jax.distributed.initialize(); the CPU collectives setting
+  # only matters for CPU devices (tests, CPU clusters) and is harmless on GPU/TPU.
+  jax.config.update('jax_cpu_collectives_implementation',
+                    os.environ.get('DRC_JAX_CPU_COLLECTIVES', 'gloo'))
   jax.distributed.initialize(**kw)
   _initialized = True
 

@@ -25,12 +25,14 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from etils import epath
+
+from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
 
 SCORE_PREFIX = 'score/'
@@ -50,20 +52,8 @@ def _new_figure(width: float, height: float):
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                  suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; make outputs readable like ordinary files.
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.unlink(tmp_path)
-    raise
+  """Atomic write on local disks and ``gs://`` (see ``drc_jax.fileio``)."""
+  fileio.atomic_write_bytes(path, data)
 
 
 def _save_figure(fig, path: str) -> str:
@@ -311,8 +301,7 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _img_tag(png_path: str, alt: str) -> str:
-  with open(png_path, 'rb') as f:
-    encoded = base64.b64encode(f.read()).decode('ascii')
+  encoded = base64.b64encode(epath.Path(png_path).read_bytes()).decode('ascii')
   return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
 
 
@@ -364,7 +353,7 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
     The path of ``report.html``.
   """
   report_dir = os.path.join(workdir, 'report')
-  os.makedirs(report_dir, exist_ok=True)
+  epath.Path(report_dir).mkdir(parents=True, exist_ok=True)
   plots = [('ROC', plot_roc(table, os.path.join(report_dir, 'roc.png'), log_scale=False)),
            ('ROC, log scale',
             plot_roc(table, os.path.join(report_dir, 'roc_log.png'), log_scale=True)),

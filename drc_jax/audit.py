@@ -1,0 +1,309 @@
+"""The audit: score members and non-members with every attack, resumably; metrics; report.
+
+Scores are written in shard files ``W/scores/shard_NNNNN.npz`` of ``audit.shard_size`` images
+(members first, then non-members, in split order), each written atomically, so a run killed at
+any moment leaves only whole shards; rerunning skips them and ends with the same scores as an
+uninterrupted run. ``W/audit_config.json`` records what the scores depend on; a workdir made with
+a different config is refused unless ``overwrite`` (which discards the old scores).
+
+All processes compute every batch (each its slice); only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from drc_jax import attacks as attacks_lib
+from drc_jax import checkpoints
+from drc_jax import data as data_lib
+from drc_jax import drc as drc_lib
+from drc_jax import fileio
+from drc_jax import metrics as metrics_lib
+from drc_jax import parallel
+from drc_jax import report as report_lib
+from drc_jax import splits as splits_lib
+from drc_jax import validate
+
+AUDIT_CONFIG = 'audit_config.json'
+SCORES_DIR = 'scores'
+
+
+class AuditConfigMismatch(ValueError):
+  """The workdir holds scores of another config."""
+
+
+def fingerprint(config) -> dict:
+  """The config fields the per-image scores depend on (not batch size, plots or bootstrap)."""
+  c = config.to_dict()
+  audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
+  return json.loads(json.dumps({'seed': c['seed'], 'data': c['data'], 'split': c['split'],
+                                'diffusion': c['diffusion'], 'model': c['model'],
+                                'drc': c['drc'], 'attacks': c['attacks'], 'audit': audit},
+                               default=list))
+
+
+def _diff(a, b, prefix='') -> list[str]:
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      out.append(f'{prefix}{k}: {va!r} -> {vb!r}')
+  return out
+
+
+def check_workdir(config, workdir: str, overwrite: bool) -> None:
+  """Refuses a workdir audited with another config (unless overwrite); records this config."""
+  path = epath.Path(workdir) / AUDIT_CONFIG
+  fp = fingerprint(config)
+  if path.exists():
+    old = json.loads(path.read_text())
+    changes = _diff(old, fp)
+    if changes and not overwrite:
+      raise AuditConfigMismatch(
+          f'{workdir} holds scores of a different config ({"; ".join(changes[:6])}). '
+          f'Use another --workdir, or pass --overwrite to discard those scores.')
+    if changes and parallel.is_writer():
+      logging.warning('--overwrite: discarding scores in %s (%s)', workdir, '; '.join(changes))
+      scores = epath.Path(workdir) / SCORES_DIR
+      if scores.exists():
+        scores.rmtree()
+  parallel.sync('audit_config_checked')
+  if parallel.is_writer():
+    fileio.atomic_write_text(path, json.dumps(fp, indent=1, sort_keys=True))
+
+
+def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+  """(is_member int8 [N], dataset index int64 [N]): members first, then non-members."""
+  mem, non = split.members, split.nonmembers
+  if max_images:
+    mem, non = mem[:max_images], non[:max_images]
+  return (np.concatenate([np.ones(len(mem), np.int8), np.zeros(len(non), np.int8)]),
+          np.concatenate([mem, non]))
+
+
+def _shard_path(workdir, i: int) -> epath.Path:
+  return epath.Path(workdir) / SCORES_DIR / f'shard_{i:05d}.npz'
+
+
+def _write_npz(path, arrays: dict[str, np.ndarray]) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  fileio.atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_npz(path) -> dict[str, np.ndarray]:
+  with epath.Path(path).open('rb') as f:
+    z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    return {k: z[k] for k in z.files}
+
+
+class Target:
+  """The audited model: EMA params replicated on the mesh, with its schedule."""
+
+  def __init__(self, config, workdir: str, mesh):
+    path = config.audit.checkpoint or workdir
+    self.model, params, self.schedule, self.step = checkpoints.load_ema(path)
+    unet = self.model.config
+    if (unet.resolution, unet.in_channels) != (config.data.resolution, config.data.channels):
+      raise validate.ConfigError(
+          f'the target in {path} takes {unet.resolution}x{unet.resolution}x{unet.in_channels} '
+          f'images but config.data asks for {config.data.resolution}x{config.data.resolution}x'
+          f'{config.data.channels}')
+    self.params = parallel.replicate(mesh, params)
+    self.path = path
+
+
+def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
+  """Scores every image not yet scored, then writes metrics and the report. Returns metrics."""
+  validate.check(config)
+  names = validate.attack_names(config)
+  mesh = parallel.make_mesh()
+  target = Target(config, workdir, mesh)
+  check_workdir(config, workdir, overwrite)
+  source = data_lib.make_source(config.data)
+  split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  is_member, indices = _items(split, config.audit.max_images)
+  attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names)
+  score_fn = attacks_lib.make_batch_scorer(attacks, mesh)
+  for a in attacks.values():
+    logging.info('attack %-6s %5d model calls per image', a.name, a.nfe)
+
+  shard, bs = config.audit.shard_size, config.audit.batch_size
+  n_shards = -(-len(indices) // shard)
+  done = {i for i in range(n_shards) if _shard_path(workdir, i).exists()}
+  parallel.sync('shards_listed')  # every process decides the same shards to skip
+  todo = [i for i in range(n_shards) if i not in done]
+  logging.info('%d images in %d shards: %d done, %d to score', len(indices), n_shards, len(done),
+               len(todo))
+  p_idx, p_cnt = jax.process_index(), jax.process_count()
+  t0, n_done = time.time(), 0
+  total = sum(min(shard, len(indices) - i * shard) for i in todo)
+  for i in todo:
+    lo, hi = i * shard, min((i + 1) * shard, len(indices))
+    rows: dict[str, list] = {}
+    for slot in data_lib.batch_slots(hi - lo, bs, p_idx, p_cnt):
+      pos = np.where(slot.valid, lo + slot.positions, lo)  # padding repeats the shard's first
+      images, _, _ = data_lib.load_images(source, indices[pos], config.data)
+      keys = attacks_lib.keys_for(names, config.seed, indices[pos])
+      out = score_fn(target.params, {n: parallel.shard_batch(mesh, k) for n, k in keys.items()},
+                     parallel.shard_batch(mesh, images))
+      valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
+      for name, v in out.items():
+        rows.setdefault(name, []).append(parallel.to_host(v)[valid])
+    raw, labels = source.read(indices[lo:hi])
+    arrays = {'split': is_member[lo:hi], 'index': indices[lo:hi], 'label': labels,
+              'hash': np.asarray(data_lib.image_hashes(raw))}
+    for name, chunks in rows.items():
+      v = np.concatenate(chunks).astype(np.float64)
+      if name == 'drc':
+        arrays['drc/sim'] = v
+        arrays['score/drc'] = v.mean(axis=1)
+      else:
+        arrays[f'score/{name}'] = v
+    if len(arrays['score/' + names[0]]) != hi - lo:
+      raise RuntimeError(f'shard {i}: scored {len(arrays["score/" + names[0]])} of {hi - lo}')
+    if parallel.is_writer():
+      _write_npz(_shard_path(workdir, i), arrays)
+    n_done += hi - lo
+    rate = n_done / max(time.time() - t0, 1e-9)
+    logging.info('scored shard %d/%d: %d/%d images, %.2f images/s, ETA %.0fs', i + 1, n_shards,
+                 n_done, total, rate, (total - n_done) / max(rate, 1e-9))
+  parallel.sync('scores_written')
+  return write_results(config, workdir, target=target, attacks=attacks, mesh=mesh)
+
+
+def load_scores(workdir: str) -> dict[str, np.ndarray]:
+  """Concatenates every score shard into one table (rows in audit order)."""
+  files = sorted((epath.Path(workdir) / SCORES_DIR).glob('shard_*.npz'))
+  if not files:
+    raise FileNotFoundError(f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run '
+                            f'--mode=audit first')
+  parts = [_read_npz(f) for f in files]
+  numbers = [int(f.name[6:11]) for f in files]
+  if numbers != list(range(len(files))):
+    raise ValueError(f'{workdir}/{SCORES_DIR}: shards missing among {numbers}; rerun the audit')
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _json_safe(d):
+  return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+
+
+def compute_metrics(config, table: dict[str, np.ndarray], nfe: dict[str, int]) -> dict:
+  """Per attack: threshold-free metrics with bootstrap CIs, and the calibrated decision."""
+  members = table['split'] == 1
+  out = {}
+  for key in sorted(k for k in table if k.startswith('score/')):
+    name = key[len('score/'):]
+    s = table[key]
+    m = metrics_lib.attack_metrics(s[members], s[~members], bootstrap=config.audit.bootstrap,
+                                   seed=config.seed)
+    cal = metrics_lib.calibrate(s[members], s[~members],
+                                fraction=config.audit.calibration_fraction, seed=config.seed)
+    cal.pop('member_heldout'), cal.pop('nonmember_heldout')
+    m['calibrated'] = cal
+    m['nfe_per_image'] = nfe.get(name)
+    out[name] = m
+  return _json_safe(out)
+
+
+def drc_votes(config, table) -> tuple[np.ndarray, dict] | tuple[None, None]:
+  """Votes of the K restorations at the per-restoration threshold, and the agree curve.
+
+  The threshold is the ``drc.vote_quantile`` quantile of the non-members' similarities
+  (all restorations pooled); an image's votes count its restorations above it.
+  """
+  if 'drc/sim' not in table:
+    return None, None
+  sims, members = table['drc/sim'], table['split'] == 1
+  threshold = float(np.quantile(sims[~members], config.drc.vote_quantile))
+  votes = drc_lib.votes(sims, threshold)
+  agree = metrics_lib.agree_curve(votes[members], votes[~members], sims.shape[1])
+  agree['threshold'] = threshold
+  return votes, _json_safe(agree)
+
+
+def _pick_evidence(table, metrics, n: int) -> list[tuple[str, int]]:
+  """Rows for the panels: highest, lowest and borderline (nearest the calibrated threshold)."""
+  s = table['score/drc'] if 'score/drc' in table else table[sorted(
+      k for k in table if k.startswith('score/'))[0]]
+  order = np.argsort(-s, kind='stable')
+  name = 'drc' if 'score/drc' in table else sorted(metrics)[0]
+  thr = metrics[name]['calibrated']['threshold']
+  border = np.argsort(np.abs(s - thr), kind='stable')
+  return ([('highest', int(r)) for r in order[:n]] + [('lowest', int(r)) for r in order[::-1][:n]]
+          + [('borderline', int(r)) for r in border[:n]])
+
+
+def write_results(config, workdir: str, target: Target | None = None, attacks=None,
+                  mesh=None) -> dict:
+  """metrics.json, the plots, the evidence panels and report.html from the saved scores."""
+  table = load_scores(workdir)
+  names = validate.attack_names(config)
+  mesh = mesh or parallel.make_mesh()
+  target = target or Target(config, workdir, mesh)
+  attacks = attacks or attacks_lib.make_attacks(config, target.model, target.schedule, names)
+  metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
+  votes, agree = drc_votes(config, table)
+  if votes is not None:
+    table['drc/votes'] = votes
+    metrics['drc']['agree'] = agree
+  evidence = _evidence(config, table, metrics, target, mesh) if 'drc' in attacks else []
+  if parallel.is_writer():
+    fileio.atomic_write_text(epath.Path(workdir) / 'metrics.json',
+                             json.dumps(metrics, indent=1, sort_keys=True))
+    summary = (f'target: {target.path} (step {target.step})\n'
+               f'data: {config.data.source} {config.data.name}/{config.data.split} '
+               f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
+               f'members: {int(np.sum(table["split"] == 1))}, non-members: '
+               f'{int(np.sum(table["split"] == 0))}\n'
+               f'DRC: mask {config.drc.mask} rho={config.drc.mask_ratio}, restorer '
+               f'{config.drc.restorer} ({config.drc.steps} steps), K={config.drc.num_restorations}'
+               f', comparator {config.drc.comparator}')
+    path = report_lib.write_report(workdir, table, metrics, evidence, config_summary=summary,
+                                   agree=agree)
+    logging.info('report: %s', path)
+  parallel.sync('report_written')
+  return metrics
+
+
+def _evidence(config, table, metrics, target: Target, mesh) -> list[dict]:
+  """Recomputes the DRC evidence (exact: keys are per image) for the selected rows."""
+  picks = _pick_evidence(table, metrics, config.audit.num_evidence)
+  rows = np.asarray([r for _, r in picks])
+  source = data_lib.make_source(config.data)
+  scorer = drc_lib.make_drc(config.drc, target.model, target.schedule, mesh)
+  bs = config.audit.batch_size
+  idx = table['index'][rows]
+  pad = np.resize(idx, -(-len(idx) // bs) * bs)  # fixed batch shape: one compiled program
+  degraded, restored = [], []
+  for lo in range(0, len(pad), bs):
+    images, _, _ = data_lib.load_images(source, pad[lo:lo + bs], config.data)
+    keys = drc_lib.image_keys(config.seed, attacks_lib.STREAMS['drc'], pad[lo:lo + bs])
+    d, r = scorer.evidence(target.params, parallel.shard_batch(mesh, keys),
+                           parallel.shard_batch(mesh, images))
+    degraded.append(parallel.to_host(d))
+    restored.append(parallel.to_host(r))
+  degraded, restored = np.concatenate(degraded), np.concatenate(restored)
+  originals, _, _ = data_lib.load_images(source, idx, config.data)
+  s = table['score/drc']
+  non = s[table['split'] == 0]
+  thr = metrics['drc']['calibrated']['threshold']
+  out = []
+  for j, (kind, r) in enumerate(picks):
+    out.append({'kind': kind, 'index': int(table['index'][r]), 'split': int(table['split'][r]),
+                'score': float(s[r]),
+                'percentile': float(metrics_lib.percentile_among(s[r:r + 1], non)[0]),
+                'decision': 'member' if s[r] >= thr else 'non-member',
+                'original': originals[j], 'degraded': degraded[j], 'restored': restored[j]})
+  return out

@@ -1,0 +1,104 @@
+"""Restoration benchmark: prints one JSON line (images/s, model calls/s, compile time, peak RSS).
+
+  python -m drc_jax.bench                                   # RePaint, embedded-default UNet
+  python -m drc_jax.bench --config=configs/cifar10.py --batch=64 --steps=50
+  python -m drc_jax.bench --forward_only                    # the UNet forward alone
+
+The defaults (RePaint, 50 respaced steps, jump length 10, 2 samples per jump, batch 16) are those
+of ``../shared/peer/run.sh`` (diffusers' RePaintPipeline in PyTorch), so the two run identical work
+when given the same UNet layout; compare them in one session on one machine. Weights are random:
+speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from drc_jax import degrade as degrade_lib
+from drc_jax import drc as drc_lib
+from drc_jax import main as main_lib  # noqa: F401  (defines --config with the embedded default)
+from drc_jax import model as model_lib
+from drc_jax import parallel
+from drc_jax import restore as restore_lib
+from drc_jax import schedule as schedule_lib
+
+flags.DEFINE_string('restorer', 'repaint', 'repaint, ddim or ddnm.')
+flags.DEFINE_integer('batch', 16, 'Global batch (images restored at once).')
+flags.DEFINE_integer('steps', 50, 'Reverse steps (RePaint: respaced steps).')
+flags.DEFINE_integer('jump_length', 10, 'RePaint jump length.')
+flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
+flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
+flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
+
+
+def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
+              jump_n_sample: int, repeats: int, forward_only: bool) -> dict:
+  """Builds the config's UNet (random weights), restores a batch, returns the figures."""
+  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution,
+                                        config.data.channels)
+  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
+  schedule = schedule_lib.make_schedule(config.diffusion)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch, '--batch')
+  params = parallel.replicate(mesh, params)
+  res, ch = config.data.resolution, config.data.channels
+  rng = np.random.default_rng(0)
+  images = parallel.shard_batch(mesh, rng.uniform(-1, 1, (batch, res, res, ch)).astype(np.float32))
+  key_data = parallel.shard_batch(mesh, drc_lib.image_keys(0, 0, np.arange(batch)))
+
+  drc_cfg = config.drc.copy_and_resolve_references()
+  with drc_cfg.unlocked():
+    drc_cfg.restorer, drc_cfg.steps = restorer, steps
+    drc_cfg.jump_length, drc_cfg.jump_n_sample = jump_length, jump_n_sample
+    drc_cfg.mask, drc_cfg.mask_ratio = 'center_box', 0.25  # the peer's centre mask (half side)
+    drc_cfg.t_start = config.diffusion.num_timesteps
+  if forward_only:
+    rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    fwd = jax.jit(model.apply, in_shardings=(rep, dat, dat), out_shardings=dat)
+    t = parallel.shard_batch(mesh, np.full((batch,), 500, np.int32))
+    run = lambda: fwd(params, images, t)
+    nfe = 1
+  else:
+    r = restore_lib.make_restorer(drc_cfg, model, schedule, mesh)
+    keys = jax.vmap(jax.random.wrap_key_data)(key_data)
+    d = jax.jit(degrade_lib.make_degrader(drc_cfg))(keys, images)
+    run = lambda: r.restore(params, key_data, images, d)
+    nfe = r.nfe
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(run())
+  dt = (time.perf_counter() - t0) / repeats
+  m = config.model
+  return {
+      'drc_jax': jax.__version__, 'backend': jax.default_backend(),
+      'devices': jax.device_count(), 'restorer': 'forward' if forward_only else restorer,
+      'batch': batch, 'res': res, 'channels': ch, 'ch': m.ch, 'ch_mult': list(m.ch_mult),
+      'num_res_blocks': m.num_res_blocks, 'attn_res': list(m.attn_res),
+      'steps': steps, 'jump_length': jump_length, 'jump_n_sample': jump_n_sample,
+      'params_m': round(model_lib.count_params(params) / 1e6, 3), 'nfe_per_image': nfe,
+      'seconds': round(dt, 3), 'compile_s': round(compile_s - dt, 2),
+      'images_per_s': round(batch / dt, 4), 'model_calls_per_s': round(nfe / dt, 3),  # batched
+      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  print(json.dumps(run_bench(f.config, f.restorer, f.batch, f.steps, f.jump_length,
+                             f.jump_n_sample, f.repeats, f.forward_only)))
+
+
+if __name__ == '__main__':
+  app.run(main)
