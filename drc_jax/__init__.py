@@ -1,0 +1,1 @@
+from drc_jax.target import load_target

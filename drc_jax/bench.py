@@ -69,7 +69,8 @@ def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
   else:
     r = restore_lib.make_restorer(drc_cfg, model, schedule, mesh)
     keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-    d = jax.jit(degrade_lib.make_degrader(drc_cfg))(keys, images)
+    d = jax.device_put(jax.jit(degrade_lib.make_degrader(drc_cfg))(keys, images),
+                       parallel.data_sharding(mesh))
     run = lambda: r.restore(params, key_data, images, d)
     nfe = r.nfe
   t0 = time.perf_counter()
