@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.channels = 3  # model channels: 1 (grayscale) or 3 (RGB)
   c.data.center_crop = 0  # centre crop to this size before resizing (0 = none; 140 for CelebA)
   c.data.convert_channels = False  # allow gray<->RGB conversion (else a mismatch is an error)
+  c.data.tfds_order = ''  # '' = tfds record order; 'id' = sort by the integer in the 'id' feature (torchvision order for cifar10/100)
 
   c.split = ml_collections.ConfigDict()
   c.split.file = ''  # split file (.npz SecMI/PIA format or .json manifest); '' = make one

@@ -114,9 +114,22 @@ class FashionMnistSource:
 
 
 class TfdsSource:
-  """A tfds dataset split read with ``tfds.data_source`` (random access, array_record)."""
+  """A tfds dataset split read with ``tfds.data_source`` (random access, array_record).
 
-  def __init__(self, name: str, split: str = 'train', data_dir: str = ''):
+  ``order=''`` indexes the examples in tfds record order. ``order='id'`` indexes them by the
+  integer that ends their ``'id'`` feature ('train_01234' is index 1234): TFDS shuffles the
+  records when it builds a dataset, but the ids of cifar10 and cifar100 keep each image's index in
+  the original files (cifar10's data_batch_1..5), the order torchvision reads and SecMI/PIA split
+  indices point into. The id -> record map is built on first read, in one pass over the split
+  (which decodes each example once: seconds for CIFAR), and must be a permutation of 0..N-1.
+  """
+
+  ORDERS = ('', 'id')
+
+  def __init__(self, name: str, split: str = 'train', data_dir: str = '', order: str = ''):
+    if order not in self.ORDERS:
+      raise DataError(f"config.data.tfds_order: {order!r} not in {self.ORDERS} ('' = tfds record "
+                      f"order, 'id' = the integer in each example's 'id' feature)")
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
@@ -125,16 +138,59 @@ class TfdsSource:
       raise DataError(f'tfds dataset {name!r} split {split!r} not readable under {where}: {e}. '
                       f'Prepare it once with `tfds build {name} --data_dir=...` (needs '
                       f'network and the [tf] extra), then set config.data.data_dir.') from e
-    self.name = f'{name}/{split}'
+    self.order = order
+    self._records = None  # order 'id': dataset index -> tfds record index, built on first read
+    # The order is part of the name: split manifests record it, so indices made in one order are
+    # never read in the other.
+    self.name = f'{name}/{split}' + (f'[order={order}]' if order else '')
 
   def __len__(self) -> int:
     return len(self._ds)
 
+  def _id_number(self, record: int, ex) -> int:
+    if 'id' not in ex:
+      raise DataError(f"{self.name}: examples have no 'id' feature (features: {sorted(ex)}); "
+                      f"config.data.tfds_order='id' needs one, use '' for this dataset")
+    value = ex['id']
+    if isinstance(value, np.ndarray):
+      value = value.item()
+    if isinstance(value, bytes):
+      value = value.decode('utf-8', 'replace')
+    value = str(value)
+    digits = value[len(value.rstrip('0123456789')):]
+    if not digits:
+      raise DataError(f"{self.name} record {record}: id {value!r} does not end in an integer "
+                      f"(expected e.g. 'train_01234')")
+    return int(digits)
+
+  def _record_indices(self) -> np.ndarray:
+    """dataset index -> record index under ``order='id'`` (one pass over the split, cached)."""
+    if self._records is None:
+      n = len(self._ds)
+      numbers = np.empty(n, np.int64)
+      for r in range(n):
+        numbers[r] = self._id_number(r, self._ds[r])
+      bad = np.flatnonzero((numbers < 0) | (numbers >= n))
+      if bad.size:
+        raise DataError(f'{self.name} record {int(bad[0])}: id number {int(numbers[bad[0]])} out '
+                        f'of range for {n} examples: the ids are not a permutation of 0..{n - 1}')
+      counts = np.bincount(numbers, minlength=n)
+      if np.any(counts != 1):
+        dup = int(np.flatnonzero(counts > 1)[0])
+        raise DataError(f'{self.name}: id number {dup} appears {int(counts[dup])} times (records '
+                        f'{np.flatnonzero(numbers == dup).tolist()}): the ids are not a '
+                        f'permutation of 0..{n - 1}')
+      records = np.empty(n, np.int64)
+      records[numbers] = np.arange(n, dtype=np.int64)
+      self._records = records
+    return self._records
+
   def read(self, indices):
     idx = _check_indices(indices, len(self), self.name)
+    records = self._record_indices()[idx] if self.order == 'id' else idx
     images, labels = [], []
-    for i in idx:
-      ex = self._ds[int(i)]
+    for i, r in zip(idx, records):
+      ex = self._ds[int(r)]
       img = np.asarray(ex['image'])
       if img.ndim == 2:
         img = img[..., None]
@@ -214,7 +270,8 @@ def make_source(data_cfg) -> ImageSource:
   if data_cfg.source == 'fashion_mnist':
     return FashionMnistSource(data_cfg.split, data_cfg.data_dir)
   if data_cfg.source == 'tfds':
-    return TfdsSource(data_cfg.name, data_cfg.split, data_cfg.data_dir)
+    return TfdsSource(data_cfg.name, data_cfg.split, data_cfg.data_dir,
+                      data_cfg.get('tfds_order', ''))
   if data_cfg.source == 'folder':
     return FolderSource(data_cfg.data_dir, data_cfg.resolution)
   raise DataError(f"config.data.source: unknown {data_cfg.source!r}; expected 'fashion_mnist', "

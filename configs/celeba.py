@@ -1,0 +1,59 @@
+"""CelebA membership audit (the DRC paper's CelebA row) under later work's 30k/30k protocol.
+
+Choices, the published ones where one exists and not tuned for any attack:
+* Data: tfds ``celeb_a`` split 'train' (162,770 aligned faces of 218x178), centre-cropped to
+  140x140 and resized (bicubic) to 32x32, the usual DDPM CelebA preprocessing. There is no shared
+  split: 30,000 members and 30,000 non-members, as later work uses, made from
+  ``config.split.seed`` and written to ``<workdir>/split.json`` (``config.split.file`` may name a
+  SecMI/PIA ``.npz`` or a manifest instead). TFDS record order: no published indices to match.
+* Target: the CIFAR protocol's DDPM and UNet (ch 128, ch_mult (1, 2, 2, 2), 2 blocks per level,
+  attention at 16x16 and in the middle, dropout 0.1), Adam lr 2e-4 with 5,000 warm-up steps,
+  batch 128, grad clip 1, EMA 0.9999, random flips, 800k steps on the members only (each member
+  seen about 3,400 times).
+* Attack hyper-parameters are the papers' (t = 200 for Loss and PIA, SecMI t = 100, k = 10).
+* DRC: the paper removes the face area; after the centre crop the face fills the centre, so the
+  centre box holding half the image is removed (rho = 0.5), restored by deterministic DDIM
+  inpainting from pure noise (t_start = 1000) in 100 steps, K = 4 restorations per image,
+  compared by masked MSE on the removed region (the face encoder of the paper is not used).
+* Audit batches of 256 images, score shards of 2,048 (the unit of resume).
+
+Variants (combine with commas, e.g. ``:runlocal,res=64``):
+* ``res=64``: 64x64 images; the UNet levels are then 64, 32, 16 and 8 and attention stays at 16.
+* ``runlocal``: a CPU smoke run of seconds (tiny UNet, 32 + 32 images).
+"""
+
+from drc_jax import config_base
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, runlocal=False, res=32)
+  c = config_base.base_config()
+  c.data.source = 'tfds'  # tensorflow-datasets through tfds.data_source
+  c.data.name = 'celeb_a'  # tfds builder
+  c.data.split = 'train'
+  c.data.resolution = a.res  # 32 (variant res=64)
+  c.data.channels = 3
+  c.data.center_crop = 140  # the face region of the 218x178 aligned images
+
+  c.split.num_members = 30000  # later work's CelebA protocol
+  c.split.num_nonmembers = 30000
+
+  # The paper UNet and training recipe are the base defaults; attention at 16x16 is a level of
+  # the UNet at both 32 (32, 16, 8, 4) and 64 (64, 32, 16, 8).
+  c.model.attn_res = (16,)
+
+  c.drc.restorer = 'ddim'  # DDIM inpainting (as the base; stated here as the protocol)
+  c.drc.mask = 'center_box'  # the central half: the face after the centre crop
+  c.drc.mask_ratio = 0.5  # rho
+  c.drc.t_start = 1000  # restore from pure noise (the masked region carries no hint)
+  c.drc.steps = 100  # DDIM steps (interval 10)
+  c.drc.eta = 0.0  # deterministic DDIM
+  c.drc.num_restorations = 4  # K restorations per image
+
+  c.audit.batch_size = 256  # images per attack step (a multiple of 8 devices)
+  c.audit.shard_size = 2048  # images per score shard
+  if a.res not in (32, 64):
+    raise ValueError(f'config argument res={a.res}: expected 32 or 64')
+  if a.runlocal:
+    config_base.apply_runlocal(c)
+  return c
