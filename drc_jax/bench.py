@@ -37,6 +37,7 @@ flags.DEFINE_integer('jump_length', 10, 'RePaint jump length.')
 flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
 flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
 flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
+flags.DEFINE_bool('train_step', False, 'Time one training step (config.train.batch_size) instead.')
 
 
 def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
@@ -94,9 +95,42 @@ def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
   }
 
 
+def run_train_bench(config, repeats: int) -> dict:
+  """Train steps per second of the config's UNet at config.train.batch_size (random images)."""
+  from drc_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  _, model, params, schedule, tx = train_lib.build(config)
+  mesh = parallel.make_mesh()
+  bs, res, ch = config.train.batch_size, config.data.resolution, config.data.channels
+  parallel.check_batch_size(bs, 'config.train.batch_size')
+  step = train_lib.make_train_step(model, schedule, tx, config.train, mesh)
+  state = parallel.replicate(mesh, train_lib.init_state(params, tx))
+  images = parallel.shard_batch(
+      mesh, np.random.default_rng(0).uniform(-1, 1, (bs, res, res, ch)).astype(np.float32))
+  valid = parallel.shard_batch(mesh, np.ones((bs,), bool))
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  state, m = step(state, images, valid, key)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    state, m = step(state, images, valid, key)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t0) / repeats
+  return {'mode': 'train_step', 'backend': jax.default_backend(), 'devices': jax.device_count(),
+          'batch': bs, 'res': res, 'channels': ch,
+          'params_m': round(model_lib.count_params(params) / 1e6, 3),
+          'seconds_per_step': round(dt, 3), 'steps_per_s': round(1 / dt, 3),
+          'compile_s': round(compile_s - dt, 2),
+          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.train_step:
+    print(json.dumps(run_train_bench(f.config, f.repeats)))
+    return
   print(json.dumps(run_bench(f.config, f.restorer, f.batch, f.steps, f.jump_length,
                              f.jump_n_sample, f.repeats, f.forward_only)))
 

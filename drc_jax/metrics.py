@@ -91,23 +91,28 @@ def auc(member_scores, nonmember_scores) -> float:
 
 
 def asr(member_scores, nonmember_scores) -> float:
-  """Attack success rate: the best accuracy (TP + TN) / (P + N) over all thresholds.
+  """Attack success rate: the best balanced accuracy (TPR + TNR) / 2 over all thresholds.
 
-  The thresholds include +inf (everything predicted non-member, accuracy N / (P + N)) and the lowest
-  score (everything predicted member, accuracy P / (P + N)).
+  With as many members as non-members (the published protocol) this is the best plain accuracy
+  (TP + TN) / (P + N); with unequal sets it does not reward predicting the larger class. The
+  thresholds include +inf (everything predicted non-member) and the lowest score (everything
+  predicted member), so ASR >= 0.5.
 
   Args:
     member_scores: float [P], scores of members.
     nonmember_scores: float [N], scores of non-members.
 
   Returns:
-    The best accuracy in [max(P, N) / (P + N), 1].
+    The best balanced accuracy in [0.5, 1].
   """
   member = _as_scores(member_scores, 'member_scores')
   nonmember = _as_scores(nonmember_scores, 'nonmember_scores')
   tp, fp, _ = _roc_counts(member, nonmember)
-  correct = tp + (nonmember.size - fp)
-  return float(correct.max() / (member.size + nonmember.size))
+  return float(np.max(_balanced_accuracy(tp, fp, member.size, nonmember.size)))
+
+
+def _balanced_accuracy(tp, fp, p: int, n: int):
+  return (np.asarray(tp) / p + (n - np.asarray(fp)) / n) / 2
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
@@ -166,7 +171,7 @@ def _resampled_metrics(member_counts: np.ndarray, nonmember_counts: np.ndarray,
   fp = np.concatenate([zeros, np.cumsum(nonmember_counts[:, ::-1], axis=1)], axis=1)  # [B, U + 1]
   out = {
       'auc': u_statistic / (num_members * num_nonmembers),
-      'asr': (tp + (num_nonmembers - fp)).max(axis=1) / (num_members + num_nonmembers),
+      'asr': _balanced_accuracy(tp, fp, num_members, num_nonmembers).max(axis=1),
   }
   fpr = fp / num_nonmembers
   for max_fpr in fprs:
@@ -241,9 +246,10 @@ def attack_metrics(member_scores, nonmember_scores, *, bootstrap: int = 1000, se
 
 
 def _best_threshold(member: np.ndarray, nonmember: np.ndarray) -> float:
-  """A threshold maximising accuracy of ``score >= threshold``; see ``calibrate``."""
+  """A threshold maximising balanced accuracy of ``score >= threshold``; see ``calibrate``."""
   tp, fp, thresholds = _roc_counts(member, nonmember)
-  best = int(np.argmax(tp - fp))  # First maximum = highest threshold among equally accurate ones.
+  # First maximum = highest threshold among equally accurate ones.
+  best = int(np.argmax(_balanced_accuracy(tp, fp, member.size, nonmember.size)))
   if best == 0:  # Nothing predicted member: a value just above every score.
     return float(np.nextafter(thresholds[1], np.inf))
   if best == thresholds.size - 1:  # Everything predicted member: the lowest score.
@@ -257,8 +263,9 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   """Fits a threshold on a random calibration part and evaluates it on the held-out rest.
 
   Each set is split separately: ``round(fraction * n)`` images (at least 1, at most n - 1) go to
-  calibration. The threshold maximises calibration accuracy (among equally accurate splits, the one
-  predicting fewest members). It lies strictly between the lowest calibration score predicted
+  calibration. The threshold maximises the calibration part's balanced
+  accuracy (TPR + TNR) / 2 (among equally accurate splits, the one predicting fewest members);
+  reported accuracies are balanced too. It lies strictly between the lowest calibration score predicted
   member and the highest predicted non-member (their midpoint), so ``score >= threshold``
   reproduces the fitted split exactly on the calibration part and does not sit on a score.
 
@@ -291,9 +298,8 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   cal_member, cal_nonmember = member[~member_heldout], nonmember[~nonmember_heldout]
   threshold = _best_threshold(cal_member, cal_nonmember)
 
-  def accuracy(members, nonmembers):
-    correct = (members >= threshold).sum() + (nonmembers < threshold).sum()
-    return float(correct / (members.size + nonmembers.size))
+  def accuracy(members, nonmembers):  # balanced: (TPR + TNR) / 2, as ASR
+    return float(((members >= threshold).mean() + (nonmembers < threshold).mean()) / 2)
 
   test_member, test_nonmember = member[member_heldout], nonmember[nonmember_heldout]
   return {

@@ -14,3 +14,9 @@ def test_bench_reports_figures_and_work():
   assert (out['res'], out['channels'], out['ch'], out['ch_mult']) == (16, 1, 16, [1, 2])
   fwd = bench.run_bench(c, 'repaint', 8, 6, 2, 2, 1, forward_only=True)
   assert fwd['restorer'] == 'forward' and fwd['nfe_per_image'] == 1
+
+
+def test_train_step_bench():
+  c = load_config('fashion_mnist', 'runlocal')
+  out = bench.run_train_bench(c, repeats=1)
+  assert out['steps_per_s'] > 0 and out['batch'] == c.train.batch_size

@@ -61,7 +61,7 @@ def test_all_tied():
   np.testing.assert_array_equal(tpr, [0.0, 1.0])
   np.testing.assert_array_equal(thresholds, [np.inf, 1.0])
   assert metrics.auc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
-  assert metrics.asr([1.0, 1.0], [1.0, 1.0, 1.0]) == 3 / 5
+  assert metrics.asr([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5  # balanced: no trivial-rule bonus
 
 
 def test_auc_equals_mann_whitney_and_trapezoid_on_random_ties():
@@ -75,8 +75,8 @@ def test_auc_equals_mann_whitney_and_trapezoid_on_random_ties():
     trapezoid = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
     assert metrics.auc(members, nonmembers) == pytest.approx(mann_whitney, abs=1e-12)
     assert trapezoid == pytest.approx(mann_whitney, abs=1e-12)
-    # ASR agrees with brute force over every observed score as a threshold.
-    accuracies = [((members >= t).sum() + (nonmembers < t).sum()) / (diff.shape[0] + diff.shape[1])
+    # ASR (best balanced accuracy) agrees with brute force over every score as a threshold.
+    accuracies = [((members >= t).mean() + (nonmembers < t).mean()) / 2
                   for t in np.concatenate([members, nonmembers, [np.inf]])]
     assert metrics.asr(members, nonmembers) == pytest.approx(max(accuracies))
 
