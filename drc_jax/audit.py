@@ -21,7 +21,6 @@ from absl import logging
 from etils import epath
 
 from drc_jax import attacks as attacks_lib
-from drc_jax import checkpoints
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
 from drc_jax import fileio
@@ -29,6 +28,7 @@ from drc_jax import metrics as metrics_lib
 from drc_jax import parallel
 from drc_jax import report as report_lib
 from drc_jax import splits as splits_lib
+from drc_jax import target as target_lib
 from drc_jax import validate
 
 AUDIT_CONFIG = 'audit_config.json'
@@ -112,7 +112,9 @@ class Target:
 
   def __init__(self, config, workdir: str, mesh):
     path = config.audit.checkpoint or workdir
-    self.model, params, self.schedule, self.step = checkpoints.load_ema(path)
+    target = target_lib.load_target(path)  # a workdir or one step directory W/checkpoints/N
+    self.model, self.schedule, self.step = target.model, target.schedule, target.step
+    params = jax.tree_util.tree_map(np.asarray, target.params)
     unet = self.model.config
     if (unet.resolution, unet.in_channels) != (config.data.resolution, config.data.channels):
       raise validate.ConfigError(

@@ -17,10 +17,8 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from drc_jax import degrade as degrade_lib
 from drc_jax import drc as drc_lib

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -118,21 +116,3 @@ def save_params_only(workdir, params, step: int = 0) -> None:
   mngr.save(step, args=ocp.args.StandardSave({'ema_params': params}), force=True)
   mngr.wait_until_finished()
   mngr.close()
-
-
-def load_ema(workdir) -> tuple[model_lib.DiffusionModel, Any, schedule_lib.NoiseSchedule, int]:
-  """(model, EMA params as host numpy, schedule, step) of the target in ``workdir``."""
-  unet_cfg, diffusion = load_model_json(workdir)
-  model, abstract = model_lib.DiffusionModel.abstract(unet_cfg)
-  mngr = manager(workdir)
-  step = mngr.latest_step()
-  if step is None:
-    raise CheckpointError(f'{epath.Path(workdir) / CHECKPOINT_DIR}: no checkpoint found')
-  mngr.close()
-  params = restore_ema(epath.Path(workdir) / CHECKPOINT_DIR / str(step), abstract)
-  params = jax.tree_util.tree_map(np.asarray, params)
-  bad = [k for k, v in model_lib.flat_params(params).items() if not np.all(np.isfinite(v))]
-  if bad:
-    raise CheckpointError(f'{workdir}: non-finite weights in {bad[:5]}')
-  return model, params, schedule_from(diffusion), step
-

@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr = 2e-4  # Adam learning rate after warm-up
   c.train.warmup_steps = 5000  # linear warm-up steps
   c.train.grad_clip = 1.0  # global-norm gradient clipping
-  c.train.ema_decay = 0.9999  # EMA decay of the weights the attacks use
+  c.train.ema_decay = 0.9999  # EMA decay (after a warm-up (1+step)/(10+step)) of the weights attacks use
   c.train.random_flip = True  # random horizontal flip augmentation
   c.train.log_every = 100  # steps between log lines
   c.train.checkpoint_every = 5000  # steps between checkpoints

@@ -697,7 +697,7 @@ def convert(fmt: str, src, workdir, *, weights: str = 'ema', resolution: int | N
   """Converts ``src`` (format ``fmt``: 'pytorch-ddpm' or 'diffusers') into the target ``workdir``.
 
   Returns:
-    The converted target (also written to ``workdir``, readable with ``checkpoints.load_ema``
+    The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``
     and ``drc_jax.load_target``).
   """
   if fmt == 'pytorch-ddpm':

@@ -65,7 +65,10 @@ def make_train_step(model: model_lib.DiffusionModel, schedule: schedule_lib.Nois
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], images, valid, key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    d = tcfg.ema_decay
+    # EMA warm-up: the decay grows as (1 + step) / (10 + step) up to ema_decay, so that short runs
+    # do not keep a large share of the random initial weights (0.999^1000 would keep 37%).
+    step_f = state['step'].astype(jnp.float32)
+    d = jnp.minimum(tcfg.ema_decay, (1.0 + step_f) / (10.0 + step_f))
     ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state['ema_params'], params)
     new = {'step': state['step'] + 1, 'params': params, 'ema_params': ema, 'opt_state': opt_state}
     return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}

@@ -456,9 +456,8 @@ def test_load_target_paths(tmp_path, ddpm_small, small_pt):
   want = np.asarray(whole.apply(x, t))
   for path in (tmp_path / 'w' / 'checkpoints', tmp_path / 'w' / 'checkpoints' / '0'):
     np.testing.assert_array_equal(np.asarray(load_target(path).apply(x, t)), want)
-  model, params, _, _ = checkpoints.load_ema(tmp_path / 'w')
-  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(params, x, t)), want, rtol=0,
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(whole.model.apply)(whole.params, x, t)), want,
+                             rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(whole.apply(x, 17)), _torch_eps(
       ddpm_small, x, np.full(len(x), 17)), rtol=0, atol=ATOL)
   assert whole.schedule.num_timesteps == 1000 and whole.params is not None

@@ -9,6 +9,7 @@ from drc_jax import checkpoints
 from drc_jax import data as data_lib
 from drc_jax import parallel
 from drc_jax import train as T
+from drc_jax.target import load_target
 
 
 def _members(cfg, n=64):
@@ -77,9 +78,9 @@ def test_resume_continues_exactly(fmnist_local, tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(straight)),
                   jax.tree_util.tree_leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
-  model, params, _, step = checkpoints.load_ema(str(tmp_path / 'resumed'))
-  assert step == 8
-  np.testing.assert_array_equal(jax.tree_util.tree_leaves(params)[0],
+  target = load_target(str(tmp_path / 'resumed'))
+  assert target.step == 8
+  np.testing.assert_array_equal(jax.tree_util.tree_leaves(target.params)[0],
                                 jax.tree_util.tree_leaves(jax.device_get(resumed['ema_params']))[0])
 
 
@@ -99,6 +100,23 @@ def test_checkpoint_of_another_architecture_is_refused(fmnist_local, tmp_path):
   from drc_jax import model as model_lib
   checkpoints.save_model_json(str(tmp_path), model_lib.UNetConfig.from_dict(bigger), diffusion)
   with pytest.raises(checkpoints.CheckpointError, match='does not match'):
-    checkpoints.load_ema(str(tmp_path))
-  with pytest.raises(checkpoints.CheckpointError, match='model.json: not found'):
-    checkpoints.load_ema(str(tmp_path / 'empty'))
+    load_target(str(tmp_path))
+  with pytest.raises(checkpoints.CheckpointError, match='does not exist'):
+    load_target(str(tmp_path / 'empty'))
+
+
+def test_ema_warms_up(fmnist_local):
+  """EMA decay min(decay, (1 + step) / (10 + step)): step 0 keeps 10% of the initial weights."""
+  cfg = fmnist_local
+  images = _members(cfg, 16)
+  _, model, params, schedule, tx = T.build(cfg)
+  params = jax.device_get(params)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = T.make_train_step(model, schedule, tx, cfg.train, mesh)
+  state = parallel.replicate(mesh, T.init_state(params, tx))
+  state, _ = step(state, parallel.shard_batch(mesh, images),
+                  parallel.shard_batch(mesh, np.ones(16, bool)), jax.random.key(0))
+  new = jax.device_get(state)
+  for p0, p1, e in zip(*(jax.tree_util.tree_leaves(t) for t in (params, new['params'],
+                                                                new['ema_params']))):
+    np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
