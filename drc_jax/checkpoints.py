@@ -53,8 +53,14 @@ def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:
   return schedule_lib.NoiseSchedule.create(kind, diffusion['num_timesteps'])
 
 
+def _absolute(path) -> epath.Path:
+  """Orbax needs absolute paths: local relative paths are made absolute (gs:// stay as they are)."""
+  p = epath.Path(path)
+  return p if '://' in str(path) else epath.Path(p.absolute())
+
+
 def manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
-  path = epath.Path(workdir) / CHECKPOINT_DIR
+  path = _absolute(workdir) / CHECKPOINT_DIR
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
@@ -91,7 +97,7 @@ def restore_ema(step_dir, abstract_params):
 
   The stored names and shapes are checked against the model first: a mismatch names the keys.
   """
-  item_dir = epath.Path(step_dir) / 'default'
+  item_dir = _absolute(step_dir) / 'default'
   ckptr = ocp.PyTreeCheckpointer()
   try:
     tree = ckptr.metadata(item_dir).item_metadata.tree

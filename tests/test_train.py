@@ -120,3 +120,12 @@ def test_ema_warms_up(fmnist_local):
   for p0, p1, e in zip(*(jax.tree_util.tree_leaves(t) for t in (params, new['params'],
                                                                 new['ema_params']))):
     np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
+
+
+def test_relative_workdir(fmnist_local, tmp_path, monkeypatch):
+  """`python -m drc_jax.main` defaults to the relative workdir runs/<config>: orbax needs care."""
+  monkeypatch.chdir(tmp_path)
+  cfg = fmnist_local
+  cfg.train.steps, cfg.train.checkpoint_every = 2, 1
+  T.train(cfg, 'runs/rel')
+  assert T.trained_steps('runs/rel') == 2 and load_target('runs/rel').step == 2
