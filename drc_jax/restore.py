@@ -66,6 +66,27 @@ def repaint_counts(ts: list[int]) -> tuple[int, int]:
   return int(np.sum(steps < 0)), int(np.sum(steps > 0))
 
 
+def repaint_down_steps(ts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The model-calling (down) moves of a RePaint sequence, each with the jump before it.
+
+  Returns int32 arrays (t_last, t_cur, jump_from), one row per model call: before denoising
+  t_last -> t_cur the state is re-noised from jump_from up to t_last (jump_from == t_last: none).
+  """
+  rows, jump_from = [], ts[0]
+  for a, b in zip(ts[:-1], ts[1:]):
+    if b > a:  # an up move: accumulate into the pending jump
+      continue
+    rows.append((a, b, jump_from))
+    jump_from = b
+  out = np.asarray(rows, np.int32)
+  assert len(out) == repaint_counts(ts)[0]
+  return out[:, 0], out[:, 1], out[:, 2]
+
+
+def _bcast_like(v, x):
+  return jnp.reshape(v, (1,) * x.ndim)
+
+
 def ddim_times(t_start: int, steps: int) -> list[int]:
   """``steps`` timesteps evenly spread over [0, t_start - 1], descending, then -1 (clean)."""
   ts = np.unique(np.round(np.linspace(0, t_start - 1, steps)).astype(int))[::-1]
@@ -93,6 +114,7 @@ class Restorer:
 _INIT_STREAM = 2**31 - 1  # the starting noise
 _FIXED_KNOWN_STREAM = 2**31 - 2  # DDIM's one noise for the known region
 _KNOWN_STREAM = 2**30  # RePaint's known-region noise of step i is _KNOWN_STREAM + i
+_JUMP_STREAM = 2**29  # RePaint's re-noising (jump) noise before down step i
 
 
 def _per_image_normal(keys: jnp.ndarray, step, shape) -> jnp.ndarray:
@@ -118,31 +140,32 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
     ts = repaint_jumps(sched.num_timesteps, cfg.jump_length, cfg.jump_n_sample)
     nfe, renoise = repaint_counts(ts)
     var = np.asarray(sched.variance('fixedsmall'), np.float32)
-    table = (np.asarray(ts[:-1], np.int32), np.asarray(ts[1:], np.int32))
+    table = repaint_down_steps(ts)
 
     def init(params, keys, x_orig, d):
       del params, d
       x = _per_image_normal(keys, _INIT_STREAM, x_orig.shape[1:])
       return _Carry(x, jnp.zeros_like(x))
 
-    def step(params, keys, x_orig, d, carry, i, t_last, t_cur):
+    def step(params, keys, x_orig, d, carry, i, row):
+      t_last, t_cur, jump_from = row
       noise = _per_image_normal(keys, i, x_orig.shape[1:])
       noise_known = _per_image_normal(keys, _KNOWN_STREAM + i, x_orig.shape[1:])
-
-      def down(c):
-        eps, x0 = eps_and_x0(params, c.x, t_last, sched)
-        mean = sched.posterior_mean(x0, c.x, t_last)
-        sigma = jnp.sqrt(jnp.asarray(var)[t_last]) * (t_last > 0)
-        unknown = mean + sigma * noise
-        # Known region at the step's TARGET time t_cur (-1: the original itself).
-        known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), noise_known),
-                          x_orig)
-        return _Carry(d.mask * known + (1.0 - d.mask) * unknown, x0)
-
-      def up(c):
-        return _Carry(sched.q_step(c.x, t_cur, noise), c.x0_pred)
-
-      return jax.lax.cond(t_cur < t_last, down, up, carry)
+      noise_jump = _per_image_normal(keys, _JUMP_STREAM + i, x_orig.shape[1:])
+      # Resampling: the re-noising steps jump_from -> t_last taken as one exact Gaussian jump,
+      # q(x_b | x_a) = N(sqrt(abar_b / abar_a) x_a, (1 - abar_b / abar_a) I) (the same distribution
+      # as t_last - jump_from single steps; a no-op when jump_from == t_last). No model call.
+      ratio = _bcast_like(sched.abar(t_last) / sched.abar(jump_from), carry.x)
+      x = jnp.sqrt(ratio) * carry.x + jnp.sqrt(1.0 - ratio) * noise_jump
+      eps, x0 = eps_and_x0(params, x, t_last, sched)
+      del eps
+      mean = sched.posterior_mean(x0, x, t_last)
+      sigma = jnp.sqrt(jnp.asarray(var)[t_last]) * (t_last > 0)
+      unknown = mean + sigma * noise
+      # Known region at the step's TARGET time t_cur (-1: the original itself).
+      known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), noise_known),
+                        x_orig)
+      return _Carry(d.mask * known + (1.0 - d.mask) * unknown, x0)
 
   elif cfg.restorer in ('ddim', 'ddnm'):
     sched = schedule
@@ -162,7 +185,8 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
       return _Carry(x, jnp.zeros_like(x))
 
     if cfg.restorer == 'ddim':
-      def step(params, keys, x_orig, d, carry, i, t_last, t_cur):
+      def step(params, keys, x_orig, d, carry, i, row):
+        t_last, t_cur = row
         eps, x0 = eps_and_x0(params, carry.x, t_last, sched)
         eps = sched.predict_eps(carry.x, t_last, x0)  # consistent with the clipped x0
         noise = _per_image_normal(keys, i, x_orig.shape[1:])
@@ -173,8 +197,9 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
                           x_orig)
         return _Carry(d.mask * known + (1.0 - d.mask) * unknown, x0)
     else:
-      def step(params, keys, x_orig, d, carry, i, t_last, t_cur):
+      def step(params, keys, x_orig, d, carry, i, row):
         del x_orig
+        t_last, t_cur = row
         _, x0 = eps_and_x0(params, carry.x, t_last, sched)
         c = carry.x.shape[-1]
         x0 = x0 - d.pinv(d.forward(x0), c) + d.pinv(d.measurement, c)  # range-null space
@@ -186,7 +211,7 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
   else:
     raise ValueError(f'config.drc.restorer: unknown {cfg.restorer!r}')
 
-  t_last_arr, t_cur_arr = (jnp.asarray(a) for a in table)
+  table_arrays = tuple(jnp.asarray(a) for a in table)
   n_steps = len(table[0])
 
   def restore_impl(params, key_data, images, d):
@@ -194,14 +219,14 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
     carry = init(params, keys, images, d)
 
     def body(c, xs):
-      i, t_last, t_cur = xs
-      return step(params, keys, images, d, c, i, t_last, t_cur), None
+      i, row = xs
+      return step(params, keys, images, d, c, i, row), None
 
     if debug:
       for i in range(n_steps):
-        carry = jax.jit(step)(params, keys, images, d, carry, i, t_last_arr[i], t_cur_arr[i])
+        carry = jax.jit(step)(params, keys, images, d, carry, i, tuple(a[i] for a in table_arrays))
     else:
-      carry, _ = jax.lax.scan(body, carry, (jnp.arange(n_steps), t_last_arr, t_cur_arr))
+      carry, _ = jax.lax.scan(body, carry, (jnp.arange(n_steps), table_arrays))
     return carry.x
 
   if debug:
