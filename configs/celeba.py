@@ -42,16 +42,7 @@ def get_config(arg=None):
   # the UNet at both 32 (32, 16, 8, 4) and 64 (64, 32, 16, 8).
   c.model.attn_res = (16,)
 
-  c.drc.restorer = 'ddim'  # DDIM inpainting (as the base; stated here as the protocol)
-  c.drc.mask = 'center_box'  # the central half: the face after the centre crop
-  c.drc.mask_ratio = 0.5  # rho
-  c.drc.t_start = 1000  # restore from pure noise (the masked region carries no hint)
-  c.drc.steps = 100  # DDIM steps (interval 10)
-  c.drc.eta = 0.0  # deterministic DDIM
-  c.drc.num_restorations = 4  # K restorations per image
-
-  c.audit.batch_size = 256  # images per attack step (a multiple of 8 devices)
-  c.audit.shard_size = 2048  # images per score shard
+  config_base.set_paper_drc(c)  # centre box rho 0.5 (the face after the centre crop), DDIM
   if a.res not in (32, 64):
     raise ValueError(f'config argument res={a.res}: expected 32 or 64')
   if a.runlocal:

@@ -1,6 +1,7 @@
 """CIFAR100 membership audit under the published SecMI/PIA protocol (the DRC paper's CIFAR100 row).
 
-Choices, all the published ones where one exists and not tuned for any attack:
+Choices (built by ``drc_jax.config_base.cifar_config``), all the published ones where one exists
+and not tuned for any attack:
 * Data: tfds ``cifar100`` split 'train' (50,000 images, 32x32 RGB). 25,000 members and 25,000
   non-members. ``config.split.file`` may name a SecMI/PIA ``.npz`` split (``mia_train_idxs`` =
   members, ``mia_eval_idxs`` = non-members) to audit the same images as published results; left
@@ -30,32 +31,4 @@ from drc_jax import config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, runlocal=False)
-  c = config_base.base_config()
-  c.data.source = 'tfds'  # tensorflow-datasets through tfds.data_source
-  c.data.name = 'cifar100'  # tfds builder
-  c.data.split = 'train'
-  c.data.resolution = 32
-  c.data.channels = 3
-  c.data.tfds_order = 'id'  # torchvision order: the order SecMI/PIA split indices point into
-
-  c.split.num_members = 25000
-  c.split.num_nonmembers = 25000
-
-  # The paper UNet and training recipe are the base defaults (ch 128, (1, 2, 2, 2), 2 blocks,
-  # attention at 16, dropout 0.1; 800k steps of batch 128, lr 2e-4, warm-up 5000, EMA 0.9999).
-
-  c.drc.restorer = 'ddim'  # DDIM inpainting (as the base; stated here as the protocol)
-  c.drc.mask = 'center_box'  # the central half of the image is removed
-  c.drc.mask_ratio = 0.5  # rho on CIFAR in the paper
-  c.drc.t_start = 1000  # restore from pure noise (the masked region carries no hint)
-  c.drc.steps = 100  # DDIM steps (interval 10)
-  c.drc.eta = 0.0  # deterministic DDIM
-  c.drc.num_restorations = 4  # K restorations per image
-
-  c.audit.batch_size = 256  # images per attack step (a multiple of 8 devices)
-  c.audit.shard_size = 2048  # images per score shard
-  if a.runlocal:
-    config_base.apply_runlocal(c)
-    c.data.tfds_order = ''  # mock data ids are random strings, not 'train_NNNNN'
-  return c
+  return config_base.cifar_config('cifar100', arg)
