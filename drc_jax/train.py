@@ -110,7 +110,14 @@ def train(config, workdir: str) -> State:
   logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
 
   unet_cfg, model, params, schedule, tx = build(config)
-  if parallel.is_writer():
+  if (epath.Path(workdir) / checkpoints.MODEL_JSON).exists():
+    # Never overwrite the description of a target already in the workdir with another one.
+    old_unet, old_diffusion = checkpoints.load_model_json(workdir)
+    if old_unet != unet_cfg or old_diffusion != dict(config.diffusion):
+      raise checkpoints.CheckpointError(
+          f'{workdir} holds a target of another architecture or schedule '
+          f'({epath.Path(workdir) / checkpoints.MODEL_JSON}); use another --workdir')
+  elif parallel.is_writer():
     checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion))
   logging.info('UNet: %.3fM parameters', model_lib.count_params(params) / 1e6)
   state = init_state(params, tx)

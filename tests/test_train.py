@@ -101,6 +101,9 @@ def test_checkpoint_of_another_architecture_is_refused(fmnist_local, tmp_path):
   checkpoints.save_model_json(str(tmp_path), model_lib.UNetConfig.from_dict(bigger), diffusion)
   with pytest.raises(checkpoints.CheckpointError, match='does not match'):
     load_target(str(tmp_path))
+  with pytest.raises(checkpoints.CheckpointError, match='another architecture'):
+    T.train(cfg, str(tmp_path))  # refuses; model.json and checkpoints stay as they were
+  assert checkpoints.load_model_json(str(tmp_path))[0].ch == 32
   with pytest.raises(checkpoints.CheckpointError, match='does not exist'):
     load_target(str(tmp_path / 'empty'))
 
