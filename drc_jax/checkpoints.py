@@ -44,6 +44,12 @@ def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
     raise CheckpointError(f'{path}: invalid model description ({e})') from e
 
 
+def is_imported(workdir) -> bool:
+  """True when ``workdir`` holds a target converted from elsewhere (never trained here)."""
+  path = epath.Path(workdir) / MODEL_JSON
+  return path.exists() and json.loads(path.read_text()).get('source', 'drc_jax') != 'drc_jax'
+
+
 def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:
   kind = diffusion.get('beta_schedule', 'linear')
   if kind == 'linear':

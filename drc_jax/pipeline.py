@@ -7,6 +7,7 @@ import os
 from absl import logging
 
 from drc_jax import audit as audit_lib
+from drc_jax import checkpoints
 from drc_jax import parallel
 from drc_jax import report as report_lib
 from drc_jax import train as train_lib
@@ -24,13 +25,18 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   """Runs ``mode`` ('train', 'audit', 'report' or 'all') of ``config`` in ``workdir``.
 
   'all' trains the target when the workdir holds none (or an unfinished one) unless
-  ``config.audit.checkpoint`` names a target, then audits and writes the report. Returns the
+  ``config.audit.checkpoint`` names a target or the workdir holds an imported one
+  (``python -m drc_jax.convert``), then audits and writes the report. Returns the
   metrics of the audit modes.
   """
   if mode not in MODES:
     raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
   validate.check(config)
-  if mode == 'train' or (mode == 'all' and not config.audit.checkpoint):
+  imported = checkpoints.is_imported(workdir)
+  if mode == 'train' and imported:
+    raise checkpoints.CheckpointError(f'{workdir} holds an imported target; it is audited, not '
+                                      f'trained (use --mode=audit, or another --workdir)')
+  if mode == 'train' or (mode == 'all' and not config.audit.checkpoint and not imported):
     done = train_lib.trained_steps(workdir)
     if done is not None and done >= config.train.steps:
       logging.info('target in %s already trained (%d steps): reusing it', workdir, done)

@@ -466,3 +466,18 @@ def test_load_target_paths(tmp_path, ddpm_small, small_pt):
       load_target(bad)
   with pytest.raises(TypeError, match='integer'):
     whole.apply(x, t.astype(np.float32))
+
+
+def test_imported_target_is_audited_not_trained(tmp_path, small_pt):
+  """--mode=all on a converted workdir audits the imported target; --mode=train is refused."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from drc_jax import pipeline  # pylint: disable=g-import-not-at-top
+  convert.convert('pytorch-ddpm', small_pt, tmp_path / 'w', resolution=16)
+  c = load_config('fashion_mnist', 'runlocal')
+  c.split.num_members = c.split.num_nonmembers = 16
+  c.attacks.names = 'loss,pia'
+  metrics = pipeline.run(c, str(tmp_path / 'w'), 'all')
+  assert set(metrics) == {'loss', 'pia'} and metrics['loss']['n_members'] == 16
+  assert not (tmp_path / 'w' / 'checkpoints' / '20').exists()  # nothing was trained
+  with pytest.raises(checkpoints.CheckpointError, match='imported target'):
+    pipeline.run(c, str(tmp_path / 'w'), 'train')
