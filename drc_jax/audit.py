@@ -181,7 +181,7 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
     logging.info('scored shard %d/%d: %d/%d images, %.2f images/s, ETA %.0fs', i + 1, n_shards,
                  n_done, total, rate, (total - n_done) / max(rate, 1e-9))
   parallel.sync('scores_written')
-  return write_results(config, workdir, target=target, attacks=attacks, mesh=mesh)
+  return write_results(config, workdir, target=target, attacks=attacks, mesh=mesh, source=source)
 
 
 def load_scores(workdir: str) -> dict[str, np.ndarray]:
@@ -248,7 +248,7 @@ def _pick_evidence(table, metrics, n: int) -> list[tuple[str, int]]:
 
 
 def write_results(config, workdir: str, target: Target | None = None, attacks=None,
-                  mesh=None) -> dict:
+                  mesh=None, source: data_lib.ImageSource | None = None) -> dict:
   """metrics.json, the plots, the evidence panels and report.html from the saved scores."""
   table = load_scores(workdir)
   names = validate.attack_names(config)
@@ -260,7 +260,11 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   if votes is not None:
     table['drc/votes'] = votes
     metrics['drc']['agree'] = agree
-  evidence = _evidence(config, table, metrics, target, mesh) if 'drc' in attacks else []
+  if 'drc' in attacks:
+    source = source or data_lib.make_source(config.data)
+    evidence = _evidence(config, table, metrics, target, mesh, source)
+  else:
+    evidence = []
   if parallel.is_writer():
     fileio.atomic_write_text(epath.Path(workdir) / 'metrics.json',
                              json.dumps(metrics, indent=1, sort_keys=True))
@@ -279,11 +283,11 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   return metrics
 
 
-def _evidence(config, table, metrics, target: Target, mesh) -> list[dict]:
+def _evidence(config, table, metrics, target: Target, mesh,
+              source: data_lib.ImageSource) -> list[dict]:
   """Recomputes the DRC evidence (exact: keys are per image) for the selected rows."""
   picks = _pick_evidence(table, metrics, config.audit.num_evidence)
   rows = np.asarray([r for _, r in picks])
-  source = data_lib.make_source(config.data)
   scorer = drc_lib.make_drc(config.drc, target.model, target.schedule, mesh)
   bs = config.audit.batch_size
   idx = table['index'][rows]
