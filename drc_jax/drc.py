@@ -25,10 +25,8 @@ from drc_jax import restore as restore_lib
 
 @dataclasses.dataclass(frozen=True)
 class DrcScorer:
-  num_restorations: int
   nfe: int  # model calls per image (all K restorations)
   restorer: restore_lib.Restorer
-  degrade: Callable
   similarities: Callable  # (params, key_data [B,2] uint32, images) -> [B, K]
   evidence: Callable  # (params, key_data, images) -> (degraded, restored) [B, H, W, C]
 
@@ -64,7 +62,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
     ev_fn = jax.jit(evidence, in_shardings=(rep, dat, dat), out_shardings=(dat, dat))
   else:
     sims_fn, ev_fn = jax.jit(sims), jax.jit(evidence)
-  return DrcScorer(k_total, k_total * restorer.nfe, restorer, degrade, sims_fn, ev_fn)
+  return DrcScorer(k_total * restorer.nfe, restorer, sims_fn, ev_fn)
 
 
 def image_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,12 +94,6 @@ def ddim_times(t_start: int, steps: int) -> list[int]:
   return [int(t) for t in ts] + [-1]
 
 
-@flax.struct.dataclass
-class _Carry:
-  x: jnp.ndarray  # [B, H, W, C] current state
-  x0_pred: jnp.ndarray  # [B, H, W, C] latest x0 prediction (for inspection)
-
-
 @dataclasses.dataclass(frozen=True)
 class Restorer:
   """A compiled restoration program and its cost."""
@@ -144,10 +137,9 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
 
     def init(params, keys, x_orig, d):
       del params, d
-      x = _per_image_normal(keys, _INIT_STREAM, x_orig.shape[1:])
-      return _Carry(x, jnp.zeros_like(x))
+      return _per_image_normal(keys, _INIT_STREAM, x_orig.shape[1:])
 
-    def step(params, keys, x_orig, d, carry, i, row):
+    def step(params, keys, x_orig, d, x, i, row):
       t_last, t_cur, jump_from = row
       noise = _per_image_normal(keys, i, x_orig.shape[1:])
       noise_known = _per_image_normal(keys, _KNOWN_STREAM + i, x_orig.shape[1:])
@@ -155,17 +147,16 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
       # Resampling: the re-noising steps jump_from -> t_last taken as one exact Gaussian jump,
       # q(x_b | x_a) = N(sqrt(abar_b / abar_a) x_a, (1 - abar_b / abar_a) I) (the same distribution
       # as t_last - jump_from single steps; a no-op when jump_from == t_last). No model call.
-      ratio = _bcast_like(sched.abar(t_last) / sched.abar(jump_from), carry.x)
-      x = jnp.sqrt(ratio) * carry.x + jnp.sqrt(1.0 - ratio) * noise_jump
-      eps, x0 = eps_and_x0(params, x, t_last, sched)
-      del eps
+      ratio = _bcast_like(sched.abar(t_last) / sched.abar(jump_from), x)
+      x = jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * noise_jump
+      _, x0 = eps_and_x0(params, x, t_last, sched)
       mean = sched.posterior_mean(x0, x, t_last)
       sigma = jnp.sqrt(jnp.asarray(var)[t_last]) * (t_last > 0)
       unknown = mean + sigma * noise
       # Known region at the step's TARGET time t_cur (-1: the original itself).
       known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), noise_known),
                         x_orig)
-      return _Carry(d.mask * known + (1.0 - d.mask) * unknown, x0)
+      return d.mask * known + (1.0 - d.mask) * unknown
 
   elif cfg.restorer in ('ddim', 'ddnm'):
     sched = schedule
@@ -179,35 +170,33 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
       del params
       noise = _per_image_normal(keys, _INIT_STREAM, x_orig.shape[1:])
       if from_noise:
-        x = noise
-      else:  # start from the noised degraded image (removed pixels at 0, mid-grey)
-        x = sched.q_sample(d.pinv(d.measurement, x_orig.shape[-1]), int(ts[0]), noise)
-      return _Carry(x, jnp.zeros_like(x))
+        return noise
+      # Start from the noised degraded image (removed pixels at 0, mid-grey).
+      return sched.q_sample(d.pinv(d.measurement, x_orig.shape[-1]), int(ts[0]), noise)
 
     if cfg.restorer == 'ddim':
-      def step(params, keys, x_orig, d, carry, i, row):
+      def step(params, keys, x_orig, d, x, i, row):
         t_last, t_cur = row
-        eps, x0 = eps_and_x0(params, carry.x, t_last, sched)
-        eps = sched.predict_eps(carry.x, t_last, x0)  # consistent with the clipped x0
+        _, x0 = eps_and_x0(params, x, t_last, sched)
+        eps = sched.predict_eps(x, t_last, x0)  # consistent with the clipped x0
         noise = _per_image_normal(keys, i, x_orig.shape[1:])
-        unknown = sched.ddim_step(carry.x, t_last, t_cur, eps, eta, noise, x0=x0)
+        unknown = sched.ddim_step(x, t_last, t_cur, eps, eta, noise, x0=x0)
         # One fixed noise per image for the known region keeps eta = 0 deterministic.
         fixed = _per_image_normal(keys, _FIXED_KNOWN_STREAM, x_orig.shape[1:])
         known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), fixed),
                           x_orig)
-        return _Carry(d.mask * known + (1.0 - d.mask) * unknown, x0)
+        return d.mask * known + (1.0 - d.mask) * unknown
     else:
-      def step(params, keys, x_orig, d, carry, i, row):
+      def step(params, keys, x_orig, d, x, i, row):
         del x_orig
         t_last, t_cur = row
-        _, x0 = eps_and_x0(params, carry.x, t_last, sched)
-        c = carry.x.shape[-1]
+        _, x0 = eps_and_x0(params, x, t_last, sched)
+        c = x.shape[-1]
         x0 = x0 - d.pinv(d.forward(x0), c) + d.pinv(d.measurement, c)  # range-null space
-        eps = sched.predict_eps(carry.x, t_last, x0)
-        noise = _per_image_normal(keys, i, carry.x.shape[1:])
-        x = jnp.where(t_cur >= 0, sched.ddim_step(carry.x, t_last, t_cur, eps, eta, noise, x0=x0),
-                      x0)
-        return _Carry(x, x0)
+        eps = sched.predict_eps(x, t_last, x0)
+        noise = _per_image_normal(keys, i, x.shape[1:])
+        return jnp.where(t_cur >= 0, sched.ddim_step(x, t_last, t_cur, eps, eta, noise, x0=x0),
+                         x0)
   else:
     raise ValueError(f'config.drc.restorer: unknown {cfg.restorer!r}')
 
@@ -216,18 +205,18 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
 
   def restore_impl(params, key_data, images, d):
     keys = jax.random.wrap_key_data(key_data)
-    carry = init(params, keys, images, d)
+    x = init(params, keys, images, d)  # the loop state: the current image [B, H, W, C]
 
-    def body(c, xs):
+    def body(x, xs):
       i, row = xs
-      return step(params, keys, images, d, c, i, row), None
+      return step(params, keys, images, d, x, i, row), None
 
     if debug:
       for i in range(n_steps):
-        carry = jax.jit(step)(params, keys, images, d, carry, i, tuple(a[i] for a in table_arrays))
+        x = jax.jit(step)(params, keys, images, d, x, i, tuple(a[i] for a in table_arrays))
     else:
-      carry, _ = jax.lax.scan(body, carry, (jnp.arange(n_steps), table_arrays))
-    return carry.x
+      x, _ = jax.lax.scan(body, x, (jnp.arange(n_steps), table_arrays))
+    return x
 
   if debug:
     fn = restore_impl
