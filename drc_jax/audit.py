@@ -27,6 +27,8 @@ from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
 from drc_jax import parallel
 from drc_jax import report as report_lib
+from drc_jax import samples as samples_lib
+from drc_jax import shipped
 from drc_jax import splits as splits_lib
 from drc_jax import target as target_lib
 from drc_jax import validate
@@ -134,6 +136,7 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
   check_workdir(config, workdir, overwrite)
   source = data_lib.make_source(config.data)
   split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  shipped.check_split(target.path, split)  # a shipped target's members are these members
   is_member, indices = _items(split, config.audit.max_images)
   attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names)
   score_fn = attacks_lib.make_batch_scorer(attacks, mesh)
@@ -260,11 +263,12 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   if votes is not None:
     table['drc/votes'] = votes
     metrics['drc']['agree'] = agree
+  source = source or data_lib.make_source(config.data)
   if 'drc' in attacks:
-    source = source or data_lib.make_source(config.data)
     evidence = _evidence(config, table, metrics, target, mesh, source)
   else:
     evidence = []
+  sample_info = _samples(config, workdir, table, target, source)
   if parallel.is_writer():
     fileio.atomic_write_text(epath.Path(workdir) / 'metrics.json',
                              json.dumps(metrics, indent=1, sort_keys=True))
@@ -276,11 +280,29 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
                f'DRC: mask {config.drc.mask} rho={config.drc.mask_ratio}, restorer '
                f'{config.drc.restorer} ({config.drc.steps} steps), K={config.drc.num_restorations}'
                f', comparator {config.drc.comparator}')
+    if sample_info is not None:
+      fileio.atomic_write_text(epath.Path(workdir) / 'samples.json',
+                               json.dumps(sample_info['figures'], indent=1, sort_keys=True))
     path = report_lib.write_report(workdir, table, metrics, evidence, config_summary=summary,
-                                   agree=agree)
+                                   agree=agree, samples=sample_info)
     logging.info('report: %s', path)
   parallel.sync('report_written')
   return metrics
+
+
+def _samples(config, workdir: str, table, target: Target, source) -> dict | None:
+  """The target's samples against its members and real non-members (``drc_jax.samples``)."""
+  num = int(config.audit.num_samples)
+  if num <= 0:
+    return None
+  member_idx = table['index'][table['split'] == 1]
+  nonmember_idx = table['index'][table['split'] == 0]
+  members, _, _ = data_lib.load_images(source, member_idx, config.data)
+  nonmembers, _, _ = data_lib.load_images(source, nonmember_idx[:num], config.data)
+  info = samples_lib.load_or_generate(workdir, target, members, nonmembers, num=num,
+                                      seed=config.seed, batch_size=config.audit.batch_size)
+  info['nearest_index'] = member_idx[info['nearest_pos']]  # dataset index of each nearest member
+  return info
 
 
 def _evidence(config, table, metrics, target: Target, mesh,
@@ -307,9 +329,15 @@ def _evidence(config, table, metrics, target: Target, mesh,
   thr = metrics['drc']['calibrated']['threshold']
   out = []
   for j, (kind, r) in enumerate(picks):
+    sims = table['drc/sim'][r]  # [K]
+    # The restoration whose similarity is the image's median (the lower middle one for even K):
+    # the typical restoration, not a lucky or unlucky one; all K are shown as thumbnails.
+    k_med = int(np.argsort(sims, kind='stable')[(len(sims) - 1) // 2])
     out.append({'kind': kind, 'index': int(table['index'][r]), 'split': int(table['split'][r]),
                 'score': float(s[r]),
                 'percentile': float(metrics_lib.percentile_among(s[r:r + 1], non)[0]),
                 'decision': 'member' if s[r] >= thr else 'non-member',
-                'original': originals[j], 'degraded': degraded[j], 'restored': restored[j]})
+                'original': originals[j], 'degraded': degraded[j, k_med],
+                'restored': restored[j, k_med], 'shown_restoration': k_med,
+                'restorations': restored[j], 'similarities': sims.tolist()})
   return out

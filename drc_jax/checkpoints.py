@@ -71,7 +71,7 @@ def manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
       max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
 
-def _describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
   missing = sorted(set(expected) - set(found))
   extra = sorted(set(found) - set(expected))
   shape = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
@@ -112,7 +112,7 @@ def restore_ema(step_dir, abstract_params):
   if 'ema_params' not in tree:
     raise CheckpointError(f'{item_dir}: no ema_params in checkpoint (found {sorted(tree)})')
   found = model_lib.flat_param_shapes(tree['ema_params'])
-  detail = _describe_mismatch(model_lib.flat_param_shapes(abstract_params), found)
+  detail = describe_mismatch(model_lib.flat_param_shapes(abstract_params), found)
   if detail:
     raise CheckpointError(f'{item_dir}: checkpoint does not match the model in model.json: '
                           f'{detail}')

@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.audit.calibration_fraction = 0.2  # fraction of each set that fits the decision threshold
   c.audit.bootstrap = 1000  # bootstrap resamples for 95% intervals
   c.audit.num_evidence = 4  # evidence panels per kind (highest, lowest, borderline)
+  c.audit.num_samples = 256  # target samples for the report's sample-quality check (0 = none)
   return c
 
 
@@ -143,6 +144,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.audit.shard_size = 32
   c.audit.bootstrap = 50
   c.audit.num_evidence = 1
+  c.audit.num_samples = 16
 
 
 def set_paper_drc(c: ml_collections.ConfigDict) -> None:

@@ -4,8 +4,8 @@
 ``similarities(params, keys, images) -> [B, K]`` runs K restorations per image (restoration k of
 image b uses the key ``fold_in(keys[b], k)`` for its degradation and its noise) and compares each
 with the original. The membership score is the mean over K (higher = member). ``evidence`` gives
-the degraded and restored images of restoration 0 for the report; because keys are per image,
-evidence recomputed later is exactly what was scored.
+the degraded and restored images of all K restorations for the report; because keys are per
+image, evidence recomputed later is exactly what was scored.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class DrcScorer:
   nfe: int  # model calls per image (all K restorations)
   restorer: restore_lib.Restorer
   similarities: Callable  # (params, key_data [B,2] uint32, images) -> [B, K]
-  evidence: Callable  # (params, key_data, images) -> (degraded, restored) [B, H, W, C]
+  evidence: Callable  # (params, key_data, images) -> (degraded, restored) [B, K, H, W, C]
+  degradation: Callable  # (key_data, images, k) -> the Degradation of restoration k (unjitted)
 
 
 def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
@@ -39,11 +40,17 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
   k_total = int(cfg.num_restorations)
   run = restorer.restore.jitted  # the raw traced function; we jit the whole K-loop below
 
-  def one(params, key_data, images, k):
+  def keys_and_degradation(key_data, images, k):
     keys = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), k))(key_data)
-    d = degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, 7))(keys), images)
+    return keys, degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, 7))(keys), images)
+
+  def one(params, key_data, images, k):
+    keys, d = keys_and_degradation(key_data, images, k)
     restored = run(params, jax.random.key_data(keys), images, d)
     return d, restored
+
+  def degradation(key_data, images, k):
+    return keys_and_degradation(key_data, images, k)[1]
 
   def sims(params, key_data, images):
     def body(_, k):
@@ -53,8 +60,11 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
     return s.T
 
   def evidence(params, key_data, images):
-    d, restored = one(params, key_data, images, 0)
-    return d.degraded_image(images.shape[-1]), restored
+    def body(_, k):
+      d, restored = one(params, key_data, images, k)
+      return None, (d.degraded_image(images.shape[-1]), restored)
+    _, (degraded, restored) = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B, H, W, C]
+    return jnp.moveaxis(degraded, 0, 1), jnp.moveaxis(restored, 0, 1)  # [B, K, H, W, C]
 
   if mesh is not None:
     rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -62,7 +72,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
     ev_fn = jax.jit(evidence, in_shardings=(rep, dat, dat), out_shardings=(dat, dat))
   else:
     sims_fn, ev_fn = jax.jit(sims), jax.jit(evidence)
-  return DrcScorer(k_total * restorer.nfe, restorer, sims_fn, ev_fn)
+  return DrcScorer(k_total * restorer.nfe, restorer, sims_fn, ev_fn, degradation)
 
 
 def image_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:

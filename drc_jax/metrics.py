@@ -259,6 +259,23 @@ def _best_threshold(member: np.ndarray, nonmember: np.ndarray) -> float:
   return float(midpoint if midpoint > highest_nonmember else lowest_member)
 
 
+def heldout_masks(num_members: int, num_nonmembers: int, fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The held-out masks (bool [P], bool [N]) of ``calibrate``'s random calibration part.
+
+  Anything tuned on an audit (a threshold, the DRC protocol in ``drc_jax.sweep``) may look at the
+  images outside these masks only.
+  """
+  rng = np.random.default_rng(seed)
+  masks = []
+  for n in (num_members, num_nonmembers):
+    num_calibration = min(max(int(round(fraction * n)), 1), n - 1)
+    heldout = np.ones(n, dtype=bool)
+    heldout[rng.permutation(n)[:num_calibration]] = False
+    masks.append(heldout)
+  return masks[0], masks[1]
+
+
 def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) -> dict[str, Any]:
   """Fits a threshold on a random calibration part and evaluates it on the held-out rest.
 
@@ -285,16 +302,10 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   nonmember = _as_scores(nonmember_scores, 'nonmember_scores')
   if not 0.0 < fraction < 1.0:
     raise ValueError(f'fraction must be in (0, 1), got {fraction}')
-  rng = np.random.default_rng(seed)
-  heldout_masks = []
   for name, scores in (('member_scores', member), ('nonmember_scores', nonmember)):
     if scores.size < 2:
       raise ValueError(f'{name} needs at least 2 scores to split, got {scores.size}')
-    num_calibration = min(max(int(round(fraction * scores.size)), 1), scores.size - 1)
-    heldout = np.ones(scores.size, dtype=bool)
-    heldout[rng.permutation(scores.size)[:num_calibration]] = False
-    heldout_masks.append(heldout)
-  member_heldout, nonmember_heldout = heldout_masks
+  member_heldout, nonmember_heldout = heldout_masks(member.size, nonmember.size, fraction, seed)
   cal_member, cal_nonmember = member[~member_heldout], nonmember[~nonmember_heldout]
   threshold = _best_threshold(cal_member, cal_nonmember)
 

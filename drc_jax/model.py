@@ -301,6 +301,16 @@ def flat_param_shapes(params: Params) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in flat_params(params).items()}
 
 
+def unflatten_params(like: Params, flat: dict[str, Any]) -> Params:
+  """The inverse of ``flat_params``: a tree shaped like ``like`` with leaves taken by name."""
+  names = list(flat_params(like))
+  missing = [n for n in names if n not in flat]
+  if missing:
+    raise KeyError(f'missing parameters {missing[:5]}')
+  treedef = jax.tree_util.tree_structure(like)
+  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+
+
 def unet_config_from(cfg_model, resolution: int, channels: int) -> UNetConfig:
   """UNetConfig from a config's ``model`` section plus the data resolution and channels."""
   d = dict(cfg_model)

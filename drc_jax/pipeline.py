@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import logging
+from etils import epath
 
 from drc_jax import audit as audit_lib
 from drc_jax import checkpoints
 from drc_jax import parallel
 from drc_jax import report as report_lib
+from drc_jax import samples as samples_lib
 from drc_jax import train as train_lib
 from drc_jax import validate
 
@@ -50,5 +53,11 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
     metrics = audit_lib.run_audit(config, workdir, overwrite=overwrite)
   if parallel.is_writer():
     print(report_lib.format_metrics_table(metrics))
+    samples_json = epath.Path(workdir) / 'samples.json'
+    if samples_json.exists():
+      figures = json.loads(samples_json.read_text())
+      print(samples_lib.format_line(figures))
+      for warning in figures.get('warnings', ()):
+        print(f'WARNING: {warning}')
     print(f'report: {os.path.abspath(os.path.join(workdir, "report.html"))}')
   return metrics

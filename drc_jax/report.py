@@ -197,8 +197,14 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
   if len(shapes) != 1:
     raise ValueError(f'evidence images differ in shape: {sorted(shapes)}')
   difference = np.abs(images['original'] - images['restored']).mean(axis=-1)  # [H', W']
-  fig = _new_figure(10.0, 3.0)
-  axes = fig.subplots(1, 4)
+  restorations = item.get('restorations')
+  thumbs = restorations is not None and len(restorations) > 1
+  fig = _new_figure(10.0, 5.0 if thumbs else 3.0)
+  if thumbs:
+    top, bottom = fig.subfigures(2, 1, height_ratios=(3.0, 2.0))
+  else:
+    top, bottom = fig, None
+  axes = top.subplots(1, 4)
   for ax, (name, image) in zip(axes, images.items()):
     if image.shape[-1] == 1:
       ax.imshow(image[..., 0], cmap='gray', vmin=0, vmax=1, interpolation='nearest')
@@ -208,11 +214,76 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
   heat = axes[3].imshow(difference, cmap='magma', vmin=0, vmax=1, interpolation='nearest')
   axes[3].set_title('|original - restored|')
   fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
+  if 'shown_restoration' in item:
+    axes[2].set_title(f"restored (#{item['shown_restoration']}, median similarity)")
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
+  if thumbs:
+    sims = item.get('similarities') or [None] * len(restorations)
+    small = bottom.subplots(1, len(restorations), squeeze=False)[0]
+    for k, (ax, image) in enumerate(zip(small, restorations)):
+      shown = _display_image(image, 'restorations')
+      if shown.shape[-1] == 1:
+        ax.imshow(shown[..., 0], cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+      else:
+        ax.imshow(shown, interpolation='nearest')
+      ax.set_title(f'#{k}' + ('' if sims[k] is None else f': {float(sims[k]):.4g}'),
+                   fontsize='small')
+      ax.set_xticks([])
+      ax.set_yticks([])
+    bottom.suptitle('all K restorations (similarity to the original)', fontsize='small')
   fig.suptitle(_evidence_title(item), fontsize='medium')
   return _save_figure(fig, path)
+
+
+def plot_samples(samples: np.ndarray, nearest: np.ndarray, distances: np.ndarray,
+                 is_copy: np.ndarray, nearest_index: np.ndarray, path: str,
+                 num: int = 24) -> str:
+  """A grid of the target's samples, each above its nearest member (RMS distance in the title).
+
+  Near-copies of a member are titled in red. Shows the first ``num`` samples.
+  """
+  num = min(num, len(samples))
+  cols = min(8, num)
+  rows = -(-num // cols)
+  fig = _new_figure(1.4 * cols, 3.0 * rows)
+  axes = np.asarray(fig.subplots(2 * rows, cols, squeeze=False))
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_axis_off()
+  for i in range(num):
+    r, c = divmod(i, cols)
+    for j, (image, title) in enumerate(
+        ((samples[i], f'sample {i}'),
+         (nearest[i], f'member #{int(nearest_index[i])}\nRMS {float(distances[i]):.3f}'))):
+      ax = axes[2 * r + j, c]
+      shown = _display_image(image, 'sample')
+      if shown.shape[-1] == 1:
+        ax.imshow(shown[..., 0], cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+      else:
+        ax.imshow(shown, interpolation='nearest')
+      ax.set_title(title, fontsize='x-small', color='red' if j and is_copy[i] else 'black')
+  fig.suptitle('target samples (top) and their nearest members (below); red = near-copy',
+               fontsize='medium')
+  return _save_figure(fig, path)
+
+
+def _samples_html(figures: Mapping[str, Any]) -> str:
+  rows = [('samples (deterministic DDIM, 50 steps)', f"{figures['num_samples']}"),
+          ('k-NN precision (samples that look like data)', f"{figures['precision']:.3f}"),
+          ('k-NN recall (data the samples cover)', f"{figures['recall']:.3f}"),
+          ('near-copies of members', f"{figures['near_copy_fraction']:.1%}"),
+          ('median RMS distance, sample to nearest member',
+           f"{figures['median_nn_member_distance_samples']:.4f}"),
+          ('median RMS distance, real non-member to nearest member',
+           f"{figures['median_nn_member_distance_nonmembers']:.4f}")]
+  body = ''.join(f'<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>' for a, b in rows)
+  out = f'<table>{body}</table>'
+  for w in figures.get('warnings', ()):
+    out += f'<p class="warn">Warning: {html.escape(w)}</p>'
+  return out
 
 
 def _agree_from_table(table: Mapping[str, np.ndarray]) -> dict[str, list] | None:
@@ -329,12 +400,14 @@ pre { background: #f4f4f4; padding: 1em; overflow-x: auto; }
 img { max-width: 100%; }
 figure { margin: 1em 0; }
 .note { color: #555; font-size: 0.9em; }
+.warn { color: #b00; font-weight: bold; }
 """
 
 
 def write_report(workdir: str, table: Mapping[str, np.ndarray],
                  metrics: Mapping[str, Mapping[str, Any]], evidence: Sequence[Mapping[str, Any]], *,
-                 config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None) -> str:
+                 config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None,
+                 samples: Mapping[str, Any] | None = None) -> str:
   """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
 
   The HTML embeds every image as a base64 data URI and needs no server or external resource.
@@ -348,6 +421,8 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
     config_summary: text shown in a <pre> block.
     agree: an ``agree_curve`` dict; if None it is computed from ``drc/votes`` and ``drc/sim`` when
       the table has both, else the agree plot is left out.
+    samples: ``samples.load_or_generate`` output (the target's samples and their figures), or
+      None to leave the section out.
 
   Returns:
     The path of ``report.html``.
@@ -387,6 +462,16 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
             'interpolation; with n non-members it rests on about n&middot;f false positives. '
             'Intervals are 95% percentile bootstraps resampling members and non-members '
             'separately.</p>']
+  if samples is not None:
+    grid = plot_samples(samples['samples'], samples['nearest'], samples['nearest_distance'],
+                        samples['is_copy'], samples['nearest_index'],
+                        os.path.join(report_dir, 'samples.png'))
+    parts += ['<h2>The target\'s own samples</h2>', _samples_html(samples['figures']),
+              '<p class="note">A target that cannot generate images like its data cannot show '
+              'membership through restoration. Precision/recall: k-NN balls (k = 3) in pixel space '
+              'against as many real non-member images (Kynkaenniemi et al. 2019); near-copy: the '
+              'nearest member is closer than 0.5 x the mean distance to the 50 nearest members '
+              '(Carlini et al. 2023).</p>', _img_tag(grid, 'target samples')]
   for title, path in plots:
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
   if evidence:

@@ -88,6 +88,8 @@ def _bcast_like(v, x):
 
 def ddim_times(t_start: int, steps: int) -> list[int]:
   """``steps`` timesteps evenly spread over [0, t_start - 1], descending, then -1 (clean)."""
+  if steps == 1:  # one step from t_start - 1 (linspace would put the only step at t = 0)
+    return [t_start - 1, -1]
   ts = np.unique(np.round(np.linspace(0, t_start - 1, steps)).astype(int))[::-1]
   if len(ts) != steps:
     raise ValueError(f'config.drc.steps {steps} > t_start {t_start}')
@@ -171,8 +173,15 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
       noise = _per_image_normal(keys, _INIT_STREAM, x_orig.shape[1:])
       if from_noise:
         return noise
-      # Start from the noised degraded image (removed pixels at 0, mid-grey).
-      return sched.q_sample(d.pinv(d.measurement, x_orig.shape[-1]), int(ts[0]), noise)
+      if cfg.restorer == 'ddnm':
+        # DDNM's operators need not be masks: start from the noised pseudo-inverse A^+ y.
+        return sched.q_sample(d.pinv(d.measurement, x_orig.shape[-1]), int(ts[0]), noise)
+      # Inpainting from t_start < T: the known region noised to t_start with the SAME noise every
+      # later step uses for it, and fresh unit noise in the hole (it carries no information, as at
+      # t = T; noising the mid-grey fill would hand the model a grey hole as its starting signal).
+      fixed = _per_image_normal(keys, _FIXED_KNOWN_STREAM, x_orig.shape[1:])
+      known = sched.q_sample(x_orig, int(ts[0]), fixed)
+      return d.mask * known + (1.0 - d.mask) * noise
 
     if cfg.restorer == 'ddim':
       def step(params, keys, x_orig, d, x, i, row):

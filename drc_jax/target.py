@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Callable
 
 import jax
@@ -92,12 +93,25 @@ def _restore_step(workdir: epath.Path, step_dir: epath.Path) -> Target:
   return Target.create(model, params, checkpoints.schedule_from(diffusion), int(step_dir.name))
 
 
+def _load_weights_dir(path: epath.Path) -> Target:
+  """A Target from a safetensors directory (a shipped target), its hashes checked first."""
+  from drc_jax import shipped  # pylint: disable=g-import-not-at-top
+  shipped.verify(path)
+  unet_cfg, diffusion = checkpoints.load_model_json(path)
+  model, abstract = abstract_model(unet_cfg)
+  params = shipped.load_params(path, abstract)
+  step = int(json.loads((path / checkpoints.MODEL_JSON).read_text()).get('step', 0))
+  return Target.create(model, params, checkpoints.schedule_from(diffusion), step)
+
+
 def load_target(path) -> Target:
   """Loads a target model for auditing.
 
   Args:
     path: a drc_jax workdir (``model.json`` + ``checkpoints/``; its latest step is used), its
-      ``checkpoints`` folder, or one step directory ``W/checkpoints/<step>``.
+      ``checkpoints`` folder, one step directory ``W/checkpoints/<step>``, a safetensors target
+      directory (``model.json`` + ``ema.safetensors``), or ``shipped:<name>`` (a target shipped
+      inside drc_jax, e.g. ``shipped:fashion_mnist``).
 
   Returns:
     The Target: ``.apply(x, t)`` (jitted), ``.config``, ``.params``, ``.schedule``, ``.model``.
@@ -106,7 +120,10 @@ def load_target(path) -> Target:
     checkpoints.CheckpointError: ``path`` is none of these, or its checkpoint does not match
       ``model.json`` (the message names the keys).
   """
-  path = epath.Path(path)
+  from drc_jax import shipped  # pylint: disable=g-import-not-at-top
+  path = epath.Path(shipped.resolve(path))
+  if shipped.is_weights_dir(path):
+    return _load_weights_dir(path)
   if (path / checkpoints.MODEL_JSON).exists():
     ckpt_dir = path / checkpoints.CHECKPOINT_DIR
     step = None

@@ -199,5 +199,29 @@ def test_drc_scores_members_closer():
   assert sims.shape == (2, 3)
   assert sims[0].min() > -1e-5 and sims[1].max() < -0.01
   degraded, restored = scorer.evidence(None, drc_lib.image_keys(0, 2, np.array([0, 1])), images)
-  assert degraded.shape == restored.shape == images.shape
+  assert degraded.shape == restored.shape == (2, 3) + images.shape[1:]  # all K restorations
+  # The evidence is exactly what was scored: restoration k of image b gives similarity [b, k].
+  comparator = C.get(cfg.comparator)
+  for k in range(3):
+    region = D.Degradation(images, jnp.asarray(degraded[:, k] != 0, jnp.float32)[..., :1])
+    np.testing.assert_allclose(comparator(images, restored[:, k], region), sims[:, k], atol=1e-6)
   np.testing.assert_array_equal(drc_lib.votes(sims, -1e-3), [3, 0])
+
+
+def test_ddim_from_t_start_starts_the_hole_from_fresh_noise():
+  """t_start < T: the hole starts as unit noise, not the noised mid-grey fill."""
+  mu, s, n = 0.5, 0.3, 512
+  model = GaussianDataModel(mu, s)
+  images = jnp.full((n, 4, 4, 1), -0.5)
+  t0 = 300
+  cfg = _drc_cfg(restorer='ddim', steps=1, t_start=t0, mask='center_box', mask_ratio=0.25)
+  keys = jax.random.split(jax.random.key(4), n)
+  d = D.make_degrader(cfg)(keys, images)
+  out = np.asarray(R.make_restorer(cfg, model, SCHED).restore(None, keys, images, d))
+  hole = np.asarray(d.mask)[0, ..., 0] == 0
+  vals = out[:, hole, 0].ravel()
+  # One DDIM step to t = -1 returns x0_hat(x_t0) = mu + g (x_t0 - sqrt(a) mu), g as below.
+  a = float(SCHED.abar(t0))
+  g = np.sqrt(a) * s**2 / (a * s**2 + 1 - a)
+  assert abs(vals.mean() - (mu - g * np.sqrt(a) * mu)) < 0.02, vals.mean()
+  assert abs(vals.std() - g) < 0.02, (vals.std(), g)  # unit noise; the grey start gave g*sqrt(1-a)
