@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath
 
 from drc_jax import attacks as attacks_lib
+from drc_jax import calibration as calibration_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
 from drc_jax import fileio
@@ -256,6 +257,11 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   target = target or Target(config, workdir, mesh)
   attacks = attacks or attacks_lib.make_attacks(config, target.model, target.schedule, names)
   metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
+  if config.audit.calibration == 'quantile':
+    source = source or data_lib.make_source(config.data)
+    features = calibration_lib.table_features(source, table['index'], config.data)
+    for name, entry in calibration_lib.per_image_calibration(config, table, features).items():
+      metrics[name]['per_image_calibration'] = _json_safe(entry)
   votes, agree = drc_votes(config, table)
   if votes is not None:
     table['drc/votes'] = votes

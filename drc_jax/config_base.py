@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.audit.checkpoint = ''  # target to audit ('' = the EMA weights trained in the workdir)
   c.audit.max_images = 0  # audit at most this many of each set (0 = all), for smoke runs
   c.audit.calibration_fraction = 0.2  # fraction of each set that fits the decision threshold
+  c.audit.calibration = 'quantile'  # per-image calibration: 'none' or 'quantile' (calibration.py)
+  c.audit.calibration_fpr = 0.01  # 'quantile': predict each image's non-member 1 - this quantile
+  c.audit.calibration_l2 = 1e-3  # 'quantile': ridge penalty on the standardized feature weights
   c.audit.bootstrap = 1000  # bootstrap resamples for 95% intervals
   c.audit.num_evidence = 4  # evidence panels per kind (highest, lowest, borderline)
   return c

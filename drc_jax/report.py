@@ -300,6 +300,45 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   return f'<table>\n{head}\n' + '\n'.join(rows) + '\n</table>'
 
 
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
+  body = ['<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in row) + '</tr>' for row in rows]
+  return f'<table>\n{head}\n' + '\n'.join(body) + '\n</table>'
+
+
+def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """Raw vs calibrated held-out metrics per attack; '' when no attack has them."""
+  rows = []
+  for attack, m in metrics.items():
+    cal = m.get('per_image_calibration')
+    if not cal:
+      continue
+    row = [attack, f"{cal['n_members']} / {cal['n_nonmembers']}"]
+    for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True),
+                         ('tpr_at_0p1pct_fpr', True)):
+      raw, new, diff = cal['raw'][key], cal['calibrated'][key], cal['difference'][key]
+      fmt = _fmt_percent if percent else (lambda v: _fmt(v, '.4f'))
+      row += [fmt(raw), fmt(new) + _fmt_interval(cal['calibrated']['ci95'].get(key), percent),
+              ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}')]
+    row += [f"{_fmt_percent(cal['at_zero']['tpr'])} / {_fmt_percent(cal['at_zero']['fpr'])}",
+            '; '.join(cal.get('warnings', ()))]
+    rows.append(row)
+  if not rows:
+    return ''
+  first = next(m['per_image_calibration'] for m in metrics.values()
+               if m.get('per_image_calibration'))
+  header = ['attack', 'held-out members / non-members', 'AUC raw', 'AUC calibrated', 'difference',
+            'TPR@1%FPR raw', 'TPR@1%FPR calibrated', 'difference', 'TPR@0.1%FPR raw',
+            'TPR@0.1%FPR calibrated', 'difference', 'calibrated > 0: TPR / FPR', 'warnings']
+  note = (f"<p class=\"note\">Calibrated score = score minus the predicted "
+          f"{first['quantile']:g} quantile of a non-member's score, from a linear quantile "
+          f"regression (pinball loss, ridge {first['l2']:g}) on image statistics "
+          f"({html.escape(', '.join(first['features']))}) fitted on "
+          f"{first['fit']['n_nonmembers']} images: {html.escape(first['fit']['images'])}. Every "
+          f'number here, raw and calibrated, is computed on the same held-out images only.</p>')
+  return _html_table(header, rows) + '\n' + note
+
+
 def _img_tag(png_path: str, alt: str) -> str:
   encoded = base64.b64encode(epath.Path(png_path).read_bytes()).decode('ascii')
   return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
@@ -387,6 +426,9 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
             'interpolation; with n non-members it rests on about n&middot;f false positives. '
             'Intervals are 95% percentile bootstraps resampling members and non-members '
             'separately.</p>']
+  calibration = _per_image_calibration_html(metrics)
+  if calibration:
+    parts += ['<h2>Per-image calibration (held-out images)</h2>', calibration]
   for title, path in plots:
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
   if evidence:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from drc_jax import calibration as calibration_lib
 from drc_jax import model as model_lib
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
@@ -56,6 +57,7 @@ def check(config) -> None:
            f'config.audit.batch_size ({config.audit.batch_size})')
   _require(0.0 < config.audit.calibration_fraction < 1.0,
            f'config.audit.calibration_fraction: {config.audit.calibration_fraction} not in (0, 1)')
+  _check_calibration(config.audit)
   r = config.drc
   _require(r.restorer in RESTORERS, f'config.drc.restorer: {r.restorer!r} not in {RESTORERS}')
   _require(r.mask in MASKS + DEGRADATIONS_LINEAR,
@@ -79,3 +81,12 @@ def check(config) -> None:
     _require(0 <= a[name] < T, f'config.attacks.{name}: {a[name]} not in [0, {T})')
   _require(a.secmi_k >= 1 and a.secmi_t + a.secmi_k < T,
            f'config.attacks.secmi_t + secmi_k must stay below T={T}')
+
+
+def _check_calibration(audit) -> None:
+  methods = calibration_lib.METHODS
+  _require(audit.calibration in methods,
+           f'config.audit.calibration: {audit.calibration!r} not in {methods}')
+  _require(0.0 < audit.calibration_fpr < 1.0,
+           f'config.audit.calibration_fpr: {audit.calibration_fpr} not in (0, 1)')
+  _require(audit.calibration_l2 >= 0.0, f'config.audit.calibration_l2: {audit.calibration_l2} < 0')
