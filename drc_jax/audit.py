@@ -36,6 +36,7 @@ from drc_jax import validate
 
 AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
+DATASET_JSON = 'dataset.json'  # written by --mode=dataset (dataset_inference.py)
 
 
 class AuditConfigMismatch(ValueError):
@@ -326,10 +327,22 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
                f'{config.drc.restorer} ({config.drc.steps} steps), K={config.drc.num_restorations}'
                f', comparator {config.drc.comparator}')
     path = report_lib.write_report(workdir, table, metrics, evidence, config_summary=summary,
-                                   agree=agree)
+                                   agree=agree, dataset=read_dataset_result(config, workdir))
     logging.info('report: %s', path)
   parallel.sync('report_written')
   return metrics
+
+
+def read_dataset_result(config, workdir: str) -> dict | None:
+  """``dataset.json`` when it was computed from this config's scores, else None."""
+  path = epath.Path(workdir) / DATASET_JSON
+  if not path.exists():
+    return None
+  result = json.loads(path.read_text())
+  if result.get('fingerprint') != fingerprint(config):
+    logging.warning('%s was computed from scores of another config: not in the report', path)
+    return None
+  return result
 
 
 def _evidence(config, table, metrics, target: Target, mesh,

@@ -154,6 +154,42 @@ def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
   return _save_figure(fig, path)
 
 
+def plot_power_curve(power: Mapping[str, Any], path: str) -> str:
+  """Dataset inference's rejection rates against the suspect-set size (``dataset.json`` power).
+
+  The combined test on member sets (true-positive rate) and on non-member sets (false-positive
+  rate) with their 95% intervals as error bars, each attack's member rate as a thin line, and
+  alpha as a dashed line.
+  """
+  fig = _new_figure(6.0, 4.2)
+  ax = fig.add_subplot()
+  for kind, label, marker in (('members', 'member sets (TPR)', 'o-'),
+                              ('nonmembers', 'non-member sets (FPR)', 's-')):
+    entry = power[kind]
+    sizes = np.asarray(entry['sizes'], dtype=np.float64)
+    if not sizes.size:
+      continue
+    rate = np.asarray(entry['combined']['rate'], dtype=np.float64)
+    ci = np.asarray(entry['combined']['ci95'], dtype=np.float64).reshape(-1, 2)
+    ax.errorbar(sizes, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], fmt=marker, capsize=3,
+                label=f'combined, {label}')
+    if kind == 'members':
+      for name in entry:
+        if name in ('sizes', 'skipped_sizes', 'combined', 'within_alpha'):
+          continue
+        ax.plot(sizes, entry[name]['rate'], linewidth=0.8, alpha=0.6, label=f'{name} (TPR)')
+  ax.axhline(float(power['alpha']), color='k', linestyle='--', linewidth=0.8,
+             label=f"alpha = {float(power['alpha']):g}")
+  ax.set_xscale('log')
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel('suspect set size')
+  ax.set_ylabel(f"fraction of sets with p < alpha ({power['repetitions']} per size)")
+  ax.set_title('Dataset inference: power and false-positive rate')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize='x-small')
+  return _save_figure(fig, path)
+
+
 def _display_image(image: Any, name: str) -> np.ndarray:
   """[-1, 1] image [H, W(, C)] -> [0, 1] float [H', W', C] upscaled by nearest neighbour."""
   image = np.asarray(image, dtype=np.float64)
@@ -339,6 +375,69 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
   return _html_table(header, rows) + '\n' + note
 
 
+def _p_text(p: float) -> str:
+  return f'{p:.3g}'
+
+
+def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str]:
+  """The dataset-inference section (``dataset.json`` of ``--mode=dataset``)."""
+  sus, ref = dataset['suspect'], dataset['reference']
+  parts = ['<h2>Dataset inference</h2>',
+           f"<p><b>Verdict (combined test): {html.escape(dataset['verdict'])}</b>. Suspect set: "
+           f"{html.escape(str(sus['source']))}, {sus['n']} images; reference: "
+           f"{html.escape(str(ref['source']))}, {ref['n_test']} held-out images in the test "
+           f"({ref['n_fit']} fitted the combiner).</p>"]
+  rows = []
+  for name, t in dataset['tests'].items():
+    delta = t.get('glass_delta')
+    rows.append([name, f"{t['statistic']:g}", _p_text(t['p_value']), t['method'],
+                 f"{t['auc']:.3f}", f"{t['rank_biserial']:.3f}",
+                 '-' if delta is None else f'{delta:.3f}', str(t['n_suspect']),
+                 str(t['n_reference']), 'detected' if t['reject'] else 'no evidence'])
+  parts.append(_html_table(['test', 'U', 'p-value (one-sided)', 'method',
+                            'AUC (P(suspect > reference))', 'rank-biserial', "Glass's delta",
+                            'suspects', 'references', f"at alpha = {dataset['alpha']:g}"], rows))
+  comb = dataset['combiner']
+  weights = ', '.join(f'{k} {v:+.3f}' for k, v in comb['weights'].items())
+  parts.append(f"<p class=\"note\">Combiner: {html.escape(comb['kind'])} regression (ridge "
+               f"{comb['l2']:g}) on standardized scores, weights {html.escape(weights)}; fitted on "
+               f"{comb['fit']['n_members']} members and {comb['fit']['n_nonmembers']} non-members."
+               '</p>')
+  parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(v)}</li>'
+                                              for v in dataset.get('validity', ())) + '</ul>')
+  power = dataset.get('power')
+  if power:
+    parts.append('<h3>Power curve</h3>')
+    if power_png:
+      parts.append(_img_tag(power_png, 'power curve'))
+    sizes = sorted(set(power['members']['sizes']) | set(power['nonmembers']['sizes']))
+    rows = []
+    for n in sizes:
+      row = [str(n)]
+      for kind in ('members', 'nonmembers'):
+        entry = power[kind]
+        if n in entry['sizes']:
+          i = entry['sizes'].index(n)
+          row.append(_fmt_percent(entry['combined']['rate'][i])
+                     + _fmt_interval(entry['combined']['ci95'][i], percent=True))
+        else:
+          row.append('-')
+      within = power['nonmembers'].get('within_alpha', {}).get('combined', [])
+      nonmember_sizes = power['nonmembers']['sizes']
+      row.append(('yes' if within[nonmember_sizes.index(n)] else 'NO')
+                 if n in nonmember_sizes else '-')
+      rows.append(row)
+    parts.append(_html_table(['suspect set size', 'member sets: TPR [95% CI]',
+                              'non-member sets: FPR [95% CI]', 'FPR <= alpha within its CI'],
+                             rows))
+    parts.append(f"<p class=\"note\">{power['repetitions']} random sets per size, drawn from "
+                 f"{power['pools']['members']} held-out members (tested against the held-out "
+                 f"reference) and from the {power['pools']['reference']} held-out references "
+                 f"(tested against the rest of them); {html.escape(power['interval'])} intervals "
+                 f'(the sets share one pool, so the intervals are approximate).</p>')
+  return parts
+
+
 def _img_tag(png_path: str, alt: str) -> str:
   encoded = base64.b64encode(epath.Path(png_path).read_bytes()).decode('ascii')
   return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
@@ -373,7 +472,8 @@ figure { margin: 1em 0; }
 
 def write_report(workdir: str, table: Mapping[str, np.ndarray],
                  metrics: Mapping[str, Mapping[str, Any]], evidence: Sequence[Mapping[str, Any]], *,
-                 config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None) -> str:
+                 config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None,
+                 dataset: Mapping[str, Any] | None = None) -> str:
   """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
 
   The HTML embeds every image as a base64 data URI and needs no server or external resource.
@@ -387,6 +487,7 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
     config_summary: text shown in a <pre> block.
     agree: an ``agree_curve`` dict; if None it is computed from ``drc/votes`` and ``drc/sim`` when
       the table has both, else the agree plot is left out.
+    dataset: the ``dataset.json`` of ``--mode=dataset``, shown in a dataset-inference section.
 
   Returns:
     The path of ``report.html``.
@@ -431,6 +532,10 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
     parts += ['<h2>Per-image calibration (held-out images)</h2>', calibration]
   for title, path in plots:
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
+  if dataset:
+    power_png = (plot_power_curve(dataset['power'], os.path.join(report_dir, 'power.png'))
+                 if dataset.get('power') else None)
+    parts += _dataset_html(dataset, power_png)
   if evidence:
     parts.append('<h2>Evidence</h2>')
     for kind, items in groups.items():
