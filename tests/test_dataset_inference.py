@@ -119,6 +119,24 @@ def test_dataset_config_errors_name_the_field(tmp_path):
       validate.check(bad)
 
 
+def test_dataset_fields_parse_from_the_command_line():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  argv = ['prog', f'--config={REPO}/configs/fashion_mnist.py', '--config.dataset.suspect=members',
+          '--config.dataset.size=50', '--config.dataset.power_sizes=(1,5)',
+          '--config.audit.calibration=none']
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, sys_argv=argv,
+                                  lock_config=True)
+  fv(argv)
+  c = fv.config
+  assert (c.dataset.suspect, c.dataset.size, tuple(c.dataset.power_sizes)) == ('members', 50, (1, 5))
+  assert c.audit.calibration == 'none' and c.dataset.alpha == 0.01
+  validate.check_dataset(c, require_suspect=True)
+  assert 'dataset' in pipeline.MODES
+
+
 # ----------------------------------------------------------------------------------------------
 # --mode=dataset end to end on the runlocal target.
 
@@ -190,6 +208,14 @@ def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
   assert result['tests']['combined']['n_reference'] == 21 and written == []
   with pytest.raises(validate.ConfigError, match='config.dataset.size: 27 images'):
     pipeline.run(_config(suspect='members', size=27), wd, 'dataset')
+  # --mode=report redraws the dataset section from dataset.json (same scores); 'none' leaves the
+  # per-image calibration out.
+  c = _config()
+  c.audit.calibration = 'none'
+  m = pipeline.run(c, wd, 'report')
+  assert all('per_image_calibration' not in m[name] for name in ATTACKS)
+  html = open(f'{wd}/report.html').read()
+  assert 'Dataset inference' in html and 'Per-image calibration' not in html
 
 
 def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatch):
