@@ -11,9 +11,11 @@ All processes compute every batch (each its slice); only process 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ from absl import logging
 from etils import epath
 
 from drc_jax import attacks as attacks_lib
+from drc_jax import calibration as calibration_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
 from drc_jax import fileio
@@ -35,6 +38,7 @@ from drc_jax import validate
 
 AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
+DATASET_JSON = 'dataset.json'  # written by --mode=dataset (dataset_inference.py)
 
 
 class AuditConfigMismatch(ValueError):
@@ -127,22 +131,64 @@ class Target:
     self.path = path
 
 
-def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
-  """Scores every image not yet scored, then writes metrics and the report. Returns metrics."""
-  validate.check(config)
+@dataclasses.dataclass
+class Scorer:
+  """What scoring needs, built once per run: the target on the mesh and every attack, jitted."""
+  target: Target
+  mesh: Any
+  names: list[str]
+  attacks: dict[str, attacks_lib.Attack]
+  score_fn: Callable
+
+
+def make_scorer(config, workdir: str) -> Scorer:
+  """The target of ``workdir`` (or ``audit.checkpoint``) and one jitted program of all attacks."""
   names = validate.attack_names(config)
   mesh = parallel.make_mesh()
   target = Target(config, workdir, mesh)
+  attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names)
+  for a in attacks.values():
+    logging.info('attack %-6s %5d model calls per image', a.name, a.nfe)
+  return Scorer(target, mesh, names, attacks, attacks_lib.make_batch_scorer(attacks, mesh))
+
+
+def score_split(config, workdir: str,
+                overwrite: bool = False) -> tuple[Scorer, data_lib.ImageSource]:
+  """Scores every image of the split not yet scored (into ``W/scores``); the audit's first half."""
+  validate.check(config)
+  scorer = make_scorer(config, workdir)
   check_workdir(config, workdir, overwrite)
   source = data_lib.make_source(config.data)
   split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
   shipped.check_split(target.path, split)  # a shipped target's members are these members
   is_member, indices = _items(split, config.audit.max_images)
-  attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names)
-  score_fn = attacks_lib.make_batch_scorer(attacks, mesh)
-  for a in attacks.values():
-    logging.info('attack %-6s %5d model calls per image', a.name, a.nfe)
+  score_images(config, workdir, scorer, source, is_member, indices)
+  return scorer, source
 
+
+def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
+  """Scores every image not yet scored, then writes metrics and the report. Returns metrics."""
+  scorer, source = score_split(config, workdir, overwrite)
+  return write_results(config, workdir, target=scorer.target, attacks=scorer.attacks,
+                       mesh=scorer.mesh, source=source)
+
+
+def score_images(config, workdir: str, scorer: Scorer, source: data_lib.ImageSource,
+                 is_member: np.ndarray, indices: np.ndarray,
+                 key_indices: np.ndarray | None = None) -> None:
+  """Scores ``source`` images at ``indices`` into shards ``workdir/scores``, skipping whole shards.
+
+  Args:
+    config: the run config.
+    workdir: where the ``scores/`` folder is.
+    scorer: from ``make_scorer``.
+    source: the images.
+    is_member: int8 [N], the ``split`` column (1 member, 0 non-member, -1 unknown).
+    indices: int64 [N], indices into ``source``, in shard order.
+    key_indices: int64 [N], what each image's attack keys are derived from (default ``indices``).
+  """
+  names, mesh, target, score_fn = scorer.names, scorer.mesh, scorer.target, scorer.score_fn
+  key_indices = indices if key_indices is None else key_indices
   shard, bs = config.audit.shard_size, config.audit.batch_size
   n_shards = -(-len(indices) // shard)
   done = {i for i in range(n_shards) if _shard_path(workdir, i).exists()}
@@ -159,7 +205,7 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
     for slot in data_lib.batch_slots(hi - lo, bs, p_idx, p_cnt):
       pos = np.where(slot.valid, lo + slot.positions, lo)  # padding repeats the shard's first
       images, _, _ = data_lib.load_images(source, indices[pos], config.data)
-      keys = attacks_lib.keys_for(names, config.seed, indices[pos])
+      keys = attacks_lib.keys_for(names, config.seed, key_indices[pos])
       out = score_fn(target.params, {n: parallel.shard_batch(mesh, k) for n, k in keys.items()},
                      parallel.shard_batch(mesh, images))
       valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
@@ -184,7 +230,6 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
     logging.info('scored shard %d/%d: %d/%d images, %.2f images/s, ETA %.0fs', i + 1, n_shards,
                  n_done, total, rate, (total - n_done) / max(rate, 1e-9))
   parallel.sync('scores_written')
-  return write_results(config, workdir, target=target, attacks=attacks, mesh=mesh, source=source)
 
 
 def load_scores(workdir: str) -> dict[str, np.ndarray]:
@@ -259,6 +304,11 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   target = target or Target(config, workdir, mesh)
   attacks = attacks or attacks_lib.make_attacks(config, target.model, target.schedule, names)
   metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
+  if config.audit.calibration == 'quantile':
+    source = source or data_lib.make_source(config.data)
+    features = calibration_lib.table_features(source, table['index'], config.data)
+    for name, entry in calibration_lib.per_image_calibration(config, table, features).items():
+      metrics[name]['per_image_calibration'] = _json_safe(entry)
   votes, agree = drc_votes(config, table)
   if votes is not None:
     table['drc/votes'] = votes
@@ -284,7 +334,8 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
       fileio.atomic_write_text(epath.Path(workdir) / 'samples.json',
                                json.dumps(sample_info['figures'], indent=1, sort_keys=True))
     path = report_lib.write_report(workdir, table, metrics, evidence, config_summary=summary,
-                                   agree=agree, samples=sample_info)
+                                   agree=agree, samples=sample_info,
+                                   dataset=read_dataset_result(config, workdir))
     logging.info('report: %s', path)
   parallel.sync('report_written')
   return metrics
@@ -303,6 +354,18 @@ def _samples(config, workdir: str, table, target: Target, source) -> dict | None
                                       seed=config.seed, batch_size=config.audit.batch_size)
   info['nearest_index'] = member_idx[info['nearest_pos']]  # dataset index of each nearest member
   return info
+
+
+def read_dataset_result(config, workdir: str) -> dict | None:
+  """``dataset.json`` when it was computed from this config's scores, else None."""
+  path = epath.Path(workdir) / DATASET_JSON
+  if not path.exists():
+    return None
+  result = json.loads(path.read_text())
+  if result.get('fingerprint') != fingerprint(config):
+    logging.warning('%s was computed from scores of another config: not in the report', path)
+    return None
+  return result
 
 
 def _evidence(config, table, metrics, target: Target, mesh,

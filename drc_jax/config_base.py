@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all datasets (the paper's DDPM protocol where one exists)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # master seed: model init, training noise, attack noise (each stream folded in)
-  c.mode = 'all'  # default --mode: 'train', 'audit', 'report' or 'all' (train if needed, audit, report)
+  c.mode = 'all'  # default --mode: train, audit, report, dataset or all (train if needed, audit)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'fashion_mnist'  # 'fashion_mnist' (Debian IDX files), 'tfds' or 'folder'
@@ -93,9 +93,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.audit.checkpoint = ''  # target to audit ('' = the EMA weights trained in the workdir)
   c.audit.max_images = 0  # audit at most this many of each set (0 = all), for smoke runs
   c.audit.calibration_fraction = 0.2  # fraction of each set that fits the decision threshold
+  c.audit.calibration = 'quantile'  # per-image calibration: 'none' or 'quantile' (calibration.py)
+  c.audit.calibration_fpr = 0.01  # 'quantile': predict each image's non-member 1 - this quantile
+  c.audit.calibration_l2 = 1e-3  # 'quantile': ridge penalty on the standardized feature weights
   c.audit.bootstrap = 1000  # bootstrap resamples for 95% intervals
   c.audit.num_evidence = 4  # evidence panels per kind (highest, lowest, borderline)
   c.audit.num_samples = 256  # target samples for the report's sample-quality check (0 = none)
+
+  c.dataset = ml_collections.ConfigDict()  # --mode=dataset (dataset_inference.py)
+  c.dataset.suspect_dir = ''  # image folder of the suspect set ('' = draw it, see dataset.suspect)
+  c.dataset.suspect = ''  # experiments: 'members' or 'nonmembers' of the split's held-out part
+  c.dataset.size = 50  # suspect images drawn when dataset.suspect is set
+  c.dataset.reference_dir = ''  # image folder of known non-members ('' = the split's non-members)
+  c.dataset.alpha = 0.01  # significance level of the verdict (one-sided test, combined scores)
+  c.dataset.seed = 0  # seed of the suspect draw and of the power-curve draws
+  c.dataset.power_sizes = (1, 2, 5, 10, 20, 50, 100)  # suspect sizes of the power curve (() = none)
+  c.dataset.power_repetitions = 200  # random suspect sets per size and kind in the power curve
   return c
 
 

@@ -3,6 +3,7 @@
   python -m drc_jax.main                                   # the embedded default, whole job
   python -m drc_jax.main --config=configs/cifar10.py --workdir=gs://bucket/run --mode=audit
   python -m drc_jax.main --config=configs/celeba.py:runlocal --config.audit.batch_size=32
+  python -m drc_jax.main --mode=dataset --config.dataset.suspect_dir=my_photos   # a set: p-value
 """
 
 from __future__ import annotations

@@ -259,21 +259,36 @@ def _best_threshold(member: np.ndarray, nonmember: np.ndarray) -> float:
   return float(midpoint if midpoint > highest_nonmember else lowest_member)
 
 
-def heldout_masks(num_members: int, num_nonmembers: int, fraction: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """The held-out masks (bool [P], bool [N]) of ``calibrate``'s random calibration part.
+def calibration_split(num_members: int, num_nonmembers: int, *, fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The calibration / held-out split of ``calibrate``, from the set sizes alone.
 
-  Anything tuned on an audit (a threshold, the DRC protocol in ``drc_jax.sweep``) may look at the
-  images outside these masks only.
+  Each set is split separately: ``round(fraction * n)`` images (at least 1, at most n - 1) go to
+  calibration, chosen by one seeded generator (members first, then non-members). Everything fitted
+  on "the calibration fraction" (the decision threshold, the per-image calibration model, the
+  dataset-inference combiner) uses exactly these images, and everything evaluated uses the rest.
+
+  Args:
+    num_members: P >= 2.
+    num_nonmembers: N >= 2.
+    fraction: the calibration fraction, in (0, 1).
+    seed: seed of the random split.
+
+  Returns:
+    ``(member_heldout bool [P], nonmember_heldout bool [N])``; False marks calibration images.
   """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f'fraction must be in (0, 1), got {fraction}')
   rng = np.random.default_rng(seed)
-  masks = []
-  for n in (num_members, num_nonmembers):
-    num_calibration = min(max(int(round(fraction * n)), 1), n - 1)
-    heldout = np.ones(n, dtype=bool)
-    heldout[rng.permutation(n)[:num_calibration]] = False
-    masks.append(heldout)
-  return masks[0], masks[1]
+  heldout_masks = []
+  for name, size in (('member_scores', num_members), ('nonmember_scores', num_nonmembers)):
+    if size < 2:
+      raise ValueError(f'{name} needs at least 2 scores to split, got {size}')
+    num_calibration = min(max(int(round(fraction * size)), 1), size - 1)
+    heldout = np.ones(size, dtype=bool)
+    heldout[rng.permutation(size)[:num_calibration]] = False
+    heldout_masks.append(heldout)
+  return heldout_masks[0], heldout_masks[1]
 
 
 def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) -> dict[str, Any]:
@@ -300,12 +315,8 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   """
   member = _as_scores(member_scores, 'member_scores')
   nonmember = _as_scores(nonmember_scores, 'nonmember_scores')
-  if not 0.0 < fraction < 1.0:
-    raise ValueError(f'fraction must be in (0, 1), got {fraction}')
-  for name, scores in (('member_scores', member), ('nonmember_scores', nonmember)):
-    if scores.size < 2:
-      raise ValueError(f'{name} needs at least 2 scores to split, got {scores.size}')
-  member_heldout, nonmember_heldout = heldout_masks(member.size, nonmember.size, fraction, seed)
+  member_heldout, nonmember_heldout = calibration_split(member.size, nonmember.size,
+                                                        fraction=fraction, seed=seed)
   cal_member, cal_nonmember = member[~member_heldout], nonmember[~nonmember_heldout]
   threshold = _best_threshold(cal_member, cal_nonmember)
 

@@ -10,13 +10,14 @@ from etils import epath
 
 from drc_jax import audit as audit_lib
 from drc_jax import checkpoints
+from drc_jax import dataset_inference as dataset_lib
 from drc_jax import parallel
 from drc_jax import report as report_lib
 from drc_jax import samples as samples_lib
 from drc_jax import train as train_lib
 from drc_jax import validate
 
-MODES = ('train', 'audit', 'report', 'all')
+MODES = ('train', 'audit', 'report', 'dataset', 'all')
 
 
 def default_workdir(config_path: str) -> str:
@@ -25,12 +26,14 @@ def default_workdir(config_path: str) -> str:
 
 
 def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None:
-  """Runs ``mode`` ('train', 'audit', 'report' or 'all') of ``config`` in ``workdir``.
+  """Runs ``mode`` ('train', 'audit', 'report', 'dataset' or 'all') of ``config`` in ``workdir``.
 
   'all' trains the target when the workdir holds none (or an unfinished one) unless
   ``config.audit.checkpoint`` names a target or the workdir holds an imported one
-  (``python -m drc_jax.convert``), then audits and writes the report. Returns the
-  metrics of the audit modes.
+  (``python -m drc_jax.convert``), then audits and writes the report. 'dataset' tests a suspect
+  set against known non-members (``config.dataset``; scoring what the audit has not) on a target
+  already there. Returns the metrics of the audit modes, the ``dataset.json`` contents of
+  'dataset'.
   """
   if mode not in MODES:
     raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
@@ -47,6 +50,12 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
       train_lib.train(config, workdir)
   if mode == 'train':
     return None
+  if mode == 'dataset':
+    result = dataset_lib.run(config, workdir, overwrite=overwrite)
+    if parallel.is_writer():
+      print(dataset_lib.format_summary(result))
+      print(f'report: {os.path.abspath(os.path.join(workdir, "report.html"))}')
+    return result
   if mode == 'report':
     metrics = audit_lib.write_results(config, workdir)
   else:

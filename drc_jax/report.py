@@ -154,6 +154,42 @@ def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
   return _save_figure(fig, path)
 
 
+def plot_power_curve(power: Mapping[str, Any], path: str) -> str:
+  """Dataset inference's rejection rates against the suspect-set size (``dataset.json`` power).
+
+  The combined test on member sets (true-positive rate) and on non-member sets (false-positive
+  rate) with their 95% intervals as error bars, each attack's member rate as a thin line, and
+  alpha as a dashed line.
+  """
+  fig = _new_figure(6.0, 4.2)
+  ax = fig.add_subplot()
+  for kind, label, marker in (('members', 'member sets (TPR)', 'o-'),
+                              ('nonmembers', 'non-member sets (FPR)', 's-')):
+    entry = power[kind]
+    sizes = np.asarray(entry['sizes'], dtype=np.float64)
+    if not sizes.size:
+      continue
+    rate = np.asarray(entry['combined']['rate'], dtype=np.float64)
+    ci = np.asarray(entry['combined']['ci95'], dtype=np.float64).reshape(-1, 2)
+    ax.errorbar(sizes, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], fmt=marker, capsize=3,
+                label=f'combined, {label}')
+    if kind == 'members':
+      for name in entry:
+        if name in ('sizes', 'skipped_sizes', 'combined', 'within_alpha'):
+          continue
+        ax.plot(sizes, entry[name]['rate'], linewidth=0.8, alpha=0.6, label=f'{name} (TPR)')
+  ax.axhline(float(power['alpha']), color='k', linestyle='--', linewidth=0.8,
+             label=f"alpha = {float(power['alpha']):g}")
+  ax.set_xscale('log')
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel('suspect set size')
+  ax.set_ylabel(f"fraction of sets with p < alpha ({power['repetitions']} per size)")
+  ax.set_title('Dataset inference: power and false-positive rate')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize='x-small')
+  return _save_figure(fig, path)
+
+
 def _display_image(image: Any, name: str) -> np.ndarray:
   """[-1, 1] image [H, W(, C)] -> [0, 1] float [H', W', C] upscaled by nearest neighbour."""
   image = np.asarray(image, dtype=np.float64)
@@ -371,6 +407,108 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   return f'<table>\n{head}\n' + '\n'.join(rows) + '\n</table>'
 
 
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
+  body = ['<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in row) + '</tr>' for row in rows]
+  return f'<table>\n{head}\n' + '\n'.join(body) + '\n</table>'
+
+
+def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """Raw vs calibrated held-out metrics per attack; '' when no attack has them."""
+  rows = []
+  for attack, m in metrics.items():
+    cal = m.get('per_image_calibration')
+    if not cal:
+      continue
+    row = [attack, f"{cal['n_members']} / {cal['n_nonmembers']}"]
+    for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True),
+                         ('tpr_at_0p1pct_fpr', True)):
+      raw, new, diff = cal['raw'][key], cal['calibrated'][key], cal['difference'][key]
+      fmt = _fmt_percent if percent else (lambda v: _fmt(v, '.4f'))
+      row += [fmt(raw), fmt(new) + _fmt_interval(cal['calibrated']['ci95'].get(key), percent),
+              ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}')]
+    row += [f"{_fmt_percent(cal['at_zero']['tpr'])} / {_fmt_percent(cal['at_zero']['fpr'])}",
+            '; '.join(cal.get('warnings', ()))]
+    rows.append(row)
+  if not rows:
+    return ''
+  first = next(m['per_image_calibration'] for m in metrics.values()
+               if m.get('per_image_calibration'))
+  header = ['attack', 'held-out members / non-members', 'AUC raw', 'AUC calibrated', 'difference',
+            'TPR@1%FPR raw', 'TPR@1%FPR calibrated', 'difference', 'TPR@0.1%FPR raw',
+            'TPR@0.1%FPR calibrated', 'difference', 'calibrated > 0: TPR / FPR', 'warnings']
+  note = (f"<p class=\"note\">Calibrated score = score minus the predicted "
+          f"{first['quantile']:g} quantile of a non-member's score, from a linear quantile "
+          f"regression (pinball loss, ridge {first['l2']:g}) on image statistics "
+          f"({html.escape(', '.join(first['features']))}) fitted on "
+          f"{first['fit']['n_nonmembers']} images: {html.escape(first['fit']['images'])}. Every "
+          f'number here, raw and calibrated, is computed on the same held-out images only.</p>')
+  return _html_table(header, rows) + '\n' + note
+
+
+def _p_text(p: float) -> str:
+  return f'{p:.3g}'
+
+
+def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str]:
+  """The dataset-inference section (``dataset.json`` of ``--mode=dataset``)."""
+  sus, ref = dataset['suspect'], dataset['reference']
+  parts = ['<h2>Dataset inference</h2>',
+           f"<p><b>Verdict (combined test): {html.escape(dataset['verdict'])}</b>. Suspect set: "
+           f"{html.escape(str(sus['source']))}, {sus['n']} images; reference: "
+           f"{html.escape(str(ref['source']))}, {ref['n_test']} held-out images in the test "
+           f"({ref['n_fit']} fitted the combiner).</p>"]
+  rows = []
+  for name, t in dataset['tests'].items():
+    delta = t.get('glass_delta')
+    rows.append([name, f"{t['statistic']:g}", _p_text(t['p_value']), t['method'],
+                 f"{t['auc']:.3f}", f"{t['rank_biserial']:.3f}",
+                 '-' if delta is None else f'{delta:.3f}', str(t['n_suspect']),
+                 str(t['n_reference']), 'detected' if t['reject'] else 'no evidence'])
+  parts.append(_html_table(['test', 'U', 'p-value (one-sided)', 'method',
+                            'AUC (P(suspect > reference))', 'rank-biserial', "Glass's delta",
+                            'suspects', 'references', f"at alpha = {dataset['alpha']:g}"], rows))
+  comb = dataset['combiner']
+  weights = ', '.join(f'{k} {v:+.3f}' for k, v in comb['weights'].items())
+  parts.append(f"<p class=\"note\">Combiner: {html.escape(comb['kind'])} regression (ridge "
+               f"{comb['l2']:g}) on standardized scores, weights {html.escape(weights)}; fitted on "
+               f"{comb['fit']['n_members']} members and {comb['fit']['n_nonmembers']} non-members."
+               '</p>')
+  parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(v)}</li>'
+                                              for v in dataset.get('validity', ())) + '</ul>')
+  power = dataset.get('power')
+  if power:
+    parts.append('<h3>Power curve</h3>')
+    if power_png:
+      parts.append(_img_tag(power_png, 'power curve'))
+    sizes = sorted(set(power['members']['sizes']) | set(power['nonmembers']['sizes']))
+    rows = []
+    for n in sizes:
+      row = [str(n)]
+      for kind in ('members', 'nonmembers'):
+        entry = power[kind]
+        if n in entry['sizes']:
+          i = entry['sizes'].index(n)
+          row.append(_fmt_percent(entry['combined']['rate'][i])
+                     + _fmt_interval(entry['combined']['ci95'][i], percent=True))
+        else:
+          row.append('-')
+      within = power['nonmembers'].get('within_alpha', {}).get('combined', [])
+      nonmember_sizes = power['nonmembers']['sizes']
+      row.append(('yes' if within[nonmember_sizes.index(n)] else 'NO')
+                 if n in nonmember_sizes else '-')
+      rows.append(row)
+    parts.append(_html_table(['suspect set size', 'member sets: TPR [95% CI]',
+                              'non-member sets: FPR [95% CI]', 'FPR <= alpha within its CI'],
+                             rows))
+    parts.append(f"<p class=\"note\">{power['repetitions']} random sets per size, drawn from "
+                 f"{power['pools']['members']} held-out members (tested against the held-out "
+                 f"reference) and from the {power['pools']['reference']} held-out references "
+                 f"(tested against the rest of them); {html.escape(power['interval'])} intervals "
+                 f'(the sets share one pool, so the intervals are approximate).</p>')
+  return parts
+
+
 def _img_tag(png_path: str, alt: str) -> str:
   encoded = base64.b64encode(epath.Path(png_path).read_bytes()).decode('ascii')
   return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
@@ -407,7 +545,8 @@ figure { margin: 1em 0; }
 def write_report(workdir: str, table: Mapping[str, np.ndarray],
                  metrics: Mapping[str, Mapping[str, Any]], evidence: Sequence[Mapping[str, Any]], *,
                  config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None,
-                 samples: Mapping[str, Any] | None = None) -> str:
+                 samples: Mapping[str, Any] | None = None,
+                 dataset: Mapping[str, Any] | None = None) -> str:
   """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
 
   The HTML embeds every image as a base64 data URI and needs no server or external resource.
@@ -423,6 +562,7 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
       the table has both, else the agree plot is left out.
     samples: ``samples.load_or_generate`` output (the target's samples and their figures), or
       None to leave the section out.
+    dataset: the ``dataset.json`` of ``--mode=dataset``, shown in a dataset-inference section.
 
   Returns:
     The path of ``report.html``.
@@ -472,8 +612,15 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
               'against as many real non-member images (Kynkaenniemi et al. 2019); near-copy: the '
               'nearest member is closer than 0.5 x the mean distance to the 50 nearest members '
               '(Carlini et al. 2023).</p>', _img_tag(grid, 'target samples')]
+  calibration = _per_image_calibration_html(metrics)
+  if calibration:
+    parts += ['<h2>Per-image calibration (held-out images)</h2>', calibration]
   for title, path in plots:
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
+  if dataset:
+    power_png = (plot_power_curve(dataset['power'], os.path.join(report_dir, 'power.png'))
+                 if dataset.get('power') else None)
+    parts += _dataset_html(dataset, power_png)
   if evidence:
     parts.append('<h2>Evidence</h2>')
     for kind, items in groups.items():

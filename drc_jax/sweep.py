@@ -7,7 +7,7 @@ then scores them with every comparator, every way of turning K similarities into
 (mean, median, mean of logs, votes) and K = 1, 2, ..., K_max. Nothing is tuned on what is
 reported:
 
-* images are split by ``metrics.heldout_masks`` (the audit's own calibration part,
+* images are split by ``metrics.calibration_split`` (the audit's own calibration part,
   ``audit.calibration_fraction`` of each set, seed ``config.seed``); the sweep may restrict the
   held-out part to a random subset to save time, never the calibration part;
 * a setting is SELECTED on the calibration part only (the best calibration AUC, then the cheapest
@@ -189,8 +189,9 @@ def run(config, target_path: str, out_dir: str, *, heldout_members: int, heldout
   target = target_lib.load_target(target_path)
   split = splits_lib.resolve(config.split, source, out_dir, write=False)
   shipped.check_split(target_path, split)
-  mem_held, non_held = metrics_lib.heldout_masks(len(split.members), len(split.nonmembers),
-                                                 config.audit.calibration_fraction, config.seed)
+  mem_held, non_held = metrics_lib.calibration_split(len(split.members), len(split.nonmembers),
+                                                     fraction=config.audit.calibration_fraction,
+                                                     seed=config.seed)
   rng = np.random.default_rng([config.seed, 77])
 
   def subset(held: np.ndarray, limit: int) -> np.ndarray:

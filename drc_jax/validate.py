@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
+from drc_jax import calibration as calibration_lib
 from drc_jax import model as model_lib
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
@@ -12,6 +15,7 @@ DEGRADATIONS_LINEAR = ('downsample', 'grayscale')
 COMPARATORS = ('masked_mse', 'psnr', 'ssim', 'ssim_region')
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
+SUSPECT_DRAWS = ('members', 'nonmembers')  # config.dataset.suspect (experiments)
 
 
 class ConfigError(ValueError):
@@ -56,6 +60,8 @@ def check(config) -> None:
            f'config.audit.batch_size ({config.audit.batch_size})')
   _require(0.0 < config.audit.calibration_fraction < 1.0,
            f'config.audit.calibration_fraction: {config.audit.calibration_fraction} not in (0, 1)')
+  _check_calibration(config.audit)
+  check_dataset(config)
   r = config.drc
   _require(r.restorer in RESTORERS, f'config.drc.restorer: {r.restorer!r} not in {RESTORERS}')
   _require(r.mask in MASKS + DEGRADATIONS_LINEAR,
@@ -79,3 +85,37 @@ def check(config) -> None:
     _require(0 <= a[name] < T, f'config.attacks.{name}: {a[name]} not in [0, {T})')
   _require(a.secmi_k >= 1 and a.secmi_t + a.secmi_k < T,
            f'config.attacks.secmi_t + secmi_k must stay below T={T}')
+
+
+def _check_calibration(audit) -> None:
+  methods = calibration_lib.METHODS
+  _require(audit.calibration in methods,
+           f'config.audit.calibration: {audit.calibration!r} not in {methods}')
+  _require(0.0 < audit.calibration_fpr < 1.0,
+           f'config.audit.calibration_fpr: {audit.calibration_fpr} not in (0, 1)')
+  _require(audit.calibration_l2 >= 0.0, f'config.audit.calibration_l2: {audit.calibration_l2} < 0')
+
+
+def check_dataset(config, require_suspect: bool = False) -> None:
+  """Checks ``config.dataset``; with ``require_suspect`` (``--mode=dataset``), that one suspect set
+  is named: a folder (``suspect_dir``) or a draw from the split (``suspect``), not both."""
+  d = config.dataset
+  _require(d.suspect in ('',) + SUSPECT_DRAWS,
+           f"config.dataset.suspect: {d.suspect!r} not in {('',) + SUSPECT_DRAWS}")
+  _require(d.size >= 1, f'config.dataset.size: {d.size} (expected >= 1)')
+  _require(0.0 < d.alpha < 0.5, f'config.dataset.alpha: {d.alpha} not in (0, 0.5)')
+  sizes = tuple(d.power_sizes)
+  _require(all(isinstance(n, int) and n >= 1 for n in sizes),
+           f'config.dataset.power_sizes: {sizes} (expected integers >= 1)')
+  _require(d.power_repetitions >= 1,
+           f'config.dataset.power_repetitions: {d.power_repetitions} (expected >= 1)')
+  if not require_suspect:
+    return
+  _require(bool(d.suspect_dir) != bool(d.suspect),
+           'config.dataset.suspect_dir and config.dataset.suspect: set exactly one (an image '
+           f'folder, or {"|".join(SUSPECT_DRAWS)} to draw config.dataset.size images from the '
+           f'split)')
+  for field in ('suspect_dir', 'reference_dir'):
+    path = d[field]
+    _require(not path or os.path.isdir(path),
+             f'config.dataset.{field}: {path} is not a directory')

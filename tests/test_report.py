@@ -115,3 +115,39 @@ def test_format_metrics_table():
     assert any(line.startswith(attack) for line in lines[2:])
   assert '250' in text
   assert 'note (drc): TPR@0.1%FPR rests on 0.1 expected false positives' in text
+
+
+def test_dataset_and_per_image_calibration_sections(tmp_path):
+  from drc_jax import calibration  # pylint: disable=g-import-not-at-top
+  from drc_jax import config_base  # pylint: disable=g-import-not-at-top
+  from drc_jax import dataset_inference  # pylint: disable=g-import-not-at-top
+  table = _synthetic_table(num_per_split=100)
+  m = _metrics(table)
+  c = config_base.base_config()
+  c.audit.bootstrap = 0
+  features = np.random.default_rng(3).normal(size=(200, len(calibration.FEATURES)))
+  for name, entry in calibration.per_image_calibration(c, table, features).items():
+    m[name]['per_image_calibration'] = entry
+  rng = np.random.default_rng(4)
+  combiner = dataset_inference.fit_combiner(rng.normal(1, 1, (20, 3)), rng.normal(0, 1, (20, 3)),
+                                            list(ATTACKS))
+  dataset = {
+      'alpha': 0.01, 'verdict': 'member data detected (p = 1e-05, alpha = 0.01)',
+      'suspect': {'source': 'folder /x', 'n': 30},
+      'reference': {'source': 'the split', 'n_test': 80, 'n_fit': 20},
+      'combiner': {'kind': 'logistic', 'l2': 0.01, 'weights': {'drc': 1.0},
+                   'fit': {'n_members': 20, 'n_nonmembers': 20}},
+      'tests': dataset_inference.compare_sets(rng.normal(1, 1, (30, 3)), rng.normal(0, 1, (80, 3)),
+                                              combiner, 0.01),
+      'power': dataset_inference.power_curve(rng.normal(1, 1, (40, 3)), rng.normal(0, 1, (120, 3)),
+                                             combiner, sizes=(1, 5, 50), repetitions=10,
+                                             alpha=0.01, seed=0),
+      'validity': ['The combiner saw only <calibration> images.']}
+  text = open(report.write_report(str(tmp_path), table, m, [], dataset=dataset)).read()
+  assert '<h2>Per-image calibration (held-out images)</h2>' in text
+  assert 'TPR@1%FPR calibrated' in text
+  assert '<h2>Dataset inference</h2>' in text and 'member data detected' in text
+  assert 'FPR &lt;= alpha within its CI' in text and '&lt;calibration&gt;' in text
+  assert (tmp_path / 'report' / 'power.png').exists()
+  # Size 50 exceeds the member pool (40), not half the reference pool: non-member sets only.
+  assert '<tr><td>50</td><td>-</td>' in text
