@@ -23,6 +23,7 @@ from etils import epath
 from drc_jax import attacks as attacks_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
+from drc_jax import errors
 from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
 from drc_jax import parallel
@@ -35,8 +36,8 @@ AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
 
 
-class AuditConfigMismatch(ValueError):
-  """The workdir holds scores of another config."""
+class AuditConfigMismatch(errors.WorkdirError):
+  """The workdir holds scores of another config or target."""
 
 
 def fingerprint(config) -> dict:
@@ -188,12 +189,13 @@ def load_scores(workdir: str) -> dict[str, np.ndarray]:
   """Concatenates every score shard into one table (rows in audit order)."""
   files = sorted((epath.Path(workdir) / SCORES_DIR).glob('shard_*.npz'))
   if not files:
-    raise FileNotFoundError(f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run '
+    raise errors.WorkdirError(f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run '
                             f'--mode=audit first')
   parts = [_read_npz(f) for f in files]
   numbers = [int(f.name[6:11]) for f in files]
   if numbers != list(range(len(files))):
-    raise ValueError(f'{workdir}/{SCORES_DIR}: shards missing among {numbers}; rerun the audit')
+    raise errors.WorkdirError(f'{workdir}/{SCORES_DIR}: shards missing among {numbers}; rerun '
+                              f'the audit')
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

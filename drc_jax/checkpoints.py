@@ -14,6 +14,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from drc_jax import errors
 from drc_jax import fileio
 from drc_jax import model as model_lib
 from drc_jax import schedule as schedule_lib
@@ -22,7 +23,7 @@ MODEL_JSON = 'model.json'
 CHECKPOINT_DIR = 'checkpoints'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A missing or mismatched checkpoint; the message names the path or key."""
 
 

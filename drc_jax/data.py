@@ -24,13 +24,15 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from drc_jax import errors
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
                   'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Bad input data; the message names the file, index or field."""
 
 

@@ -13,6 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from drc_jax import errors
 from drc_jax import parallel
 from drc_jax import pipeline
 
@@ -23,8 +24,10 @@ config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:v
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (local or gs://); default runs/<config name>.')
 flags.DEFINE_enum('mode', None, pipeline.MODES, 'What to run (default: config.mode).')
-flags.DEFINE_bool('overwrite', False, 'Audit a workdir made with a different config anyway, '
-                  'discarding its scores.')
+flags.DEFINE_bool('overwrite', False, 'Audit a workdir made with a different config or target '
+                  'anyway: once every input is validated, its results move to W/superseded/.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in the inputs (config, data, '
+                  'split, checkpoint, workdir) instead of one line.')
 
 
 class _QuietLibraries:
@@ -45,8 +48,10 @@ def main(argv):
   logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  pipeline.run(config, workdir, flags.FLAGS.mode or config.mode, overwrite=flags.FLAGS.overwrite)
+  errors.run_reporting_user_errors(
+      lambda: pipeline.run(config, workdir, flags.FLAGS.mode or config.mode,
+                           overwrite=flags.FLAGS.overwrite), flags.FLAGS.verbose)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser)

@@ -30,7 +30,7 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   metrics of the audit modes.
   """
   if mode not in MODES:
-    raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
+    raise validate.ConfigError(f'--mode: unknown {mode!r}; expected one of {MODES}')
   validate.check(config)
   imported = checkpoints.is_imported(workdir)
   if mode == 'train' and imported:

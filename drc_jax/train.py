@@ -21,6 +21,7 @@ from etils import epath
 
 from drc_jax import checkpoints
 from drc_jax import data as data_lib
+from drc_jax import errors
 from drc_jax import model as model_lib
 from drc_jax import parallel
 from drc_jax import schedule as schedule_lib
@@ -144,7 +145,9 @@ def train(config, workdir: str) -> State:
     if step % tcfg.log_every == 0 or step == tcfg.steps:
       loss = float(metrics['loss'])
       if not np.isfinite(loss):
-        raise FloatingPointError(f'training loss became {loss} at step {step}')
+        raise errors.TrainingError(
+            f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
+            f'raise config.train.warmup_steps; the run resumes from its last checkpoint')
       now = time.time()
       rate = (step - s_last) / max(now - t_last, 1e-9)
       logging.info('step %d/%d loss %.5f grad_norm %.3f %.2f steps/s ETA %.0fs', step,

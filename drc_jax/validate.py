@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from drc_jax import errors
 from drc_jax import model as model_lib
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
@@ -14,7 +15,7 @@ ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """An invalid config value; the message names the field."""
 
 
