@@ -1,4 +1,4 @@
-"""Errors a user can read: input errors are one line and exit status 2; bugs keep their traceback."""
+"""Errors a user can read: input errors are one line and exit status 2; bugs keep tracebacks."""
 
 import os
 import subprocess
