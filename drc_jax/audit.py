@@ -29,6 +29,7 @@ from drc_jax import metrics as metrics_lib
 from drc_jax import parallel
 from drc_jax import report as report_lib
 from drc_jax import splits as splits_lib
+from drc_jax import streams
 from drc_jax import target as target_lib
 from drc_jax import validate
 
@@ -297,7 +298,7 @@ def _evidence(config, table, metrics, target: Target, mesh,
   degraded, restored = [], []
   for lo in range(0, len(pad), bs):
     images, _, _ = data_lib.load_images(source, pad[lo:lo + bs], config.data)
-    keys = drc_lib.image_keys(config.seed, attacks_lib.STREAMS['drc'], pad[lo:lo + bs])
+    keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], pad[lo:lo + bs])
     d, r = scorer.evidence(target.params, parallel.shard_batch(mesh, keys),
                            parallel.shard_batch(mesh, images))
     degraded.append(parallel.to_host(d))

@@ -21,6 +21,7 @@ from drc_jax import compare as compare_lib
 from drc_jax import degrade as degrade_lib
 from drc_jax import parallel
 from drc_jax import restore as restore_lib
+from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
 
   def one(params, key_data, images, k):
     keys = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), k))(key_data)
-    d = degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, 7))(keys), images)
+    d = degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, streams.DEGRADE))(keys), images)
     restored = run(params, jax.random.key_data(keys), images, d)
     return d, restored
 

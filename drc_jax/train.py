@@ -26,6 +26,7 @@ from drc_jax import model as model_lib
 from drc_jax import parallel
 from drc_jax import schedule as schedule_lib
 from drc_jax import splits as splits_lib
+from drc_jax import streams
 
 State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
 
@@ -129,7 +130,7 @@ def train(config, workdir: str) -> State:
     logging.info('resumed from step %d', int(state['step']))
   state = parallel.replicate(mesh, state)
   train_step = make_train_step(model, schedule, tx, tcfg, mesh)
-  key = jax.random.fold_in(jax.random.key(config.seed), 1)  # training stream
+  key = jax.random.fold_in(jax.random.key(config.seed), streams.TRAIN)
   n_proc, p_idx = jax.process_count(), jax.process_index()
   local = tcfg.batch_size // n_proc
 

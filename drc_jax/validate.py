@@ -6,6 +6,7 @@ import jax
 
 from drc_jax import errors
 from drc_jax import model as model_lib
+from drc_jax import streams
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
 MASKS = ('center_box', 'random_box', 'random_patches', 'saliency_patches')
@@ -74,6 +75,9 @@ def check(config) -> None:
   if r.restorer == 'repaint':
     _require(r.jump_length >= 1 and r.jump_n_sample >= 1,
              'config.drc.jump_length and jump_n_sample must be >= 1')
+  # RePaint repeats each step at most jump_n_sample times; every step needs its own stream number.
+  _require(r.steps * max(r.jump_n_sample, 1) < streams.MAX_STEPS,
+           f'config.drc.steps x jump_n_sample must stay below {streams.MAX_STEPS}')
   a = config.attacks
   attack_names(config)
   for name in ('loss_t', 'secmi_t', 'pia_t', 'sima_t'):
