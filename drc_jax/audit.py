@@ -89,6 +89,11 @@ def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray
   mem, non = split.members, split.nonmembers
   if max_images:
     mem, non = mem[:max_images], non[:max_images]
+  if len(mem) < 2 or len(non) < 2:
+    raise data_lib.DataError(
+        f'split of {split.dataset or "the audit"}: {len(mem)} members and {len(non)} non-members '
+        f'to audit (config.audit.max_images={max_images}); the calibrated decision needs at '
+        f'least 2 of each')
   return (np.concatenate([np.ones(len(mem), np.int8), np.zeros(len(non), np.int8)]),
           np.concatenate([mem, non]))
 
@@ -123,6 +128,8 @@ class Target:
           f'the target in {path} takes {unet.resolution}x{unet.resolution}x{unet.in_channels} '
           f'images but config.data asks for {config.data.resolution}x{config.data.resolution}x'
           f'{config.data.channels}')
+    validate.check_timesteps(config, self.schedule.num_timesteps,
+                             f'num_timesteps of the target in {path}')
     self.params = parallel.replicate(mesh, params)
     self.path = path
 

@@ -33,22 +33,37 @@ def save_model_json(workdir, unet: model_lib.UNetConfig, diffusion: dict[str, An
   fileio.atomic_write_text(epath.Path(workdir) / MODEL_JSON, json.dumps(doc, indent=1))
 
 
-def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
+def read_model_doc(workdir) -> dict[str, Any]:
+  """The parsed ``W/model.json``; a missing or unparsable file is a CheckpointError naming it."""
   path = epath.Path(workdir) / MODEL_JSON
   if not path.exists():
     raise CheckpointError(f'{path}: not found; {workdir} holds no drc_jax target (train one with '
                           f'--mode=train or convert one with python -m drc_jax.convert)')
   try:
     doc = json.loads(path.read_text())
-    return model_lib.UNetConfig.from_dict(doc['unet']), doc['diffusion']
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f'{path}: invalid model description ({e})') from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{path}: not valid JSON ({e}); the target description is damaged: '
+                          f'restore it or use another --workdir') from e
+  if not isinstance(doc, dict):
+    raise CheckpointError(f'{path}: expected a JSON object, found {type(doc).__name__}')
+  return doc
+
+
+def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
+  path = epath.Path(workdir) / MODEL_JSON
+  doc = read_model_doc(workdir)
+  try:
+    unet, diffusion = model_lib.UNetConfig.from_dict(doc['unet']), dict(doc['diffusion'])
+    schedule_from(diffusion)  # a schedule that cannot be built is a damaged description too
+    return unet, diffusion
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f'{path}: invalid model description ({e!r})') from e
 
 
 def is_imported(workdir) -> bool:
   """True when ``workdir`` holds a target converted from elsewhere (never trained here)."""
   path = epath.Path(workdir) / MODEL_JSON
-  return path.exists() and json.loads(path.read_text()).get('source', 'drc_jax') != 'drc_jax'
+  return path.exists() and read_model_doc(workdir).get('source', 'drc_jax') != 'drc_jax'
 
 
 def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:

@@ -21,6 +21,23 @@ from drc_jax import data as data_lib
 from drc_jax import fileio
 
 
+def _as_indices(values, name: str) -> np.ndarray:
+  """int64 [N] from a list or array of whole numbers; anything else is a DataError."""
+  try:
+    arr = np.asarray(values).reshape(-1)
+  except (TypeError, ValueError) as e:
+    raise data_lib.DataError(f'split: {name} are not a list of indices ({e})') from e
+  if arr.size == 0 or np.issubdtype(arr.dtype, np.integer):
+    return arr.astype(np.int64)
+  if arr.dtype.kind == 'f':
+    bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+    if bad.size:
+      raise data_lib.DataError(f'split: {name} index {bad[0].item()!r} is not a whole number (indices '
+                               f'are never rounded)')
+    return arr.astype(np.int64)
+  raise data_lib.DataError(f'split: {name} indices have type {arr.dtype} (expected integers)')
+
+
 @dataclasses.dataclass
 class SplitManifest:
   dataset: str  # source name, e.g. 'fashion_mnist/train' or 'cifar10/train'
@@ -31,8 +48,8 @@ class SplitManifest:
   nonmembers_sha256: str = ''
 
   def __post_init__(self):
-    self.members = np.asarray(self.members, np.int64).reshape(-1)
-    self.nonmembers = np.asarray(self.nonmembers, np.int64).reshape(-1)
+    self.members = _as_indices(self.members, 'members')
+    self.nonmembers = _as_indices(self.nonmembers, 'non-members')
     for name, idx in (('members', self.members), ('non-members', self.nonmembers)):
       if len(np.unique(idx)) != len(idx):
         raise data_lib.DataError(f'split: duplicate indices among {name}')
@@ -96,14 +113,21 @@ def load(path: str, dataset: str = '') -> SplitManifest:
           raise data_lib.DataError(f'{path}: missing key {missing[0]!r} (a SecMI/PIA split has '
                                    f"'mia_train_idxs' and 'mia_eval_idxs'; found {z.files})")
         members, nonmembers = z['mia_train_idxs'], z['mia_eval_idxs']
+    except data_lib.DataError:
+      raise
     except (OSError, ValueError) as e:
       raise data_lib.DataError(f'{path}: not a readable .npz file ({e})') from e
-    return SplitManifest(dataset, members, nonmembers)
+    try:
+      return SplitManifest(dataset, members, nonmembers)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f'{path}: {e}') from e
   try:
     d = json.loads(p.read_text())
     return SplitManifest(d['dataset'], d['members'], d['nonmembers'], d.get('seed'),
                          d.get('members_sha256', ''), d.get('nonmembers_sha256', ''))
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+  except data_lib.DataError as e:
+    raise data_lib.DataError(f'{path}: {e}') from e
+  except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
     raise data_lib.DataError(f'{path}: not a valid split manifest ({e!r})') from e
 
 
@@ -132,6 +156,9 @@ def resolve(split_cfg, source: data_lib.ImageSource, workdir: str,
                           split_cfg.num_nonmembers, split_cfg.seed)
     where = 'config.split'
   manifest.check_range(len(source), where)
+  for name, idx in (('members', manifest.members), ('non-members', manifest.nonmembers)):
+    if not idx.size:
+      raise data_lib.DataError(f'{where}: no {name} (an audit needs both sets)')
   hashes = {name: set_hash(data_lib.image_hashes(source.read(idx)[0]))
             for name, idx in (('members', manifest.members), ('nonmembers', manifest.nonmembers))}
   for name, h in hashes.items():
