@@ -318,6 +318,7 @@ def _evidence(config, table, metrics, target: Target, mesh,
   out = []
   for j, (kind, r) in enumerate(picks):
     out.append({'kind': kind, 'index': int(table['index'][r]), 'split': int(table['split'][r]),
+                'label_name': data_lib.label_name(source, int(table['label'][r])),
                 'score': float(s[r]),
                 'percentile': float(metrics_lib.percentile_among(s[r:r + 1], non)[0]),
                 'decision': 'member' if s[r] >= thr else 'non-member',

@@ -306,14 +306,17 @@ def _img_tag(png_path: str, alt: str) -> str:
 
 
 def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) -> str:
-  """The panel title plus the image's label and hash prefix, looked up in the table."""
+  """The panel title plus the image's label (its name when the item has ``label_name``) and
+  hash prefix, looked up in the table."""
   caption = _evidence_title(item)
+  if item.get('label_name'):
+    caption += f", {item['label_name']}"
   if 'index' in table and 'split' in table:
     split = 1 if _split_name(item['split']) == 'member' else 0
     rows = np.flatnonzero((np.asarray(table['index']) == int(item['index']))
                           & (np.asarray(table['split']) == split))
     if rows.size:
-      if 'label' in table:
+      if 'label' in table and not item.get('label_name'):
         caption += f", label {int(np.asarray(table['label'])[rows[0]])}"
       if 'hash' in table:
         caption += f", sha256 {str(np.asarray(table['hash'])[rows[0]])[:16]}"

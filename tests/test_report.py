@@ -115,3 +115,12 @@ def test_format_metrics_table():
     assert any(line.startswith(attack) for line in lines[2:])
   assert '250' in text
   assert 'note (drc): TPR@0.1%FPR rests on 0.1 expected false positives' in text
+
+
+def test_evidence_caption_names_the_class():
+  table = _synthetic_table(num_per_split=20)
+  item = dict(_evidence(table, channels=1)[0], label_name='Ankle boot')
+  caption = report._evidence_caption(item, table)
+  assert ', Ankle boot, sha256 ' in caption and 'label ' not in caption
+  item.pop('label_name')
+  assert ', label ' in report._evidence_caption(item, table)  # no name known: the number
