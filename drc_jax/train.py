@@ -156,7 +156,7 @@ def train(config, workdir: str) -> State:
                    (tcfg.steps - step) / max(rate, 1e-9))
       t_last, s_last = now, step
     if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-      mngr.save(step, args=ocp.args.StandardSave(state))
+      checkpoints.save_state(mngr, step, state)
   mngr.wait_until_finished()
   mngr.close()
   return state
