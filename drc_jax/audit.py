@@ -3,8 +3,12 @@
 Scores are written in shard files ``W/scores/shard_NNNNN.npz`` of ``audit.shard_size`` images
 (members first, then non-members, in split order), each written atomically, so a run killed at
 any moment leaves only whole shards; rerunning skips them and ends with the same scores as an
-uninterrupted run. ``W/audit_config.json`` records what the scores depend on; a workdir made with
-a different config is refused unless ``overwrite`` (which discards the old scores).
+uninterrupted run. ``W/audit_config.json`` records what the scores depend on: the config fields
+and the audited target's identity (checkpoint step and SHA-256 of its EMA weights). A workdir
+holding results of another config or target is refused, unless ``overwrite``: then, once every
+input (target, data source, split, training data) has been validated, the old results
+(``audit_config.json``, ``scores/``, ``metrics.json``, ``report.html``, ``report/``) move together
+to ``W/superseded/<time>/``; nothing is deleted.
 
 All processes compute every batch (each its slice); only process 0 writes.
 """
@@ -21,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from drc_jax import attacks as attacks_lib
+from drc_jax import checkpoints
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
 from drc_jax import errors
@@ -35,20 +40,41 @@ from drc_jax import validate
 
 AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
+SUPERSEDED_DIR = 'superseded'
+# The results of one audit, in the order they move aside (the record of what they are, last).
+RESULTS = ('report.html', 'report', 'metrics.json', SCORES_DIR, AUDIT_CONFIG)
 
 
 class AuditConfigMismatch(errors.WorkdirError):
   """The workdir holds scores of another config or target."""
 
 
-def fingerprint(config) -> dict:
-  """The config fields the per-image scores depend on (not batch size, plots or bootstrap)."""
+def fingerprint(config, target: 'Target') -> dict:
+  """What the per-image scores depend on: the config fields (not batch size, plots or bootstrap)
+  and the audited target (checkpoint step, SHA-256 of its EMA weights)."""
   c = config.to_dict()
   audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
   return json.loads(json.dumps({'seed': c['seed'], 'data': c['data'], 'split': c['split'],
                                 'diffusion': c['diffusion'], 'model': c['model'],
-                                'drc': c['drc'], 'attacks': c['attacks'], 'audit': audit},
+                                'drc': c['drc'], 'attacks': c['attacks'], 'audit': audit,
+                                'target': {'step': target.step,
+                                           'ema_sha256': target.ema_sha256}},
                                default=list))
+
+
+def recorded_fingerprint(workdir) -> dict | None:
+  """The fingerprint of the results in ``workdir`` (None: none recorded)."""
+  path = epath.Path(workdir) / AUDIT_CONFIG
+  if not path.exists():
+    return None
+  try:
+    doc = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.WorkdirError(f'{path}: not valid JSON ({e}); move it away with the results it '
+                              f'describes, or use another --workdir') from e
+  if not isinstance(doc, dict):
+    raise errors.WorkdirError(f'{path}: expected a JSON object')
+  return doc
 
 
 def _diff(a, b, prefix='') -> list[str]:
@@ -59,29 +85,70 @@ def _diff(a, b, prefix='') -> list[str]:
     if isinstance(va, dict) and isinstance(vb, dict):
       out += _diff(va, vb, f'{prefix}{k}.')
     elif va != vb:
-      out.append(f'{prefix}{k}: {va!r} -> {vb!r}')
+      short = lambda v: f'{v[:12]}...' if k.endswith('sha256') and isinstance(v, str) else repr(v)
+      out.append(f'{prefix}{k}: {short(va)} -> {short(vb)}')
   return out
 
 
-def check_workdir(config, workdir: str, overwrite: bool) -> None:
-  """Refuses a workdir audited with another config (unless overwrite); records this config."""
-  path = epath.Path(workdir) / AUDIT_CONFIG
-  fp = fingerprint(config)
-  if path.exists():
-    old = json.loads(path.read_text())
-    changes = _diff(old, fp)
-    if changes and not overwrite:
-      raise AuditConfigMismatch(
-          f'{workdir} holds scores of a different config ({"; ".join(changes[:6])}). '
-          f'Use another --workdir, or pass --overwrite to discard those scores.')
-    if changes and parallel.is_writer():
-      logging.warning('--overwrite: discarding scores in %s (%s)', workdir, '; '.join(changes))
-      scores = epath.Path(workdir) / SCORES_DIR
-      if scores.exists():
-        scores.rmtree()
-  parallel.sync('audit_config_checked')
+def _changes(workdir, fp: dict) -> list[str]:
+  """How the results in ``workdir`` differ from ``fp`` (empty: none, or the same)."""
+  old = recorded_fingerprint(workdir)
+  if old is None:
+    scores = epath.Path(workdir) / SCORES_DIR
+    has_scores = scores.exists() and any(scores.glob('shard_*.npz'))
+    return ([f'{SCORES_DIR}/ without {AUDIT_CONFIG}: unknown config and target'] if has_scores
+            else [])
+  if 'target' not in old:
+    old = dict(old, target='not recorded (audited by an older drc_jax)')
+  return _diff(old, fp)
+
+
+def check_scores_match(config, workdir: str, target: 'Target') -> None:
+  """Refuses to report scores of another config or target than ``config`` and ``target``."""
+  changes = _changes(workdir, fingerprint(config, target))
+  if changes or recorded_fingerprint(workdir) is None:
+    why = '; '.join(changes[:6]) or f'no {AUDIT_CONFIG}'
+    raise AuditConfigMismatch(f'the scores in {workdir} are not those of this config and target '
+                              f'({why}); run --mode=audit (with --overwrite to replace them)')
+
+
+def _move_aside(workdir: str) -> epath.Path:
+  """Moves every result file of ``workdir`` into a new ``W/superseded/<time>/``; returns it."""
+  root = epath.Path(workdir) / SUPERSEDED_DIR
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  dst, n = root / stamp, 1
+  while dst.exists():
+    dst, n = root / f'{stamp}-{n}', n + 1
+  dst.mkdir(parents=True)
+  for name in RESULTS:
+    src = epath.Path(workdir) / name
+    if src.exists():
+      fileio.move(src, dst / name)
+  return dst
+
+
+def check_workdir(config, workdir: str, overwrite: bool, target: 'Target') -> None:
+  """Refuses a workdir holding results of another config or target, unless ``overwrite``: then
+  moves them to ``W/superseded/<time>/``. Records this run's fingerprint.
+
+  Call it only once every input has been validated: it is the first step that changes files.
+  """
+  fp = fingerprint(config, target)
+  changes = _changes(workdir, fp)
+  if changes and not overwrite:
+    raise AuditConfigMismatch(
+        f'{workdir} holds results of a different config or target ({"; ".join(changes[:6])}). '
+        f'Use another --workdir, or pass --overwrite to move those results to '
+        f'{workdir}/{SUPERSEDED_DIR}/ and audit anew.')
+  parallel.sync('audit_config_checked')  # every process has read the old record
   if parallel.is_writer():
-    fileio.atomic_write_text(path, json.dumps(fp, indent=1, sort_keys=True))
+    if changes:
+      dst = _move_aside(workdir)
+      logging.warning('--overwrite: the results in %s moved to %s (%s)', workdir, dst,
+                      '; '.join(changes))
+    fileio.atomic_write_text(epath.Path(workdir) / AUDIT_CONFIG,
+                             json.dumps(fp, indent=1, sort_keys=True))
+  parallel.sync('audit_config_written')
 
 
 def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +182,7 @@ def _read_npz(path) -> dict[str, np.ndarray]:
 
 
 class Target:
-  """The audited model: EMA params replicated on the mesh, with its schedule."""
+  """The audited model: EMA params replicated on the mesh, with its schedule and identity."""
 
   def __init__(self, config, workdir: str, mesh):
     path = config.audit.checkpoint or workdir
@@ -130,21 +197,38 @@ class Target:
           f'{config.data.channels}')
     validate.check_timesteps(config, self.schedule.num_timesteps,
                              f'num_timesteps of the target in {path}')
+    self.ema_sha256 = checkpoints.tree_sha256(params)  # part of what the scores depend on
+    self.workdir = checkpoints.workdir_of(path)
+    self.trained_on = checkpoints.trained_on(self.workdir)
     self.params = parallel.replicate(mesh, params)
     self.path = path
 
 
 def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
-  """Scores every image not yet scored, then writes metrics and the report. Returns metrics."""
+  """Scores every image not yet scored, then writes metrics and the report. Returns metrics.
+
+  Every input is validated before the first file changes: the config, the target (checkpoint,
+  integrity, schedule, image size), the data source, the split and the data the target was
+  trained on; only then ``check_workdir`` refuses or (``overwrite``) moves old results aside.
+  """
   validate.check(config)
   names = validate.attack_names(config)
   mesh = parallel.make_mesh()
   target = Target(config, workdir, mesh)
-  check_workdir(config, workdir, overwrite)
   source = data_lib.make_source(config.data)
-  split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  split = splits_lib.resolve(config.split, source, workdir, write=False)
+  if target.trained_on is None:
+    logging.info('the target in %s records no training data (imported, or trained by an older '
+                 'drc_jax): its members are not checked against the split', target.workdir)
+  splits_lib.check_trained_on(target.trained_on,
+                              splits_lib.training_data(config.data, source, split),
+                              str(target.workdir / checkpoints.MODEL_JSON))
   is_member, indices = _items(split, config.audit.max_images)
+  data_lib.load_images(source, indices[:1], config.data)  # the preprocessing settings work
   attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names)
+  check_workdir(config, workdir, overwrite, target)
+  if parallel.is_writer():
+    splits_lib.write_to_workdir(split, workdir)
   score_fn = attacks_lib.make_batch_scorer(attacks, mesh)
   for a in attacks.values():
     logging.info('attack %-6s %5d model calls per image', a.name, a.nfe)
@@ -260,10 +344,11 @@ def _pick_evidence(table, metrics, n: int) -> list[tuple[str, int]]:
 def write_results(config, workdir: str, target: Target | None = None, attacks=None,
                   mesh=None, source: data_lib.ImageSource | None = None) -> dict:
   """metrics.json, the plots, the evidence panels and report.html from the saved scores."""
-  table = load_scores(workdir)
   names = validate.attack_names(config)
   mesh = mesh or parallel.make_mesh()
   target = target or Target(config, workdir, mesh)
+  check_scores_match(config, workdir, target)
+  table = load_scores(workdir)
   attacks = attacks or attacks_lib.make_attacks(config, target.model, target.schedule, names)
   metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
   votes, agree = drc_votes(config, table)
@@ -278,7 +363,8 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   if parallel.is_writer():
     fileio.atomic_write_text(epath.Path(workdir) / 'metrics.json',
                              json.dumps(metrics, indent=1, sort_keys=True))
-    summary = (f'target: {target.path} (step {target.step})\n'
+    summary = (f'target: {target.path} (step {target.step}, EMA SHA-256 '
+               f'{target.ema_sha256[:16]})\n'
                f'data: {config.data.source} {config.data.name}/{config.data.split} '
                f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
                f'members: {int(np.sum(table["split"] == 1))}, non-members: '

@@ -41,8 +41,11 @@ class CheckpointError(errors.UserError, ValueError):
 
 
 def save_model_json(workdir, unet: model_lib.UNetConfig, diffusion: dict[str, Any],
-                    source: str = 'drc_jax') -> None:
+                    source: str = 'drc_jax', trained_on: dict[str, Any] | None = None) -> None:
+  """Writes ``W/model.json``; ``trained_on`` (targets trained here) is ``splits.training_data``."""
   doc = {'unet': unet.to_dict(), 'diffusion': dict(diffusion), 'source': source}
+  if trained_on is not None:
+    doc['trained_on'] = dict(trained_on)
   fileio.atomic_write_text(epath.Path(workdir) / MODEL_JSON, json.dumps(doc, indent=1))
 
 
@@ -71,6 +74,24 @@ def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
     return unet, diffusion
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f'{path}: invalid model description ({e!r})') from e
+
+
+def trained_on(workdir) -> dict[str, Any] | None:
+  """The training data a target trained here recorded (None: imported, or trained before
+  drc_jax recorded it)."""
+  doc = read_model_doc(workdir)
+  value = doc.get('trained_on')
+  return dict(value) if isinstance(value, dict) else None
+
+
+def workdir_of(path) -> epath.Path:
+  """The workdir of a target path: the workdir itself, its ``checkpoints/`` or one step in it."""
+  path = epath.Path(path)
+  if (path / MODEL_JSON).exists():
+    return path
+  if path.name == CHECKPOINT_DIR:
+    return path.parent
+  return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
 
 
 def is_imported(workdir) -> bool:

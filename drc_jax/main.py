@@ -22,7 +22,8 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:variant]).',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory (local or gs://); default runs/<config name>.')
+flags.DEFINE_string('workdir', None, 'Run directory (local or gs://); default '
+                    'runs/<config>[-<variant>]_<source>_<dataset> (see README).')
 flags.DEFINE_enum('mode', None, pipeline.MODES, 'What to run (default: config.mode).')
 flags.DEFINE_bool('overwrite', False, 'Audit a workdir made with a different config or target '
                   'anyway: once every input is validated, its results move to W/superseded/.')
@@ -44,7 +45,7 @@ def main(argv):
   parallel.initialize()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or pipeline.default_workdir(
-      config_flags.get_config_filename(flags.FLAGS['config']))
+      config_flags.get_config_filename(flags.FLAGS['config']), config)
   logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())

@@ -107,20 +107,31 @@ def train(config, workdir: str) -> State:
   parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
   mesh = parallel.make_mesh()
   source = data_lib.make_source(config.data)
-  split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  split = splits_lib.resolve(config.split, source, workdir, write=False)
   members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
   logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
+  data_identity = splits_lib.training_data(config.data, source, split)
 
   unet_cfg, model, params, schedule, tx = build(config)
-  if (epath.Path(workdir) / checkpoints.MODEL_JSON).exists():
-    # Never overwrite the description of a target already in the workdir with another one.
+  model_json = epath.Path(workdir) / checkpoints.MODEL_JSON
+  if model_json.exists():
+    # Never overwrite the description of a target already in the workdir with another one, nor
+    # train it further on other data.
     old_unet, old_diffusion = checkpoints.load_model_json(workdir)
     if old_unet != unet_cfg or old_diffusion != dict(config.diffusion):
       raise checkpoints.CheckpointError(
-          f'{workdir} holds a target of another architecture or schedule '
-          f'({epath.Path(workdir) / checkpoints.MODEL_JSON}); use another --workdir')
+          f'{workdir} holds a target of another architecture or schedule ({model_json}); use '
+          f'another --workdir')
+    recorded = checkpoints.trained_on(workdir)
+    if recorded is None:
+      logging.warning('%s records no training data (trained by an older drc_jax): the members '
+                      'of this run are not checked against it', model_json)
+    splits_lib.check_trained_on(recorded, data_identity, str(model_json))
   elif parallel.is_writer():
-    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion))
+    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion),
+                                trained_on=data_identity)
+  if parallel.is_writer():
+    splits_lib.write_to_workdir(split, workdir)
   logging.info('UNet: %.3fM parameters', model_lib.count_params(params) / 1e6)
   state = init_state(params, tx)
   mngr = checkpoints.manager(workdir, keep=tcfg.keep_checkpoints)
