@@ -190,7 +190,8 @@ def test_scores_of_another_target_are_never_reused(trained, tmp_path):
   shutil.rmtree(Path(wd) / 'checkpoints')
   shutil.copytree(wd_b / 'checkpoints', Path(wd) / 'checkpoints')
   with pytest.raises(A.AuditConfigMismatch,
-                     match=r'target.ema_sha256: \w{12}\.\.\. -> \w{12}\.\.\.; target.step: 600 -> 605'):
+                     match=r'target.ema_sha256: \w{12}\.\.\. -> \w{12}\.\.\.; '
+                           r'target.step: 600 -> 605'):
     A.run_audit(_loss_config(), wd)
   with pytest.raises(A.AuditConfigMismatch, match='not those of this config and target'):
     pipeline.run(_loss_config(), wd, 'report')
