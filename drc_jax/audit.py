@@ -32,6 +32,7 @@ from drc_jax import errors
 from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
 from drc_jax import parallel
+from drc_jax import progress
 from drc_jax import report as report_lib
 from drc_jax import splits as splits_lib
 from drc_jax import streams
@@ -241,8 +242,8 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
   logging.info('%d images in %d shards: %d done, %d to score', len(indices), n_shards, len(done),
                len(todo))
   p_idx, p_cnt = jax.process_index(), jax.process_count()
-  t0, n_done = time.time(), 0
   total = sum(min(shard, len(indices) - i * shard) for i in todo)
+  speed = progress.Throughput(total)  # leaves out the first batch (compilation)
   for i in todo:
     lo, hi = i * shard, min((i + 1) * shard, len(indices))
     rows: dict[str, list] = {}
@@ -255,6 +256,7 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
       valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
       for name, v in out.items():
         rows.setdefault(name, []).append(parallel.to_host(v)[valid])
+      speed.update(int(valid.sum()))
     raw, labels = source.read(indices[lo:hi])
     arrays = {'split': is_member[lo:hi], 'index': indices[lo:hi], 'label': labels,
               'hash': np.asarray(data_lib.image_hashes(raw))}
@@ -269,10 +271,8 @@ def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
       raise RuntimeError(f'shard {i}: scored {len(arrays["score/" + names[0]])} of {hi - lo}')
     if parallel.is_writer():
       _write_npz(_shard_path(workdir, i), arrays)
-    n_done += hi - lo
-    rate = n_done / max(time.time() - t0, 1e-9)
-    logging.info('scored shard %d/%d: %d/%d images, %.2f images/s, ETA %.0fs', i + 1, n_shards,
-                 n_done, total, rate, (total - n_done) / max(rate, 1e-9))
+    logging.info('scored shard %d/%d: %d/%d images, %s', i + 1, n_shards, speed.done, total,
+                 speed.describe('images'))
   parallel.sync('scores_written')
   return write_results(config, workdir, target=target, attacks=attacks, mesh=mesh, source=source)
 

@@ -8,7 +8,6 @@ restarted from its last checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from drc_jax import data as data_lib
 from drc_jax import errors
 from drc_jax import model as model_lib
 from drc_jax import parallel
+from drc_jax import progress
 from drc_jax import schedule as schedule_lib
 from drc_jax import splits as splits_lib
 from drc_jax import streams
@@ -145,8 +145,8 @@ def train(config, workdir: str) -> State:
   n_proc, p_idx = jax.process_count(), jax.process_index()
   local = tcfg.batch_size // n_proc
 
-  step = int(state['step'])
-  t_last, s_last = time.time(), step
+  step = start = int(state['step'])
+  speed = progress.Throughput(tcfg.steps - start)  # leaves out the first step (compilation)
   while step < tcfg.steps:
     idx = batch_indices(step, len(members), tcfg.batch_size, config.seed)
     rows = members[idx[p_idx * local:(p_idx + 1) * local]]
@@ -154,18 +154,18 @@ def train(config, workdir: str) -> State:
     valid = parallel.shard_batch(mesh, np.ones((local,), bool))
     state, metrics = train_step(state, images, valid, key)
     step += 1
+    if step == start + 1:  # the first step compiles: time the steps after it
+      jax.block_until_ready(metrics)
+      speed.update(1)
     if step % tcfg.log_every == 0 or step == tcfg.steps:
       loss = float(metrics['loss'])
+      speed.update(step - start - speed.done)
       if not np.isfinite(loss):
         raise errors.TrainingError(
             f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
             f'raise config.train.warmup_steps; the run resumes from its last checkpoint')
-      now = time.time()
-      rate = (step - s_last) / max(now - t_last, 1e-9)
-      logging.info('step %d/%d loss %.5f grad_norm %.3f %.2f steps/s ETA %.0fs', step,
-                   tcfg.steps, loss, float(metrics['grad_norm']), rate,
-                   (tcfg.steps - step) / max(rate, 1e-9))
-      t_last, s_last = now, step
+      logging.info('step %d/%d loss %.5f grad_norm %.3f %s', step, tcfg.steps, loss,
+                   float(metrics['grad_norm']), speed.describe('steps'))
     if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
       checkpoints.save_state(mngr, step, state)
   mngr.wait_until_finished()

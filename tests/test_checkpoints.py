@@ -108,3 +108,32 @@ def test_an_unreadable_chunk_is_one_error_naming_the_checkpoint(workdir, tmp_pat
   with pytest.raises(checkpoints.CheckpointError, match=f'{wd / "checkpoints" / "2"}: '):
     checkpoints.restore(mngr, _abstract_state(wd))
   mngr.close()
+
+
+def test_loading_is_quiet(workdir, caplog):
+  """No orbax '_CHECKPOINT_METADATA does not exist' nor 'Sharding info not provided' per load."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    load_target(str(workdir))
+    load_target(str(workdir / 'checkpoints' / '1'))
+    mngr = checkpoints.manager(str(workdir))
+    checkpoints.restore(mngr, _abstract_state(workdir))
+    mngr.close()
+  noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  noise += [str(w.message) for w in caught if 'Sharding info' in str(w.message)]
+  assert not noise, noise
+
+
+def test_the_cli_log_filter_drops_the_backend_probe():
+  import logging  # pylint: disable=g-import-not-at-top
+  from drc_jax import main  # pylint: disable=g-import-not-at-top
+  quiet = main._QuietLibraries()
+  probe = logging.LogRecord('jax._src.xla_bridge', logging.INFO, '/x/jax/_src/xla_bridge.py', 1,
+                            "Unable to initialize backend '%s': %s", ('tpu', 'no libtpu'), None)
+  assert not quiet.filter(probe)
+  own = logging.LogRecord('absl', logging.INFO, '/x/drc_jax/audit.py', 1, 'scored shard', (), None)
+  warning = logging.LogRecord('orbax', logging.WARNING, '/x/orbax/checkpoint/x.py', 1, 'w', (),
+                              None)
+  assert quiet.filter(own) and quiet.filter(warning)

@@ -83,3 +83,13 @@ def test_programming_errors_keep_their_traceback():
   with pytest.raises(SystemExit) as e:
     errors.run_reporting_user_errors(user_error, verbose=False)
   assert e.value.code == errors.EXIT_USER_ERROR
+
+
+def test_pyproject_license_is_an_spdx_expression():
+  """The license table ({text = ...}) made setuptools print BuildBackendWarnings on each build."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)
+  assert project['project']['license'] == 'Apache-2.0'
+  (req,) = [r for r in project['build-system']['requires'] if r.startswith('setuptools')]
+  assert req == 'setuptools>=77'  # the first setuptools that reads SPDX license expressions

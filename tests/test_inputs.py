@@ -1,4 +1,4 @@
-"""Inputs checked before any work: config gaps, split files, model.json, the target's own schedule."""
+"""Inputs checked before any work: config gaps, split files, model.json, the target's schedule."""
 
 import json
 
