@@ -106,11 +106,14 @@ def _changes(workdir, fp: dict) -> list[str]:
 
 def check_scores_match(config, workdir: str, target: 'Target') -> None:
   """Refuses to report scores of another config or target than ``config`` and ``target``."""
+  if recorded_fingerprint(workdir) is None:
+    raise errors.WorkdirError(f'{workdir} holds no audit results ({AUDIT_CONFIG} not found); run '
+                              f'--mode=audit first')
   changes = _changes(workdir, fingerprint(config, target))
-  if changes or recorded_fingerprint(workdir) is None:
-    why = '; '.join(changes[:6]) or f'no {AUDIT_CONFIG}'
+  if changes:
     raise AuditConfigMismatch(f'the scores in {workdir} are not those of this config and target '
-                              f'({why}); run --mode=audit (with --overwrite to replace them)')
+                              f'({"; ".join(changes[:6])}); run --mode=audit (with --overwrite to '
+                              f'replace them)')
 
 
 def _move_aside(workdir: str) -> epath.Path:
