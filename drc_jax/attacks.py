@@ -26,9 +26,7 @@ import numpy as np
 
 from drc_jax import drc as drc_lib
 from drc_jax import parallel
-
-# Per-attack key streams folded into the seed before the image index.
-STREAMS = {'drc': 2, 'loss': 3, 'secmi': 4, 'pia': 5, 'pian': 5, 'sima': 6}
+from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,4 +111,4 @@ def make_batch_scorer(attacks: dict[str, Attack], mesh=None) -> Callable:
 
 def keys_for(names, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
   """Per-attack, per-image key data for dataset ``indices``."""
-  return {n: drc_lib.image_keys(seed, STREAMS[n], indices) for n in names}
+  return {n: drc_lib.image_keys(seed, streams.ATTACKS[n], indices) for n in names}

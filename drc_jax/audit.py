@@ -3,8 +3,12 @@
 Scores are written in shard files ``W/scores/shard_NNNNN.npz`` of ``audit.shard_size`` images
 (members first, then non-members, in split order), each written atomically, so a run killed at
 any moment leaves only whole shards; rerunning skips them and ends with the same scores as an
-uninterrupted run. ``W/audit_config.json`` records what the scores depend on; a workdir made with
-a different config is refused unless ``overwrite`` (which discards the old scores).
+uninterrupted run. ``W/audit_config.json`` records what the scores depend on: the config fields
+and the audited target's identity (checkpoint step and SHA-256 of its EMA weights). A workdir
+holding results of another config or target is refused, unless ``overwrite``: then, once every
+input (target, data source, split, training data) has been validated, the old results
+(``audit_config.json``, ``scores/``, ``metrics.json``, ``report.html``, ``report/``) move together
+to ``W/superseded/<time>/``; nothing is deleted.
 
 All processes compute every batch (each its slice); only process 0 writes.
 """
@@ -24,35 +28,60 @@ from etils import epath
 
 from drc_jax import attacks as attacks_lib
 from drc_jax import calibration as calibration_lib
+from drc_jax import checkpoints
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
+from drc_jax import errors
 from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
 from drc_jax import parallel
+from drc_jax import progress
 from drc_jax import report as report_lib
 from drc_jax import samples as samples_lib
 from drc_jax import shipped
 from drc_jax import splits as splits_lib
+from drc_jax import streams
 from drc_jax import target as target_lib
 from drc_jax import validate
 
 AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
 DATASET_JSON = 'dataset.json'  # written by --mode=dataset (dataset_inference.py)
+SUPERSEDED_DIR = 'superseded'
+# The results of one audit, in the order they move aside (the record of what they are, last).
+RESULTS = ('report.html', 'report', 'metrics.json', SCORES_DIR, AUDIT_CONFIG)
 
 
-class AuditConfigMismatch(ValueError):
-  """The workdir holds scores of another config."""
+class AuditConfigMismatch(errors.WorkdirError):
+  """The workdir holds scores of another config or target."""
 
 
-def fingerprint(config) -> dict:
-  """The config fields the per-image scores depend on (not batch size, plots or bootstrap)."""
+def fingerprint(config, target: 'Target') -> dict:
+  """What the per-image scores depend on: the config fields (not batch size, plots or bootstrap)
+  and the audited target (checkpoint step, SHA-256 of its EMA weights)."""
   c = config.to_dict()
   audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
   return json.loads(json.dumps({'seed': c['seed'], 'data': c['data'], 'split': c['split'],
                                 'diffusion': c['diffusion'], 'model': c['model'],
-                                'drc': c['drc'], 'attacks': c['attacks'], 'audit': audit},
+                                'drc': c['drc'], 'attacks': c['attacks'], 'audit': audit,
+                                'target': {'step': target.step,
+                                           'ema_sha256': target.ema_sha256}},
                                default=list))
+
+
+def recorded_fingerprint(workdir) -> dict | None:
+  """The fingerprint of the results in ``workdir`` (None: none recorded)."""
+  path = epath.Path(workdir) / AUDIT_CONFIG
+  if not path.exists():
+    return None
+  try:
+    doc = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.WorkdirError(f'{path}: not valid JSON ({e}); move it away with the results it '
+                              f'describes, or use another --workdir') from e
+  if not isinstance(doc, dict):
+    raise errors.WorkdirError(f'{path}: expected a JSON object')
+  return doc
 
 
 def _diff(a, b, prefix='') -> list[str]:
@@ -63,29 +92,73 @@ def _diff(a, b, prefix='') -> list[str]:
     if isinstance(va, dict) and isinstance(vb, dict):
       out += _diff(va, vb, f'{prefix}{k}.')
     elif va != vb:
-      out.append(f'{prefix}{k}: {va!r} -> {vb!r}')
+      short = lambda v: f'{v[:12]}...' if k.endswith('sha256') and isinstance(v, str) else repr(v)
+      out.append(f'{prefix}{k}: {short(va)} -> {short(vb)}')
   return out
 
 
-def check_workdir(config, workdir: str, overwrite: bool) -> None:
-  """Refuses a workdir audited with another config (unless overwrite); records this config."""
-  path = epath.Path(workdir) / AUDIT_CONFIG
-  fp = fingerprint(config)
-  if path.exists():
-    old = json.loads(path.read_text())
-    changes = _diff(old, fp)
-    if changes and not overwrite:
-      raise AuditConfigMismatch(
-          f'{workdir} holds scores of a different config ({"; ".join(changes[:6])}). '
-          f'Use another --workdir, or pass --overwrite to discard those scores.')
-    if changes and parallel.is_writer():
-      logging.warning('--overwrite: discarding scores in %s (%s)', workdir, '; '.join(changes))
-      scores = epath.Path(workdir) / SCORES_DIR
-      if scores.exists():
-        scores.rmtree()
-  parallel.sync('audit_config_checked')
+def _changes(workdir, fp: dict) -> list[str]:
+  """How the results in ``workdir`` differ from ``fp`` (empty: none, or the same)."""
+  old = recorded_fingerprint(workdir)
+  if old is None:
+    scores = epath.Path(workdir) / SCORES_DIR
+    has_scores = scores.exists() and any(scores.glob('shard_*.npz'))
+    return ([f'{SCORES_DIR}/ without {AUDIT_CONFIG}: unknown config and target'] if has_scores
+            else [])
+  if 'target' not in old:
+    old = dict(old, target='not recorded (audited by an older drc_jax)')
+  return _diff(old, fp)
+
+
+def check_scores_match(config, workdir: str, target: 'Target') -> None:
+  """Refuses to report scores of another config or target than ``config`` and ``target``."""
+  if recorded_fingerprint(workdir) is None:
+    raise errors.WorkdirError(f'{workdir} holds no audit results ({AUDIT_CONFIG} not found); run '
+                              f'--mode=audit first')
+  changes = _changes(workdir, fingerprint(config, target))
+  if changes:
+    raise AuditConfigMismatch(f'the scores in {workdir} are not those of this config and target '
+                              f'({"; ".join(changes[:6])}); run --mode=audit (with --overwrite to '
+                              f'replace them)')
+
+
+def _move_aside(workdir: str) -> epath.Path:
+  """Moves every result file of ``workdir`` into a new ``W/superseded/<time>/``; returns it."""
+  root = epath.Path(workdir) / SUPERSEDED_DIR
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  dst, n = root / stamp, 1
+  while dst.exists():
+    dst, n = root / f'{stamp}-{n}', n + 1
+  dst.mkdir(parents=True)
+  for name in RESULTS:
+    src = epath.Path(workdir) / name
+    if src.exists():
+      fileio.move(src, dst / name)
+  return dst
+
+
+def check_workdir(config, workdir: str, overwrite: bool, target: 'Target') -> None:
+  """Refuses a workdir holding results of another config or target, unless ``overwrite``: then
+  moves them to ``W/superseded/<time>/``. Records this run's fingerprint.
+
+  Call it only once every input has been validated: it is the first step that changes files.
+  """
+  fp = fingerprint(config, target)
+  changes = _changes(workdir, fp)
+  if changes and not overwrite:
+    raise AuditConfigMismatch(
+        f'{workdir} holds results of a different config or target ({"; ".join(changes[:6])}). '
+        f'Use another --workdir, or pass --overwrite to move those results to '
+        f'{workdir}/{SUPERSEDED_DIR}/ and audit anew.')
+  parallel.sync('audit_config_checked')  # every process has read the old record
   if parallel.is_writer():
-    fileio.atomic_write_text(path, json.dumps(fp, indent=1, sort_keys=True))
+    if changes:
+      dst = _move_aside(workdir)
+      logging.warning('--overwrite: the results in %s moved to %s (%s)', workdir, dst,
+                      '; '.join(changes))
+    fileio.atomic_write_text(epath.Path(workdir) / AUDIT_CONFIG,
+                             json.dumps(fp, indent=1, sort_keys=True))
+  parallel.sync('audit_config_written')
 
 
 def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +166,11 @@ def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray
   mem, non = split.members, split.nonmembers
   if max_images:
     mem, non = mem[:max_images], non[:max_images]
+  if len(mem) < 2 or len(non) < 2:
+    raise data_lib.DataError(
+        f'split of {split.dataset or "the audit"}: {len(mem)} members and {len(non)} non-members '
+        f'to audit (config.audit.max_images={max_images}); the calibrated decision needs at '
+        f'least 2 of each')
   return (np.concatenate([np.ones(len(mem), np.int8), np.zeros(len(non), np.int8)]),
           np.concatenate([mem, non]))
 
@@ -114,7 +192,7 @@ def _read_npz(path) -> dict[str, np.ndarray]:
 
 
 class Target:
-  """The audited model: EMA params replicated on the mesh, with its schedule."""
+  """The audited model: EMA params replicated on the mesh, with its schedule and identity."""
 
   def __init__(self, config, workdir: str, mesh):
     path = config.audit.checkpoint or workdir
@@ -127,6 +205,11 @@ class Target:
           f'the target in {path} takes {unet.resolution}x{unet.resolution}x{unet.in_channels} '
           f'images but config.data asks for {config.data.resolution}x{config.data.resolution}x'
           f'{config.data.channels}')
+    validate.check_timesteps(config, self.schedule.num_timesteps,
+                             f'num_timesteps of the target in {path}')
+    self.ema_sha256 = checkpoints.tree_sha256(params)  # part of what the scores depend on
+    self.workdir = checkpoints.workdir_of(path)
+    self.trained_on = checkpoints.trained_on(self.workdir)
     self.params = parallel.replicate(mesh, params)
     self.path = path
 
@@ -154,14 +237,29 @@ def make_scorer(config, workdir: str) -> Scorer:
 
 def score_split(config, workdir: str,
                 overwrite: bool = False) -> tuple[Scorer, data_lib.ImageSource]:
-  """Scores every image of the split not yet scored (into ``W/scores``); the audit's first half."""
+  """Scores every image of the split not yet scored (into ``W/scores``); the audit's first half.
+
+  Every input is validated before the first file changes: the config, the target (checkpoint,
+  integrity, schedule, image size), the data source, the split and the data the target was
+  trained on; only then ``check_workdir`` refuses or (``overwrite``) moves old results aside.
+  """
   validate.check(config)
   scorer = make_scorer(config, workdir)
-  check_workdir(config, workdir, overwrite)
+  target = scorer.target
   source = data_lib.make_source(config.data)
-  split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  split = splits_lib.resolve(config.split, source, workdir, write=False)
+  if target.trained_on is None:
+    logging.info('the target in %s records no training data (imported, or trained by an older '
+                 'drc_jax): its members are not checked against the split', target.workdir)
+  splits_lib.check_trained_on(target.trained_on,
+                              splits_lib.training_data(config.data, source, split),
+                              str(target.workdir / checkpoints.MODEL_JSON))
   shipped.check_split(target.path, split)  # a shipped target's members are these members
   is_member, indices = _items(split, config.audit.max_images)
+  data_lib.load_images(source, indices[:1], config.data)  # the preprocessing settings work
+  check_workdir(config, workdir, overwrite, target)
+  if parallel.is_writer():
+    splits_lib.write_to_workdir(split, workdir)
   score_images(config, workdir, scorer, source, is_member, indices)
   return scorer, source
 
@@ -197,8 +295,8 @@ def score_images(config, workdir: str, scorer: Scorer, source: data_lib.ImageSou
   logging.info('%d images in %d shards: %d done, %d to score', len(indices), n_shards, len(done),
                len(todo))
   p_idx, p_cnt = jax.process_index(), jax.process_count()
-  t0, n_done = time.time(), 0
   total = sum(min(shard, len(indices) - i * shard) for i in todo)
+  speed = progress.Throughput(total)  # leaves out the first batch (compilation)
   for i in todo:
     lo, hi = i * shard, min((i + 1) * shard, len(indices))
     rows: dict[str, list] = {}
@@ -211,6 +309,7 @@ def score_images(config, workdir: str, scorer: Scorer, source: data_lib.ImageSou
       valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
       for name, v in out.items():
         rows.setdefault(name, []).append(parallel.to_host(v)[valid])
+      speed.update(int(valid.sum()))
     raw, labels = source.read(indices[lo:hi])
     arrays = {'split': is_member[lo:hi], 'index': indices[lo:hi], 'label': labels,
               'hash': np.asarray(data_lib.image_hashes(raw))}
@@ -225,10 +324,8 @@ def score_images(config, workdir: str, scorer: Scorer, source: data_lib.ImageSou
       raise RuntimeError(f'shard {i}: scored {len(arrays["score/" + names[0]])} of {hi - lo}')
     if parallel.is_writer():
       _write_npz(_shard_path(workdir, i), arrays)
-    n_done += hi - lo
-    rate = n_done / max(time.time() - t0, 1e-9)
-    logging.info('scored shard %d/%d: %d/%d images, %.2f images/s, ETA %.0fs', i + 1, n_shards,
-                 n_done, total, rate, (total - n_done) / max(rate, 1e-9))
+    logging.info('scored shard %d/%d: %d/%d images, %s', i + 1, n_shards, speed.done, total,
+                 speed.describe('images'))
   parallel.sync('scores_written')
 
 
@@ -236,12 +333,13 @@ def load_scores(workdir: str) -> dict[str, np.ndarray]:
   """Concatenates every score shard into one table (rows in audit order)."""
   files = sorted((epath.Path(workdir) / SCORES_DIR).glob('shard_*.npz'))
   if not files:
-    raise FileNotFoundError(f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run '
+    raise errors.WorkdirError(f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run '
                             f'--mode=audit first')
   parts = [_read_npz(f) for f in files]
   numbers = [int(f.name[6:11]) for f in files]
   if numbers != list(range(len(files))):
-    raise ValueError(f'{workdir}/{SCORES_DIR}: shards missing among {numbers}; rerun the audit')
+    raise errors.WorkdirError(f'{workdir}/{SCORES_DIR}: shards missing among {numbers}; rerun '
+                              f'the audit')
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -298,10 +396,11 @@ def _pick_evidence(table, metrics, n: int) -> list[tuple[str, int]]:
 def write_results(config, workdir: str, target: Target | None = None, attacks=None,
                   mesh=None, source: data_lib.ImageSource | None = None) -> dict:
   """metrics.json, the plots, the evidence panels and report.html from the saved scores."""
-  table = load_scores(workdir)
   names = validate.attack_names(config)
   mesh = mesh or parallel.make_mesh()
   target = target or Target(config, workdir, mesh)
+  check_scores_match(config, workdir, target)
+  table = load_scores(workdir)
   attacks = attacks or attacks_lib.make_attacks(config, target.model, target.schedule, names)
   metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
   if config.audit.calibration == 'quantile':
@@ -322,7 +421,8 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
   if parallel.is_writer():
     fileio.atomic_write_text(epath.Path(workdir) / 'metrics.json',
                              json.dumps(metrics, indent=1, sort_keys=True))
-    summary = (f'target: {target.path} (step {target.step})\n'
+    summary = (f'target: {target.path} (step {target.step}, EMA SHA-256 '
+               f'{target.ema_sha256[:16]})\n'
                f'data: {config.data.source} {config.data.name}/{config.data.split} '
                f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
                f'members: {int(np.sum(table["split"] == 1))}, non-members: '
@@ -335,7 +435,7 @@ def write_results(config, workdir: str, target: Target | None = None, attacks=No
                                json.dumps(sample_info['figures'], indent=1, sort_keys=True))
     path = report_lib.write_report(workdir, table, metrics, evidence, config_summary=summary,
                                    agree=agree, samples=sample_info,
-                                   dataset=read_dataset_result(config, workdir))
+                                   dataset=read_dataset_result(config, workdir, target))
     logging.info('report: %s', path)
   parallel.sync('report_written')
   return metrics
@@ -356,13 +456,13 @@ def _samples(config, workdir: str, table, target: Target, source) -> dict | None
   return info
 
 
-def read_dataset_result(config, workdir: str) -> dict | None:
+def read_dataset_result(config, workdir: str, target: 'Target') -> dict | None:
   """``dataset.json`` when it was computed from this config's scores, else None."""
   path = epath.Path(workdir) / DATASET_JSON
   if not path.exists():
     return None
   result = json.loads(path.read_text())
-  if result.get('fingerprint') != fingerprint(config):
+  if result.get('fingerprint') != fingerprint(config, target):
     logging.warning('%s was computed from scores of another config: not in the report', path)
     return None
   return result
@@ -380,7 +480,7 @@ def _evidence(config, table, metrics, target: Target, mesh,
   degraded, restored = [], []
   for lo in range(0, len(pad), bs):
     images, _, _ = data_lib.load_images(source, pad[lo:lo + bs], config.data)
-    keys = drc_lib.image_keys(config.seed, attacks_lib.STREAMS['drc'], pad[lo:lo + bs])
+    keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], pad[lo:lo + bs])
     d, r = scorer.evidence(target.params, parallel.shard_batch(mesh, keys),
                            parallel.shard_batch(mesh, images))
     degraded.append(parallel.to_host(d))
@@ -397,6 +497,7 @@ def _evidence(config, table, metrics, target: Target, mesh,
     # the typical restoration, not a lucky or unlucky one; all K are shown as thumbnails.
     k_med = int(np.argsort(sims, kind='stable')[(len(sims) - 1) // 2])
     out.append({'kind': kind, 'index': int(table['index'][r]), 'split': int(table['split'][r]),
+                'label_name': data_lib.label_name(source, int(table['label'][r])),
                 'score': float(s[r]),
                 'percentile': float(metrics_lib.percentile_among(s[r:r + 1], non)[0]),
                 'decision': 'member' if s[r] >= thr else 'non-member',

@@ -4,50 +4,100 @@
 (UNet architecture and noise schedule), so an audit, a converted PyTorch checkpoint and
 ``drc_jax.load_target`` all read the same thing. Restores go into an abstract target built with
 ``jax.eval_shape``; a checkpoint that does not match the architecture is an error naming the key.
+
+Integrity: every checkpoint step records, in its orbax step metadata (written with the checkpoint,
+atomically), the SHA-256 of its EMA weights and, for a training state, of the whole state
+(``tree_sha256``). Loading verifies them: a flipped bit is a ``CheckpointError`` naming the
+checkpoint instead of silently changed weights (or a resumed run whose loss becomes NaN). Any
+error of orbax while restoring is reported as one ``CheckpointError`` naming the checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging as py_logging
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from drc_jax import errors
 from drc_jax import fileio
 from drc_jax import model as model_lib
 from drc_jax import schedule as schedule_lib
 
 MODEL_JSON = 'model.json'
 CHECKPOINT_DIR = 'checkpoints'
+INTEGRITY_KEY = 'drc_jax_sha256'  # in a step's custom metadata: {'ema_params': hex, 'state': hex}
+_STEP_METADATA = '_CHECKPOINT_METADATA'  # orbax's JSON file of a step (holds custom_metadata)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A missing or mismatched checkpoint; the message names the path or key."""
 
 
 def save_model_json(workdir, unet: model_lib.UNetConfig, diffusion: dict[str, Any],
-                    source: str = 'drc_jax') -> None:
+                    source: str = 'drc_jax', trained_on: dict[str, Any] | None = None) -> None:
+  """Writes ``W/model.json``; ``trained_on`` (targets trained here) is ``splits.training_data``."""
   doc = {'unet': unet.to_dict(), 'diffusion': dict(diffusion), 'source': source}
+  if trained_on is not None:
+    doc['trained_on'] = dict(trained_on)
   fileio.atomic_write_text(epath.Path(workdir) / MODEL_JSON, json.dumps(doc, indent=1))
 
 
-def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
+def read_model_doc(workdir) -> dict[str, Any]:
+  """The parsed ``W/model.json``; a missing or unparsable file is a CheckpointError naming it."""
   path = epath.Path(workdir) / MODEL_JSON
   if not path.exists():
     raise CheckpointError(f'{path}: not found; {workdir} holds no drc_jax target (train one with '
                           f'--mode=train or convert one with python -m drc_jax.convert)')
   try:
     doc = json.loads(path.read_text())
-    return model_lib.UNetConfig.from_dict(doc['unet']), doc['diffusion']
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f'{path}: invalid model description ({e})') from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{path}: not valid JSON ({e}); the target description is damaged: '
+                          f'restore it or use another --workdir') from e
+  if not isinstance(doc, dict):
+    raise CheckpointError(f'{path}: expected a JSON object, found {type(doc).__name__}')
+  return doc
+
+
+def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
+  path = epath.Path(workdir) / MODEL_JSON
+  doc = read_model_doc(workdir)
+  try:
+    unet, diffusion = model_lib.UNetConfig.from_dict(doc['unet']), dict(doc['diffusion'])
+    schedule_from(diffusion)  # a schedule that cannot be built is a damaged description too
+    return unet, diffusion
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f'{path}: invalid model description ({e!r})') from e
+
+
+def trained_on(workdir) -> dict[str, Any] | None:
+  """The training data a target trained here recorded (None: imported, or trained before
+  drc_jax recorded it)."""
+  doc = read_model_doc(workdir)
+  value = doc.get('trained_on')
+  return dict(value) if isinstance(value, dict) else None
+
+
+def workdir_of(path) -> epath.Path:
+  """The workdir of a target path: the workdir itself, its ``checkpoints/`` or one step in it."""
+  path = epath.Path(path)
+  if (path / MODEL_JSON).exists():
+    return path
+  if path.name == CHECKPOINT_DIR:
+    return path.parent
+  return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
 
 
 def is_imported(workdir) -> bool:
   """True when ``workdir`` holds a target converted from elsewhere (never trained here)."""
   path = epath.Path(workdir) / MODEL_JSON
-  return path.exists() and json.loads(path.read_text()).get('source', 'drc_jax') != 'drc_jax'
+  return path.exists() and read_model_doc(workdir).get('source', 'drc_jax') != 'drc_jax'
 
 
 def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:
@@ -86,29 +136,136 @@ def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> st
   return '; '.join(parts)
 
 
+def _host(leaf) -> np.ndarray:
+  """A leaf as a host array (a replicated multi-host array: this process's copy)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    leaf = leaf.addressable_data(0)
+  return np.asarray(leaf)
+
+
+def tree_sha256(tree) -> str:
+  """SHA-256 (hex) of a pytree of arrays: each leaf's dotted name, dtype, shape and bytes.
+
+  Leaves are taken in sorted name order, so the hash depends on the values and names alone (not on
+  the container types or the device the arrays live on).
+  """
+  h = hashlib.sha256()
+  for name, leaf in sorted(model_lib.flat_params(tree).items()):
+    a = np.ascontiguousarray(_host(leaf))
+    h.update(f'{name}|{a.dtype.str}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _recorded(step_dir) -> dict[str, str] | None:
+  """The hashes a step recorded when it was saved (None: saved before drc_jax recorded them)."""
+  path = _absolute(step_dir) / _STEP_METADATA
+  if not path.exists():
+    return None
+  try:
+    meta = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{step_dir}: damaged checkpoint metadata {path.name} ({e})') from e
+  custom = meta.get('custom_metadata') if isinstance(meta, dict) else None
+  recorded = custom.get(INTEGRITY_KEY) if isinstance(custom, dict) else None
+  return recorded if isinstance(recorded, dict) else None
+
+
+def verify(step_dir, part: str, tree) -> str:
+  """Checks ``tree`` (``part``: 'ema_params' or 'state') against the hash recorded at save time.
+
+  Returns:
+    The SHA-256 of ``tree``.
+
+  Raises:
+    CheckpointError: naming the checkpoint when the hashes differ.
+  """
+  got = tree_sha256(tree)
+  recorded = _recorded(step_dir)
+  if recorded is None or part not in recorded:
+    logging.warning('%s: no SHA-256 of %s recorded (saved by an older drc_jax): integrity not '
+                    'checked', step_dir, part)
+  elif recorded[part] != got:
+    what = 'EMA weights' if part == 'ema_params' else 'training state'
+    raise CheckpointError(f'{step_dir}: the {what} read back differ from those saved (SHA-256 '
+                          f'recorded {recorded[part][:12]}..., read {got[:12]}...): the '
+                          f'checkpoint is corrupt; restore it from a copy or delete this step')
+  return got
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves a training state at ``step`` with the SHA-256 of its EMA weights and of itself."""
+  hashes = {'ema_params': tree_sha256(state['ema_params']), 'state': tree_sha256(state)}
+  mngr.save(step, args=ocp.args.StandardSave(state), custom_metadata={INTEGRITY_KEY: hashes})
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """Restores the full training state at ``step`` (default: latest) into ``abstract_state``."""
+  """Restores the full training state at ``step`` (default: latest) into ``abstract_state``.
+
+  Raises:
+    CheckpointError: naming the checkpoint when it does not match the state, cannot be read, or
+      differs from what was saved.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f'{mngr.directory}: no checkpoint found')
+  step_dir = epath.Path(mngr.directory) / str(step)
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{mngr.directory}/{step}: checkpoint does not match the training '
-                          f'state of this config ({str(e)[:500]})') from e
+    raise _unreadable(step_dir, e, 'checkpoint does not match the training state of this config '
+                                   'or cannot be read') from e
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many kinds)
+    raise _unreadable(step_dir, e) from e
+  verify(step_dir, 'state', state)
+  return state
+
+
+def _first_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:300]}'
+
+
+class _DropUnretrievedReadErrors(py_logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' reports of orbax array reads.
+
+  When one array of a checkpoint cannot be read, orbax's other concurrent reads fail too; the
+  first failure becomes our CheckpointError and asyncio would print every other one as its own
+  traceback (dozens, interleaved) when the tasks are collected. They say nothing new.
+  """
+
+  def filter(self, record) -> bool:
+    if 'exception was never retrieved' not in record.getMessage() or not record.exc_info:
+      return True
+    tb = record.exc_info[2]
+    while tb is not None:
+      if '/orbax/checkpoint/' in tb.tb_frame.f_code.co_filename:
+        return False
+      tb = tb.tb_next
+    return True
+
+
+_DROP_UNRETRIEVED = _DropUnretrievedReadErrors()
+
+
+def _unreadable(step_dir, e: BaseException, what: str = 'unreadable checkpoint') -> CheckpointError:
+  py_logging.getLogger('asyncio').addFilter(_DROP_UNRETRIEVED)  # once: filters are a set
+  return CheckpointError(f'{step_dir}: {what} ({_first_line(e)})')
 
 
 def restore_ema(step_dir, abstract_params):
   """Reads only ``ema_params`` of a checkpoint step (a training state or a converted model).
 
   The stored names and shapes are checked against the model first: a mismatch names the keys.
+  The weights are checked against the SHA-256 recorded when the step was saved; any read error is
+  one CheckpointError naming the step.
   """
   item_dir = _absolute(step_dir) / 'default'
-  ckptr = ocp.PyTreeCheckpointer()
+  handler = ocp.PyTreeCheckpointHandler()  # the item alone: no step metadata to look for
   try:
-    tree = ckptr.metadata(item_dir).item_metadata.tree
-  except (FileNotFoundError, ValueError, AttributeError) as e:
-    raise CheckpointError(f'{item_dir}: unreadable checkpoint ({e})') from e
+    tree = handler.metadata(item_dir).tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise _unreadable(step_dir, e) from e
   if 'ema_params' not in tree:
     raise CheckpointError(f'{item_dir}: no ema_params in checkpoint (found {sorted(tree)})')
   found = model_lib.flat_param_shapes(tree['ema_params'])
@@ -117,14 +274,21 @@ def restore_ema(step_dir, abstract_params):
     raise CheckpointError(f'{item_dir}: checkpoint does not match the model in model.json: '
                           f'{detail}')
   item = {'ema_params': abstract_params}
-  restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
-      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  # Restored as host arrays: no device shardings to give (and no warning about them).
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many kinds)
+    raise _unreadable(step_dir, e) from e
+  verify(step_dir, 'ema_params', restored['ema_params'])
   return restored['ema_params']
 
 
 def save_params_only(workdir, params, step: int = 0) -> None:
   """Writes a checkpoint holding only EMA weights (converted models): {'ema_params': params}."""
   mngr = manager(workdir, keep=1)
-  mngr.save(step, args=ocp.args.StandardSave({'ema_params': params}), force=True)
+  mngr.save(step, args=ocp.args.StandardSave({'ema_params': params}), force=True,
+            custom_metadata={INTEGRITY_KEY: {'ema_params': tree_sha256(params)}})
   mngr.wait_until_finished()
   mngr.close()

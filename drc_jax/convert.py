@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from drc_jax import checkpoints
+from drc_jax import errors
 from drc_jax import model as model_lib
 from drc_jax import target as target_lib
 
@@ -51,7 +52,7 @@ _DDPM_NORM_EPS = 1e-5
 _DDPM_TIME_TABLE = 'time_embedding.timembedding.0.weight'
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A checkpoint that cannot be imported; the message names the file, key or config field."""
 
 
@@ -728,6 +729,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('num_timesteps', None, 'T (default: recorded by the source, else 1000).')
   flags.DEFINE_float('beta_start', None, 'Linear schedule start (default: recorded, else 1e-4).')
   flags.DEFINE_float('beta_end', None, 'Linear schedule end (default: recorded, else 0.02).')
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of input errors instead of one line.')
 
 
 def main(argv):
@@ -738,11 +740,12 @@ def main(argv):
     raise app.UsageError('--weights applies to --format=pytorch-ddpm only')
   overrides = {k: getattr(f, k) for k in ('num_timesteps', 'beta_start', 'beta_end')
                if getattr(f, k) is not None}
-  convert(f.format, f.src, f.workdir, weights=f.weights, resolution=f.resolution,
-          diffusion=overrides)
+  errors.run_reporting_user_errors(
+      lambda: convert(f.format, f.src, f.workdir, weights=f.weights, resolution=f.resolution,
+                      diffusion=overrides), f.verbose)
 
 
 if __name__ == '__main__':
   _define_flags()
   flags.mark_flags_as_required(['format', 'src', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser)

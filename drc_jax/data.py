@@ -24,19 +24,24 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from drc_jax import errors
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
                   'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                         'Sneaker', 'Bag', 'Ankle boot')
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Bad input data; the message names the file, index or field."""
 
 
 class ImageSource(Protocol):
   """Random access to one split of a dataset."""
   name: str
+  label_names: tuple[str, ...]  # name of label i ('' or empty tuple: unknown)
 
   def __len__(self) -> int:
     ...
@@ -100,6 +105,7 @@ class FashionMnistSource:
       raise DataError(f'{img_file}: {len(self._images)} images but {lbl_file} has '
                       f'{len(self._labels)} labels')
     self.name = f'fashion_mnist/{split}'
+    self.label_names = FASHION_MNIST_CLASSES
 
   def __len__(self) -> int:
     return len(self._images)
@@ -143,6 +149,10 @@ class TfdsSource:
     # The order is part of the name: split manifests record it, so indices made in one order are
     # never read in the other.
     self.name = f'{name}/{split}' + (f'[order={order}]' if order else '')
+    try:
+      self.label_names = tuple(self._ds.dataset_info.features['label'].names)
+    except (AttributeError, KeyError, TypeError):  # no class label feature, or no names
+      self.label_names = ()
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -213,8 +223,9 @@ class FolderSource:
   """PNG/JPEG files under a folder (recursively), in sorted relative-path order.
 
   The label of a file is the index of its first-level subfolder in sorted order (-1 for files at
-  the top). Images are decoded as grayscale ('L') or RGB; other modes (palette, RGBA, CMYK) are
-  converted to RGB.
+  the top); ``label_names`` holds the subfolder names. Images are decoded to 8-bit grayscale or
+  RGB (``to_8bit``): 16-bit images are scaled to 8 bits, alpha is dropped, palettes are
+  expanded; a folder must not mix grayscale and RGB files.
   """
 
   def __init__(self, path: str, resolution: int):
@@ -229,6 +240,7 @@ class FolderSource:
     subdirs = sorted({os.path.relpath(f, path).split(os.sep)[0]
                       for f in self.files if os.sep in os.path.relpath(f, path)})
     self._label_of = {d: i for i, d in enumerate(subdirs)}
+    self.label_names = tuple(subdirs)
     self._root, self._resolution = path, resolution
     self.name = f'folder:{os.path.abspath(path)}'
 
@@ -247,22 +259,61 @@ class FolderSource:
       try:
         with Image.open(f) as im:
           im.load()
-          im = im if im.mode in ('L', 'RGB') else im.convert('RGB')
+          im = to_8bit(im, f)
           # Folder images may differ in size: bring each to a square of the model resolution.
           arr = np.asarray(_center_square(im).resize((self._resolution,) * 2, Image.BICUBIC))
-      except (OSError, SyntaxError, ValueError) as e:
+      except DataError:
+        raise
+      except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f'{f}: unreadable or corrupt image ({e})') from e
       images.append(arr[..., None] if arr.ndim == 2 else arr)
-    chans = {im.shape[-1] for im in images}
-    if len(chans) > 1:
-      raise DataError(f'{self.name}: mixed grayscale and RGB files; convert them first')
+      if images[-1].shape[-1] != images[0].shape[-1]:
+        kind = {1: 'grayscale', 3: 'RGB'}
+        raise DataError(f'{f} is {kind[images[-1].shape[-1]]} but {self.files[idx[0]]} is '
+                        f'{kind[images[0].shape[-1]]}: an image folder must hold one kind '
+                        f'(convert the files first)')
     return np.stack(images), np.asarray([self._label(self.files[i]) for i in idx], np.int64)
+
+
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_GRAY_MODES = ('1', 'L', 'LA', 'La')
+_COLOR_MODES = ('P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV')
+
+
+def to_8bit(im: Image.Image, name: str) -> Image.Image:
+  """An 8-bit grayscale ('L') or RGB image from any PIL mode a PNG or JPEG file decodes to.
+
+  16-bit grayscale ('I;16*', and 'I' from a PNG: 16-bit values) is scaled to 8 bits,
+  round(v / 257), so 0 and 65535 map to 0 and 255 (PIL's own conversion clips at 255 and turns
+  such an image nearly white). Alpha is dropped (not composited), palettes are expanded to RGB,
+  bilevel images become 0/255 grayscale. Other modes (32-bit integer or float) are refused.
+
+  Raises:
+    DataError: naming ``name`` for a mode with no faithful 8-bit reading.
+  """
+  if im.mode in _SIXTEEN_BIT_MODES or (im.mode == 'I' and im.format == 'PNG'):
+    v = np.asarray(im).astype(np.int64)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+      raise DataError(f'{name}: {im.mode} image with values outside 0..65535')
+    return Image.fromarray(np.round(v / 257.0).astype(np.uint8), 'L')
+  if im.mode in _GRAY_MODES:
+    return im if im.mode == 'L' else im.convert('L')
+  if im.mode in _COLOR_MODES:
+    return im if im.mode == 'RGB' else im.convert('RGB')
+  raise DataError(f'{name}: image mode {im.mode!r} ({"float" if im.mode == "F" else "32-bit"}) '
+                  f'has no faithful 8-bit reading; save it as 8- or 16-bit grayscale or RGB')
 
 
 def _center_square(im: Image.Image) -> Image.Image:
   w, h = im.size
   s = min(w, h)
   return im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def label_name(source: ImageSource, label: int) -> str:
+  """What a person reads for ``label``: the class or folder name, else 'label N'."""
+  names = getattr(source, 'label_names', ())
+  return names[label] if 0 <= label < len(names) else f'label {label}'
 
 
 def make_source(data_cfg) -> ImageSource:

@@ -280,8 +280,9 @@ def score_folder(config, workdir: str, scorer: audit_lib.Scorer, role: str, path
   """
   source = data_lib.FolderSource(path, config.data.resolution)
   root = epath.Path(workdir) / DATASET_DIR / role
-  record = {'scores': audit_lib.fingerprint(config), 'folder': os.path.abspath(path),
-            'num_images': len(source), 'sha256': _folder_digest(source)}
+  record = {'scores': audit_lib.fingerprint(config, scorer.target),
+            'folder': os.path.abspath(path), 'num_images': len(source),
+            'sha256': _folder_digest(source)}
   record = json.loads(json.dumps(record))
   record_path = root / FOLDER_CONFIG
   if record_path.exists():
@@ -399,7 +400,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
           'the normal approximation where method is "normal").',
           'The verdict is the combined test; per-attack tests are not corrected for multiplicity.',
       ],
-      'fingerprint': audit_lib.fingerprint(config),
+      'fingerprint': audit_lib.fingerprint(config, scorer.target),
       'config': json.loads(json.dumps(ds.to_dict(), default=list)),
   }
   result = json.loads(json.dumps(result))

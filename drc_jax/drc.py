@@ -21,6 +21,7 @@ from drc_jax import compare as compare_lib
 from drc_jax import degrade as degrade_lib
 from drc_jax import parallel
 from drc_jax import restore as restore_lib
+from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
 
   def keys_and_degradation(key_data, images, k):
     keys = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), k))(key_data)
-    return keys, degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, 7))(keys), images)
+    return keys, degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, streams.DEGRADE))(keys), images)
 
   def one(params, key_data, images, k):
     keys, d = keys_and_degradation(key_data, images, k)

@@ -31,3 +31,26 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
   atomic_write_bytes(path, text.encode())
+
+
+def move(src, dst) -> None:
+  """Moves a file or a folder tree ``src`` to ``dst`` (which must not exist).
+
+  Local paths are renamed (atomic for each entry); object storage has no folders to rename, so
+  each file is copied, then the source tree removed.
+  """
+  src, dst = epath.Path(src), epath.Path(dst)
+  if '://' not in str(src) and '://' not in str(dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dst)
+    return
+  if not src.is_dir():
+    src.copy(dst)
+    src.unlink()
+    return
+  for f in src.rglob('*'):
+    if not f.is_dir():
+      target = dst / f.relative_to(src)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      f.copy(target)
+  src.rmtree()

@@ -14,6 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from drc_jax import errors
 from drc_jax import parallel
 from drc_jax import pipeline
 
@@ -22,17 +23,27 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:variant]).',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory (local or gs://); default runs/<config name>.')
+flags.DEFINE_string('workdir', None, 'Run directory (local or gs://); default '
+                    'runs/<config>[-<variant>]_<source>_<dataset> (see README).')
 flags.DEFINE_enum('mode', None, pipeline.MODES, 'What to run (default: config.mode).')
-flags.DEFINE_bool('overwrite', False, 'Audit a workdir made with a different config anyway, '
-                  'discarding its scores.')
+flags.DEFINE_bool('overwrite', False, 'Audit a workdir made with a different config or target '
+                  'anyway: once every input is validated, its results move to W/superseded/.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in the inputs (config, data, '
+                  'split, checkpoint, workdir) instead of one line.')
 
 
 class _QuietLibraries:
-  """Drops INFO records of orbax (a dozen lines per checkpoint); warnings still pass."""
+  """Drops INFO records of orbax (a dozen lines per checkpoint) and JAX's report of backends it
+  probed and did not find ("Unable to initialize backend 'tpu'" on every CPU run); warnings
+  still pass."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or '/orbax/' not in record.pathname
+    if record.levelno > 20:
+      return True
+    if '/orbax/' in record.pathname:
+      return False
+    return not ('xla_bridge' in record.pathname
+                and str(record.msg).startswith('Unable to initialize backend'))
 
 
 def main(argv):
@@ -42,12 +53,14 @@ def main(argv):
   parallel.initialize()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or pipeline.default_workdir(
-      config_flags.get_config_filename(flags.FLAGS['config']))
+      config_flags.get_config_filename(flags.FLAGS['config']), config)
   logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  pipeline.run(config, workdir, flags.FLAGS.mode or config.mode, overwrite=flags.FLAGS.overwrite)
+  errors.run_reporting_user_errors(
+      lambda: pipeline.run(config, workdir, flags.FLAGS.mode or config.mode,
+                           overwrite=flags.FLAGS.overwrite), flags.FLAGS.verbose)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.flags_parser)

@@ -291,6 +291,35 @@ def calibration_split(num_members: int, num_nonmembers: int, *, fraction: float,
   return heldout_masks[0], heldout_masks[1]
 
 
+_Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int) -> list[float]:
+  """95% Wilson score interval of a proportion ``successes / n`` (n >= 1).
+
+  Unlike the normal interval it stays inside [0, 1] and is not empty at 0 or n successes:
+  0 of 10 gives [0, 0.278].
+  """
+  if n < 1 or not 0 <= successes <= n:
+    raise ValueError(f'need 0 <= successes <= n and n >= 1, got {successes} of {n}')
+  p, z2 = successes / n, _Z95**2
+  center = (p + z2 / (2 * n)) / (1 + z2 / n)
+  half = _Z95 * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+  return [float(max(0.0, center - half)), float(min(1.0, center + half))]
+
+
+def balanced_accuracy_interval(tp: int, p: int, fp: int, n: int) -> list[float]:
+  """95% interval of the balanced accuracy (1 + TPR - FPR) / 2 at a fixed threshold.
+
+  The Agresti-Caffo interval of the difference TPR - FPR of two independent proportions (one
+  success and one failure added to each), mapped to the accuracy scale and clipped to [0, 1].
+  """
+  p1, p2 = (tp + 1) / (p + 2), (fp + 1) / (n + 2)
+  se = np.sqrt(p1 * (1 - p1) / (p + 2) + p2 * (1 - p2) / (n + 2))
+  d = p1 - p2
+  return [float(max(0.0, (1 + d - _Z95 * se) / 2)), float(min(1.0, (1 + d + _Z95 * se) / 2))]
+
+
 def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) -> dict[str, Any]:
   """Fits a threshold on a random calibration part and evaluates it on the held-out rest.
 
@@ -310,8 +339,9 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   Returns:
     A dict with ``threshold``, ``fraction``, ``seed``, ``calibration`` (``n_members``,
     ``n_nonmembers``, ``accuracy``), the held-out ``tpr``, ``fpr``, ``accuracy``, ``n_members`` and
-    ``n_nonmembers``, and the held-out masks ``member_heldout`` bool [P] and ``nonmember_heldout``
-    bool [N] (NumPy arrays: drop them before JSON serialisation).
+    ``n_nonmembers``, ``ci95`` (95% intervals of the held-out ``tpr`` and ``fpr``, Wilson, and of
+    ``accuracy``, Agresti-Caffo), and the held-out masks ``member_heldout`` bool [P] and
+    ``nonmember_heldout`` bool [N] (NumPy arrays: drop them before JSON serialisation).
   """
   member = _as_scores(member_scores, 'member_scores')
   nonmember = _as_scores(nonmember_scores, 'nonmember_scores')
@@ -324,6 +354,7 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
     return float(((members >= threshold).mean() + (nonmembers < threshold).mean()) / 2)
 
   test_member, test_nonmember = member[member_heldout], nonmember[nonmember_heldout]
+  tp, fp = int((test_member >= threshold).sum()), int((test_nonmember >= threshold).sum())
   return {
       'threshold': threshold,
       'fraction': float(fraction),
@@ -335,6 +366,10 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
       'accuracy': accuracy(test_member, test_nonmember),
       'n_members': int(test_member.size),
       'n_nonmembers': int(test_nonmember.size),
+      'ci95': {'tpr': wilson_interval(tp, test_member.size),
+               'fpr': wilson_interval(fp, test_nonmember.size),
+               'accuracy': balanced_accuracy_interval(tp, test_member.size, fp,
+                                                      test_nonmember.size)},
       'member_heldout': member_heldout,
       'nonmember_heldout': nonmember_heldout,
   }
@@ -367,7 +402,8 @@ def agree_curve(member_votes, nonmember_votes, k: int) -> dict[str, list]:
   Returns:
     A JSON-serialisable dict of lists, one entry per agree number: ``agree`` (1..k), ``precision``
     (TP / (TP + FP); None where no image is predicted member, as precision is undefined there),
-    ``recall`` (TP / P), ``true_positives`` and ``false_positives``.
+    ``recall`` (TP / P), ``true_positives`` and ``false_positives``; and ``n_members`` (P) and
+    ``n_nonmembers`` (N), whose ratio gives the precision of guessing.
   """
   if k < 1:
     raise ValueError(f'k must be >= 1, got {k}')
@@ -382,6 +418,7 @@ def agree_curve(member_votes, nonmember_votes, k: int) -> dict[str, list]:
     out['recall'].append(tp / member.size)
     out['true_positives'].append(tp)
     out['false_positives'].append(fp)
+  out['n_members'], out['n_nonmembers'] = int(member.size), int(nonmember.size)
   return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from absl import logging
 from etils import epath
@@ -20,9 +21,48 @@ from drc_jax import validate
 MODES = ('train', 'audit', 'report', 'dataset', 'all')
 
 
-def default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
-  return os.path.join('runs', name)
+def default_workdir(config_path: str, config=None) -> str:
+  """``runs/<config>[-<variant>]_<source>_<dataset>``, each word once.
+
+  The config file's name (with its variant, e.g. ``celeba-runlocal,res=64`` as
+  ``celeba-runlocal-res-64``), then the data source and the dataset (a folder source: the
+  folder's name), leaving out a word already there: ``runs/fashion_mnist`` for the embedded
+  default, ``runs/cifar10_tfds``, ``runs/celeba_tfds_celeb_a``,
+  ``runs/fashion_mnist_folder_digits`` for ``--config.data.source=folder
+  --config.data.data_dir=.../digits``. So a run on other data never lands on a workdir made for
+  this one (and a workdir's target is checked against its training data anyway).
+  """
+  path, _, variant = config_path.partition(':')
+  stem = os.path.splitext(os.path.basename(path))[0]
+  words, seen = [stem], {stem}
+  if variant:
+    words[0] += '-' + re.sub(r'[^A-Za-z0-9_.]+', '-', variant).strip('-')
+  if config is not None:
+    d = config.data
+    dataset = (os.path.basename(os.path.normpath(d.data_dir)) if d.source == 'folder' else d.name)
+    for word in (d.source, dataset):
+      word = re.sub(r'[^A-Za-z0-9_.-]+', '-', str(word)).strip('-.')
+      if word and word not in seen:
+        words.append(word)
+        seen.add(word)
+  return os.path.join('runs', '_'.join(words))
+
+
+def _refuse_training_audited_target(workdir: str, steps: int, overwrite: bool) -> None:
+  """Training on a target whose scores are in the workdir would leave them describing weights
+  that no longer exist: refused unless ``overwrite`` (the next audit then moves them aside)."""
+  recorded = audit_lib.recorded_fingerprint(workdir)
+  if recorded is None or overwrite:
+    return
+  if (recorded.get('audit') or {}).get('checkpoint'):
+    return  # those scores are of a target elsewhere (config.audit.checkpoint)
+  step = (recorded.get('target') or {}).get('step') if isinstance(recorded.get('target'),
+                                                                  dict) else None
+  raise audit_lib.AuditConfigMismatch(
+      f'{workdir} holds results of its target at step {step if step is not None else "?"}; '
+      f'training it to step {steps} would leave them describing weights that no longer exist. '
+      f'Use another --workdir, or pass --overwrite to train and re-audit (the old results then '
+      f'move to {workdir}/{audit_lib.SUPERSEDED_DIR}/).')
 
 
 def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None:
@@ -36,7 +76,7 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   'dataset'.
   """
   if mode not in MODES:
-    raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
+    raise validate.ConfigError(f'--mode: unknown {mode!r}; expected one of {MODES}')
   validate.check(config)
   imported = checkpoints.is_imported(workdir)
   if mode == 'train' and imported:
@@ -45,8 +85,10 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   if mode == 'train' or (mode == 'all' and not config.audit.checkpoint and not imported):
     done = train_lib.trained_steps(workdir)
     if done is not None and done >= config.train.steps:
-      logging.info('target in %s already trained (%d steps): reusing it', workdir, done)
+      logging.info('target in %s already trained (%d steps): reusing it (its training data is '
+                   'checked by the audit)', workdir, done)
     else:
+      _refuse_training_audited_target(workdir, config.train.steps, overwrite)
       train_lib.train(config, workdir)
   if mode == 'train':
     return None

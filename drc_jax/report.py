@@ -133,10 +133,18 @@ def plot_histograms(table: Mapping[str, np.ndarray], path: str) -> str:
   return _save_figure(fig, path)
 
 
+def agree_chance_precision(agree: Mapping[str, Any]) -> float | None:
+  """Precision of guessing: the share of members among the audited images (None: counts
+  unknown)."""
+  n_m, n_n = agree.get('n_members'), agree.get('n_nonmembers')
+  return None if not n_m or n_n is None else n_m / (n_m + n_n)
+
+
 def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
   """Precision and recall against the agree number (from ``metrics.agree_curve``).
 
-  Undefined precision (None: nothing predicted member) is left out of the curve.
+  Undefined precision (None: nothing predicted member) is left out of the curve. The dashed line
+  is the precision of guessing (the share of members), when ``agree`` has the counts.
   """
   agree_numbers = np.asarray(agree['agree'])
   precision = np.array([np.nan if p is None else p for p in agree['precision']], dtype=np.float64)
@@ -145,6 +153,10 @@ def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
   ax = fig.add_subplot()
   ax.plot(agree_numbers, precision, 'o-', label='precision')
   ax.plot(agree_numbers, recall, 's-', label='recall')
+  chance = agree_chance_precision(agree)
+  if chance is not None:
+    ax.axhline(chance, color='k', linestyle='--', linewidth=0.8,
+               label=f'chance precision ({100 * chance:.1f}% members)')
   ax.set_xticks(agree_numbers)
   ax.set_ylim(0, 1.05)
   ax.set_xlabel('agree number (votes needed to call "member")')
@@ -361,21 +373,31 @@ def _fmt_nfe(value: Any) -> str:
 
 
 def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-  """A plain-text table for the terminal: attack, AUC, ASR, TPR@FPR columns, NFE; then warnings."""
+  """A plain-text table for the terminal: attack, AUC, ASR, TPR@FPR columns (each with its 95%
+  interval when known), NFE; then each warning once, with the attacks it concerns."""
   tpr_columns = _tpr_columns(metrics)
-  header = ['attack', 'AUC', 'ASR'] + [label.replace('FPR', '') for _, label in tpr_columns]
+  header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [
+      label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns]
   header.append('NFE')
   rows = [header]
   for attack, m in metrics.items():
-    rows.append([attack, _fmt(m.get('auc'), '.4f'), _fmt(m.get('asr'), '.4f')]
-                + [_fmt_percent(m.get(key)) for key, _ in tpr_columns]
+    ci = m.get('ci95', {})
+    rows.append([attack, _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), False),
+                 _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), False)]
+                + [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), True)
+                   for key, _ in tpr_columns]
                 + [_fmt_nfe(m.get('nfe_per_image'))])
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))
+  notes: dict[str, list[str]] = {}  # the same warning for every attack is printed once
   for attack, m in metrics.items():
-    lines.extend(f'note ({attack}): {warning}' for warning in m.get('warnings', ()))
+    for warning in m.get('warnings', ()):
+      notes.setdefault(warning, []).append(attack)
+  for warning, attacks in notes.items():
+    who = 'all attacks' if len(attacks) == len(metrics) > 1 else ', '.join(attacks)
+    lines.append(f'note ({who}): {warning}')
   return '\n'.join(lines)
 
 
@@ -386,7 +408,8 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [label for _, label in tpr_columns]
   header.append('model calls / image')
   if calibrated:
-    header += ['calibrated threshold', 'held-out TPR', 'held-out FPR', 'held-out accuracy']
+    header += ['calibrated threshold', 'held-out TPR [95% CI]', 'held-out FPR [95% CI]',
+               'held-out accuracy [95% CI]', 'held-out n (members / non-members)']
   header.append('warnings')
   rows = []
   for attack, m in metrics.items():
@@ -399,8 +422,14 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     cells.append(_fmt_nfe(m.get('nfe_per_image')))
     if calibrated:
       cal = m.get('calibrated', {})
-      cells += [_fmt(cal.get('threshold'), '.6g'), _fmt_percent(cal.get('tpr')),
-                _fmt_percent(cal.get('fpr')), _fmt(cal.get('accuracy'), '.4f')]
+      cal_ci = cal.get('ci95', {})
+      n = (f"{cal['n_members']} / {cal['n_nonmembers']}"
+           if 'n_members' in cal and 'n_nonmembers' in cal else '-')
+      cells += [_fmt(cal.get('threshold'), '.6g'),
+                _fmt_percent(cal.get('tpr')) + _fmt_interval(cal_ci.get('tpr'), True),
+                _fmt_percent(cal.get('fpr')) + _fmt_interval(cal_ci.get('fpr'), True),
+                _fmt(cal.get('accuracy'), '.4f') + _fmt_interval(cal_ci.get('accuracy'), False),
+                n]
     cells.append('; '.join(m.get('warnings', ())))
     rows.append('<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in cells) + '</tr>')
   head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
@@ -515,14 +544,17 @@ def _img_tag(png_path: str, alt: str) -> str:
 
 
 def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) -> str:
-  """The panel title plus the image's label and hash prefix, looked up in the table."""
+  """The panel title plus the image's label (its name when the item has ``label_name``) and
+  hash prefix, looked up in the table."""
   caption = _evidence_title(item)
+  if item.get('label_name'):
+    caption += f", {item['label_name']}"
   if 'index' in table and 'split' in table:
     split = 1 if _split_name(item['split']) == 'member' else 0
     rows = np.flatnonzero((np.asarray(table['index']) == int(item['index']))
                           & (np.asarray(table['split']) == split))
     if rows.size:
-      if 'label' in table:
+      if 'label' in table and not item.get('label_name'):
         caption += f", label {int(np.asarray(table['label'])[rows[0]])}"
       if 'hash' in table:
         caption += f", sha256 {str(np.asarray(table['hash'])[rows[0]])[:16]}"

@@ -32,6 +32,7 @@ from drc_jax import degrade as degrade_lib
 from drc_jax import model as model_lib
 from drc_jax import parallel
 from drc_jax import schedule as schedule_lib
+from drc_jax import streams
 
 
 def repaint_jumps(t_T: int, jump_length: int, jump_n_sample: int) -> list[int]:
@@ -105,11 +106,12 @@ class Restorer:
   restore: Callable  # (params, keys, images, degradation) -> restored
 
 
-# Noise streams folded into each image's key: step i uses i; these never collide with a step.
-_INIT_STREAM = 2**31 - 1  # the starting noise
-_FIXED_KNOWN_STREAM = 2**31 - 2  # DDIM's one noise for the known region
-_KNOWN_STREAM = 2**30  # RePaint's known-region noise of step i is _KNOWN_STREAM + i
-_JUMP_STREAM = 2**29  # RePaint's re-noising (jump) noise before down step i
+# Noise streams folded into each image's key, from the package's one table (streams.py); step i
+# uses streams.STEP + i = i.
+_INIT_STREAM = streams.INIT  # the starting noise
+_FIXED_KNOWN_STREAM = streams.FIXED_KNOWN  # DDIM's one noise for the known region
+_KNOWN_STREAM = streams.KNOWN  # RePaint's known-region noise of step i is _KNOWN_STREAM + i
+_JUMP_STREAM = streams.JUMP  # RePaint's re-noising (jump) noise before down step i
 
 
 def _per_image_normal(keys: jnp.ndarray, step, shape) -> jnp.ndarray:

@@ -21,6 +21,23 @@ from drc_jax import data as data_lib
 from drc_jax import fileio
 
 
+def _as_indices(values, name: str) -> np.ndarray:
+  """int64 [N] from a list or array of whole numbers; anything else is a DataError."""
+  try:
+    arr = np.asarray(values).reshape(-1)
+  except (TypeError, ValueError) as e:
+    raise data_lib.DataError(f'split: {name} are not a list of indices ({e})') from e
+  if arr.size == 0 or np.issubdtype(arr.dtype, np.integer):
+    return arr.astype(np.int64)
+  if arr.dtype.kind == 'f':
+    bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+    if bad.size:
+      raise data_lib.DataError(f'split: {name} index {bad[0].item()!r} is not a whole number '
+                               f'(indices are never rounded)')
+    return arr.astype(np.int64)
+  raise data_lib.DataError(f'split: {name} indices have type {arr.dtype} (expected integers)')
+
+
 @dataclasses.dataclass
 class SplitManifest:
   dataset: str  # source name, e.g. 'fashion_mnist/train' or 'cifar10/train'
@@ -29,10 +46,13 @@ class SplitManifest:
   seed: int | None = None  # seed of the permutation (None when read from a .npz)
   members_sha256: str = ''  # SHA-256 over the per-image SHA-256s of the members, in order
   nonmembers_sha256: str = ''
+  # Per-image SHA-256s of the members, filled in by ``resolve`` (not stored in the manifest).
+  member_image_hashes: list[str] | None = dataclasses.field(default=None, repr=False,
+                                                             compare=False)
 
   def __post_init__(self):
-    self.members = np.asarray(self.members, np.int64).reshape(-1)
-    self.nonmembers = np.asarray(self.nonmembers, np.int64).reshape(-1)
+    self.members = _as_indices(self.members, 'members')
+    self.nonmembers = _as_indices(self.nonmembers, 'non-members')
     for name, idx in (('members', self.members), ('non-members', self.nonmembers)):
       if len(np.unique(idx)) != len(idx):
         raise data_lib.DataError(f'split: duplicate indices among {name}')
@@ -96,14 +116,21 @@ def load(path: str, dataset: str = '') -> SplitManifest:
           raise data_lib.DataError(f'{path}: missing key {missing[0]!r} (a SecMI/PIA split has '
                                    f"'mia_train_idxs' and 'mia_eval_idxs'; found {z.files})")
         members, nonmembers = z['mia_train_idxs'], z['mia_eval_idxs']
+    except data_lib.DataError:
+      raise
     except (OSError, ValueError) as e:
       raise data_lib.DataError(f'{path}: not a readable .npz file ({e})') from e
-    return SplitManifest(dataset, members, nonmembers)
+    try:
+      return SplitManifest(dataset, members, nonmembers)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f'{path}: {e}') from e
   try:
     d = json.loads(p.read_text())
     return SplitManifest(d['dataset'], d['members'], d['nonmembers'], d.get('seed'),
                          d.get('members_sha256', ''), d.get('nonmembers_sha256', ''))
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+  except data_lib.DataError as e:
+    raise data_lib.DataError(f'{path}: {e}') from e
+  except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
     raise data_lib.DataError(f'{path}: not a valid split manifest ({e!r})') from e
 
 
@@ -132,14 +159,76 @@ def resolve(split_cfg, source: data_lib.ImageSource, workdir: str,
                           split_cfg.num_nonmembers, split_cfg.seed)
     where = 'config.split'
   manifest.check_range(len(source), where)
-  hashes = {name: set_hash(data_lib.image_hashes(source.read(idx)[0]))
-            for name, idx in (('members', manifest.members), ('nonmembers', manifest.nonmembers))}
+  for name, idx in (('members', manifest.members), ('non-members', manifest.nonmembers)):
+    if not idx.size:
+      raise data_lib.DataError(f'{where}: no {name} (an audit needs both sets)')
+  per_image = {name: data_lib.image_hashes(source.read(idx)[0])
+               for name, idx in (('members', manifest.members),
+                                 ('nonmembers', manifest.nonmembers))}
+  manifest.member_image_hashes = per_image['members']
+  hashes = {name: set_hash(h) for name, h in per_image.items()}
   for name, h in hashes.items():
     old = getattr(manifest, f'{name}_sha256')
     if old and old != h:
       raise data_lib.DataError(f'{where}: the {name} images changed since the split was made '
                                f'(SHA-256 {old[:12]}... now {h[:12]}...)')
     setattr(manifest, f'{name}_sha256', h)
-  if write and not epath.Path(path).exists():
-    save(manifest, path)
+  if write:
+    write_to_workdir(manifest, workdir)
   return manifest
+
+
+def write_to_workdir(manifest: SplitManifest, workdir: str) -> None:
+  """Writes ``workdir/split.json`` unless the workdir has one (``resolve`` checked it)."""
+  path = os.path.join(workdir, 'split.json')
+  if not epath.Path(path).exists():
+    save(manifest, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a target was trained on (recorded in its model.json as 'trained_on').
+
+# Fields that must agree for a target to be audited on (or trained further with) a split; the
+# others ('source', 'name', 'split', 'data_dir') are recorded to say where the data came from.
+TRAINED_ON_CHECKED = ('dataset', 'resolution', 'channels', 'center_crop', 'convert_channels',
+                      'num_members', 'member_indices_sha256', 'member_images_sha256')
+
+
+def training_data(data_cfg, source: data_lib.ImageSource, split: SplitManifest) -> dict:
+  """The identity of a training set: where the images come from, how they are prepared, and
+  SHA-256s of the sorted member indices and of the sorted member image hashes (so neither the
+  order of a split file nor a moved copy of the data changes it)."""
+  if split.member_image_hashes is None:
+    raise ValueError('training_data needs a manifest from splits.resolve')
+  return {'source': data_cfg.source, 'name': data_cfg.name, 'split': data_cfg.split,
+          'data_dir': data_cfg.data_dir, 'dataset': source.name,
+          'resolution': int(data_cfg.resolution), 'channels': int(data_cfg.channels),
+          'center_crop': int(data_cfg.center_crop),
+          'convert_channels': bool(data_cfg.convert_channels),
+          'num_members': int(len(split.members)),
+          'member_indices_sha256': hashlib.sha256(
+              np.sort(split.members).astype('<i8').tobytes()).hexdigest(),
+          'member_images_sha256': set_hash(sorted(split.member_image_hashes))}
+
+
+def check_trained_on(recorded: dict | None, current: dict, where: str) -> None:
+  """Refuses a target trained on other data than ``current`` (``training_data`` of this run).
+
+  Args:
+    recorded: the target's ``trained_on`` (None: an imported target, or one trained before
+      drc_jax recorded it; not checked).
+    current: this run's training data identity.
+    where: the model.json that recorded ``recorded``, for the message.
+
+  Raises:
+    data_lib.DataError: naming ``where`` and every field that differs.
+  """
+  if recorded is None:
+    return
+  diffs = [f'{k}: {recorded.get(k)!r} -> {current.get(k)!r}' for k in TRAINED_ON_CHECKED
+           if recorded.get(k) != current.get(k)]
+  if diffs:
+    raise data_lib.DataError(
+        f'{where}: the target was trained on other data than this run\'s members '
+        f'({"; ".join(d[:120] for d in diffs)}); audit it with the data and split it was '
+        f'trained on (its workdir\'s split.json), or use another --workdir')

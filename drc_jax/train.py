@@ -8,7 +8,6 @@ restarted from its last checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -21,10 +20,13 @@ from etils import epath
 
 from drc_jax import checkpoints
 from drc_jax import data as data_lib
+from drc_jax import errors
 from drc_jax import model as model_lib
 from drc_jax import parallel
+from drc_jax import progress
 from drc_jax import schedule as schedule_lib
 from drc_jax import splits as splits_lib
+from drc_jax import streams
 
 State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
 
@@ -105,20 +107,31 @@ def train(config, workdir: str) -> State:
   parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
   mesh = parallel.make_mesh()
   source = data_lib.make_source(config.data)
-  split = splits_lib.resolve(config.split, source, workdir, write=parallel.is_writer())
+  split = splits_lib.resolve(config.split, source, workdir, write=False)
   members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
   logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
+  data_identity = splits_lib.training_data(config.data, source, split)
 
   unet_cfg, model, params, schedule, tx = build(config)
-  if (epath.Path(workdir) / checkpoints.MODEL_JSON).exists():
-    # Never overwrite the description of a target already in the workdir with another one.
+  model_json = epath.Path(workdir) / checkpoints.MODEL_JSON
+  if model_json.exists():
+    # Never overwrite the description of a target already in the workdir with another one, nor
+    # train it further on other data.
     old_unet, old_diffusion = checkpoints.load_model_json(workdir)
     if old_unet != unet_cfg or old_diffusion != dict(config.diffusion):
       raise checkpoints.CheckpointError(
-          f'{workdir} holds a target of another architecture or schedule '
-          f'({epath.Path(workdir) / checkpoints.MODEL_JSON}); use another --workdir')
+          f'{workdir} holds a target of another architecture or schedule ({model_json}); use '
+          f'another --workdir')
+    recorded = checkpoints.trained_on(workdir)
+    if recorded is None:
+      logging.warning('%s records no training data (trained by an older drc_jax): the members '
+                      'of this run are not checked against it', model_json)
+    splits_lib.check_trained_on(recorded, data_identity, str(model_json))
   elif parallel.is_writer():
-    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion))
+    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion),
+                                trained_on=data_identity)
+  if parallel.is_writer():
+    splits_lib.write_to_workdir(split, workdir)
   logging.info('UNet: %.3fM parameters', model_lib.count_params(params) / 1e6)
   state = init_state(params, tx)
   mngr = checkpoints.manager(workdir, keep=tcfg.keep_checkpoints)
@@ -128,12 +141,12 @@ def train(config, workdir: str) -> State:
     logging.info('resumed from step %d', int(state['step']))
   state = parallel.replicate(mesh, state)
   train_step = make_train_step(model, schedule, tx, tcfg, mesh)
-  key = jax.random.fold_in(jax.random.key(config.seed), 1)  # training stream
+  key = jax.random.fold_in(jax.random.key(config.seed), streams.TRAIN)
   n_proc, p_idx = jax.process_count(), jax.process_index()
   local = tcfg.batch_size // n_proc
 
-  step = int(state['step'])
-  t_last, s_last = time.time(), step
+  step = start = int(state['step'])
+  speed = progress.Throughput(tcfg.steps - start)  # leaves out the first step (compilation)
   while step < tcfg.steps:
     idx = batch_indices(step, len(members), tcfg.batch_size, config.seed)
     rows = members[idx[p_idx * local:(p_idx + 1) * local]]
@@ -141,18 +154,20 @@ def train(config, workdir: str) -> State:
     valid = parallel.shard_batch(mesh, np.ones((local,), bool))
     state, metrics = train_step(state, images, valid, key)
     step += 1
+    if step == start + 1:  # the first step compiles: time the steps after it
+      jax.block_until_ready(metrics)
+      speed.update(1)
     if step % tcfg.log_every == 0 or step == tcfg.steps:
       loss = float(metrics['loss'])
+      speed.update(step - start - speed.done)
       if not np.isfinite(loss):
-        raise FloatingPointError(f'training loss became {loss} at step {step}')
-      now = time.time()
-      rate = (step - s_last) / max(now - t_last, 1e-9)
-      logging.info('step %d/%d loss %.5f grad_norm %.3f %.2f steps/s ETA %.0fs', step,
-                   tcfg.steps, loss, float(metrics['grad_norm']), rate,
-                   (tcfg.steps - step) / max(rate, 1e-9))
-      t_last, s_last = now, step
+        raise errors.TrainingError(
+            f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
+            f'raise config.train.warmup_steps; the run resumes from its last checkpoint')
+      logging.info('step %d/%d loss %.5f grad_norm %.3f %s', step, tcfg.steps, loss,
+                   float(metrics['grad_norm']), speed.describe('steps'))
     if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-      mngr.save(step, args=ocp.args.StandardSave(state))
+      checkpoints.save_state(mngr, step, state)
   mngr.wait_until_finished()
   mngr.close()
   return state

@@ -7,7 +7,9 @@ import os
 import jax
 
 from drc_jax import calibration as calibration_lib
+from drc_jax import errors
 from drc_jax import model as model_lib
+from drc_jax import streams
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
 MASKS = ('center_box', 'random_box', 'random_patches', 'saliency_patches')
@@ -18,7 +20,7 @@ SOURCES = ('fashion_mnist', 'tfds', 'folder')
 SUSPECT_DRAWS = ('members', 'nonmembers')  # config.dataset.suspect (experiments)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """An invalid config value; the message names the field."""
 
 
@@ -55,6 +57,8 @@ def check(config) -> None:
     bs = config[section][name]
     _require(bs > 0 and bs % n_dev == 0,
              f'config.{field}: {bs} is not a positive multiple of the {n_dev} devices')
+  _require(config.audit.shard_size > 0,
+           f'config.audit.shard_size: {config.audit.shard_size} (expected > 0)')
   _require(config.audit.shard_size % config.audit.batch_size == 0,
            f'config.audit.shard_size ({config.audit.shard_size}) must be a multiple of '
            f'config.audit.batch_size ({config.audit.batch_size})')
@@ -73,18 +77,67 @@ def check(config) -> None:
   _require(r.comparator in COMPARATORS,
            f'config.drc.comparator: {r.comparator!r} not in {COMPARATORS}')
   _require(r.num_restorations >= 1, 'config.drc.num_restorations must be >= 1')
-  _require(1 <= r.steps <= T, f'config.drc.steps: {r.steps} not in [1, {T}]')
-  _require(1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}]')
   _require(r.eta >= 0.0, f'config.drc.eta: {r.eta} < 0')
+  _require(0.0 <= r.vote_quantile <= 1.0, f'config.drc.vote_quantile: {r.vote_quantile} not in '
+           f'[0, 1]')
+  if r.mask in ('random_patches', 'saliency_patches'):
+    _require(r.patch_size >= 1 and d.resolution % r.patch_size == 0,
+             f'config.drc.patch_size: {r.patch_size} does not divide config.data.resolution '
+             f'{d.resolution}')
   if r.restorer == 'repaint':
     _require(r.jump_length >= 1 and r.jump_n_sample >= 1,
              'config.drc.jump_length and jump_n_sample must be >= 1')
-  a = config.attacks
+  # RePaint repeats each step at most jump_n_sample times; every step needs its own stream number.
+  _require(r.steps * max(r.jump_n_sample, 1) < streams.MAX_STEPS,
+           f'config.drc.steps x jump_n_sample must stay below {streams.MAX_STEPS}')
   attack_names(config)
-  for name in ('loss_t', 'secmi_t', 'pia_t', 'sima_t'):
-    _require(0 <= a[name] < T, f'config.attacks.{name}: {a[name]} not in [0, {T})')
-  _require(a.secmi_k >= 1 and a.secmi_t + a.secmi_k < T,
-           f'config.attacks.secmi_t + secmi_k must stay below T={T}')
+  _require(config.attacks.pia_p > 0, f'config.attacks.pia_p: {config.attacks.pia_p} (expected > 0)')
+  check_timesteps(config, T, 'config.diffusion.num_timesteps', names=ATTACKS)
+  au, t = config.audit, config.train
+  _require(au.max_images >= 0, f'config.audit.max_images: {au.max_images} (expected >= 0; 0 '
+           f'audits every image)')
+  _require(au.bootstrap >= 0, f'config.audit.bootstrap: {au.bootstrap} (expected >= 0)')
+  _require(au.num_evidence >= 0, f'config.audit.num_evidence: {au.num_evidence} (expected >= 0)')
+  for name in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _require(t[name] >= 1, f'config.train.{name}: {t[name]} (expected >= 1)')
+  _require(t.warmup_steps >= 0, f'config.train.warmup_steps: {t.warmup_steps} (expected >= 0)')
+
+
+def check_timesteps(config, T: int, where: str, names=None) -> None:
+  """Checks the timesteps of the attacks ``names`` (default: those configured) against T steps.
+
+  The schedule is the config's when it is checked alone, the target's own (its ``model.json``)
+  when the audit has loaded the target: scores at timesteps the target does not have would be
+  computed on a wrapped-around schedule.
+
+  Args:
+    config: the run's config.
+    T: number of timesteps of the schedule.
+    where: where T comes from, for the messages (a config field or a target's model.json).
+    names: attacks whose fields to check.
+
+  Raises:
+    ConfigError: naming the field, its value, the allowed range and ``where``.
+  """
+  names = attack_names(config) if names is None else names
+  a, r = config.attacks, config.drc
+  fields = {'loss': ('loss_t',), 'pia': ('pia_t',), 'pian': ('pia_t',), 'sima': ('sima_t',)}
+  for name in names:
+    for f in fields.get(name, ()):
+      _require(0 <= a[f] < T, f'config.attacks.{f}: {a[f]} not in [0, {T}) ({where}: {T})')
+  if 'secmi' in names:
+    k, t_sec = a.secmi_k, a.secmi_t
+    _require(k >= 1, f'config.attacks.secmi_k: {k} (expected >= 1)')
+    _require(k <= t_sec < T and t_sec % k == 0,
+             f'config.attacks.secmi_t: {t_sec} must be a multiple of secmi_k={k} in [{k}, {T}) '
+             f'({where}: {T}); SecMI walks 0, k, ..., t_sec')
+  if 'drc' in names:
+    _require(1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}] ({where}: '
+             f'{T})')
+    top = T if r.restorer == 'repaint' else min(r.t_start, T)
+    _require(1 <= r.steps <= top,
+             f'config.drc.steps: {r.steps} not in [1, {top}] ({where}: {T}' +
+             ('' if r.restorer == 'repaint' else f', config.drc.t_start: {r.t_start}') + ')')
 
 
 def _check_calibration(audit) -> None:

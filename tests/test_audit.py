@@ -2,13 +2,20 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import load_config
 from drc_jax import audit as A
+from drc_jax import checkpoints
+from drc_jax import data as D
+from drc_jax import errors
+from drc_jax import metrics as metrics_lib
 from drc_jax import pipeline
+from drc_jax import train as T
 from drc_jax import validate
 
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
@@ -133,3 +140,132 @@ def test_bad_config_values_are_named():
   c.attacks.names = 'drc,lira'
   with pytest.raises(validate.ConfigError, match="unknown attack 'lira'"):
     validate.check(c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results are never reused for another target, nor lost to a run whose inputs are wrong.
+
+
+def _results(wd) -> dict[str, bytes]:
+  """Every result file of a workdir (path relative to it -> bytes), superseded ones excluded."""
+  out = {}
+  for name in A.RESULTS:
+    p = Path(wd) / name
+    files = [p] if p.is_file() else sorted(f for f in p.rglob('*') if f.is_file())
+    out.update({str(f.relative_to(wd)): f.read_bytes() for f in files if p.exists()})
+  return out
+
+
+def _loss_config(**kw):
+  c = _config()
+  c.attacks.names = 'loss'
+  for k, v in kw.items():
+    section, name = k.split('__')
+    c[section][name] = v
+  return c
+
+
+def test_scores_of_another_target_are_never_reused(trained, tmp_path):
+  wd = _copy_target(trained, tmp_path / 'a')
+  pipeline.run(_loss_config(), wd, 'all')
+  before = _results(wd)
+  recorded = json.loads((Path(wd) / A.AUDIT_CONFIG).read_text())['target']
+  assert recorded['step'] == 600 and len(recorded['ema_sha256']) == 64
+  # The issue's run: --config.train.steps=605 on an audited workdir trained on, then skipped
+  # every shard. Now it is refused before training, and nothing changes.
+  longer = _loss_config(train__steps=605)
+  with pytest.raises(A.AuditConfigMismatch, match='target at step 600; training it to step 605'):
+    pipeline.run(longer, wd, 'all')
+  assert _results(wd) == before and T.trained_steps(wd) == 600
+  # With --overwrite it trains on, then audits anew; the old results move aside, whole.
+  wd_b = tmp_path / 'b'
+  shutil.copytree(wd, wd_b)
+  pipeline.run(longer, str(wd_b), 'all', overwrite=True)
+  assert T.trained_steps(str(wd_b)) == 605
+  (old,) = (wd_b / A.SUPERSEDED_DIR).iterdir()
+  assert _results(old) == before
+  assert json.loads((wd_b / A.AUDIT_CONFIG).read_text())['target']['step'] == 605
+  assert not np.array_equal(A.load_scores(str(wd_b))['score/loss'], A.load_scores(wd)['score/loss'])
+  # A target changed behind the scores (same config): the audit and the report refuse.
+  shutil.rmtree(Path(wd) / 'checkpoints')
+  shutil.copytree(wd_b / 'checkpoints', Path(wd) / 'checkpoints')
+  with pytest.raises(A.AuditConfigMismatch,
+                     match=r'target.ema_sha256: \w{12}\.\.\. -> \w{12}\.\.\.; '
+                           r'target.step: 600 -> 605'):
+    A.run_audit(_loss_config(), wd)
+  with pytest.raises(A.AuditConfigMismatch, match='not those of this config and target'):
+    pipeline.run(_loss_config(), wd, 'report')
+  assert _results(wd) == before
+
+
+def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_path):
+  wd = _copy_target(trained, tmp_path)
+  A.run_audit(_loss_config(), wd)
+  pipeline.run(_loss_config(), wd, 'report')
+  before = _results(wd)
+  assert {'metrics.json', 'report.html', A.AUDIT_CONFIG} <= set(before)
+  np.savez(tmp_path / 'other.npz', mia_train_idxs=np.arange(100, 132),
+           mia_eval_idxs=np.arange(200, 232))
+  bad = {
+      'a missing folder': dict(data__source='folder', data__data_dir=str(tmp_path / 'none')),
+      'another split': dict(split__num_members=20),
+      'members the target was not trained on': dict(split__file=str(tmp_path / 'other.npz')),
+      'another source': dict(data__source='tfds', data__name='cifar10',
+                             data__data_dir=str(tmp_path / 'no_tfds')),
+  }
+  for why, kw in bad.items():
+    with pytest.raises(errors.UserError):
+      A.run_audit(_loss_config(attacks__loss_t=300, **kw), wd, overwrite=True)
+    assert _results(wd) == before, why
+    assert not (Path(wd) / A.SUPERSEDED_DIR).exists(), why
+  A.run_audit(_loss_config(), wd)  # the original config is still accepted: nothing to score
+  assert _results(wd) == before
+  m = A.run_audit(_loss_config(attacks__loss_t=300), wd, overwrite=True)
+  (old,) = (Path(wd) / A.SUPERSEDED_DIR).iterdir()
+  assert _results(old) == before  # scores, metrics, report and their record, together
+  saved = json.loads((Path(wd) / 'metrics.json').read_text())
+  assert saved['loss']['auc'] == m['loss']['auc']
+  table = A.load_scores(wd)
+  members = table['split'] == 1
+  assert m['loss']['auc'] == metrics_lib.auc(table['score/loss'][members],
+                                             table['score/loss'][~members])
+
+
+def test_a_target_is_audited_only_on_the_data_it_was_trained_on(trained, tmp_path):
+  recorded = checkpoints.trained_on(str(trained))
+  c = _config()
+  assert recorded['dataset'] == 'fashion_mnist/train' and recorded['num_members'] == 32
+  assert (recorded['resolution'], recorded['channels']) == (8, 1)
+  wd = _copy_target(trained, tmp_path)
+  folder = tmp_path / 'digits'
+  folder.mkdir()
+  imgs, _ = D.FashionMnistSource('test').read(range(64))
+  for i, im in enumerate(imgs):
+    Image.fromarray(im[..., 0]).save(folder / f'{i:03d}.png')
+  np.savez(tmp_path / 'folder_split.npz', mia_train_idxs=np.arange(32),
+           mia_eval_idxs=np.arange(32, 64))
+  c = _loss_config(data__source='folder', data__data_dir=str(folder),
+                   split__file=str(tmp_path / 'folder_split.npz'))
+  with pytest.raises(D.DataError, match=r'model.json: the target was trained on other data .*'
+                                        r"dataset: 'fashion_mnist/train' -> 'folder:"):
+    pipeline.run(c, wd, 'all')  # the target is reused: its training data is checked
+  assert not (Path(wd) / 'scores').exists() and not (Path(wd) / A.AUDIT_CONFIG).exists()
+  # A converted target records no training data: it is audited on any data.
+  doc = json.loads((Path(wd) / 'model.json').read_text())
+  doc.pop('trained_on')
+  doc['source'] = 'converted:test'
+  (Path(wd) / 'model.json').write_text(json.dumps(doc))
+  assert set(pipeline.run(c, wd, 'all')) == {'loss'}
+
+
+def test_the_default_workdir_follows_the_data():
+  c = load_config('fashion_mnist')
+  assert pipeline.default_workdir('configs/fashion_mnist.py', c) == 'runs/fashion_mnist'
+  c.data.source, c.data.data_dir = 'folder', '/data/digits/'
+  assert (pipeline.default_workdir('configs/fashion_mnist.py', c)
+          == 'runs/fashion_mnist_folder_digits')
+  assert (pipeline.default_workdir('configs/celeba.py:runlocal,res=64',
+                                   load_config('celeba', 'runlocal,res=64'))
+          == 'runs/celeba-runlocal-res-64_tfds_celeb_a')
+  assert (pipeline.default_workdir('configs/cifar10.py', load_config('cifar10'))
+          == 'runs/cifar10_tfds')

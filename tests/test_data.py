@@ -96,7 +96,8 @@ def test_image_folder(tmp_path):
   with pytest.raises(D.DataError, match='9.jpg: unreadable or corrupt'):
     src.read(range(len(src)))
   Image.fromarray(rng.integers(0, 255, (20, 24), np.uint8)).save(tmp_path / 'b' / '9.jpg')
-  with pytest.raises(D.DataError, match='mixed grayscale and RGB'):
+  with pytest.raises(D.DataError, match=f'{tmp_path / "b" / "9.jpg"} is grayscale but '
+                                        f'{tmp_path / "a" / "0.png"} is RGB'):
     D.FolderSource(str(tmp_path), 16).read(range(5))
   with pytest.raises(D.DataError, match='image folder not found'):
     D.FolderSource(str(tmp_path / 'missing'), 16)
@@ -155,3 +156,99 @@ def test_batch_slots_cover_every_position_once(procs):
       seen += slot.positions[slot.valid].tolist()
       assert np.all(slot.positions[~slot.valid] == -1)
   assert sorted(seen) == list(range(n))
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of broken and unusual images: every file has a defined outcome.
+
+
+def _png16(path, arr):
+  """A 16-bit PNG written by hand (color type 0 = gray [H, W], 2 = RGB [H, W, 3])."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  h, w = arr.shape[:2]
+  raw = b''.join(b'\x00' + arr[y].astype('>u2').tobytes() for y in range(h))
+
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+
+  color = 0 if arr.ndim == 2 else 2
+  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, color,
+                                                                      0, 0, 0))
+                   + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def test_fuzz_a_folder_of_broken_images(tmp_path):
+  rng = np.random.default_rng(0)
+  r = 16
+  rgb = rng.integers(0, 256, (r, r, 3), np.uint8)
+  gray16 = rng.integers(0, 65536, (r, r)).astype(np.uint16)
+  gray16[0, :4] = [0, 65535, 257, 32767]
+  rgb16 = rng.integers(0, 65536, (r, r, 3)).astype(np.uint16)
+  good = tmp_path / 'good'
+  good.mkdir()
+  Image.fromarray(rgb).save(good / 'a_rgb.png')
+  Image.fromarray(np.dstack([rgb, np.full((r, r), 7, np.uint8)])).save(good / 'b_rgba.png')
+  Image.fromarray(rgb).convert('P', palette=Image.Palette.ADAPTIVE).save(good / 'c_palette.png')
+  _png16(good / 'd_rgb16.png', rgb16)
+  Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(good / 'e_bigger.png')
+  Image.fromarray(rgb).save(good / 'f.jpg', quality=95)
+  src = D.FolderSource(str(good), r)
+  raw, labels = src.read(range(len(src)))
+  assert raw.shape == (6, r, r, 3) and raw.dtype == np.uint8 and labels.tolist() == [-1] * 6
+  np.testing.assert_array_equal(raw[0], rgb)
+  np.testing.assert_array_equal(raw[1], rgb)  # RGBA: alpha dropped
+  with Image.open(good / 'c_palette.png') as im:  # palette: expanded to its RGB colours
+    np.testing.assert_array_equal(raw[2], np.asarray(im.convert('RGB')))
+  np.testing.assert_array_equal(raw[3], (rgb16 >> 8).astype(np.uint8))  # 16-bit RGB: high byte
+
+  gray = tmp_path / 'gray'
+  gray.mkdir()
+  _png16(gray / 'g16.png', gray16)
+  Image.fromarray(rgb[..., 0]).convert('1').save(gray / 'h_bilevel.png')
+  Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), 'LA').save(gray / 'i_la.png')
+  raw, _ = D.FolderSource(str(gray), r).read(range(3))
+  assert raw.shape == (3, r, r, 1)
+  want = np.round(gray16 / 257.0).astype(np.uint8)  # 16-bit gray scaled, not clipped to 255
+  np.testing.assert_array_equal(raw[0, ..., 0], want)
+  assert raw[0, 0, :4, 0].tolist() == [0, 255, 1, 127]
+  assert set(np.unique(raw[1])) <= {0, 255}
+  np.testing.assert_array_equal(raw[2, ..., 0], rgb[..., 0])  # LA: alpha dropped
+
+  broken = {'truncated.png': (good / 'a_rgb.png').read_bytes()[:200], 'empty.png': b'',
+            'text.png': b'hello, I am not an image\n', 'bad.jpg': b'\xff\xd8\xff\xe0garbage'}
+  for name, data in broken.items():
+    d = tmp_path / name.replace('.', '_')
+    d.mkdir()
+    Image.fromarray(rgb).save(d / 'ok.png')
+    (d / name).write_bytes(data)
+    src = D.FolderSource(str(d), r)
+    ok = src.files.index(str(d / 'ok.png'))
+    assert src.read([ok])[0].shape == (1, r, r, 3)  # the good file still reads
+    with pytest.raises(D.DataError, match=f'{d / name}: unreadable or corrupt image'):
+      src.read(range(2))
+
+  mixed = tmp_path / 'mixed'
+  mixed.mkdir()
+  Image.fromarray(rgb).save(mixed / 'a.png')
+  _png16(mixed / 'b16.png', gray16)
+  with pytest.raises(D.DataError, match=f'{mixed / "b16.png"} is grayscale but '
+                                        f'{mixed / "a.png"} is RGB'):
+    D.FolderSource(str(mixed), r).read(range(2))
+
+  (tmp_path / 'float').mkdir()
+  Image.fromarray(np.zeros((r, r), np.float32), 'F').save(tmp_path / 'float' / 'f.tiff')
+  (tmp_path / 'float' / 'f.tiff').rename(tmp_path / 'float' / 'f.png')  # a TIFF named .png
+  with pytest.raises(D.DataError, match="f.png: image mode 'F'"):
+    D.FolderSource(str(tmp_path / 'float'), r).read([0])
+
+
+def test_folder_labels_are_named_by_their_folder(tmp_path):
+  for cls in ('cat', 'dog'):
+    (tmp_path / cls).mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / cls / '0.png')
+  src = D.FolderSource(str(tmp_path), 8)
+  _, labels = src.read([0, 1])
+  assert [D.label_name(src, int(l)) for l in labels] == ['cat', 'dog']
+  assert D.label_name(D.FashionMnistSource('train'), 9) == 'Ankle boot'

@@ -134,6 +134,23 @@ def test_calibrate_separable_case_has_heldout_accuracy_one():
   assert out['n_members'] == out['member_heldout'].sum() == 150
   assert out['n_nonmembers'] == out['nonmember_heldout'].sum() == 150
   assert nonmembers.max() < out['threshold'] <= members.min()
+  # Held-out figures come with 95% intervals: 150 of 150 is not a certainty.
+  lo, hi = out['ci95']['tpr']
+  assert hi == 1.0 and 0.97 < lo < 1.0
+  assert out['ci95']['fpr'] == metrics.wilson_interval(0, 150)
+  assert out['ci95']['accuracy'][0] < 1.0 == out['ci95']['accuracy'][1]
+
+
+def test_intervals_by_hand():
+  # Wilson, 0 of 10: [0, z^2/n / (1 + z^2/n)] = [0, 0.3841/1.3841].
+  lo, hi = metrics.wilson_interval(0, 10)
+  assert lo == 0.0 and abs(hi - 0.27754) < 1e-4
+  lo, hi = metrics.wilson_interval(5, 10)  # symmetric around 1/2
+  assert abs(lo + hi - 1.0) < 1e-12 and abs(hi - 0.76335) < 1e-4
+  # Agresti-Caffo: TPR 8/10, FPR 2/10 -> p1 = 9/12, p2 = 3/12, se = sqrt(2 * 0.1875 / 12).
+  lo, hi = metrics.balanced_accuracy_interval(8, 10, 2, 10)
+  se = np.sqrt(2 * 0.75 * 0.25 / 12)
+  assert abs(lo - (1.5 - 1.959964 * se) / 2) < 1e-6 and abs(hi - (1.5 + 1.959964 * se) / 2) < 1e-6
 
 
 def test_calibrate_threshold_reproduces_best_calibration_accuracy():
@@ -156,7 +173,7 @@ def test_calibrate_threshold_reproduces_best_calibration_accuracy():
 def test_agree_curve_hand_case():
   # a = 1: TP 3 (votes 3, 3, 2), FP 2 (votes 1, 2); a = 2: TP 3, FP 1; a = 3: TP 2, FP 0.
   out = metrics.agree_curve([3, 3, 2, 0], [1, 0, 0, 2], k=3)
-  assert out['agree'] == [1, 2, 3]
+  assert out['agree'] == [1, 2, 3] and (out['n_members'], out['n_nonmembers']) == (4, 4)
   assert out['precision'] == [3 / 5, 3 / 4, 1.0]
   assert out['recall'] == [3 / 4, 3 / 4, 2 / 4]
   # Nothing reaches 3 votes: precision is undefined there and reported as None.

@@ -110,11 +110,51 @@ def test_format_metrics_table():
   table = _synthetic_table(num_per_split=100)
   text = report.format_metrics_table(_metrics(table))
   lines = text.splitlines()
-  assert lines[0].split() == ['attack', 'AUC', 'ASR', 'TPR@1%', 'TPR@0.1%', 'NFE']
+  header = [c.strip() for c in lines[0].split('  ') if c]
+  assert header == ['attack', 'AUC [95% CI]', 'ASR [95% CI]', 'TPR@1% [95% CI]',
+                    'TPR@0.1% [95% CI]', 'NFE']
   for attack in ATTACKS:
     assert any(line.startswith(attack) for line in lines[2:])
   assert '250' in text
-  assert 'note (drc): TPR@0.1%FPR rests on 0.1 expected false positives' in text
+  # 95% intervals in the terminal too.
+  drc = next(line for line in lines if line.startswith('drc'))
+  m = _metrics(table)['drc']
+  assert f"{m['auc']:.4f} [{m['ci95']['auc'][0]:.3f}, {m['ci95']['auc'][1]:.3f}]" in drc
+  assert 'AUC [95% CI]' in lines[0]
+  # The same low-count note for every attack is printed once, not once per attack.
+  notes = [line for line in lines if line.startswith('note')]
+  assert notes == ['note (all attacks): ' + w for w in m['warnings']] and len(notes) == 2
+  assert 'rests on 0.1 expected false positives' in notes[1]
+
+
+def test_held_out_figures_have_n_and_intervals(tmp_path):
+  table = _synthetic_table()
+  html = report._metrics_html(_metrics(table))
+  cal = _metrics(table)['drc']['calibrated']
+  assert 'held-out TPR [95% CI]' in html and 'held-out n (members / non-members)' in html
+  assert f"{cal['n_members']} / {cal['n_nonmembers']}" in html
+  lo, hi = cal['ci95']['tpr']
+  assert f'{100 * lo:.2f}%, {100 * hi:.2f}%' in html
+
+
+def test_agree_plot_has_a_chance_line(tmp_path, monkeypatch):
+  figures = []
+  real = report._save_figure
+  monkeypatch.setattr(report, '_save_figure',
+                      lambda fig, path: figures.append(fig) or real(fig, path))
+  agree = metrics.agree_curve([3, 3, 2, 0], [1, 0, 0, 2, 0, 0, 0, 0], k=3)
+  report.plot_agree(agree, str(tmp_path / 'agree.png'))
+  labels = figures[0].axes[0].get_legend_handles_labels()[1]
+  assert 'chance precision (33.3% members)' in labels
+
+
+def test_evidence_caption_names_the_class():
+  table = _synthetic_table(num_per_split=20)
+  item = dict(_evidence(table, channels=1)[0], label_name='Ankle boot')
+  caption = report._evidence_caption(item, table)
+  assert ', Ankle boot, sha256 ' in caption and 'label ' not in caption
+  item.pop('label_name')
+  assert ', label ' in report._evidence_caption(item, table)  # no name known: the number
 
 
 def test_dataset_and_per_image_calibration_sections(tmp_path):

@@ -1,5 +1,7 @@
 """Training on real Fashion-MNIST members: loss goes down, resume is exact, sharding is exact."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,21 @@ def test_relative_workdir(fmnist_local, tmp_path, monkeypatch):
   cfg.train.steps, cfg.train.checkpoint_every = 2, 1
   T.train(cfg, 'runs/rel')
   assert T.trained_steps('runs/rel') == 2 and load_target('runs/rel').step == 2
+
+
+def test_training_on_other_members_is_refused(fmnist_local, tmp_path):
+  """model.json records what the target was trained on; resuming on other members is refused."""
+  cfg = fmnist_local
+  cfg.train.steps, cfg.train.checkpoint_every = 2, 2
+  T.train(cfg, str(tmp_path / 'w'))
+  trained_on = checkpoints.trained_on(str(tmp_path / 'w'))
+  assert trained_on['dataset'] == 'fashion_mnist/train' and trained_on['num_members'] == 32
+  assert len(trained_on['member_indices_sha256']) == len(trained_on['member_images_sha256']) == 64
+  split = json.loads((tmp_path / 'w' / 'split.json').read_text())
+  np.savez(tmp_path / 'other.npz', mia_train_idxs=np.asarray(split['members']) + 1,
+           mia_eval_idxs=np.asarray(split['nonmembers']) + 1)
+  cfg.split.file = str(tmp_path / 'other.npz')
+  cfg.train.steps = 4
+  with pytest.raises(data_lib.DataError, match='trained on other data .*member_indices_sha256'):
+    T.train(cfg, str(tmp_path / 'w'))
+  assert T.trained_steps(str(tmp_path / 'w')) == 2
