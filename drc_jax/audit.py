@@ -195,7 +195,7 @@ class Target:
   """The audited model: EMA params replicated on the mesh, with its schedule and identity."""
 
   def __init__(self, config, workdir: str, mesh):
-    path = config.audit.checkpoint or workdir
+    path = shipped.resolve(config.audit.checkpoint) if config.audit.checkpoint else workdir
     target = target_lib.load_target(path)  # a workdir or one step directory W/checkpoints/N
     self.model, self.schedule, self.step = target.model, target.schedule, target.step
     params = jax.tree_util.tree_map(np.asarray, target.params)

@@ -32,9 +32,9 @@ from drc_jax import degrade as degrade_lib
 from drc_jax import drc as drc_lib
 from drc_jax import fileio
 from drc_jax import restore as restore_lib
+from drc_jax import streams
 
 SAMPLES_FILE = 'samples.npz'
-STREAM = 8  # key stream of the samples' starting noise (the attacks use 2..6)
 K_NN = 3  # k of the precision/recall balls
 COPY_ALPHA = 0.5  # Carlini et al.'s alpha
 COPY_N = 50  # Carlini et al.'s n nearest
@@ -45,7 +45,7 @@ def generate(model, params, schedule, num: int, seed: int, *, steps: int = 50,
              batch_size: int = 64) -> np.ndarray:
   """``num`` samples [num, H, W, C] in [-1, 1]: deterministic DDIM (eta = 0), ``steps`` steps.
 
-  Sample i starts from the noise of key ``fold_in(fold_in(key(seed), STREAM), i)``, so a sample
+  Sample i starts from the noise of key ``fold_in(fold_in(key(seed), streams.SAMPLES), i)``, so a sample
   does not depend on the batch size.
   """
   cfg = types.SimpleNamespace(restorer='ddim', steps=steps, t_start=schedule.num_timesteps,
@@ -58,7 +58,7 @@ def generate(model, params, schedule, num: int, seed: int, *, steps: int = 50,
   out = []
   for lo in range(0, num, batch_size):
     idx = np.arange(lo, lo + batch_size)
-    keys = drc_lib.image_keys(seed, STREAM, idx)
+    keys = drc_lib.image_keys(seed, streams.SAMPLES, idx)
     out.append(np.asarray(restorer.restore(params, keys, zeros, nothing_known)))
   return np.concatenate(out)[:num]
 

@@ -141,6 +141,12 @@ def export(workdir: str, out: str, *, step: int, config, command: str,
   fileio.atomic_write_bytes(out_dir / WEIGHTS, st_numpy.save(flat))
   model_doc = json.loads((epath.Path(workdir) / checkpoints.MODEL_JSON).read_text())
   model_doc['step'] = int(step)
+  if 'trained_on' not in model_doc:  # trained before drc_jax recorded it: derive it from the split
+    from drc_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from drc_jax import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    source = data_lib.make_source(config.data)
+    split = splits_lib.resolve(config.split, source, workdir, write=False)
+    model_doc['trained_on'] = splits_lib.training_data(config.data, source, split)
   fileio.atomic_write_text(out_dir / checkpoints.MODEL_JSON, json.dumps(model_doc, indent=1))
   fileio.atomic_write_text(out_dir / SPLIT_JSON,
                            (epath.Path(workdir) / SPLIT_JSON).read_text())

@@ -3,7 +3,7 @@
 Two levels, each folding into its own parent key:
 
 * Seed streams, folded into ``jax.random.key(config.seed)``: ``TRAIN`` (training noise; step s
-  then folds in s) and one per attack in ``ATTACKS`` (an image's key is
+  then folds in s), ``SAMPLES`` (the report's target samples) and one per attack in ``ATTACKS`` (an image's key is
   ``fold_in(fold_in(key(seed), ATTACKS[name]), dataset index)``, see ``drc.image_keys``). The
   model's initial weights come from ``nnx.Rngs(config.seed)``, not from these keys.
 * Restoration sub-streams, folded into the key of one DRC restoration
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 TRAIN = 1
 ATTACKS = {'drc': 2, 'loss': 3, 'secmi': 4, 'pia': 5, 'sima': 6, 'pian': 7}
+SAMPLES = 8  # the target's own samples in the report (sample i: fold_in(fold_in(key, 8), i))
 
 STEP_BITS = 28
 MAX_STEPS = 1 << STEP_BITS

@@ -43,6 +43,7 @@ from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
 from drc_jax import shipped
 from drc_jax import splits as splits_lib
+from drc_jax import streams
 from drc_jax import target as target_lib
 
 # Restoration settings: (label, drc overrides, K_max). Costly RePaint settings get K_max = 2.
@@ -172,7 +173,7 @@ def restore_all(config, target, images: np.ndarray, indices: np.ndarray, overrid
   for lo in range(0, len(images), batch_size):
     idx = np.resize(indices[lo:lo + batch_size], batch_size)  # pad: one compiled shape
     x = jnp.asarray(np.resize(images[lo:lo + batch_size], (batch_size,) + images.shape[1:]))
-    keys = drc_lib.image_keys(config.seed, attacks_lib.STREAMS['drc'], idx)
+    keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], idx)
     _, restored = scorer.evidence(target.params, keys, x)  # [B, K, H, W, C]
     valid = min(batch_size, len(images) - lo)
     for name, fn in comparators.items():
@@ -291,6 +292,68 @@ def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
   return report_lib._save_figure(fig, path)  # pylint: disable=protected-access
 
 
+def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_members: int,
+                drc_nonmembers: int, batch_size: int) -> dict[str, Any]:
+  """AUC of every attack against training steps: the checkpoints ``steps`` of ``workdir``.
+
+  The baselines score every image of the split; DRC (the config's protocol) scores a random
+  subset of ``drc_members`` members and ``drc_nonmembers`` non-members (the same images at every
+  step). Writes ``steps_curve.json`` and ``steps_curve.md``.
+  """
+  source = data_lib.make_source(config.data)
+  split = splits_lib.resolve(config.split, source, workdir, write=False)
+  members, _, _ = data_lib.load_images(source, split.members, config.data)
+  nonmembers, _, _ = data_lib.load_images(source, split.nonmembers, config.data)
+  rng = np.random.default_rng([config.seed, 78])
+  pick_m = np.sort(rng.choice(len(members), min(drc_members, len(members)), replace=False))
+  pick_n = np.sort(rng.choice(len(nonmembers), min(drc_nonmembers, len(nonmembers)),
+                              replace=False))
+  names = [n for n in ('loss', 'secmi', 'pia', 'pian', 'sima')]
+  rows = []
+  for step in steps:
+    target = target_lib.load_target(os.path.join(workdir, 'checkpoints', str(step)))
+    attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names + ['drc'])
+    base = {n: a for n, a in attacks.items() if n != 'drc'}
+    score_base = attacks_lib.make_batch_scorer(base)
+    score_drc = attacks_lib.make_batch_scorer({'drc': attacks['drc']})
+    row = {'step': step}
+
+    def run_scorer(fn, images, indices, names_):
+      out = {n: [] for n in names_}
+      for lo in range(0, len(images), batch_size):
+        idx = np.resize(indices[lo:lo + batch_size], batch_size)
+        x = jnp.asarray(np.resize(images[lo:lo + batch_size], (batch_size,) + images.shape[1:]))
+        res = fn(target.params, attacks_lib.keys_for(names_, config.seed, idx), x)
+        valid = min(batch_size, len(images) - lo)
+        for n in names_:
+          v = np.asarray(res[n])[:valid]
+          out[n].append(v.mean(axis=1) if v.ndim == 2 else v)
+      return {n: np.concatenate(v) for n, v in out.items()}
+
+    t0 = time.time()
+    sm = run_scorer(score_base, members, split.members, list(base))
+    sn = run_scorer(score_base, nonmembers, split.nonmembers, list(base))
+    for n in base:
+      row[n] = metrics_lib.auc(sm[n], sn[n])
+    dm = run_scorer(score_drc, members[pick_m], split.members[pick_m], ['drc'])['drc']
+    dn = run_scorer(score_drc, nonmembers[pick_n], split.nonmembers[pick_n], ['drc'])['drc']
+    row['drc'] = metrics_lib.auc(dm, dn)
+    rows.append(row)
+    logging.info('step %d: %s (%.0fs)', step, {k: round(v, 3) for k, v in row.items()
+                                              if k != 'step'}, time.time() - t0)
+  doc = {'workdir': workdir, 'drc_subset': {'members': len(pick_m), 'nonmembers': len(pick_n)},
+         'drc': dict(config.drc), 'rows': rows}
+  os.makedirs(out_dir, exist_ok=True)
+  fileio.atomic_write_text(os.path.join(out_dir, 'steps_curve.json'),
+                           json.dumps(doc, indent=1, default=list))
+  cols = ['drc'] + names
+  lines = ['| step | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
+  for r in rows:
+    lines.append(f"| {r['step']} | " + ' | '.join(f'{r[c]:.3f}' for c in cols) + ' |')
+  fileio.atomic_write_text(os.path.join(out_dir, 'steps_curve.md'), '\n'.join(lines) + '\n')
+  return doc
+
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).')
 _TARGET = flags.DEFINE_string('target', None, 'Target (default: config.audit.checkpoint).')
 _OUT = flags.DEFINE_string('out', 'runs/sweep', 'Output directory.')
@@ -299,6 +362,11 @@ _HN = flags.DEFINE_integer('heldout_nonmembers', 400, 'Held-out non-members to u
 _TOL = flags.DEFINE_float('tolerance', 0.01, 'Choose the cheapest setting within this AUC.')
 _BS = flags.DEFINE_integer('batch_size', 64, 'Images per restoration batch.')
 _ONLY = flags.DEFINE_string('only', '', 'Comma list of grid positions to run (default: all).')
+_CURVE = flags.DEFINE_string('steps_curve', '', 'Instead of the sweep: a workdir whose '
+                             'checkpoints --steps are audited (AUC against training steps).')
+_STEPS = flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
+_DRC_M = flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
+_DRC_N = flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
 
 
 def main(argv):
@@ -306,6 +374,11 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required')
+  if _CURVE.value:
+    steps_curve(config, _CURVE.value, [int(v) for v in _STEPS.value.split(',')], _OUT.value,
+                drc_members=_DRC_M.value, drc_nonmembers=_DRC_N.value, batch_size=_BS.value)
+    print(open(os.path.join(_OUT.value, 'steps_curve.md')).read())
+    return
   grid = GRID
   if _ONLY.value:
     grid = [GRID[int(i)] for i in _ONLY.value.split(',')]
