@@ -49,7 +49,8 @@ SCORES_DIR = 'scores'
 DATASET_JSON = 'dataset.json'  # written by --mode=dataset (dataset_inference.py)
 SUPERSEDED_DIR = 'superseded'
 # The results of one audit, in the order they move aside (the record of what they are, last).
-RESULTS = ('report.html', 'report', 'metrics.json', SCORES_DIR, AUDIT_CONFIG)
+RESULTS = ('report.html', 'report', 'metrics.json', 'samples.json', samples_lib.SAMPLES_FILE,
+           SCORES_DIR, AUDIT_CONFIG)
 
 
 class AuditConfigMismatch(errors.WorkdirError):

@@ -323,6 +323,8 @@ def _samples_html(figures: Mapping[str, Any]) -> str:
           ('k-NN precision (samples that look like data)', f"{figures['precision']:.3f}"),
           ('k-NN recall (data the samples cover)', f"{figures['recall']:.3f}"),
           ('near-copies of members', f"{figures['near_copy_fraction']:.1%}"),
+          ('noise textures (rougher than 99% of real images)',
+           f"{figures['noise_fraction']:.1%}"),
           ('median RMS distance, sample to nearest member',
            f"{figures['median_nn_member_distance_samples']:.4f}"),
           ('median RMS distance, real non-member to nearest member',
