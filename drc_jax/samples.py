@@ -34,6 +34,7 @@ from etils import epath
 from drc_jax import degrade as degrade_lib
 from drc_jax import drc as drc_lib
 from drc_jax import fileio
+from drc_jax import parallel
 from drc_jax import restore as restore_lib
 from drc_jax import streams
 
@@ -159,7 +160,8 @@ def load_or_generate(workdir: str, target, members: np.ndarray, nonmembers: np.n
                        batch_size=batch_size)
     buf = io.BytesIO()
     np.savez(buf, samples=samples, ident=np.asarray(ident))
-    fileio.atomic_write_bytes(path, buf.getvalue())
+    if parallel.is_writer():  # every process computes the same samples; process 0 writes them
+      fileio.atomic_write_bytes(path, buf.getvalue())
   figures, nearest, d_nearest, is_copy = quality(samples, members, nonmembers)
   return {'figures': figures, 'samples': samples, 'nearest': members[nearest],
           'nearest_pos': nearest, 'nearest_distance': d_nearest, 'is_copy': is_copy}

@@ -171,9 +171,10 @@ def check_split(target_path: str, split) -> None:
   Raises:
     checkpoints.CheckpointError: the split's dataset or member set differs from the target's.
   """
-  path = epath.Path(resolve(target_path)) / SPLIT_JSON
-  if not path.exists():
-    return
+  directory = resolve(target_path)
+  path = epath.Path(directory) / SPLIT_JSON
+  if not is_weights_dir(directory) or not path.exists():
+    return  # a workdir's split.json is its own audit split; its trained_on is checked instead
   doc = json.loads(path.read_text())
   trained = np.asarray(doc['members'], np.int64)
   if doc['dataset'] != split.dataset or not np.array_equal(np.sort(trained),
@@ -182,3 +183,26 @@ def check_split(target_path: str, split) -> None:
         f'{path}: the target was trained on {len(trained)} members of {doc["dataset"]}, but this '
         f'audit\'s split has {len(split.members)} members of {split.dataset} that differ; audit '
         f'it with config.split.file={path} (or the config it was shipped with)')
+
+
+def main(argv):
+  """``python -m drc_jax.shipped --config=C --workdir=W --step=N --out=DIR [--log=train.log]``."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  f = flags.FLAGS
+  command = f'python -m drc_jax.main --config={f.config_path} --mode=train --workdir=W'
+  doc = export(f.workdir, f.out, step=f.step, config=f.config, command=command, log_path=f.log)
+  print(json.dumps({k: doc[k] for k in ('step', 'num_params', 'sha256')}, indent=1))
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'The config that trained the target.')
+  flags.DEFINE_string('config_path', 'configs/fashion_mnist.py', 'How the config is named in the '
+                      'recorded training command.')
+  flags.DEFINE_string('workdir', None, 'The training workdir.')
+  flags.DEFINE_integer('step', None, 'The checkpoint step to ship (= config.train.steps).')
+  flags.DEFINE_string('out', None, 'The shipped-target directory to write.')
+  flags.DEFINE_string('log', '', 'The training log (its loss lines are summarised).')
+  app.run(main)

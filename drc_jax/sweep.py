@@ -46,16 +46,21 @@ from drc_jax import splits as splits_lib
 from drc_jax import streams
 from drc_jax import target as target_lib
 
-# Restoration settings: (label, drc overrides, K_max). Costly RePaint settings get K_max = 2.
+# Restoration settings: (label, drc overrides, K_max). Cheap DDIM settings get K_max = 8, costly
+# RePaint settings K_max = 2.
 GRID: list[tuple[str, dict[str, Any], int]] = [
     ('ddim T=1000 25 steps, centre box 0.5',
      dict(restorer='ddim', t_start=1000, steps=25, mask='center_box', mask_ratio=0.5), 4),
     ('ddim t=500 10 steps, centre box 0.5',
      dict(restorer='ddim', t_start=500, steps=10, mask='center_box', mask_ratio=0.5), 4),
     ('ddim t=200 10 steps, centre box 0.25',
-     dict(restorer='ddim', t_start=200, steps=10, mask='center_box', mask_ratio=0.25), 4),
+     dict(restorer='ddim', t_start=200, steps=10, mask='center_box', mask_ratio=0.25), 8),
+    ('ddim t=100 5 steps, patches 0.25',
+     dict(restorer='ddim', t_start=100, steps=5, mask='random_patches', mask_ratio=0.25), 8),
     ('ddim t=200 10 steps, patches 0.25',
-     dict(restorer='ddim', t_start=200, steps=10, mask='random_patches', mask_ratio=0.25), 4),
+     dict(restorer='ddim', t_start=200, steps=10, mask='random_patches', mask_ratio=0.25), 8),
+    ('ddim t=300 10 steps, patches 0.5',
+     dict(restorer='ddim', t_start=300, steps=10, mask='random_patches', mask_ratio=0.5), 8),
     ('ddim T=1000 25 steps, patches 0.25',
      dict(restorer='ddim', t_start=1000, steps=25, mask='random_patches', mask_ratio=0.25), 4),
     ('ddnm T=1000 25 steps, patches 0.25',
@@ -354,40 +359,44 @@ def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_mem
   return doc
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).')
-_TARGET = flags.DEFINE_string('target', None, 'Target (default: config.audit.checkpoint).')
-_OUT = flags.DEFINE_string('out', 'runs/sweep', 'Output directory.')
-_HM = flags.DEFINE_integer('heldout_members', 0, 'Held-out members to use (0 = all).')
-_HN = flags.DEFINE_integer('heldout_nonmembers', 400, 'Held-out non-members to use (0 = all).')
-_TOL = flags.DEFINE_float('tolerance', 0.01, 'Choose the cheapest setting within this AUC.')
-_BS = flags.DEFINE_integer('batch_size', 64, 'Images per restoration batch.')
-_ONLY = flags.DEFINE_string('only', '', 'Comma list of grid positions to run (default: all).')
-_CURVE = flags.DEFINE_string('steps_curve', '', 'Instead of the sweep: a workdir whose '
-                             'checkpoints --steps are audited (AUC against training steps).')
-_STEPS = flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
-_DRC_M = flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
-_DRC_N = flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
+def _define_flags() -> None:
+  """Command-line flags, defined only when this module runs as a script (tests import it)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).')
+  flags.DEFINE_string('target', None, 'Target (default: config.audit.checkpoint).')
+  flags.DEFINE_string('out', 'runs/sweep', 'Output directory.')
+  flags.DEFINE_integer('heldout_members', 0, 'Held-out members to use (0 = all).')
+  flags.DEFINE_integer('heldout_nonmembers', 400, 'Held-out non-members to use (0 = all).')
+  flags.DEFINE_float('tolerance', 0.01, 'Choose the cheapest setting within this AUC.')
+  flags.DEFINE_integer('batch_size', 64, 'Images per restoration batch.')
+  flags.DEFINE_string('only', '', 'Comma list of grid positions to run (default: all).')
+  flags.DEFINE_string('steps_curve', '', 'Instead of the sweep: a workdir whose '
+                               'checkpoints --steps are audited (AUC against training steps).')
+  flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
+  flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
+  flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  F = flags.FLAGS  # pylint: disable=invalid-name
+  config = F.config
   if config is None:
     raise app.UsageError('--config is required')
-  if _CURVE.value:
-    steps_curve(config, _CURVE.value, [int(v) for v in _STEPS.value.split(',')], _OUT.value,
-                drc_members=_DRC_M.value, drc_nonmembers=_DRC_N.value, batch_size=_BS.value)
-    print(open(os.path.join(_OUT.value, 'steps_curve.md')).read())
+  if F.steps_curve:
+    steps_curve(config, F.steps_curve, [int(v) for v in F.steps.split(',')], F.out,
+                drc_members=F.drc_members, drc_nonmembers=F.drc_nonmembers, batch_size=F.batch_size)
+    print(open(os.path.join(F.out, 'steps_curve.md')).read())
     return
   grid = GRID
-  if _ONLY.value:
-    grid = [GRID[int(i)] for i in _ONLY.value.split(',')]
-  doc = run(config, _TARGET.value or config.audit.checkpoint, _OUT.value,
-            heldout_members=_HM.value, heldout_nonmembers=_HN.value, tolerance=_TOL.value,
-            batch_size=_BS.value, grid=grid)
-  print(open(os.path.join(_OUT.value, 'sweep.md')).read())
+  if F.only:
+    grid = [GRID[int(i)] for i in F.only.split(',')]
+  doc = run(config, F.target or config.audit.checkpoint, F.out,
+            heldout_members=F.heldout_members, heldout_nonmembers=F.heldout_nonmembers,
+            tolerance=F.tolerance, batch_size=F.batch_size, grid=grid)
+  print(open(os.path.join(F.out, 'sweep.md')).read())
   print(json.dumps({'chosen': doc['chosen'], 'best': doc['best']}, indent=1))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
