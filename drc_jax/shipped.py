@@ -157,7 +157,7 @@ def export(workdir: str, out: str, *, step: int, config, command: str,
       'step': int(step),
       'exported': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
       'num_params': model_lib.count_params(target.params),
-      'training_log': training_summary(log_text),
+      'training_log': [r for r in training_summary(log_text) if r['step'] <= step],
       'config': json.loads(json.dumps(config.to_dict(), default=list)),
       'sha256': {name: sha256_file(out_dir / name) for name in HASHED},
   }

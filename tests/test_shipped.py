@@ -1,0 +1,176 @@
+"""Shipped targets (safetensors + recipe + split), the target's sample check, and the DRC sweep."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from drc_jax import audit as A
+from drc_jax import checkpoints
+from drc_jax import errors
+from drc_jax import pipeline
+from drc_jax import samples as S
+from drc_jax import shipped
+from drc_jax import splits
+from drc_jax import sweep
+from drc_jax import target as T
+
+
+def _config():
+  c = load_config('fashion_mnist', 'runlocal')
+  c.data.resolution = 8
+  c.model.ch, c.model.norm_groups, c.model.attn_res = 16, 8, (4,)
+  c.split.num_members, c.split.num_nonmembers = 16, 32
+  c.train.steps, c.train.lr, c.train.warmup_steps = 40, 2e-3, 5
+  c.train.checkpoint_every, c.train.log_every = 20, 10
+  c.attacks.names = 'drc,loss'
+  c.audit.batch_size, c.audit.shard_size, c.audit.num_samples = 16, 16, 16
+  return c
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  """A tiny target trained in a workdir, then exported as a shipped-target directory."""
+  root = tmp_path_factory.mktemp('ship')
+  wd, out = root / 'w', root / 'targets' / 'tiny'
+  c = _config()
+  pipeline.run(c, str(wd), 'train')
+  shipped.export(str(wd), str(out), step=40, config=c, command='python -m drc_jax.main ...')
+  return wd, out
+
+
+def test_export_loads_the_same_weights_and_records_hashes(exported):
+  wd, out = exported
+  assert sorted(os.listdir(out)) == ['ema.safetensors', 'model.json', 'split.json',
+                                     'training.json']
+  doc = json.loads((out / 'training.json').read_text())
+  assert set(doc['sha256']) == {'model.json', 'ema.safetensors', 'split.json'}
+  assert [r['step'] for r in doc['training_log']] == []  # no log file was given
+  a, b = T.load_target(str(out)), T.load_target(str(wd / 'checkpoints' / '40'))
+  assert a.step == b.step == 40
+  for (ka, va), (kb, vb) in zip(sorted(T.model_lib.flat_params(a.params).items()),
+                                sorted(T.model_lib.flat_params(b.params).items())):
+    assert ka == kb
+    np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
+
+
+def test_a_changed_shipped_file_is_refused_naming_it(exported, tmp_path):
+  _, out = exported
+  bad = tmp_path / 'tiny'
+  shutil.copytree(out, bad)
+  raw = bytearray((bad / 'ema.safetensors').read_bytes())
+  raw[-3] ^= 0x01  # one flipped bit in a weight
+  (bad / 'ema.safetensors').write_bytes(bytes(raw))
+  with pytest.raises(checkpoints.CheckpointError, match='ema.safetensors: SHA-256'):
+    T.load_target(str(bad))
+
+
+def test_export_refuses_a_recipe_that_does_not_reproduce_the_step(exported, tmp_path):
+  wd, _ = exported
+  c = _config()
+  c.train.steps = 20
+  with pytest.raises(ValueError, match='config.train.steps'):
+    shipped.export(str(wd), str(tmp_path / 'x'), step=40, config=c, command='')
+
+
+def test_unknown_shipped_name_is_an_error():
+  with pytest.raises(checkpoints.CheckpointError, match='no shipped target named'):
+    shipped.resolve('shipped:nope')
+
+
+def test_audit_of_a_shipped_target_checks_the_split(exported, tmp_path):
+  _, out = exported
+  c = _config()
+  c.audit.checkpoint = str(out)
+  m = pipeline.run(c, str(tmp_path / 'audit'), 'all')  # no training: the target is given
+  assert not (tmp_path / 'audit' / 'checkpoints').exists()
+  assert set(m) == {'drc', 'loss'}
+  figures = json.loads((tmp_path / 'audit' / 'samples.json').read_text())
+  assert figures['num_samples'] == 16 and 0.0 <= figures['precision'] <= 1.0
+  c2 = _config()
+  c2.audit.checkpoint = str(out)
+  c2.split.seed = 1  # other members than the target was trained on
+  with pytest.raises(errors.UserError, match='trained on other data'):
+    A.run_audit(c2, str(tmp_path / 'other'))  # model.json's trained_on (added by the export)
+  assert not (tmp_path / 'other' / 'scores').exists()
+
+
+def test_the_shipped_default_target_loads_and_matches_its_hashes():
+  """The target shipped in the repository: files intact, loadable, recipe = the default config."""
+  directory = shipped.resolve('shipped:fashion_mnist')
+  doc = shipped.verify(directory)
+  assert set(doc['sha256']) == set(shipped.HASHED)
+  target = T.load_target('shipped:fashion_mnist')
+  c = load_config('fashion_mnist')
+  assert target.step == c.train.steps == doc['step']
+  assert target.config == T.model_lib.unet_config_from(c.model, c.data.resolution,
+                                                      c.data.channels)
+  for field in ('split', 'model', 'train', 'diffusion', 'data'):
+    want = json.loads(json.dumps(c[field].to_dict(), default=list))
+    assert doc['config'][field] == want, field
+  manifest = splits.load(os.path.join(directory, 'split.json'))
+  assert len(manifest.members) == c.split.num_members
+  assert len(manifest.nonmembers) == c.split.num_nonmembers
+  assert os.path.getsize(os.path.join(directory, 'ema.safetensors')) < 20e6
+
+
+def test_precision_recall_and_near_copies_by_hand():
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(40, 4, 4, 1))
+  p, r = S.precision_recall(real[:20] + 1e-3, real[20:] * 0 + real[:20], k=3)
+  assert p == 1.0 and r == 1.0  # samples on top of the real points
+  far = real[:20] + 100.0
+  p, r = S.precision_recall(far, real[:20], k=3)
+  assert p == 0.0 and r == 0.0
+  members = rng.normal(size=(60, 4, 4, 1))
+  samples = np.concatenate([members[:5] + 1e-3, rng.normal(size=(5, 4, 4, 1))])
+  is_copy, nearest, _ = S.near_copies(samples, members)
+  np.testing.assert_array_equal(is_copy, [True] * 5 + [False] * 5)
+  np.testing.assert_array_equal(nearest[:5], np.arange(5))
+
+
+def test_sweep_selects_on_calibration_only():
+  R = sweep.Row
+  rows = [R('a', 'm', 'mean', 1, 10, 0.80, 0.99, 0.0, {}),
+          R('b', 'm', 'mean', 1, 100, 0.90, 0.50, 0.0, {}),
+          R('c', 'm', 'mean', 1, 50, 0.895, 0.60, 0.0, {})]
+  best, chosen = sweep.select(rows, 0.01)
+  assert best.setting == 'b' and chosen.setting == 'c'  # held-out AUC plays no part
+  sims = np.array([[-1.0, -2.0, -4.0], [-0.5, -0.5, -0.5]])
+  np.testing.assert_allclose(sweep.aggregate(sims, 'mean', 'masked_mse'), [-7 / 3, -0.5])
+  np.testing.assert_allclose(sweep.aggregate(sims, 'median', 'masked_mse'), [-2.0, -0.5])
+  np.testing.assert_allclose(sweep.aggregate(sims, 'logmean', 'masked_mse'),
+                             [-np.log(8) / 3, -np.log(0.5)])
+  np.testing.assert_array_equal(sweep.aggregate(sims, 'votes', 'masked_mse', -1.5), [1, 3])
+  assert sweep.aggregate(sims, 'logmean', 'psnr') is None
+
+
+def test_sweep_end_to_end_on_a_tiny_target(exported, tmp_path):
+  _, out = exported
+  c = _config()
+  grid = [('ddim t=10 2 steps', dict(restorer='ddim', t_start=10, steps=2, mask='center_box',
+                                     mask_ratio=0.25), 2)]
+  doc = sweep.run(c, str(out), str(tmp_path), heldout_members=4, heldout_nonmembers=8,
+                  tolerance=0.01, batch_size=16, grid=grid)
+  assert doc['n_calibration'] == {'members': 3, 'nonmembers': 6}  # 20% of 16 and of 32
+  assert doc['n_heldout'] == {'members': 4, 'nonmembers': 8}
+  assert {r['k'] for r in doc['rows']} == {1, 2}
+  assert doc['chosen']['model_calls'] <= doc['best']['model_calls']
+  assert (tmp_path / 'sweep.md').exists() and (tmp_path / 'sweep.png').exists()
+
+
+def test_noise_samples_are_flagged_against_real_images(fmnist_local):
+  """A 'target' whose samples are pure noise gets the warning, real images do not."""
+  from drc_jax import data  # pylint: disable=g-import-not-at-top
+  source = data.make_source(fmnist_local.data)
+  real, _, _ = data.load_images(source, np.arange(300), fmnist_local.data)
+  members, nonmembers = real[:100], real[100:]
+  noise = np.clip(np.random.default_rng(0).normal(size=(64,) + real.shape[1:]), -1, 1)
+  figures, *_ = S.quality(noise, members, nonmembers)
+  assert figures['noise_fraction'] > 0.9 and figures['warnings']
+  figures, *_ = S.quality(real[:64], members, nonmembers)  # members themselves as 'samples'
+  assert figures['noise_fraction'] < 0.1 and not figures['warnings']
+  assert figures['near_copy_fraction'] > 0.99  # each is its own nearest member
