@@ -24,7 +24,7 @@ from drc_jax.target import load_target
     ('attacks.secmi_t', 5, r'config.attacks.secmi_t: 5 must be a multiple of secmi_k=10 in \[10,'),
     ('attacks.secmi_k', 0, 'config.attacks.secmi_k: 0'),
     ('train.checkpoint_every', 0, 'config.train.checkpoint_every: 0'),
-    ('drc.steps', 600, r'config.drc.steps: 600 not in \[1, 500\]'),  # DDIM from t_start 500
+    ('drc.steps', 1001, r'config.drc.steps: 1001 not in \[1, 1000\]'),  # RePaint, T = 1000
 ])
 def test_config_gaps_are_named(field, value, match):
   c = load_config('fashion_mnist')
