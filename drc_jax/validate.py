@@ -132,8 +132,9 @@ def check_timesteps(config, T: int, where: str, names=None) -> None:
              f'config.attacks.secmi_t: {t_sec} must be a multiple of secmi_k={k} in [{k}, {T}) '
              f'({where}: {T}); SecMI walks 0, k, ..., t_sec')
   if 'drc' in names:
-    _require(1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}] ({where}: '
-             f'{T})')
+    if r.restorer != 'repaint':  # RePaint always starts from T (it does not read t_start)
+      _require(1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}] ({where}: '
+               f'{T})')
     top = T if r.restorer == 'repaint' else min(r.t_start, T)
     _require(1 <= r.steps <= top,
              f'config.drc.steps: {r.steps} not in [1, {top}] ({where}: {T}' +

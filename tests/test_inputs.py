@@ -94,5 +94,9 @@ def test_attack_timesteps_are_checked_against_the_targets_schedule(fmnist_local,
   with pytest.raises(validate.ConfigError, match='config.attacks.secmi_t: 100 .* in \\[10, 10\\)'):
     A.run_audit(fmnist_local, wd)
   fmnist_local.attacks.names = 'drc'
+  fmnist_local.drc.restorer, fmnist_local.drc.t_start = 'ddim', 500
   with pytest.raises(validate.ConfigError, match=r'config.drc.t_start: 500 not in \[1, 10\]'):
+    A.run_audit(fmnist_local, wd)
+  fmnist_local.drc.restorer, fmnist_local.drc.steps = 'repaint', 50  # RePaint: its steps
+  with pytest.raises(validate.ConfigError, match=r'config.drc.steps: 50 not in \[1, 10\]'):
     A.run_audit(fmnist_local, wd)
