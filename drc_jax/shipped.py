@@ -11,8 +11,8 @@ A shipped target is a directory ``drc_jax/targets/<name>/`` holding
 
 It is named ``shipped:<name>`` wherever a target path is taken (``config.audit.checkpoint``,
 ``drc_jax.load_target``). Loading checks every recorded hash first, so a changed or corrupted
-file is an error naming it, never a silently different model; an audit checks that its split is
-the one the target was trained on (``check_split``).
+file is an error naming it, never a silently different model; ``model.json`` records what the
+target was trained on (``trained_on``), which every audit checks against its split.
 """
 
 from __future__ import annotations
@@ -163,26 +163,6 @@ def export(workdir: str, out: str, *, step: int, config, command: str,
   }
   fileio.atomic_write_text(out_dir / TRAINING_JSON, json.dumps(doc, indent=1))
   return doc
-
-
-def check_split(target_path: str, split) -> None:
-  """An audit's split must be the one a shipped target was trained on (when it records one).
-
-  Raises:
-    checkpoints.CheckpointError: the split's dataset or member set differs from the target's.
-  """
-  directory = resolve(target_path)
-  path = epath.Path(directory) / SPLIT_JSON
-  if not is_weights_dir(directory) or not path.exists():
-    return  # a workdir's split.json is its own audit split; its trained_on is checked instead
-  doc = json.loads(path.read_text())
-  trained = np.asarray(doc['members'], np.int64)
-  if doc['dataset'] != split.dataset or not np.array_equal(np.sort(trained),
-                                                           np.sort(split.members)):
-    raise checkpoints.CheckpointError(
-        f'{path}: the target was trained on {len(trained)} members of {doc["dataset"]}, but this '
-        f'audit\'s split has {len(split.members)} members of {split.dataset} that differ; audit '
-        f'it with config.split.file={path} (or the config it was shipped with)')
 
 
 def main(argv):

@@ -36,6 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from drc_jax import attacks as attacks_lib
+from drc_jax import checkpoints
 from drc_jax import compare as compare_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
@@ -194,7 +195,10 @@ def run(config, target_path: str, out_dir: str, *, heldout_members: int, heldout
   source = data_lib.make_source(config.data)
   target = target_lib.load_target(target_path)
   split = splits_lib.resolve(config.split, source, out_dir, write=False)
-  shipped.check_split(target_path, split)
+  workdir = checkpoints.workdir_of(shipped.resolve(target_path))
+  splits_lib.check_trained_on(checkpoints.trained_on(workdir),
+                              splits_lib.training_data(config.data, source, split),
+                              str(workdir / checkpoints.MODEL_JSON))
   mem_held, non_held = metrics_lib.calibration_split(len(split.members), len(split.nonmembers),
                                                      fraction=config.audit.calibration_fraction,
                                                      seed=config.seed)
@@ -313,7 +317,7 @@ def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_mem
   pick_m = np.sort(rng.choice(len(members), min(drc_members, len(members)), replace=False))
   pick_n = np.sort(rng.choice(len(nonmembers), min(drc_nonmembers, len(nonmembers)),
                               replace=False))
-  names = [n for n in ('loss', 'secmi', 'pia', 'pian', 'sima')]
+  names = ['loss', 'secmi', 'pia', 'pian', 'sima']
   rows = []
   for step in steps:
     target = target_lib.load_target(os.path.join(workdir, 'checkpoints', str(step)))
