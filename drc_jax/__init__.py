@@ -2,4 +2,4 @@
 
 from drc_jax.target import load_target
 
-__all__ = ["load_target"]
+__all__ = ['load_target']

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from drc_jax import drc as drc_lib
-from drc_jax import parallel
-from drc_jax import streams
+from drc_jax import parallel, streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +80,13 @@ def make_attacks(config, model, schedule, names: list[str]) -> dict[str, Attack]
     del key_data
     return -sum_hw(jnp.abs(apply(params, x0, _t(x0.shape[0], a.sima_t))) ** 4)
 
-  fns = {'loss': (loss, 1), 'secmi': (secmi, (a.secmi_t // a.secmi_k - 1) + 2),
-         'pia': (lambda p, k, x: pia_scores(p, x, False), 2),
-         'pian': (lambda p, k, x: pia_scores(p, x, True), 2), 'sima': (sima, 1)}
+  fns = {
+    'loss': (loss, 1),
+    'secmi': (secmi, (a.secmi_t // a.secmi_k - 1) + 2),
+    'pia': (lambda p, k, x: pia_scores(p, x, False), 2),
+    'pian': (lambda p, k, x: pia_scores(p, x, True), 2),
+    'sima': (sima, 1),
+  }
   for name in names:
     if name == 'drc':
       scorer = drc_lib.make_drc(config.drc, model, schedule)

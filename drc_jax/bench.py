@@ -38,11 +38,18 @@ flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call 
 flags.DEFINE_bool('train_step', False, 'Time one training step (config.train.batch_size) instead.')
 
 
-def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
-              jump_n_sample: int, repeats: int, forward_only: bool) -> dict:
+def run_bench(
+  config,
+  restorer: str,
+  batch: int,
+  steps: int,
+  jump_length: int,
+  jump_n_sample: int,
+  repeats: int,
+  forward_only: bool,
+) -> dict:
   """Builds the config's UNet (random weights), restores a batch, returns the figures."""
-  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution,
-                                        config.data.channels)
+  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
   model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
   schedule = schedule_lib.make_schedule(config.diffusion)
   mesh = parallel.make_mesh()
@@ -68,8 +75,9 @@ def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
   else:
     r = restore_lib.make_restorer(drc_cfg, model, schedule, mesh)
     keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-    d = jax.device_put(jax.jit(degrade_lib.make_degrader(drc_cfg))(keys, images),
-                       parallel.data_sharding(mesh))
+    d = jax.device_put(
+      jax.jit(degrade_lib.make_degrader(drc_cfg))(keys, images), parallel.data_sharding(mesh)
+    )
     run = lambda: r.restore(params, key_data, images, d)
     nfe = r.nfe
   t0 = time.perf_counter()
@@ -81,21 +89,34 @@ def run_bench(config, restorer: str, batch: int, steps: int, jump_length: int,
   dt = (time.perf_counter() - t0) / repeats
   m = config.model
   return {
-      'drc_jax': jax.__version__, 'backend': jax.default_backend(),
-      'devices': jax.device_count(), 'restorer': 'forward' if forward_only else restorer,
-      'batch': batch, 'res': res, 'channels': ch, 'ch': m.ch, 'ch_mult': list(m.ch_mult),
-      'num_res_blocks': m.num_res_blocks, 'attn_res': list(m.attn_res),
-      'steps': steps, 'jump_length': jump_length, 'jump_n_sample': jump_n_sample,
-      'params_m': round(model_lib.count_params(params) / 1e6, 3), 'nfe_per_image': nfe,
-      'seconds': round(dt, 3), 'compile_s': round(compile_s - dt, 2),
-      'images_per_s': round(batch / dt, 4), 'model_calls_per_s': round(nfe / dt, 3),  # batched
-      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    'drc_jax': jax.__version__,
+    'backend': jax.default_backend(),
+    'devices': jax.device_count(),
+    'restorer': 'forward' if forward_only else restorer,
+    'batch': batch,
+    'res': res,
+    'channels': ch,
+    'ch': m.ch,
+    'ch_mult': list(m.ch_mult),
+    'num_res_blocks': m.num_res_blocks,
+    'attn_res': list(m.attn_res),
+    'steps': steps,
+    'jump_length': jump_length,
+    'jump_n_sample': jump_n_sample,
+    'params_m': round(model_lib.count_params(params) / 1e6, 3),
+    'nfe_per_image': nfe,
+    'seconds': round(dt, 3),
+    'compile_s': round(compile_s - dt, 2),
+    'images_per_s': round(batch / dt, 4),
+    'model_calls_per_s': round(nfe / dt, 3),  # batched
+    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
 
 
 def run_train_bench(config, repeats: int) -> dict:
   """Train steps per second of the config's UNet at config.train.batch_size (random images)."""
   from drc_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
   _, model, params, schedule, tx = train_lib.build(config)
   mesh = parallel.make_mesh()
   bs, res, ch = config.train.batch_size, config.data.resolution, config.data.channels
@@ -103,7 +124,8 @@ def run_train_bench(config, repeats: int) -> dict:
   step = train_lib.make_train_step(model, schedule, tx, config.train, mesh)
   state = parallel.replicate(mesh, train_lib.init_state(params, tx))
   images = parallel.shard_batch(
-      mesh, np.random.default_rng(0).uniform(-1, 1, (bs, res, res, ch)).astype(np.float32))
+    mesh, np.random.default_rng(0).uniform(-1, 1, (bs, res, res, ch)).astype(np.float32)
+  )
   valid = parallel.shard_batch(mesh, np.ones((bs,), bool))
   key = jax.random.key(0)
   t0 = time.perf_counter()
@@ -115,12 +137,19 @@ def run_train_bench(config, repeats: int) -> dict:
     state, m = step(state, images, valid, key)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / repeats
-  return {'mode': 'train_step', 'backend': jax.default_backend(), 'devices': jax.device_count(),
-          'batch': bs, 'res': res, 'channels': ch,
-          'params_m': round(model_lib.count_params(params) / 1e6, 3),
-          'seconds_per_step': round(dt, 3), 'steps_per_s': round(1 / dt, 3),
-          'compile_s': round(compile_s - dt, 2),
-          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  return {
+    'mode': 'train_step',
+    'backend': jax.default_backend(),
+    'devices': jax.device_count(),
+    'batch': bs,
+    'res': res,
+    'channels': ch,
+    'params_m': round(model_lib.count_params(params) / 1e6, 3),
+    'seconds_per_step': round(dt, 3),
+    'steps_per_s': round(1 / dt, 3),
+    'compile_s': round(compile_s - dt, 2),
+    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
 
 
 def main(argv):
@@ -129,8 +158,20 @@ def main(argv):
   if f.train_step:
     print(json.dumps(run_train_bench(f.config, f.repeats)))
     return
-  print(json.dumps(run_bench(f.config, f.restorer, f.batch, f.steps, f.jump_length,
-                             f.jump_n_sample, f.repeats, f.forward_only)))
+  print(
+    json.dumps(
+      run_bench(
+        f.config,
+        f.restorer,
+        f.batch,
+        f.steps,
+        f.jump_length,
+        f.jump_n_sample,
+        f.repeats,
+        f.forward_only,
+      )
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -65,8 +65,9 @@ def image_features(images) -> np.ndarray:
   border = np.concatenate([x[:, 0, :], x[:, -1, :], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)
   background = np.median(border, axis=1)  # [N]
   foreground = (np.abs(x - background[:, None, None]) > FOREGROUND_THRESHOLD).mean(axis=(1, 2))
-  gradient = (np.square(np.diff(x, axis=2)).sum(axis=(1, 2))
-              + np.square(np.diff(x, axis=1)).sum(axis=(1, 2))) / (h * w)
+  gradient = (
+    np.square(np.diff(x, axis=2)).sum(axis=(1, 2)) + np.square(np.diff(x, axis=1)).sum(axis=(1, 2))
+  ) / (h * w)
   return np.stack([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), foreground, gradient], axis=1)
 
 
@@ -75,7 +76,7 @@ def table_features(source: data_lib.ImageSource, indices, data_cfg) -> np.ndarra
   indices = np.asarray(indices, np.int64)
   out = []
   for lo in range(0, len(indices), _FEATURE_BATCH):
-    images, _, _ = data_lib.load_images(source, indices[lo:lo + _FEATURE_BATCH], data_cfg)
+    images, _, _ = data_lib.load_images(source, indices[lo : lo + _FEATURE_BATCH], data_cfg)
     out.append(image_features(images))
   return np.concatenate(out) if out else np.zeros((0, len(FEATURES)))
 
@@ -140,8 +141,9 @@ def _scale(x: np.ndarray, axis: int) -> np.ndarray:
   return np.where(s > 0, s, 1.0)
 
 
-def fit_quantile_regression(features, targets, *, tau: float, l2: float = 0.0,
-                            steps: int = FIT_STEPS, lr: float = FIT_LR) -> QuantileModel:
+def fit_quantile_regression(
+  features, targets, *, tau: float, l2: float = 0.0, steps: int = FIT_STEPS, lr: float = FIT_LR
+) -> QuantileModel:
   """Fits ``q_a(x) = w_a . z(x) + b_a`` to the ``tau`` quantile of each ``targets[a]``.
 
   Features are standardized by their mean and standard deviation, each target by its median and
@@ -171,17 +173,25 @@ def fit_quantile_regression(features, targets, *, tau: float, l2: float = 0.0,
   y_loc, y_scale = np.median(y, axis=1), _scale(y, axis=1)
   z = ((x - f_mean) / f_scale).astype(np.float32)
   ys = ((y - y_loc[:, None]) / y_scale[:, None]).astype(np.float32)
-  w, b = _fit_standardized(jnp.asarray(z), jnp.asarray(ys), jnp.float32(tau), jnp.float32(l2),
-                           jnp.float32(lr), steps=int(steps))
-  return QuantileModel(tau, f_mean, f_scale, y_loc, y_scale, np.asarray(w, np.float64),
-                       np.asarray(b, np.float64))
+  w, b = _fit_standardized(
+    jnp.asarray(z),
+    jnp.asarray(ys),
+    jnp.float32(tau),
+    jnp.float32(l2),
+    jnp.float32(lr),
+    steps=int(steps),
+  )
+  return QuantileModel(
+    tau, f_mean, f_scale, y_loc, y_scale, np.asarray(w, np.float64), np.asarray(b, np.float64)
+  )
 
 
 _REPORTED = ('auc', 'tpr_at_1pct_fpr', 'tpr_at_0p1pct_fpr')
 
 
-def per_image_calibration(config, table: dict[str, np.ndarray],
-                          features: np.ndarray) -> dict[str, dict[str, Any]]:
+def per_image_calibration(
+  config, table: dict[str, np.ndarray], features: np.ndarray
+) -> dict[str, dict[str, Any]]:
   """Raw and calibrated held-out metrics of every attack in ``table`` (JSON-ready).
 
   Args:
@@ -202,38 +212,52 @@ def per_image_calibration(config, table: dict[str, np.ndarray],
   if features.shape[0] != members.size:
     raise ValueError(f'{features.shape[0]} feature rows for {members.size} scored images')
   member_heldout, nonmember_heldout = metrics_lib.calibration_split(
-      int(members.sum()), int((~members).sum()), fraction=a.calibration_fraction, seed=config.seed)
+    int(members.sum()), int((~members).sum()), fraction=a.calibration_fraction, seed=config.seed
+  )
   fit_rows = np.flatnonzero(~members)[~nonmember_heldout]  # calibration non-members only
   test_members = np.flatnonzero(members)[member_heldout]
   test_nonmembers = np.flatnonzero(~members)[nonmember_heldout]
-  names = sorted(k[len('score/'):] for k in table if k.startswith('score/'))
+  names = sorted(k[len('score/') :] for k in table if k.startswith('score/'))
   scores = np.stack([np.asarray(table['score/' + n], np.float64) for n in names])  # [A, N]
   tau = 1.0 - a.calibration_fpr
-  model = fit_quantile_regression(features[fit_rows], scores[:, fit_rows], tau=tau,
-                                  l2=a.calibration_l2)
+  model = fit_quantile_regression(
+    features[fit_rows], scores[:, fit_rows], tau=tau, l2=a.calibration_l2
+  )
   calibrated = scores - model.predict(features)  # [A, N]
   expected_above = fit_rows.size * a.calibration_fpr
   warnings = []
   if expected_above < metrics_lib.MIN_EXPECTED_FALSE_POSITIVES:
-    warnings.append(f'the {tau:g} quantile is fitted on {fit_rows.size} non-members, about '
-                    f'{expected_above:.3g} of them above it: a rough estimate')
+    warnings.append(
+      f'the {tau:g} quantile is fitted on {fit_rows.size} non-members, about '
+      f'{expected_above:.3g} of them above it: a rough estimate'
+    )
   out = {}
   for i, name in enumerate(names):
     entry: dict[str, Any] = {
-        'method': 'quantile', 'fpr': float(a.calibration_fpr), 'quantile': tau,
-        'features': list(FEATURES), 'l2': float(a.calibration_l2),
-        'fit': {'n_nonmembers': int(fit_rows.size), 'n_members': 0,
-                'images': 'the calibration fraction of the non-members'},
-        'weights': dict(zip(FEATURES, model.weights[i].tolist())),
-        'warnings': list(warnings)}
+      'method': 'quantile',
+      'fpr': float(a.calibration_fpr),
+      'quantile': tau,
+      'features': list(FEATURES),
+      'l2': float(a.calibration_l2),
+      'fit': {
+        'n_nonmembers': int(fit_rows.size),
+        'n_members': 0,
+        'images': 'the calibration fraction of the non-members',
+      },
+      'weights': dict(zip(FEATURES, model.weights[i].tolist())),
+      'warnings': list(warnings),
+    }
     for kind, values in (('raw', scores[i]), ('calibrated', calibrated[i])):
-      m = metrics_lib.attack_metrics(values[test_members], values[test_nonmembers],
-                                     bootstrap=a.bootstrap, seed=config.seed)
+      m = metrics_lib.attack_metrics(
+        values[test_members], values[test_nonmembers], bootstrap=a.bootstrap, seed=config.seed
+      )
       entry[kind] = {k: m[k] for k in _REPORTED}
       entry[kind]['ci95'] = {k: v for k, v in m['ci95'].items() if k in _REPORTED}
       entry['n_members'], entry['n_nonmembers'] = m['n_members'], m['n_nonmembers']
     entry['difference'] = {k: entry['calibrated'][k] - entry['raw'][k] for k in _REPORTED}
-    entry['at_zero'] = {'tpr': float(np.mean(calibrated[i, test_members] > 0)),
-                        'fpr': float(np.mean(calibrated[i, test_nonmembers] > 0))}
+    entry['at_zero'] = {
+      'tpr': float(np.mean(calibrated[i, test_members] > 0)),
+      'fpr': float(np.mean(calibrated[i, test_nonmembers] > 0)),
+    }
     out[name] = entry
   return out

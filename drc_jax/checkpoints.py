@@ -25,8 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from drc_jax import errors
-from drc_jax import fileio
+from drc_jax import errors, fileio
 from drc_jax import model as model_lib
 from drc_jax import schedule as schedule_lib
 
@@ -40,8 +39,13 @@ class CheckpointError(errors.UserError, ValueError):
   """A missing or mismatched checkpoint; the message names the path or key."""
 
 
-def save_model_json(workdir, unet: model_lib.UNetConfig, diffusion: dict[str, Any],
-                    source: str = 'drc_jax', trained_on: dict[str, Any] | None = None) -> None:
+def save_model_json(
+  workdir,
+  unet: model_lib.UNetConfig,
+  diffusion: dict[str, Any],
+  source: str = 'drc_jax',
+  trained_on: dict[str, Any] | None = None,
+) -> None:
   """Writes ``W/model.json``; ``trained_on`` (targets trained here) is ``splits.training_data``."""
   doc = {'unet': unet.to_dict(), 'diffusion': dict(diffusion), 'source': source}
   if trained_on is not None:
@@ -53,13 +57,17 @@ def read_model_doc(workdir) -> dict[str, Any]:
   """The parsed ``W/model.json``; a missing or unparsable file is a CheckpointError naming it."""
   path = epath.Path(workdir) / MODEL_JSON
   if not path.exists():
-    raise CheckpointError(f'{path}: not found; {workdir} holds no drc_jax target (train one with '
-                          f'--mode=train or convert one with python -m drc_jax.convert)')
+    raise CheckpointError(
+      f'{path}: not found; {workdir} holds no drc_jax target (train one with '
+      f'--mode=train or convert one with python -m drc_jax.convert)'
+    )
   try:
     doc = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f'{path}: not valid JSON ({e}); the target description is damaged: '
-                          f'restore it or use another --workdir') from e
+    raise CheckpointError(
+      f'{path}: not valid JSON ({e}); the target description is damaged: '
+      f'restore it or use another --workdir'
+    ) from e
   if not isinstance(doc, dict):
     raise CheckpointError(f'{path}: expected a JSON object, found {type(doc).__name__}')
   return doc
@@ -103,9 +111,12 @@ def is_imported(workdir) -> bool:
 def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:
   kind = diffusion.get('beta_schedule', 'linear')
   if kind == 'linear':
-    return schedule_lib.NoiseSchedule.create('linear', diffusion['num_timesteps'],
-                                             beta_start=diffusion['beta_start'],
-                                             beta_end=diffusion['beta_end'])
+    return schedule_lib.NoiseSchedule.create(
+      'linear',
+      diffusion['num_timesteps'],
+      beta_start=diffusion['beta_start'],
+      beta_end=diffusion['beta_end'],
+    )
   return schedule_lib.NoiseSchedule.create(kind, diffusion['num_timesteps'])
 
 
@@ -117,8 +128,12 @@ def _absolute(path) -> epath.Path:
 
 def manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
   path = _absolute(workdir) / CHECKPOINT_DIR
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=False))
+  return ocp.CheckpointManager(
+    path,
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False
+    ),
+  )
 
 
 def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
@@ -131,8 +146,10 @@ def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> st
   if extra:
     parts.append(f'unexpected keys {extra[:5]}')
   if shape:
-    parts.append('shape mismatch ' + ', '.join(
-        f'{k}: checkpoint {found[k]} vs model {expected[k]}' for k in shape[:5]))
+    parts.append(
+      'shape mismatch '
+      + ', '.join(f'{k}: checkpoint {found[k]} vs model {expected[k]}' for k in shape[:5])
+    )
   return '; '.join(parts)
 
 
@@ -183,13 +200,18 @@ def verify(step_dir, part: str, tree) -> str:
   got = tree_sha256(tree)
   recorded = _recorded(step_dir)
   if recorded is None or part not in recorded:
-    logging.warning('%s: no SHA-256 of %s recorded (saved by an older drc_jax): integrity not '
-                    'checked', step_dir, part)
+    logging.warning(
+      '%s: no SHA-256 of %s recorded (saved by an older drc_jax): integrity not checked',
+      step_dir,
+      part,
+    )
   elif recorded[part] != got:
     what = 'EMA weights' if part == 'ema_params' else 'training state'
-    raise CheckpointError(f'{step_dir}: the {what} read back differ from those saved (SHA-256 '
-                          f'recorded {recorded[part][:12]}..., read {got[:12]}...): the '
-                          f'checkpoint is corrupt; restore it from a copy or delete this step')
+    raise CheckpointError(
+      f'{step_dir}: the {what} read back differ from those saved (SHA-256 '
+      f'recorded {recorded[part][:12]}..., read {got[:12]}...): the '
+      f'checkpoint is corrupt; restore it from a copy or delete this step'
+    )
   return got
 
 
@@ -213,8 +235,9 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   try:
     state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except (ValueError, KeyError, TypeError) as e:
-    raise _unreadable(step_dir, e, 'checkpoint does not match the training state of this config '
-                                   'or cannot be read') from e
+    raise _unreadable(
+      step_dir, e, 'checkpoint does not match the training state of this config or cannot be read'
+    ) from e
   except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many kinds)
     raise _unreadable(step_dir, e) from e
   verify(step_dir, 'state', state)
@@ -271,14 +294,16 @@ def restore_ema(step_dir, abstract_params):
   found = model_lib.flat_param_shapes(tree['ema_params'])
   detail = describe_mismatch(model_lib.flat_param_shapes(abstract_params), found)
   if detail:
-    raise CheckpointError(f'{item_dir}: checkpoint does not match the model in model.json: '
-                          f'{detail}')
+    raise CheckpointError(
+      f'{item_dir}: checkpoint does not match the model in model.json: {detail}'
+    )
   item = {'ema_params': abstract_params}
   # Restored as host arrays: no device shardings to give (and no warning about them).
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   try:
-    restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item, restore_args=restore_args, partial_restore=True))
+    restored = handler.restore(
+      item_dir, args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+    )
   except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many kinds)
     raise _unreadable(step_dir, e) from e
   verify(step_dir, 'ema_params', restored['ema_params'])
@@ -288,7 +313,11 @@ def restore_ema(step_dir, abstract_params):
 def save_params_only(workdir, params, step: int = 0) -> None:
   """Writes a checkpoint holding only EMA weights (converted models): {'ema_params': params}."""
   mngr = manager(workdir, keep=1)
-  mngr.save(step, args=ocp.args.StandardSave({'ema_params': params}), force=True,
-            custom_metadata={INTEGRITY_KEY: {'ema_params': tree_sha256(params)}})
+  mngr.save(
+    step,
+    args=ocp.args.StandardSave({'ema_params': params}),
+    force=True,
+    custom_metadata={INTEGRITY_KEY: {'ema_params': tree_sha256(params)}},
+  )
   mngr.wait_until_finished()
   mngr.close()

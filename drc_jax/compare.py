@@ -7,7 +7,7 @@ comparator, so the paper's semantic comparisons plug in where weights are availa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,8 @@ def masked_mse(x: jnp.ndarray, y: jnp.ndarray, region: jnp.ndarray) -> jnp.ndarr
   """Mean squared error over the region's pixels (all channels): [B]."""
   w = jnp.broadcast_to(region, x.shape)
   return jnp.sum(w * jnp.square(x - y), axis=(1, 2, 3)) / jnp.maximum(
-      jnp.sum(w, axis=(1, 2, 3)), 1e-12)
+    jnp.sum(w, axis=(1, 2, 3)), 1e-12
+  )
 
 
 def neg_masked_mse(x, y, d: degrade_lib.Degradation) -> jnp.ndarray:
@@ -38,7 +39,7 @@ def psnr(x, y, d: degrade_lib.Degradation) -> jnp.ndarray:
 
 def _gaussian_window(size: int, sigma: float) -> jnp.ndarray:
   r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
-  g = jnp.exp(-r**2 / (2 * sigma**2))
+  g = jnp.exp(-(r**2) / (2 * sigma**2))
   return g / g.sum()
 
 
@@ -56,10 +57,12 @@ def ssim_map(x: jnp.ndarray, y: jnp.ndarray, window: int = 11, sigma: float = 1.
     kh = jnp.tile(g.reshape(size, 1, 1, 1), (1, 1, 1, c))
     kw = jnp.tile(g.reshape(1, size, 1, 1), (1, 1, 1, c))
     dn = ('NHWC', 'HWIO', 'NHWC')
-    out = jax.lax.conv_general_dilated(img, kh, (1, 1), 'SAME', dimension_numbers=dn,
-                                       feature_group_count=c)
-    return jax.lax.conv_general_dilated(out, kw, (1, 1), 'SAME', dimension_numbers=dn,
-                                        feature_group_count=c)
+    out = jax.lax.conv_general_dilated(
+      img, kh, (1, 1), 'SAME', dimension_numbers=dn, feature_group_count=c
+    )
+    return jax.lax.conv_general_dilated(
+      out, kw, (1, 1), 'SAME', dimension_numbers=dn, feature_group_count=c
+    )
 
   norm = blur(jnp.ones_like(x[..., :1]))
   mu_x, mu_y = blur(x) / norm, blur(y) / norm
@@ -96,7 +99,11 @@ def feature_cosine(encoder: Callable[[jnp.ndarray], jnp.ndarray]) -> Comparator:
 
 
 COMPARATORS: dict[str, Comparator] = {
-    'masked_mse': neg_masked_mse, 'psnr': psnr, 'ssim': ssim, 'ssim_region': ssim_region}
+  'masked_mse': neg_masked_mse,
+  'psnr': psnr,
+  'ssim': ssim,
+  'ssim_region': ssim_region,
+}
 
 
 def get(name: str) -> Comparator:

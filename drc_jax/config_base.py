@@ -24,7 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.channels = 3  # model channels: 1 (grayscale) or 3 (RGB)
   c.data.center_crop = 0  # centre crop to this size before resizing (0 = none; 140 for CelebA)
   c.data.convert_channels = False  # allow gray<->RGB conversion (else a mismatch is an error)
-  c.data.tfds_order = ''  # '' = tfds record order; 'id' = sort by the integer in the 'id' feature (torchvision order for cifar10/100)
+  # '' = tfds record order; 'id' = sort by the integer in the 'id' feature (torchvision order for
+  # cifar10/100)
+  c.data.tfds_order = ''
 
   c.split = ml_collections.ConfigDict()
   c.split.file = ''  # split file (.npz SecMI/PIA format or .json manifest); '' = make one
@@ -57,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr = 2e-4  # Adam learning rate after warm-up
   c.train.warmup_steps = 5000  # linear warm-up steps
   c.train.grad_clip = 1.0  # global-norm gradient clipping
-  c.train.ema_decay = 0.9999  # EMA decay (after a warm-up (1+step)/(10+step)) of the weights attacks use
+  c.train.ema_decay = (
+    0.9999  # EMA decay (after a warm-up (1+step)/(10+step)) of the weights attacks use
+  )
   c.train.random_flip = True  # random horizontal flip augmentation
   c.train.log_every = 100  # steps between log lines
   c.train.checkpoint_every = 5000  # steps between checkpoints

@@ -37,14 +37,17 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from drc_jax import checkpoints
-from drc_jax import errors
+from drc_jax import checkpoints, errors
 from drc_jax import model as model_lib
 from drc_jax import target as target_lib
 
 FORMATS = ('pytorch-ddpm', 'diffusers')
-DEFAULT_DIFFUSION = {'num_timesteps': 1000, 'beta_schedule': 'linear', 'beta_start': 1e-4,
-                     'beta_end': 0.02}
+DEFAULT_DIFFUSION = {
+  'num_timesteps': 1000,
+  'beta_schedule': 'linear',
+  'beta_start': 1e-4,
+  'beta_end': 0.02,
+}
 _PICKLE_SUFFIXES = ('.pt', '.pth', '.bin')
 _SAFETENSORS_SUFFIX = '.safetensors'
 _DDPM_NORM_GROUPS = 32  # pytorch-ddpm hard-codes nn.GroupNorm(32, C) with the default eps
@@ -67,6 +70,7 @@ class Converted:
     source: where the weights came from (written to ``model.json``).
     step: training step of the source checkpoint when it records one, else 0.
   """
+
   config: model_lib.UNetConfig
   params: Any
   diffusion: dict[str, Any]
@@ -81,9 +85,11 @@ def _import_torch(path):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ConversionError(f'{path}: reading a pickled PyTorch file needs torch; install the '
-                          f"'torch' extra (pip install -e '.[torch]'), or convert the weights to "
-                          f'.safetensors') from e
+    raise ConversionError(
+      f'{path}: reading a pickled PyTorch file needs torch; install the '
+      f"'torch' extra (pip install -e '.[torch]'), or convert the weights to "
+      f'.safetensors'
+    ) from e
   return torch
 
 
@@ -108,6 +114,7 @@ def read_checkpoint(path) -> Any:
   name = path.name.lower()
   if name.endswith(_SAFETENSORS_SUFFIX):
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
     try:
       return safetensors.numpy.load(path.read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError on corrupt headers
@@ -116,15 +123,22 @@ def read_checkpoint(path) -> Any:
     torch = _import_torch(path)
     local = not re.match(r'^[a-z][a-z0-9+.-]*://', os.fspath(path))
     try:
-      return torch.load(os.fspath(path) if local else io.BytesIO(path.read_bytes()),
-                        map_location='cpu', weights_only=True)
+      return torch.load(
+        os.fspath(path) if local else io.BytesIO(path.read_bytes()),
+        map_location='cpu',
+        weights_only=True,
+      )
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... on refused pickles
-      raise ConversionError(f'{path}: cannot load with torch.load(weights_only=True): the file is '
-                            f'corrupt or holds objects other than tensors and containers '
-                            f'({str(e)[:300]})') from e
-  raise ConversionError(f'{path}: unsupported checkpoint extension (expected '
-                        f'{_SAFETENSORS_SUFFIX} or one of {_PICKLE_SUFFIXES}; other pickles are '
-                        f'refused because loading them can run code)')
+      raise ConversionError(
+        f'{path}: cannot load with torch.load(weights_only=True): the file is '
+        f'corrupt or holds objects other than tensors and containers '
+        f'({str(e)[:300]})'
+      ) from e
+  raise ConversionError(
+    f'{path}: unsupported checkpoint extension (expected '
+    f'{_SAFETENSORS_SUFFIX} or one of {_PICKLE_SUFFIXES}; other pickles are '
+    f'refused because loading them can run code)'
+  )
 
 
 def _is_array(v) -> bool:
@@ -144,11 +158,13 @@ def _state_dict(obj, where: str) -> dict[str, np.ndarray]:
     raise ConversionError(f'{where}: expected a non-empty state dict, found {type(obj).__name__}')
   bad = [k for k, v in obj.items() if not isinstance(k, str) or not _is_array(v)]
   if bad:
-    raise ConversionError(f'{where}: not a state dict of tensors (entry {bad[0]!r} is not a '
-                          f'tensor; top-level keys {sorted(map(str, obj))[:8]})')
+    raise ConversionError(
+      f'{where}: not a state dict of tensors (entry {bad[0]!r} is not a '
+      f'tensor; top-level keys {sorted(map(str, obj))[:8]})'
+    )
   state = {k: _to_numpy(v) for k, v in obj.items()}
   if all(k.startswith('module.') for k in state):  # saved from torch.nn.DataParallel
-    state = {k[len('module.'):]: v for k, v in state.items()}
+    state = {k[len('module.') :]: v for k, v in state.items()}
   return state
 
 
@@ -158,6 +174,7 @@ def _state_dict(obj, where: str) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class _Source:
   """One source tensor for one parameter: its key and how its layout differs from ours."""
+
   key: str
   # 'conv': OIHW -> HWIO; 'linear': [out, in] -> [in, out]; 'conv1x1': [out, in, 1, 1] -> [in, out];
   # 'vector': as is.
@@ -199,8 +216,13 @@ def _describe(keys, limit: int = 6) -> str:
   return ', '.join(keys[:limit]) + more
 
 
-def _assemble(cfg: model_lib.UNetConfig, sources: dict[str, _Source], state: dict[str, np.ndarray],
-              where: str, also_used: tuple[str, ...] = ()) -> Any:
+def _assemble(
+  cfg: model_lib.UNetConfig,
+  sources: dict[str, _Source],
+  state: dict[str, np.ndarray],
+  where: str,
+  also_used: tuple[str, ...] = (),
+) -> Any:
   """Builds the params tree of ``cfg`` from ``state``; every problem is an error naming keys.
 
   Args:
@@ -224,15 +246,19 @@ def _assemble(cfg: model_lib.UNetConfig, sources: dict[str, _Source], state: dic
     problems.append(f'missing keys {_describe(missing)}')
   if unexpected:
     problems.append(f'unexpected keys {_describe(unexpected)}')
-  misshapen = [f'{s.key}: checkpoint {tuple(state[s.key].shape)} vs expected '
-               f'{_source_shape(s.kind, expected[name])}'
-               for name, s in sources.items() if s.key in state
-               and tuple(state[s.key].shape) != _source_shape(s.kind, expected[name])]
+  misshapen = [
+    f'{s.key}: checkpoint {tuple(state[s.key].shape)} vs expected '
+    f'{_source_shape(s.kind, expected[name])}'
+    for name, s in sources.items()
+    if s.key in state and tuple(state[s.key].shape) != _source_shape(s.kind, expected[name])
+  ]
   if misshapen:
     problems.append('shape mismatch ' + '; '.join(misshapen[:6]))
   if problems:
-    raise ConversionError(f'{where}: the state dict does not match the inferred architecture '
-                          f'{_arch(cfg)}: ' + '; '.join(problems))
+    raise ConversionError(
+      f'{where}: the state dict does not match the inferred architecture '
+      f'{_arch(cfg)}: ' + '; '.join(problems)
+    )
   bad = sorted(k for k in wanted if not np.issubdtype(state[k].dtype, np.floating))
   if bad:
     raise ConversionError(f'{where}: non-float tensors {_describe(bad)}')
@@ -244,8 +270,10 @@ def _assemble(cfg: model_lib.UNetConfig, sources: dict[str, _Source], state: dic
 
 
 def _arch(cfg: model_lib.UNetConfig) -> str:
-  return (f'(ch={cfg.ch}, ch_mult={cfg.ch_mult}, num_res_blocks={cfg.num_res_blocks}, '
-          f'attn_res={cfg.attn_res}, resolution={cfg.resolution}, channels={cfg.in_channels})')
+  return (
+    f'(ch={cfg.ch}, ch_mult={cfg.ch_mult}, num_res_blocks={cfg.num_res_blocks}, '
+    f'attn_res={cfg.attn_res}, resolution={cfg.resolution}, channels={cfg.in_channels})'
+  )
 
 
 def _param_names(cfg: model_lib.UNetConfig) -> dict[str, tuple[int, ...]]:
@@ -262,8 +290,9 @@ def _diffusion(found: dict[str, Any], overrides: dict[str, Any] | None, where: s
   out = dict(DEFAULT_DIFFUSION, **found)
   for k, v in (overrides or {}).items():
     if k not in DEFAULT_DIFFUSION:
-      raise ConversionError(f'unknown diffusion setting {k!r} '
-                            f'(expected {sorted(DEFAULT_DIFFUSION)})')
+      raise ConversionError(
+        f'unknown diffusion setting {k!r} (expected {sorted(DEFAULT_DIFFUSION)})'
+      )
     if k in found and found[k] != v and not (isinstance(v, float) and math.isclose(found[k], v)):
       raise ConversionError(f'--{k}={v} contradicts {where}, which records {k}={found[k]}')
     out[k] = v
@@ -273,14 +302,27 @@ def _diffusion(found: dict[str, Any], overrides: dict[str, Any] | None, where: s
 # ----------------------------------------------------------------------------- pytorch-ddpm
 
 # Our module name (last components) -> pytorch-ddpm module name, inside a ResBlock.
-_DDPM_RESBLOCK = {'norm1': 'block1.0', 'conv1': 'block1.2', 'temb_proj': 'temb_proj.1',
-                  'norm2': 'block2.0', 'conv2': 'block2.3', 'shortcut': 'shortcut',
-                  'attn.norm': 'attn.group_norm', 'attn.proj_q': 'attn.proj_q',
-                  'attn.proj_k': 'attn.proj_k', 'attn.proj_v': 'attn.proj_v',
-                  'attn.proj': 'attn.proj', 'main': 'main'}
-_DDPM_TOP = {'time_embedding.dense0': 'time_embedding.timembedding.1',
-             'time_embedding.dense1': 'time_embedding.timembedding.3', 'head': 'head',
-             'tail_norm': 'tail.0', 'tail_conv': 'tail.2'}
+_DDPM_RESBLOCK = {
+  'norm1': 'block1.0',
+  'conv1': 'block1.2',
+  'temb_proj': 'temb_proj.1',
+  'norm2': 'block2.0',
+  'conv2': 'block2.3',
+  'shortcut': 'shortcut',
+  'attn.norm': 'attn.group_norm',
+  'attn.proj_q': 'attn.proj_q',
+  'attn.proj_k': 'attn.proj_k',
+  'attn.proj_v': 'attn.proj_v',
+  'attn.proj': 'attn.proj',
+  'main': 'main',
+}
+_DDPM_TOP = {
+  'time_embedding.dense0': 'time_embedding.timembedding.1',
+  'time_embedding.dense1': 'time_embedding.timembedding.3',
+  'head': 'head',
+  'tail_norm': 'tail.0',
+  'tail_conv': 'tail.2',
+}
 
 
 def select_pytorch_ddpm_weights(obj, weights: str, where: str) -> dict[str, np.ndarray]:
@@ -299,8 +341,10 @@ def select_pytorch_ddpm_weights(obj, weights: str, where: str) -> dict[str, np.n
   if isinstance(obj, Mapping) and ('ema_model' in obj or 'net_model' in obj):
     key = f'{weights}_model'
     if key not in obj:
-      raise ConversionError(f'{where}: no {key!r} state dict in the checkpoint (found keys '
-                            f'{sorted(map(str, obj))}); choose --weights accordingly')
+      raise ConversionError(
+        f'{where}: no {key!r} state dict in the checkpoint (found keys '
+        f'{sorted(map(str, obj))}); choose --weights accordingly'
+      )
     return _state_dict(obj[key], f'{where}[{key!r}]')
   logging.info('%s: a bare state dict (no net_model/ema_model): converting it as is', where)
   return _state_dict(obj, where)
@@ -319,8 +363,9 @@ def _require(state, key: str, where: str) -> np.ndarray:
   return state[key]
 
 
-def pytorch_ddpm_config(state: dict[str, np.ndarray], resolution: int = 32,
-                        where: str = 'state dict') -> model_lib.UNetConfig:
+def pytorch_ddpm_config(
+  state: dict[str, np.ndarray], resolution: int = 32, where: str = 'state dict'
+) -> model_lib.UNetConfig:
   """Infers the UNet of a pytorch-ddpm state dict from its keys and shapes.
 
   Args:
@@ -344,33 +389,49 @@ def pytorch_ddpm_config(state: dict[str, np.ndarray], resolution: int = 32,
       levels.append(current)
       current = []
     elif f'{p}.block1.2.weight' in state:
-      current.append((state[f'{p}.block1.2.weight'].shape[0],
-                      any(k.startswith(f'{p}.attn.') for k in state)))
+      current.append(
+        (state[f'{p}.block1.2.weight'].shape[0], any(k.startswith(f'{p}.attn.') for k in state))
+      )
     else:
-      raise ConversionError(f'{where}: cannot tell what {p} is (neither {p}.main.weight of a '
-                            f'DownSample nor {p}.block1.2.weight of a ResBlock)')
+      raise ConversionError(
+        f'{where}: cannot tell what {p} is (neither {p}.main.weight of a '
+        f'DownSample nor {p}.block1.2.weight of a ResBlock)'
+      )
   levels.append(current)
   num_res_blocks = len(levels[0])
   ch_mult, attn_levels = [], []
   for i, level in enumerate(levels):
     if len(level) != num_res_blocks or not level:
-      raise ConversionError(f'{where}: level {i} of downblocks has {len(level)} ResBlocks, level 0 '
-                            f'has {num_res_blocks}: unsupported layout')
+      raise ConversionError(
+        f'{where}: level {i} of downblocks has {len(level)} ResBlocks, level 0 '
+        f'has {num_res_blocks}: unsupported layout'
+      )
     out = {c for c, _ in level}
     attn = {a for _, a in level}
     if len(out) != 1 or out.pop() % ch or len(attn) != 1:
-      raise ConversionError(f'{where}: the ResBlocks of level {i} of downblocks differ in width or '
-                            f'attention, or their width is not a multiple of ch={ch}')
+      raise ConversionError(
+        f'{where}: the ResBlocks of level {i} of downblocks differ in width or '
+        f'attention, or their width is not a multiple of ch={ch}'
+      )
     ch_mult.append(level[0][0] // ch)
     if attn.pop():
       attn_levels.append(i)
   try:
     return model_lib.UNetConfig(
-        resolution=resolution, in_channels=in_channels, out_channels=out_channels, ch=ch,
-        ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-        attn_res=tuple(resolution // 2 ** i for i in attn_levels), dropout=0.1,
-        norm_groups=_DDPM_NORM_GROUPS, norm_eps=_DDPM_NORM_EPS, time_embed_layout='interleaved',
-        time_freq_shift=0, downsample_padding='symmetric')
+      resolution=resolution,
+      in_channels=in_channels,
+      out_channels=out_channels,
+      ch=ch,
+      ch_mult=tuple(ch_mult),
+      num_res_blocks=num_res_blocks,
+      attn_res=tuple(resolution // 2**i for i in attn_levels),
+      dropout=0.1,
+      norm_groups=_DDPM_NORM_GROUPS,
+      norm_eps=_DDPM_NORM_EPS,
+      time_embed_layout='interleaved',
+      time_freq_shift=0,
+      downsample_padding='symmetric',
+    )
   except ValueError as e:
     raise ConversionError(f'{where}: inferred an unsupported architecture ({e})') from e
 
@@ -384,8 +445,9 @@ def _pytorch_ddpm_sources(cfg: model_lib.UNetConfig) -> dict[str, _Source]:
     else:
       block, inner = re.fullmatch(r'((?:down|middle|up)blocks\.\d+)\.(.+)', module).groups()
       src = f'{block}.{_DDPM_RESBLOCK[inner]}'
-      kind = ('conv1x1' if inner.startswith('attn.') else
-              'linear' if inner == 'temb_proj' else 'conv')
+      kind = (
+        'conv1x1' if inner.startswith('attn.') else 'linear' if inner == 'temb_proj' else 'conv'
+      )
     out[name] = _leaf_source(src, leaf, kind)
   return out
 
@@ -398,12 +460,15 @@ def _check_time_table(table: np.ndarray, ch: int, where: str) -> None:
   want = np.stack([np.sin(args), np.cos(args)], axis=-1).reshape(table.shape[0], ch)
   err = float(np.max(np.abs(table.astype(np.float64) - want)))
   if err > 1e-3:
-    raise ConversionError(f'{where}: {_DDPM_TIME_TABLE} is not the interleaved sinusoidal '
-                          f'embedding of pytorch-ddpm (max deviation {err:.3g})')
+    raise ConversionError(
+      f'{where}: {_DDPM_TIME_TABLE} is not the interleaved sinusoidal '
+      f'embedding of pytorch-ddpm (max deviation {err:.3g})'
+    )
 
 
-def convert_pytorch_ddpm(src, weights: str = 'ema', resolution: int | None = None,
-                         diffusion: dict[str, Any] | None = None) -> Converted:
+def convert_pytorch_ddpm(
+  src, weights: str = 'ema', resolution: int | None = None, diffusion: dict[str, Any] | None = None
+) -> Converted:
   """Reads a pytorch-ddpm checkpoint into drc_jax params.
 
   Args:
@@ -424,56 +489,101 @@ def convert_pytorch_ddpm(src, weights: str = 'ema', resolution: int | None = Non
   params = _assemble(cfg, _pytorch_ddpm_sources(cfg), state, where, also_used=(_DDPM_TIME_TABLE,))
   table = state[_DDPM_TIME_TABLE]
   if table.shape[1:] != (cfg.ch,):
-    raise ConversionError(f'{where}: {_DDPM_TIME_TABLE} has shape {table.shape}, expected '
-                          f'(T, {cfg.ch})')
+    raise ConversionError(
+      f'{where}: {_DDPM_TIME_TABLE} has shape {table.shape}, expected (T, {cfg.ch})'
+    )
   _check_time_table(table, cfg.ch, where)
-  diff = _diffusion({'num_timesteps': int(table.shape[0])}, diffusion,
-                    f'{_DDPM_TIME_TABLE} ({table.shape[0]} rows)')
+  diff = _diffusion(
+    {'num_timesteps': int(table.shape[0])}, diffusion, f'{_DDPM_TIME_TABLE} ({table.shape[0]} rows)'
+  )
   step = obj.get('step', 0) if isinstance(obj, Mapping) and 'ema_model' in obj else 0
   kind = f'{weights}_model' if isinstance(obj, Mapping) and 'ema_model' in obj else 'state dict'
-  return Converted(cfg, params, diff, f'pytorch-ddpm:{src} ({kind})',
-                   step if isinstance(step, int) and step >= 0 else 0)
+  return Converted(
+    cfg,
+    params,
+    diff,
+    f'pytorch-ddpm:{src} ({kind})',
+    step if isinstance(step, int) and step >= 0 else 0,
+  )
 
 
 # ----------------------------------------------------------------------------- diffusers
 
 # UNet2DModel.__init__ defaults (diffusers 0.42): a field missing from config.json takes these.
 _DIFFUSERS_DEFAULTS = {
-    'sample_size': None, 'in_channels': 3, 'out_channels': 3, 'center_input_sample': False,
-    'time_embedding_type': 'positional', 'time_embedding_dim': None, 'freq_shift': 0,
-    'flip_sin_to_cos': True,
-    'down_block_types': ('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
-    'mid_block_type': 'UNetMidBlock2D',
-    'up_block_types': ('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
-    'block_out_channels': (224, 448, 672, 896), 'layers_per_block': 2,
-    'mid_block_scale_factor': 1, 'downsample_padding': 1, 'downsample_type': 'conv',
-    'upsample_type': 'conv', 'dropout': 0.0, 'act_fn': 'silu', 'attention_head_dim': 8,
-    'norm_num_groups': 32, 'attn_norm_num_groups': None, 'norm_eps': 1e-5,
-    'resnet_time_scale_shift': 'default', 'add_attention': True, 'class_embed_type': None,
-    'num_class_embeds': None, 'num_train_timesteps': None,
+  'sample_size': None,
+  'in_channels': 3,
+  'out_channels': 3,
+  'center_input_sample': False,
+  'time_embedding_type': 'positional',
+  'time_embedding_dim': None,
+  'freq_shift': 0,
+  'flip_sin_to_cos': True,
+  'down_block_types': ('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
+  'mid_block_type': 'UNetMidBlock2D',
+  'up_block_types': ('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+  'block_out_channels': (224, 448, 672, 896),
+  'layers_per_block': 2,
+  'mid_block_scale_factor': 1,
+  'downsample_padding': 1,
+  'downsample_type': 'conv',
+  'upsample_type': 'conv',
+  'dropout': 0.0,
+  'act_fn': 'silu',
+  'attention_head_dim': 8,
+  'norm_num_groups': 32,
+  'attn_norm_num_groups': None,
+  'norm_eps': 1e-5,
+  'resnet_time_scale_shift': 'default',
+  'add_attention': True,
+  'class_embed_type': None,
+  'num_class_embeds': None,
+  'num_train_timesteps': None,
 }
 # Fields whose value must be exactly this (anything else computes something our UNet does not).
 _DIFFUSERS_REQUIRED = {
-    'center_input_sample': False, 'time_embedding_type': 'positional',
-    'mid_block_type': 'UNetMidBlock2D', 'mid_block_scale_factor': 1, 'downsample_type': 'conv',
-    'upsample_type': 'conv', 'resnet_time_scale_shift': 'default', 'add_attention': True,
-    'class_embed_type': None, 'num_class_embeds': None,
+  'center_input_sample': False,
+  'time_embedding_type': 'positional',
+  'mid_block_type': 'UNetMidBlock2D',
+  'mid_block_scale_factor': 1,
+  'downsample_type': 'conv',
+  'upsample_type': 'conv',
+  'resnet_time_scale_shift': 'default',
+  'add_attention': True,
+  'class_embed_type': None,
+  'num_class_embeds': None,
 }
 _DOWN_TYPES = {'DownBlock2D': False, 'AttnDownBlock2D': True}
 _UP_TYPES = {'UpBlock2D': False, 'AttnUpBlock2D': True}
-_DIFFUSERS_RESNET = {'norm1': 'norm1', 'conv1': 'conv1', 'temb_proj': 'time_emb_proj',
-                     'norm2': 'norm2', 'conv2': 'conv2', 'shortcut': 'conv_shortcut'}
-_DIFFUSERS_ATTN = {'norm': 'group_norm', 'proj_q': 'to_q', 'proj_k': 'to_k', 'proj_v': 'to_v',
-                   'proj': 'to_out.0'}
-_DIFFUSERS_TOP = {'time_embedding.dense0': 'time_embedding.linear_1',
-                  'time_embedding.dense1': 'time_embedding.linear_2', 'head': 'conv_in',
-                  'tail_norm': 'conv_norm_out', 'tail_conv': 'conv_out'}
+_DIFFUSERS_RESNET = {
+  'norm1': 'norm1',
+  'conv1': 'conv1',
+  'temb_proj': 'time_emb_proj',
+  'norm2': 'norm2',
+  'conv2': 'conv2',
+  'shortcut': 'conv_shortcut',
+}
+_DIFFUSERS_ATTN = {
+  'norm': 'group_norm',
+  'proj_q': 'to_q',
+  'proj_k': 'to_k',
+  'proj_v': 'to_v',
+  'proj': 'to_out.0',
+}
+_DIFFUSERS_TOP = {
+  'time_embedding.dense0': 'time_embedding.linear_1',
+  'time_embedding.dense1': 'time_embedding.linear_2',
+  'head': 'conv_in',
+  'tail_norm': 'conv_norm_out',
+  'tail_conv': 'conv_out',
+}
 # Attention weights of diffusers < 0.14 (and of the google/ddpm-* hub files) -> current names.
 _DEPRECATED_ATTN = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 
 
-def diffusers_config(config: Mapping[str, Any], resolution: int | None = None,
-                     where: str = 'config.json') -> model_lib.UNetConfig:
+def diffusers_config(
+  config: Mapping[str, Any], resolution: int | None = None, where: str = 'config.json'
+) -> model_lib.UNetConfig:
   """The UNetConfig of a diffusers ``UNet2DModel`` config, refusing what our UNet cannot compute.
 
   Args:
@@ -514,8 +624,11 @@ def diffusers_config(config: Mapping[str, Any], resolution: int | None = None,
     refuse('up_block_types', 'attention must be at the same resolutions as in down_block_types')
   head_dim = c['attention_head_dim']
   if head_dim is not None and any(head_dim != boc[i] for i in attn_levels + [len(boc) - 1]):
-    refuse('attention_head_dim', 'only single-head attention (None, or the block width at every '
-           'attention block and the middle) is supported')
+    refuse(
+      'attention_head_dim',
+      'only single-head attention (None, or the block width at every '
+      'attention block and the middle) is supported',
+    )
   if c['time_embedding_dim'] not in (None, 4 * ch):
     refuse('time_embedding_dim', f'only None or 4 * block_out_channels[0] = {4 * ch}')
   if c['norm_num_groups'] is None:
@@ -537,14 +650,20 @@ def diffusers_config(config: Mapping[str, Any], resolution: int | None = None,
     resolution = int(size)
   try:
     return model_lib.UNetConfig(
-        resolution=resolution, in_channels=int(c['in_channels']),
-        out_channels=int(c['out_channels']), ch=ch, ch_mult=tuple(b // ch for b in boc),
-        num_res_blocks=int(c['layers_per_block']),
-        attn_res=tuple(resolution // 2 ** i for i in attn_levels), dropout=float(c['dropout']),
-        norm_groups=int(c['norm_num_groups']), norm_eps=float(c['norm_eps']),
-        time_embed_layout='cos_sin' if c['flip_sin_to_cos'] else 'sin_cos',
-        time_freq_shift=int(c['freq_shift']),
-        downsample_padding='asymmetric' if c['downsample_padding'] == 0 else 'symmetric')
+      resolution=resolution,
+      in_channels=int(c['in_channels']),
+      out_channels=int(c['out_channels']),
+      ch=ch,
+      ch_mult=tuple(b // ch for b in boc),
+      num_res_blocks=int(c['layers_per_block']),
+      attn_res=tuple(resolution // 2**i for i in attn_levels),
+      dropout=float(c['dropout']),
+      norm_groups=int(c['norm_num_groups']),
+      norm_eps=float(c['norm_eps']),
+      time_embed_layout='cos_sin' if c['flip_sin_to_cos'] else 'sin_cos',
+      time_freq_shift=int(c['freq_shift']),
+      downsample_padding='asymmetric' if c['downsample_padding'] == 0 else 'symmetric',
+    )
   except ValueError as e:
     raise ConversionError(f'{where}: unsupported architecture ({e})') from e
 
@@ -586,7 +705,7 @@ def _diffusers_sources(cfg: model_lib.UNetConfig) -> dict[str, _Source]:
       if inner == 'main':
         src, kind = resnet, 'conv'
       elif inner.startswith('attn.'):
-        src, kind = f'{attn}.{_DIFFUSERS_ATTN[inner[len("attn."):]]}', 'linear'
+        src, kind = f'{attn}.{_DIFFUSERS_ATTN[inner[len("attn.") :]]}', 'linear'
       else:
         src = f'{resnet}.{_DIFFUSERS_RESNET[inner]}'
         kind = 'linear' if inner == 'temb_proj' else 'conv'
@@ -615,15 +734,18 @@ def _diffusers_files(src) -> tuple[epath.Path, epath.Path]:
   for name in ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin'):
     if (src / name).exists():
       return src / 'config.json', src / name
-  raise ConversionError(f'{src}: no diffusion_pytorch_model.safetensors or .bin (sharded '
-                        f'checkpoints are not supported)')
+  raise ConversionError(
+    f'{src}: no diffusion_pytorch_model.safetensors or .bin (sharded checkpoints are not supported)'
+  )
 
 
 def _scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
   """Schedule recorded by a diffusers scheduler config next to the UNet, if there is one."""
   folder = weights.parent
-  for path in (folder / 'scheduler_config.json', folder.parent / 'scheduler' /
-               'scheduler_config.json'):
+  for path in (
+    folder / 'scheduler_config.json',
+    folder.parent / 'scheduler' / 'scheduler_config.json',
+  ):
     if path.exists():
       break
   else:
@@ -633,21 +755,28 @@ def _scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
   except json.JSONDecodeError as e:
     raise ConversionError(f'{path}: invalid JSON ({e})') from e
   if s.get('prediction_type', 'epsilon') != 'epsilon':
-    raise ConversionError(f'{path}: prediction_type={s["prediction_type"]!r}; only epsilon '
-                          f'prediction is supported')
+    raise ConversionError(
+      f'{path}: prediction_type={s["prediction_type"]!r}; only epsilon prediction is supported'
+    )
   if s.get('trained_betas') is not None or s.get('beta_schedule', 'linear') != 'linear':
-    raise ConversionError(f'{path}: only a linear beta_schedule is supported (found '
-                          f'beta_schedule={s.get("beta_schedule")!r}, trained_betas)')
+    raise ConversionError(
+      f'{path}: only a linear beta_schedule is supported (found '
+      f'beta_schedule={s.get("beta_schedule")!r}, trained_betas)'
+    )
   found = {'beta_schedule': 'linear'}
-  for ours, theirs in (('num_timesteps', 'num_train_timesteps'), ('beta_start', 'beta_start'),
-                       ('beta_end', 'beta_end')):
+  for ours, theirs in (
+    ('num_timesteps', 'num_train_timesteps'),
+    ('beta_start', 'beta_start'),
+    ('beta_end', 'beta_end'),
+  ):
     if theirs in s:
       found[ours] = s[theirs]
   return found, str(path)
 
 
-def convert_diffusers(src, resolution: int | None = None,
-                      diffusion: dict[str, Any] | None = None) -> Converted:
+def convert_diffusers(
+  src, resolution: int | None = None, diffusion: dict[str, Any] | None = None
+) -> Converted:
   """Reads a diffusers ``UNet2DModel`` (DDPM layout) into drc_jax params.
 
   Args:
@@ -687,14 +816,23 @@ def write_target(workdir, converted: Converted) -> None:
   for name in (checkpoints.MODEL_JSON, checkpoints.CHECKPOINT_DIR):
     if (workdir / name).exists():
       raise ConversionError(f'{workdir / name} exists: convert into a fresh workdir')
-  checkpoints.save_params_only(workdir, jax.tree_util.tree_map(jnp.asarray, converted.params),
-                               converted.step)
-  checkpoints.save_model_json(workdir, converted.config, converted.diffusion,
-                              source=converted.source)
+  checkpoints.save_params_only(
+    workdir, jax.tree_util.tree_map(jnp.asarray, converted.params), converted.step
+  )
+  checkpoints.save_model_json(
+    workdir, converted.config, converted.diffusion, source=converted.source
+  )
 
 
-def convert(fmt: str, src, workdir, *, weights: str = 'ema', resolution: int | None = None,
-            diffusion: dict[str, Any] | None = None) -> Converted:
+def convert(
+  fmt: str,
+  src,
+  workdir,
+  *,
+  weights: str = 'ema',
+  resolution: int | None = None,
+  diffusion: dict[str, Any] | None = None,
+) -> Converted:
   """Converts ``src`` (format ``fmt``: 'pytorch-ddpm' or 'diffusers') into the target ``workdir``.
 
   Returns:
@@ -708,24 +846,40 @@ def convert(fmt: str, src, workdir, *, weights: str = 'ema', resolution: int | N
   else:
     raise ConversionError(f'unknown format {fmt!r}; expected one of {FORMATS}')
   write_target(workdir, converted)
-  logging.info('converted %s -> %s: %s, %d parameters, schedule %s, step %d', converted.source,
-               workdir, _arch(converted.config), model_lib.count_params(converted.params),
-               converted.diffusion, converted.step)
+  logging.info(
+    'converted %s -> %s: %s, %d parameters, schedule %s, step %d',
+    converted.source,
+    workdir,
+    _arch(converted.config),
+    model_lib.count_params(converted.params),
+    converted.diffusion,
+    converted.step,
+  )
   return converted
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def _define_flags() -> None:
   """Defines the command-line flags (only when run as a program, so importing never clashes)."""
   flags.DEFINE_enum('format', None, FORMATS, 'Layout of --src.')
-  flags.DEFINE_string('src', None, 'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
-                      'folder (config.json + weights), pipeline folder or weights file.')
+  flags.DEFINE_string(
+    'src',
+    None,
+    'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
+    'folder (config.json + weights), pipeline folder or weights file.',
+  )
   flags.DEFINE_string('workdir', None, 'Fresh drc_jax workdir to write (local or gs://).')
-  flags.DEFINE_enum('weights', 'ema', ['ema', 'net'], 'pytorch-ddpm: which state dict of a '
-                    'training checkpoint to convert.')
-  flags.DEFINE_integer('resolution', None, 'Image side (default: 32 for pytorch-ddpm, sample_size '
-                       'for diffusers).')
+  flags.DEFINE_enum(
+    'weights',
+    'ema',
+    ['ema', 'net'],
+    'pytorch-ddpm: which state dict of a training checkpoint to convert.',
+  )
+  flags.DEFINE_integer(
+    'resolution', None, 'Image side (default: 32 for pytorch-ddpm, sample_size for diffusers).'
+  )
   flags.DEFINE_integer('num_timesteps', None, 'T (default: recorded by the source, else 1000).')
   flags.DEFINE_float('beta_start', None, 'Linear schedule start (default: recorded, else 1e-4).')
   flags.DEFINE_float('beta_end', None, 'Linear schedule end (default: recorded, else 0.02).')
@@ -738,11 +892,17 @@ def main(argv):
   f = flags.FLAGS
   if f.format == 'diffusers' and f['weights'].present:
     raise app.UsageError('--weights applies to --format=pytorch-ddpm only')
-  overrides = {k: getattr(f, k) for k in ('num_timesteps', 'beta_start', 'beta_end')
-               if getattr(f, k) is not None}
+  overrides = {
+    k: getattr(f, k)
+    for k in ('num_timesteps', 'beta_start', 'beta_end')
+    if getattr(f, k) is not None
+  }
   errors.run_reporting_user_errors(
-      lambda: convert(f.format, f.src, f.workdir, weights=f.weights, resolution=f.resolution,
-                      diffusion=overrides), f.verbose)
+    lambda: convert(
+      f.format, f.src, f.workdir, weights=f.weights, resolution=f.resolution, diffusion=overrides
+    ),
+    f.verbose,
+  )
 
 
 if __name__ == '__main__':

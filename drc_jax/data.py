@@ -19,7 +19,8 @@ import gzip
 import hashlib
 import os
 import struct
-from typing import Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -27,11 +28,23 @@ from PIL import Image
 from drc_jax import errors
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
-_FASHION_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-                  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+_FASHION_FILES = {
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-                         'Sneaker', 'Bag', 'Ankle boot')
+FASHION_MNIST_CLASSES = (
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+)
 
 
 class DataError(errors.UserError, ValueError):
@@ -40,11 +53,11 @@ class DataError(errors.UserError, ValueError):
 
 class ImageSource(Protocol):
   """Random access to one split of a dataset."""
+
   name: str
   label_names: tuple[str, ...]  # name of label i ('' or empty tuple: unknown)
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
   def read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Raw images uint8 [N, H, W, C] (all the same size) and labels int64 [N]."""
@@ -66,8 +79,10 @@ def _check_indices(indices, n: int, what: str) -> np.ndarray:
 def read_idx(path: str, expected_magic: int) -> np.ndarray:
   """Reads a (gzipped) IDX file of unsigned bytes into an array, validating its header."""
   if not os.path.exists(path):
-    raise DataError(f'{path}: file not found (install the Debian package dataset-fashion-mnist '
-                    f'or set config.data.data_dir)')
+    raise DataError(
+      f'{path}: file not found (install the Debian package dataset-fashion-mnist '
+      f'or set config.data.data_dir)'
+    )
   try:
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rb') as f:
@@ -80,8 +95,8 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
   if magic != expected_magic:
     raise DataError(f'{path}: bad IDX magic {magic:#x}, expected {expected_magic:#x}')
   ndim = magic & 0xFF
-  dims = struct.unpack(f'>{ndim}I', raw[4:4 + 4 * ndim])
-  body = raw[4 + 4 * ndim:]
+  dims = struct.unpack(f'>{ndim}I', raw[4 : 4 + 4 * ndim])
+  body = raw[4 + 4 * ndim :]
   if len(body) != int(np.prod(dims)):
     raise DataError(f'{path}: IDX body has {len(body)} bytes, header says {dims}')
   return np.frombuffer(body, np.uint8).reshape(dims)
@@ -92,18 +107,22 @@ class FashionMnistSource:
 
   def __init__(self, split: str = 'train', data_dir: str = ''):
     if split not in _FASHION_FILES:
-      raise DataError(f'config.data.split: Fashion-MNIST has splits {sorted(_FASHION_FILES)}, '
-                      f'not {split!r}')
+      raise DataError(
+        f'config.data.split: Fashion-MNIST has splits {sorted(_FASHION_FILES)}, not {split!r}'
+      )
     data_dir = data_dir or FASHION_MNIST_DIR
     if not os.path.isdir(data_dir):
-      raise DataError(f'{data_dir}: Fashion-MNIST directory not found (install the Debian package '
-                      f'dataset-fashion-mnist or set config.data.data_dir)')
+      raise DataError(
+        f'{data_dir}: Fashion-MNIST directory not found (install the Debian package '
+        f'dataset-fashion-mnist or set config.data.data_dir)'
+      )
     img_file, lbl_file = (os.path.join(data_dir, f) for f in _FASHION_FILES[split])
     self._images = read_idx(img_file, 0x00000803)[..., None]  # [N, 28, 28, 1]
     self._labels = read_idx(lbl_file, 0x00000801).astype(np.int64)
     if len(self._images) != len(self._labels):
-      raise DataError(f'{img_file}: {len(self._images)} images but {lbl_file} has '
-                      f'{len(self._labels)} labels')
+      raise DataError(
+        f'{img_file}: {len(self._images)} images but {lbl_file} has {len(self._labels)} labels'
+      )
     self.name = f'fashion_mnist/{split}'
     self.label_names = FASHION_MNIST_CLASSES
 
@@ -134,16 +153,21 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str = 'train', data_dir: str = '', order: str = ''):
     if order not in self.ORDERS:
-      raise DataError(f"config.data.tfds_order: {order!r} not in {self.ORDERS} ('' = tfds record "
-                      f"order, 'id' = the integer in each example's 'id' feature)")
+      raise DataError(
+        f"config.data.tfds_order: {order!r} not in {self.ORDERS} ('' = tfds record "
+        f"order, 'id' = the integer in each example's 'id' feature)"
+      )
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # tfds raises many types; re-raise with the dataset and directory named
       where = data_dir or '~/tensorflow_datasets'
-      raise DataError(f'tfds dataset {name!r} split {split!r} not readable under {where}: {e}. '
-                      f'Prepare it once with `tfds build {name} --data_dir=...` (needs '
-                      f'network and the [tf] extra), then set config.data.data_dir.') from e
+      raise DataError(
+        f'tfds dataset {name!r} split {split!r} not readable under {where}: {e}. '
+        f'Prepare it once with `tfds build {name} --data_dir=...` (needs '
+        f'network and the [tf] extra), then set config.data.data_dir.'
+      ) from e
     self.order = order
     self._records = None  # order 'id': dataset index -> tfds record index, built on first read
     # The order is part of the name: split manifests record it, so indices made in one order are
@@ -159,18 +183,22 @@ class TfdsSource:
 
   def _id_number(self, record: int, ex) -> int:
     if 'id' not in ex:
-      raise DataError(f"{self.name}: examples have no 'id' feature (features: {sorted(ex)}); "
-                      f"config.data.tfds_order='id' needs one, use '' for this dataset")
+      raise DataError(
+        f"{self.name}: examples have no 'id' feature (features: {sorted(ex)}); "
+        f"config.data.tfds_order='id' needs one, use '' for this dataset"
+      )
     value = ex['id']
     if isinstance(value, np.ndarray):
       value = value.item()
     if isinstance(value, bytes):
       value = value.decode('utf-8', 'replace')
     value = str(value)
-    digits = value[len(value.rstrip('0123456789')):]
+    digits = value[len(value.rstrip('0123456789')) :]
     if not digits:
-      raise DataError(f"{self.name} record {record}: id {value!r} does not end in an integer "
-                      f"(expected e.g. 'train_01234')")
+      raise DataError(
+        f'{self.name} record {record}: id {value!r} does not end in an integer '
+        f"(expected e.g. 'train_01234')"
+      )
     return int(digits)
 
   def _record_indices(self) -> np.ndarray:
@@ -182,14 +210,18 @@ class TfdsSource:
         numbers[r] = self._id_number(r, self._ds[r])
       bad = np.flatnonzero((numbers < 0) | (numbers >= n))
       if bad.size:
-        raise DataError(f'{self.name} record {int(bad[0])}: id number {int(numbers[bad[0]])} out '
-                        f'of range for {n} examples: the ids are not a permutation of 0..{n - 1}')
+        raise DataError(
+          f'{self.name} record {int(bad[0])}: id number {int(numbers[bad[0]])} out '
+          f'of range for {n} examples: the ids are not a permutation of 0..{n - 1}'
+        )
       counts = np.bincount(numbers, minlength=n)
       if np.any(counts != 1):
         dup = int(np.flatnonzero(counts > 1)[0])
-        raise DataError(f'{self.name}: id number {dup} appears {int(counts[dup])} times (records '
-                        f'{np.flatnonzero(numbers == dup).tolist()}): the ids are not a '
-                        f'permutation of 0..{n - 1}')
+        raise DataError(
+          f'{self.name}: id number {dup} appears {int(counts[dup])} times (records '
+          f'{np.flatnonzero(numbers == dup).tolist()}): the ids are not a '
+          f'permutation of 0..{n - 1}'
+        )
       records = np.empty(n, np.int64)
       records[numbers] = np.arange(n, dtype=np.int64)
       self._records = records
@@ -205,8 +237,10 @@ class TfdsSource:
       if img.ndim == 2:
         img = img[..., None]
       if img.dtype != np.uint8 or img.ndim != 3:
-        raise DataError(f'{self.name} index {i}: image has dtype {img.dtype} shape {img.shape}, '
-                        f'expected uint8 [H, W, C]')
+        raise DataError(
+          f'{self.name} index {i}: image has dtype {img.dtype} shape {img.shape}, '
+          f'expected uint8 [H, W, C]'
+        )
       images.append(img)
       labels.append(int(ex['label']) if 'label' in ex else -1)
     shapes = {im.shape for im in images}
@@ -237,8 +271,13 @@ class FolderSource:
     if not files:
       raise DataError(f'{path}: no {"/".join(IMAGE_EXTENSIONS)} files found')
     self.files = sorted(files, key=lambda f: os.path.relpath(f, path))
-    subdirs = sorted({os.path.relpath(f, path).split(os.sep)[0]
-                      for f in self.files if os.sep in os.path.relpath(f, path)})
+    subdirs = sorted(
+      {
+        os.path.relpath(f, path).split(os.sep)[0]
+        for f in self.files
+        if os.sep in os.path.relpath(f, path)
+      }
+    )
     self._label_of = {d: i for i, d in enumerate(subdirs)}
     self.label_names = tuple(subdirs)
     self._root, self._resolution = path, resolution
@@ -269,9 +308,11 @@ class FolderSource:
       images.append(arr[..., None] if arr.ndim == 2 else arr)
       if images[-1].shape[-1] != images[0].shape[-1]:
         kind = {1: 'grayscale', 3: 'RGB'}
-        raise DataError(f'{f} is {kind[images[-1].shape[-1]]} but {self.files[idx[0]]} is '
-                        f'{kind[images[0].shape[-1]]}: an image folder must hold one kind '
-                        f'(convert the files first)')
+        raise DataError(
+          f'{f} is {kind[images[-1].shape[-1]]} but {self.files[idx[0]]} is '
+          f'{kind[images[0].shape[-1]]}: an image folder must hold one kind '
+          f'(convert the files first)'
+        )
     return np.stack(images), np.asarray([self._label(self.files[i]) for i in idx], np.int64)
 
 
@@ -300,8 +341,10 @@ def to_8bit(im: Image.Image, name: str) -> Image.Image:
     return im if im.mode == 'L' else im.convert('L')
   if im.mode in _COLOR_MODES:
     return im if im.mode == 'RGB' else im.convert('RGB')
-  raise DataError(f'{name}: image mode {im.mode!r} ({"float" if im.mode == "F" else "32-bit"}) '
-                  f'has no faithful 8-bit reading; save it as 8- or 16-bit grayscale or RGB')
+  raise DataError(
+    f'{name}: image mode {im.mode!r} ({"float" if im.mode == "F" else "32-bit"}) '
+    f'has no faithful 8-bit reading; save it as 8- or 16-bit grayscale or RGB'
+  )
 
 
 def _center_square(im: Image.Image) -> Image.Image:
@@ -321,12 +364,14 @@ def make_source(data_cfg) -> ImageSource:
   if data_cfg.source == 'fashion_mnist':
     return FashionMnistSource(data_cfg.split, data_cfg.data_dir)
   if data_cfg.source == 'tfds':
-    return TfdsSource(data_cfg.name, data_cfg.split, data_cfg.data_dir,
-                      data_cfg.get('tfds_order', ''))
+    return TfdsSource(
+      data_cfg.name, data_cfg.split, data_cfg.data_dir, data_cfg.get('tfds_order', '')
+    )
   if data_cfg.source == 'folder':
     return FolderSource(data_cfg.data_dir, data_cfg.resolution)
-  raise DataError(f"config.data.source: unknown {data_cfg.source!r}; expected 'fashion_mnist', "
-                  f"'tfds' or 'folder'")
+  raise DataError(
+    f"config.data.source: unknown {data_cfg.source!r}; expected 'fashion_mnist', 'tfds' or 'folder'"
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,10 +392,11 @@ def preprocess(raw: np.ndarray, data_cfg, what: str = 'images') -> np.ndarray:
   if raw.dtype != np.uint8 or raw.ndim != 4:
     raise DataError(f'{what}: expected uint8 [N, H, W, C], got {raw.dtype} {raw.shape}')
   c_src, c_dst = raw.shape[-1], data_cfg.channels
-  if c_src != c_dst:
-    if not data_cfg.convert_channels or {c_src, c_dst} != {1, 3}:
-      raise DataError(f'{what}: images have {c_src} channels but config.data.channels is '
-                      f'{c_dst} (set config.data.convert_channels=True to convert gray<->RGB)')
+  if c_src != c_dst and (not data_cfg.convert_channels or {c_src, c_dst} != {1, 3}):
+    raise DataError(
+      f'{what}: images have {c_src} channels but config.data.channels is '
+      f'{c_dst} (set config.data.convert_channels=True to convert gray<->RGB)'
+    )
   crop, res = data_cfg.center_crop, data_cfg.resolution
   out = np.empty((raw.shape[0], res, res, c_dst), np.float32)
   for i, im in enumerate(raw):
@@ -359,11 +405,15 @@ def preprocess(raw: np.ndarray, data_cfg, what: str = 'images') -> np.ndarray:
       if crop > min(h, w):
         raise DataError(f'{what}: center_crop {crop} larger than the image ({h}x{w})')
       top, left = (h - crop) // 2, (w - crop) // 2
-      im = im[top:top + crop, left:left + crop]
+      im = im[top : top + crop, left : left + crop]
     if c_src != c_dst:
-      im = (np.repeat(im, 3, axis=-1) if c_dst == 3 else
-            np.round(im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[
-                ..., None].astype(np.uint8))
+      im = (
+        np.repeat(im, 3, axis=-1)
+        if c_dst == 3
+        else np.round(im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[
+          ..., None
+        ].astype(np.uint8)
+      )
     if im.shape[:2] != (res, res):
       pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
       arr = np.asarray(pil.resize((res, res), Image.BICUBIC), np.float32)
@@ -390,12 +440,14 @@ class BatchSlot:
     positions: [local_batch] int64 positions into the list being iterated (-1 = padding).
     valid: [local_batch] bool, False for padding rows.
   """
+
   positions: np.ndarray
   valid: np.ndarray
 
 
-def batch_slots(n: int, batch_size: int, process_index: int = 0,
-                process_count: int = 1) -> Iterator[BatchSlot]:
+def batch_slots(
+  n: int, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[BatchSlot]:
   """Fixed-order batches over ``range(n)``, the last padded to ``batch_size``.
 
   Every global batch has exactly ``batch_size`` rows; process ``p`` of ``P`` gets rows
@@ -407,7 +459,7 @@ def batch_slots(n: int, batch_size: int, process_index: int = 0,
   local = batch_size // process_count
   for start in range(0, n, batch_size):
     pos = np.arange(start, start + batch_size, dtype=np.int64)
-    pos = pos[process_index * local:(process_index + 1) * local]
+    pos = pos[process_index * local : (process_index + 1) * local]
     valid = pos < n
     yield BatchSlot(np.where(valid, pos, -1), valid)
 

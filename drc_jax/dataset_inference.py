@@ -51,12 +51,9 @@ from etils import epath
 
 from drc_jax import audit as audit_lib
 from drc_jax import data as data_lib
-from drc_jax import fileio
+from drc_jax import fileio, parallel, stats, validate
 from drc_jax import metrics as metrics_lib
-from drc_jax import parallel
 from drc_jax import splits as splits_lib
-from drc_jax import stats
-from drc_jax import validate
 
 DATASET_DIR = 'dataset'
 FOLDER_CONFIG = 'folder_config.json'
@@ -64,7 +61,7 @@ COMBINED = 'combined'
 COMBINER_L2 = 1e-2  # ridge penalty of the logistic combiner (standardized scores, balanced classes)
 # Attack keys of folder images derive from their position plus an offset per role, so a folder
 # image shares no key with a dataset image (indices < 2^31) or with the other folder.
-FOLDER_KEY_OFFSETS = {'suspect': 2 ** 31, 'reference': 2 ** 31 + 2 ** 30}
+FOLDER_KEY_OFFSETS = {'suspect': 2**31, 'reference': 2**31 + 2**30}
 _FOLDER_HASH_BATCH = 1024
 
 
@@ -82,6 +79,7 @@ class Combiner:
     weights: float64 [A], logistic-regression weights on standardized scores.
     bias: the intercept (irrelevant to the rank test; kept for the probability).
   """
+
   names: tuple[str, ...]
   mean: np.ndarray
   scale: np.ndarray
@@ -99,8 +97,9 @@ def _objective(beta, z, y, w, l2):
   return loss + 0.5 * l2 * np.sum(beta[1:] ** 2)
 
 
-def fit_combiner(member_features, nonmember_features, names, l2: float = COMBINER_L2,
-                 max_steps: int = 100) -> Combiner:
+def fit_combiner(
+  member_features, nonmember_features, names, l2: float = COMBINER_L2, max_steps: int = 100
+) -> Combiner:
   """L2-regularized logistic regression of membership on standardized scores (damped Newton).
 
   Minimizes ``sum_i c_i (log(1 + e^f_i) - y_i f_i) + l2 / 2 |w|^2`` with ``f = b + w . z``, class
@@ -179,21 +178,36 @@ def compare_sets(suspect, reference, combiner: Combiner, alpha: float) -> dict[s
     t = stats.mann_whitney_greater(s, r)
     sd = float(np.std(r, ddof=1)) if r.size > 1 else 0.0
     out[name] = {
-        'statistic': t.u, 'p_value': t.p_value, 'method': t.method, 'auc': t.auc,
-        'rank_biserial': 2 * t.auc - 1,
-        'glass_delta': float((s.mean() - r.mean()) / sd) if sd > 0 else None,
-        'n_suspect': t.n_suspect, 'n_reference': t.n_reference,
-        'reject': bool(t.p_value < alpha), 'verdict': _verdict(t.p_value, alpha)}
+      'statistic': t.u,
+      'p_value': t.p_value,
+      'method': t.method,
+      'auc': t.auc,
+      'rank_biserial': 2 * t.auc - 1,
+      'glass_delta': float((s.mean() - r.mean()) / sd) if sd > 0 else None,
+      'n_suspect': t.n_suspect,
+      'n_reference': t.n_reference,
+      'reject': bool(t.p_value < alpha),
+      'verdict': _verdict(t.p_value, alpha),
+    }
   return out
 
 
 def _verdict(p: float, alpha: float) -> str:
-  return ('member data detected' if p < alpha else 'no evidence of training use') + \
-      f' (p = {p:.3g}, alpha = {alpha:g})'
+  return (
+    'member data detected' if p < alpha else 'no evidence of training use'
+  ) + f' (p = {p:.3g}, alpha = {alpha:g})'
 
 
-def power_curve(member_pool, reference_pool, combiner: Combiner, *, sizes, repetitions: int,
-                alpha: float, seed: int) -> dict[str, Any]:
+def power_curve(
+  member_pool,
+  reference_pool,
+  combiner: Combiner,
+  *,
+  sizes,
+  repetitions: int,
+  alpha: float,
+  seed: int,
+) -> dict[str, Any]:
   """Rejection rates of the test on random suspect sets of each size.
 
   For each size n: ``repetitions`` suspect sets of n images drawn without replacement from the
@@ -224,9 +238,13 @@ def power_curve(member_pool, reference_pool, combiner: Combiner, *, sizes, repet
     return np.concatenate([combiner.score(x)[:, None], x], axis=1)  # [N, 1 + A]
 
   members, reference = columns(member_pool), columns(reference_pool)
-  out: dict[str, Any] = {'alpha': float(alpha), 'repetitions': int(repetitions),
-                         'interval': 'Clopper-Pearson 95%', 'seed': int(seed),
-                         'pools': {'members': len(members), 'reference': len(reference)}}
+  out: dict[str, Any] = {
+    'alpha': float(alpha),
+    'repetitions': int(repetitions),
+    'interval': 'Clopper-Pearson 95%',
+    'seed': int(seed),
+    'pools': {'members': len(members), 'reference': len(reference)},
+  }
   for kind_id, kind in enumerate(('members', 'nonmembers')):
     limit = len(members) if kind == 'members' else len(reference) // 2
     kept = [int(n) for n in sizes if n <= limit]
@@ -250,8 +268,9 @@ def power_curve(member_pool, reference_pool, combiner: Combiner, *, sizes, repet
         entry[name]['rate'].append(k / repetitions)
         entry[name]['ci95'].append(list(stats.clopper_pearson(k, repetitions)))
     if kind == 'nonmembers':
-      entry['within_alpha'] = {name: [lo <= alpha for lo, _ in entry[name]['ci95']]
-                               for name in names}
+      entry['within_alpha'] = {
+        name: [lo <= alpha for lo, _ in entry[name]['ci95']] for name in names
+      }
     out[kind] = entry
   return out
 
@@ -268,8 +287,15 @@ def _folder_digest(source: data_lib.FolderSource) -> str:
   return splits_lib.set_hash(hashes)
 
 
-def score_folder(config, workdir: str, scorer: audit_lib.Scorer, role: str, path: str,
-                 split_value: int, overwrite: bool = False) -> dict[str, np.ndarray]:
+def score_folder(
+  config,
+  workdir: str,
+  scorer: audit_lib.Scorer,
+  role: str,
+  path: str,
+  split_value: int,
+  overwrite: bool = False,
+) -> dict[str, np.ndarray]:
   """Scores the images of folder ``path`` into ``W/dataset/<role>/scores`` (resumable).
 
   The shards are tied to the audit's config fingerprint and to the folder's contents (a SHA-256
@@ -280,9 +306,12 @@ def score_folder(config, workdir: str, scorer: audit_lib.Scorer, role: str, path
   """
   source = data_lib.FolderSource(path, config.data.resolution)
   root = epath.Path(workdir) / DATASET_DIR / role
-  record = {'scores': audit_lib.fingerprint(config, scorer.target),
-            'folder': os.path.abspath(path), 'num_images': len(source),
-            'sha256': _folder_digest(source)}
+  record = {
+    'scores': audit_lib.fingerprint(config, scorer.target),
+    'folder': os.path.abspath(path),
+    'num_images': len(source),
+    'sha256': _folder_digest(source),
+  }
   record = json.loads(json.dumps(record))
   record_path = root / FOLDER_CONFIG
   if record_path.exists():
@@ -290,8 +319,9 @@ def score_folder(config, workdir: str, scorer: audit_lib.Scorer, role: str, path
     changes = audit_lib._diff(old, record)  # pylint: disable=protected-access
     if changes and not overwrite:
       raise audit_lib.AuditConfigMismatch(
-          f'{root} holds scores of another config or folder (config.dataset.{role}_dir; '
-          f'{"; ".join(changes[:4])}). Pass --overwrite to discard them.')
+        f'{root} holds scores of another config or folder (config.dataset.{role}_dir; '
+        f'{"; ".join(changes[:4])}). Pass --overwrite to discard them.'
+      )
     if changes and parallel.is_writer() and (root / audit_lib.SCORES_DIR).exists():
       logging.warning('--overwrite: discarding the %s scores in %s', role, root)
       (root / audit_lib.SCORES_DIR).rmtree()
@@ -300,9 +330,15 @@ def score_folder(config, workdir: str, scorer: audit_lib.Scorer, role: str, path
     fileio.atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
   indices = np.arange(len(source), dtype=np.int64)
   logging.info('%s folder %s: %d images', role, path, len(source))
-  audit_lib.score_images(config, str(root), scorer, source,
-                         np.full(len(source), split_value, np.int8), indices,
-                         key_indices=indices + FOLDER_KEY_OFFSETS[role])
+  audit_lib.score_images(
+    config,
+    str(root),
+    scorer,
+    source,
+    np.full(len(source), split_value, np.int8),
+    indices,
+    key_indices=indices + FOLDER_KEY_OFFSETS[role],
+  )
   return audit_lib.load_scores(str(root))
 
 
@@ -336,7 +372,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
     ref_source = "the split's non-members"
   ref_features, ref_hashes = _features(ref_table, names), np.asarray(ref_table['hash'])
   member_heldout, ref_heldout = metrics_lib.calibration_split(
-      len(member_features), len(ref_features), fraction=a.calibration_fraction, seed=config.seed)
+    len(member_features), len(ref_features), fraction=a.calibration_fraction, seed=config.seed
+  )
   combiner = fit_combiner(member_features[~member_heldout], ref_features[~ref_heldout], names)
   member_pool, ref_pool = member_features[member_heldout], ref_features[ref_heldout]
   ref_pool_hashes = ref_hashes[ref_heldout]
@@ -347,17 +384,24 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
     suspect = _features(sus_table, names)
     keep = ~np.isin(ref_pool_hashes, np.asarray(sus_table['hash']))
     reference = ref_pool[keep]
-    suspect_info = {'source': f'folder {os.path.abspath(ds.suspect_dir)}', 'n': len(suspect),
-                    'reference_images_dropped_as_identical': int((~keep).sum())}
+    suspect_info = {
+      'source': f'folder {os.path.abspath(ds.suspect_dir)}',
+      'n': len(suspect),
+      'reference_images_dropped_as_identical': int((~keep).sum()),
+    }
   else:
     pool = member_pool if ds.suspect == 'members' else ref_pool
-    what = ("the split's held-out members" if ds.suspect == 'members' else
-            f'the held-out part of {ref_source}')
+    what = (
+      "the split's held-out members"
+      if ds.suspect == 'members'
+      else f'the held-out part of {ref_source}'
+    )
     room = len(pool) - (ds.suspect == 'nonmembers')  # non-member draws leave a reference
     if ds.size > room:
       raise validate.ConfigError(
-          f'config.dataset.size: {ds.size} images asked of {what}, which can give {room} (its '
-          f'calibration fraction fits the combiner and is never drawn); lower it')
+        f'config.dataset.size: {ds.size} images asked of {what}, which can give {room} (its '
+        f'calibration fraction fits the combiner and is never drawn); lower it'
+      )
     pick = rng.choice(len(pool), ds.size, replace=False)
     suspect = pool[pick]
     if ds.suspect == 'nonmembers':
@@ -367,65 +411,92 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
     suspect_info = {'source': what, 'n': int(ds.size), 'seed': int(ds.seed)}
   if not len(reference):
     raise validate.ConfigError(
-        f'config.dataset.reference_dir: no held-out reference image is left for the test (of '
-        f'{len(ref_pool)}, {len(ref_pool) - len(reference)} are suspect images); add known '
-        f'non-members')
+      f'config.dataset.reference_dir: no held-out reference image is left for the test (of '
+      f'{len(ref_pool)}, {len(ref_pool) - len(reference)} are suspect images); add known '
+      f'non-members'
+    )
   tests = compare_sets(suspect, reference, combiner, ds.alpha)
-  power = power_curve(member_pool, ref_pool, combiner, sizes=tuple(ds.power_sizes),
-                      repetitions=ds.power_repetitions, alpha=ds.alpha, seed=ds.seed)
-  fit_what = (f'the calibration fraction (audit.calibration_fraction = {a.calibration_fraction}, '
-              f'seed {config.seed}) of the split\'s members and of {ref_source}')
+  power = power_curve(
+    member_pool,
+    ref_pool,
+    combiner,
+    sizes=tuple(ds.power_sizes),
+    repetitions=ds.power_repetitions,
+    alpha=ds.alpha,
+    seed=ds.seed,
+  )
+  fit_what = (
+    f'the calibration fraction (audit.calibration_fraction = {a.calibration_fraction}, '
+    f"seed {config.seed}) of the split's members and of {ref_source}"
+  )
   result = {
-      'alpha': float(ds.alpha),
-      'primary': COMBINED,
-      'reject': tests[COMBINED]['reject'],
-      'verdict': tests[COMBINED]['verdict'],
-      'suspect': suspect_info,
-      'reference': {'source': ref_source, 'n_test': len(reference),
-                    'n_fit': int((~ref_heldout).sum()), 'n_heldout': len(ref_pool)},
-      'combiner': {'kind': 'logistic', 'l2': COMBINER_L2, 'features': list(names),
-                   'weights': dict(zip(names, combiner.weights.tolist())),
-                   'fit': {'n_members': int((~member_heldout).sum()),
-                           'n_nonmembers': int((~ref_heldout).sum()), 'images': fit_what}},
-      'tests': tests,
-      'power': power,
-      'validity': [
-          f'The combiner saw only {fit_what}.',
-          'The test reference is the held-out rest of the reference, less any image drawn into '
-          'the suspect set or identical (SHA-256) to a suspect image; no suspect image fitted '
-          'anything.',
-          'Under the null hypothesis (suspect images are non-members distributed like the '
-          'reference) suspect and reference scores are exchangeable given the combiner, so the '
-          'one-sided Mann-Whitney test rejects with probability at most alpha (exact p-values; '
-          'the normal approximation where method is "normal").',
-          'The verdict is the combined test; per-attack tests are not corrected for multiplicity.',
-      ],
-      'fingerprint': audit_lib.fingerprint(config, scorer.target),
-      'config': json.loads(json.dumps(ds.to_dict(), default=list)),
+    'alpha': float(ds.alpha),
+    'primary': COMBINED,
+    'reject': tests[COMBINED]['reject'],
+    'verdict': tests[COMBINED]['verdict'],
+    'suspect': suspect_info,
+    'reference': {
+      'source': ref_source,
+      'n_test': len(reference),
+      'n_fit': int((~ref_heldout).sum()),
+      'n_heldout': len(ref_pool),
+    },
+    'combiner': {
+      'kind': 'logistic',
+      'l2': COMBINER_L2,
+      'features': list(names),
+      'weights': dict(zip(names, combiner.weights.tolist())),
+      'fit': {
+        'n_members': int((~member_heldout).sum()),
+        'n_nonmembers': int((~ref_heldout).sum()),
+        'images': fit_what,
+      },
+    },
+    'tests': tests,
+    'power': power,
+    'validity': [
+      f'The combiner saw only {fit_what}.',
+      'The test reference is the held-out rest of the reference, less any image drawn into '
+      'the suspect set or identical (SHA-256) to a suspect image; no suspect image fitted '
+      'anything.',
+      'Under the null hypothesis (suspect images are non-members distributed like the '
+      'reference) suspect and reference scores are exchangeable given the combiner, so the '
+      'one-sided Mann-Whitney test rejects with probability at most alpha (exact p-values; '
+      'the normal approximation where method is "normal").',
+      'The verdict is the combined test; per-attack tests are not corrected for multiplicity.',
+    ],
+    'fingerprint': audit_lib.fingerprint(config, scorer.target),
+    'config': json.loads(json.dumps(ds.to_dict(), default=list)),
   }
   result = json.loads(json.dumps(result))
   if parallel.is_writer():
-    fileio.atomic_write_text(epath.Path(workdir) / audit_lib.DATASET_JSON,
-                             json.dumps(result, indent=1, sort_keys=True))
+    fileio.atomic_write_text(
+      epath.Path(workdir) / audit_lib.DATASET_JSON, json.dumps(result, indent=1, sort_keys=True)
+    )
   parallel.sync('dataset_written')
-  audit_lib.write_results(config, workdir, target=scorer.target, attacks=scorer.attacks,
-                          mesh=scorer.mesh, source=source)
+  audit_lib.write_results(
+    config, workdir, target=scorer.target, attacks=scorer.attacks, mesh=scorer.mesh, source=source
+  )
   return result
 
 
 def format_summary(result: dict[str, Any]) -> str:
   """A plain-text summary of ``dataset.json`` for the terminal."""
-  lines = [f"suspect: {result['suspect']['source']} ({result['suspect']['n']} images); "
-           f"reference: {result['reference']['source']} ({result['reference']['n_test']} "
-           f'held-out images in the test)',
-           f"{'test':10s} {'p-value':>10s} {'AUC':>7s} {'method':>7s}  verdict"]
+  lines = [
+    f'suspect: {result["suspect"]["source"]} ({result["suspect"]["n"]} images); '
+    f'reference: {result["reference"]["source"]} ({result["reference"]["n_test"]} '
+    f'held-out images in the test)',
+    f'{"test":10s} {"p-value":>10s} {"AUC":>7s} {"method":>7s}  verdict',
+  ]
   for name, t in result['tests'].items():
-    lines.append(f"{name:10s} {t['p_value']:10.3g} {t['auc']:7.3f} {t['method']:>7s}  "
-                 f"{'detected' if t['reject'] else '-'}")
-  lines.append(f"verdict (combined): {result['verdict']}")
+    lines.append(
+      f'{name:10s} {t["p_value"]:10.3g} {t["auc"]:7.3f} {t["method"]:>7s}  '
+      f'{"detected" if t["reject"] else "-"}'
+    )
+  lines.append(f'verdict (combined): {result["verdict"]}')
   power = result['power']
   for kind, label in (('members', 'TPR'), ('nonmembers', 'FPR')):
     entry = power[kind]
     rates = ', '.join(f'{n}: {r:.2f}' for n, r in zip(entry['sizes'], entry[COMBINED]['rate']))
-    lines.append(f"power curve {label} ({kind}, {power['repetitions']} sets per size): {rates}")
+    lines.append(f'power curve {label} ({kind}, {power["repetitions"]} sets per size): {rates}')
   return '\n'.join(lines)

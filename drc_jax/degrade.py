@@ -15,7 +15,7 @@ image's mask does not depend on which batch it lands in).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 @flax.struct.dataclass
 class Degradation:
   """What a restorer needs; all array leaves have the batch as their leading axis."""
+
   measurement: jnp.ndarray  # y = A(x): [B, H, W, C] (mask), [B, H/s, W/s, C], or [B, H, W, 1]
   mask: jnp.ndarray  # [B, H, W, 1] keep mask for inpainting; ones for the other operators
   kind: str = flax.struct.field(pytree_node=False, default='mask')
@@ -76,8 +77,9 @@ def _box_side(h: int, w: int, ratio: float) -> tuple[int, int]:
   return side_h, side_w
 
 
-def patch_mask_from_scores(scores: jnp.ndarray, h: int, w: int, patch: int,
-                           ratio: float) -> jnp.ndarray:
+def patch_mask_from_scores(
+  scores: jnp.ndarray, h: int, w: int, patch: int, ratio: float
+) -> jnp.ndarray:
   """[H, W, 1] keep mask removing the ``round(ratio * n)`` patches of highest score.
 
   ``scores``: [H/patch * W/patch] one score per patch (row-major).
@@ -119,8 +121,13 @@ def make_degrader(cfg, saliency_fn: Callable[[jnp.ndarray], jnp.ndarray] = foreg
     elif kind == 'random_box':
       sh, sw = _box_side(h, w, ratio)
       kt, kl = jax.random.split(key)
-      m = box_mask(h, w, ratio, jax.random.randint(kt, (), 0, h - sh + 1),
-                   jax.random.randint(kl, (), 0, w - sw + 1))
+      m = box_mask(
+        h,
+        w,
+        ratio,
+        jax.random.randint(kt, (), 0, h - sh + 1),
+        jax.random.randint(kl, (), 0, w - sw + 1),
+      )
     elif kind in ('random_patches', 'saliency_patches'):
       if h % patch or w % patch:
         raise ValueError(f'config.drc.patch_size {patch} does not divide the image {h}x{w}')

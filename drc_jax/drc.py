@@ -11,7 +11,7 @@ image, evidence recomputed later is exactly what was scored.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,8 @@ import numpy as np
 
 from drc_jax import compare as compare_lib
 from drc_jax import degrade as degrade_lib
-from drc_jax import parallel
+from drc_jax import parallel, streams
 from drc_jax import restore as restore_lib
-from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +56,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
     def body(_, k):
       d, restored = one(params, key_data, images, k)
       return None, comparator(images, restored, d)
+
     _, s = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B]
     return s.T
 
@@ -64,6 +64,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
     def body(_, k):
       d, restored = one(params, key_data, images, k)
       return None, (d.degraded_image(images.shape[-1]), restored)
+
     _, (degraded, restored) = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B, H, W, C]
     return jnp.moveaxis(degraded, 0, 1), jnp.moveaxis(restored, 0, 1)  # [B, K, H, W, C]
 

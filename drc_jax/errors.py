@@ -11,9 +11,11 @@ also derive from ``ValueError``, as they did before this base existed.
 from __future__ import annotations
 
 import ast
+import contextlib
 import sys
 import traceback
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -60,18 +62,22 @@ def _flag_error(e: BaseException, argv: list[str]) -> str:
   """One line for an error raised while parsing flags (a bad flag, config file or override)."""
   text = str(e)
   if len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
-    try:  # ml_collections wraps a KeyError's message in repr quotes
+    with contextlib.suppress(ValueError, SyntaxError):  # ml_collections repr-quotes KeyErrors
       text = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      pass
   lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
   if any(ln.startswith('Traceback') for ln in lines):  # a config file raised: keep what and why
     lines = [lines[0], lines[-1]]
   message = ' '.join(' '.join(lines).split())
   if isinstance(e, (AttributeError, KeyError)) and lines:  # a --config.x.y override's unknown y
     field = lines[0].strip('\'"')
-    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
-                 field in a.split('=')[0].split('.')), '--config')
+    flag = next(
+      (
+        a.split('=')[0]
+        for a in argv
+        if a.startswith('--config.') and field in a.split('=')[0].split('.')
+      ),
+      '--config',
+    )
     hint = ' '.join(lines[1:])
     return f'{flag}: unknown config field {field!r}' + (f' ({hint})' if hint else '')
   return message
@@ -83,6 +89,7 @@ def flags_parser(argv: list[str]) -> list[str]:
   With ``--verbose`` among the arguments the original traceback is kept.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   try:
     rest = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:

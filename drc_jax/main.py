@@ -1,9 +1,9 @@
 """drc_jax entry point: parses flags, logs the devices, calls one library function per mode.
 
-  python -m drc_jax.main                                   # the embedded default, whole job
-  python -m drc_jax.main --config=configs/cifar10.py --workdir=gs://bucket/run --mode=audit
-  python -m drc_jax.main --config=configs/celeba.py:runlocal --config.audit.batch_size=32
-  python -m drc_jax.main --mode=dataset --config.dataset.suspect_dir=my_photos   # a set: p-value
+python -m drc_jax.main                                   # the embedded default, whole job
+python -m drc_jax.main --config=configs/cifar10.py --workdir=gs://bucket/run --mode=audit
+python -m drc_jax.main --config=configs/celeba.py:runlocal --config.audit.batch_size=32
+python -m drc_jax.main --mode=dataset --config.dataset.suspect_dir=my_photos   # a set: p-value
 """
 
 from __future__ import annotations
@@ -14,22 +14,34 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drc_jax import errors
-from drc_jax import parallel
-from drc_jax import pipeline
+from drc_jax import errors, parallel, pipeline
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               'configs', 'fashion_mnist.py')
+_DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'fashion_mnist.py'
+)
 
-config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file (path[:variant]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory (local or gs://); default '
-                    'runs/<config>[-<variant>]_<source>_<dataset> (see README).')
+config_flags.DEFINE_config_file(
+  'config', _DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
+)
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Run directory (local or gs://); default '
+  'runs/<config>[-<variant>]_<source>_<dataset> (see README).',
+)
 flags.DEFINE_enum('mode', None, pipeline.MODES, 'What to run (default: config.mode).')
-flags.DEFINE_bool('overwrite', False, 'Audit a workdir made with a different config or target '
-                  'anyway: once every input is validated, its results move to W/superseded/.')
-flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in the inputs (config, data, '
-                  'split, checkpoint, workdir) instead of one line.')
+flags.DEFINE_bool(
+  'overwrite',
+  False,
+  'Audit a workdir made with a different config or target '
+  'anyway: once every input is validated, its results move to W/superseded/.',
+)
+flags.DEFINE_bool(
+  'verbose',
+  False,
+  'Show the traceback of errors in the inputs (config, data, '
+  'split, checkpoint, workdir) instead of one line.',
+)
 
 
 class _QuietLibraries:
@@ -42,8 +54,9 @@ class _QuietLibraries:
       return True
     if '/orbax/' in record.pathname:
       return False
-    return not ('xla_bridge' in record.pathname
-                and str(record.msg).startswith('Unable to initialize backend'))
+    return not (
+      'xla_bridge' in record.pathname and str(record.msg).startswith('Unable to initialize backend')
+    )
 
 
 def main(argv):
@@ -53,13 +66,23 @@ def main(argv):
   parallel.initialize()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or pipeline.default_workdir(
-      config_flags.get_config_filename(flags.FLAGS['config']), config)
-  logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.default_backend())
+    config_flags.get_config_filename(flags.FLAGS['config']), config
+  )
+  logging.info(
+    'JAX %s, process %d/%d, %d local / %d global devices (%s)',
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   errors.run_reporting_user_errors(
-      lambda: pipeline.run(config, workdir, flags.FLAGS.mode or config.mode,
-                           overwrite=flags.FLAGS.overwrite), flags.FLAGS.verbose)
+    lambda: pipeline.run(
+      config, workdir, flags.FLAGS.mode or config.mode, overwrite=flags.FLAGS.overwrite
+    ),
+    flags.FLAGS.verbose,
+  )
 
 
 if __name__ == '__main__':

@@ -145,11 +145,12 @@ def tpr_metric_name(max_fpr: float) -> str:
 
   Examples: 0.01 -> 'tpr_at_1pct_fpr', 0.001 -> 'tpr_at_0p1pct_fpr'.
   """
-  return f"tpr_at_{_fpr_percent_text(max_fpr).replace('.', 'p')}pct_fpr"
+  return f'tpr_at_{_fpr_percent_text(max_fpr).replace(".", "p")}pct_fpr'
 
 
-def _resampled_metrics(member_counts: np.ndarray, nonmember_counts: np.ndarray,
-                       fprs: Sequence[float]) -> dict[str, np.ndarray]:
+def _resampled_metrics(
+  member_counts: np.ndarray, nonmember_counts: np.ndarray, fprs: Sequence[float]
+) -> dict[str, np.ndarray]:
   """AUC, ASR and TPR@FPR of B weighted samples that share one set of distinct score values.
 
   Args:
@@ -170,8 +171,8 @@ def _resampled_metrics(member_counts: np.ndarray, nonmember_counts: np.ndarray,
   tp = np.concatenate([zeros, np.cumsum(member_counts[:, ::-1], axis=1)], axis=1)  # [B, U + 1]
   fp = np.concatenate([zeros, np.cumsum(nonmember_counts[:, ::-1], axis=1)], axis=1)  # [B, U + 1]
   out = {
-      'auc': u_statistic / (num_members * num_nonmembers),
-      'asr': _balanced_accuracy(tp, fp, num_members, num_nonmembers).max(axis=1),
+    'auc': u_statistic / (num_members * num_nonmembers),
+    'asr': _balanced_accuracy(tp, fp, num_members, num_nonmembers).max(axis=1),
   }
   fpr = fp / num_nonmembers
   for max_fpr in fprs:
@@ -179,8 +180,9 @@ def _resampled_metrics(member_counts: np.ndarray, nonmember_counts: np.ndarray,
   return out
 
 
-def _bootstrap(member: np.ndarray, nonmember: np.ndarray, num_resamples: int, seed: int,
-               fprs: Sequence[float]) -> dict[str, list[float]]:
+def _bootstrap(
+  member: np.ndarray, nonmember: np.ndarray, num_resamples: int, seed: int, fprs: Sequence[float]
+) -> dict[str, list[float]]:
   """Percentile 95% intervals from resampling members and non-members separately."""
   values = np.unique(np.concatenate([member, nonmember]))  # [U], ascending
   member_codes = np.searchsorted(values, member)  # [P]
@@ -199,12 +201,20 @@ def _bootstrap(member: np.ndarray, nonmember: np.ndarray, num_resamples: int, se
       counts.append(flat.reshape(size, num_values))  # [b, U]
     for name, value in _resampled_metrics(counts[0], counts[1], fprs).items():
       samples.setdefault(name, []).append(value)
-  return {name: [float(q) for q in np.percentile(np.concatenate(chunks), [2.5, 97.5])]
-          for name, chunks in samples.items()}
+  return {
+    name: [float(q) for q in np.percentile(np.concatenate(chunks), [2.5, 97.5])]
+    for name, chunks in samples.items()
+  }
 
 
-def attack_metrics(member_scores, nonmember_scores, *, bootstrap: int = 1000, seed: int = 0,
-                   fprs: Sequence[float] = (0.01, 0.001)) -> dict[str, Any]:
+def attack_metrics(
+  member_scores,
+  nonmember_scores,
+  *,
+  bootstrap: int = 1000,
+  seed: int = 0,
+  fprs: Sequence[float] = (0.01, 0.001),
+) -> dict[str, Any]:
   """All metrics of one attack, with percentile-bootstrap 95% intervals and small-sample warnings.
 
   Args:
@@ -240,8 +250,9 @@ def attack_metrics(member_scores, nonmember_scores, *, bootstrap: int = 1000, se
     expected = nonmember.size * max_fpr
     if expected < MIN_EXPECTED_FALSE_POSITIVES:
       out['warnings'].append(
-          f'TPR@{_fpr_percent_text(max_fpr)}%FPR rests on {expected:.3g} expected false positives '
-          f'among {nonmember.size} non-members; treat it as a rough indication')
+        f'TPR@{_fpr_percent_text(max_fpr)}%FPR rests on {expected:.3g} expected false positives '
+        f'among {nonmember.size} non-members; treat it as a rough indication'
+      )
   return out
 
 
@@ -259,8 +270,9 @@ def _best_threshold(member: np.ndarray, nonmember: np.ndarray) -> float:
   return float(midpoint if midpoint > highest_nonmember else lowest_member)
 
 
-def calibration_split(num_members: int, num_nonmembers: int, *, fraction: float,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+def calibration_split(
+  num_members: int, num_nonmembers: int, *, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """The calibration / held-out split of ``calibrate``, from the set sizes alone.
 
   Each set is split separately: ``round(fraction * n)`` images (at least 1, at most n - 1) go to
@@ -326,8 +338,8 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   Each set is split separately: ``round(fraction * n)`` images (at least 1, at most n - 1) go to
   calibration. The threshold maximises the calibration part's balanced
   accuracy (TPR + TNR) / 2 (among equally accurate splits, the one predicting fewest members);
-  reported accuracies are balanced too. It lies strictly between the lowest calibration score predicted
-  member and the highest predicted non-member (their midpoint), so ``score >= threshold``
+  reported accuracies are balanced too. It lies strictly between the lowest calibration score
+  predicted member and the highest predicted non-member (their midpoint), so ``score >= threshold``
   reproduces the fitted split exactly on the calibration part and does not sit on a score.
 
   Args:
@@ -345,8 +357,9 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   """
   member = _as_scores(member_scores, 'member_scores')
   nonmember = _as_scores(nonmember_scores, 'nonmember_scores')
-  member_heldout, nonmember_heldout = calibration_split(member.size, nonmember.size,
-                                                        fraction=fraction, seed=seed)
+  member_heldout, nonmember_heldout = calibration_split(
+    member.size, nonmember.size, fraction=fraction, seed=seed
+  )
   cal_member, cal_nonmember = member[~member_heldout], nonmember[~nonmember_heldout]
   threshold = _best_threshold(cal_member, cal_nonmember)
 
@@ -356,22 +369,26 @@ def calibrate(member_scores, nonmember_scores, *, fraction: float, seed: int) ->
   test_member, test_nonmember = member[member_heldout], nonmember[nonmember_heldout]
   tp, fp = int((test_member >= threshold).sum()), int((test_nonmember >= threshold).sum())
   return {
-      'threshold': threshold,
-      'fraction': float(fraction),
-      'seed': int(seed),
-      'calibration': {'n_members': int(cal_member.size), 'n_nonmembers': int(cal_nonmember.size),
-                      'accuracy': accuracy(cal_member, cal_nonmember)},
-      'tpr': float((test_member >= threshold).mean()),
-      'fpr': float((test_nonmember >= threshold).mean()),
-      'accuracy': accuracy(test_member, test_nonmember),
-      'n_members': int(test_member.size),
-      'n_nonmembers': int(test_nonmember.size),
-      'ci95': {'tpr': wilson_interval(tp, test_member.size),
-               'fpr': wilson_interval(fp, test_nonmember.size),
-               'accuracy': balanced_accuracy_interval(tp, test_member.size, fp,
-                                                      test_nonmember.size)},
-      'member_heldout': member_heldout,
-      'nonmember_heldout': nonmember_heldout,
+    'threshold': threshold,
+    'fraction': float(fraction),
+    'seed': int(seed),
+    'calibration': {
+      'n_members': int(cal_member.size),
+      'n_nonmembers': int(cal_nonmember.size),
+      'accuracy': accuracy(cal_member, cal_nonmember),
+    },
+    'tpr': float((test_member >= threshold).mean()),
+    'fpr': float((test_nonmember >= threshold).mean()),
+    'accuracy': accuracy(test_member, test_nonmember),
+    'n_members': int(test_member.size),
+    'n_nonmembers': int(test_nonmember.size),
+    'ci95': {
+      'tpr': wilson_interval(tp, test_member.size),
+      'fpr': wilson_interval(fp, test_nonmember.size),
+      'accuracy': balanced_accuracy_interval(tp, test_member.size, fp, test_nonmember.size),
+    },
+    'member_heldout': member_heldout,
+    'nonmember_heldout': nonmember_heldout,
   }
 
 
@@ -382,9 +399,10 @@ def _as_votes(votes: Any, k: int, name: str) -> np.ndarray:
     raise ValueError(f'{name} must be 1-D, got shape {votes.shape}')
   if votes.size == 0:
     raise ValueError(f'{name} is empty')
-  if not np.issubdtype(votes.dtype, np.integer):
-    if not (np.all(np.isfinite(votes)) and np.all(votes == np.round(votes))):
-      raise ValueError(f'{name} must hold integer vote counts')
+  if not np.issubdtype(votes.dtype, np.integer) and not (
+    np.all(np.isfinite(votes)) and np.all(votes == np.round(votes))
+  ):
+    raise ValueError(f'{name} must hold integer vote counts')
   votes = votes.astype(np.int64)
   if votes.min() < 0 or votes.max() > k:
     raise ValueError(f'{name} must lie in [0, {k}], got [{votes.min()}, {votes.max()}]')
@@ -409,8 +427,13 @@ def agree_curve(member_votes, nonmember_votes, k: int) -> dict[str, list]:
     raise ValueError(f'k must be >= 1, got {k}')
   member = _as_votes(member_votes, k, 'member_votes')
   nonmember = _as_votes(nonmember_votes, k, 'nonmember_votes')
-  out: dict[str, list] = {'agree': [], 'precision': [], 'recall': [], 'true_positives': [],
-                          'false_positives': []}
+  out: dict[str, list] = {
+    'agree': [],
+    'precision': [],
+    'recall': [],
+    'true_positives': [],
+    'false_positives': [],
+  }
   for agree in range(1, k + 1):
     tp, fp = int((member >= agree).sum()), int((nonmember >= agree).sum())
     out['agree'].append(agree)

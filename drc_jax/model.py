@@ -31,6 +31,7 @@ from flax import nnx
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Architecture of the UNet (everything needed to rebuild it; saved beside checkpoints)."""
+
   resolution: int = 32
   in_channels: int = 3
   out_channels: int = 3
@@ -59,17 +60,20 @@ class UNetConfig:
     if self.downsample_padding not in ('symmetric', 'asymmetric'):
       raise ValueError(f'model.downsample_padding: unknown {self.downsample_padding!r}')
     if self.resolution % (2 ** (len(self.ch_mult) - 1)):
-      raise ValueError(f'model.resolution {self.resolution} is not divisible by '
-                       f'2^{len(self.ch_mult) - 1} (len(ch_mult) - 1 downsamplings)')
+      raise ValueError(
+        f'model.resolution {self.resolution} is not divisible by '
+        f'2^{len(self.ch_mult) - 1} (len(ch_mult) - 1 downsamplings)'
+      )
     for m in self.ch_mult:
       if (self.ch * m) % self.norm_groups:
-        raise ValueError(f'model: channels {self.ch * m} not divisible by norm_groups '
-                         f'{self.norm_groups}')
+        raise ValueError(
+          f'model: channels {self.ch * m} not divisible by norm_groups {self.norm_groups}'
+        )
     if self.ch % 2:
       raise ValueError('model.ch must be even (sinusoidal embedding)')
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'UNetConfig':
+  def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -97,23 +101,33 @@ def timestep_embedding(t: jnp.ndarray, dim: int, layout: str, freq_shift: int) -
 
 def _conv(cin, cout, k, rngs, dtype, scale=1.0, stride=1, padding=None):
   init = nnx.initializers.variance_scaling(scale, 'fan_avg', 'uniform')  # xavier_uniform * scale
-  return nnx.Conv(cin, cout, kernel_size=(k, k), strides=(stride, stride),
-                  padding=padding if padding is not None else ((k // 2, k // 2),) * 2,
-                  kernel_init=init, bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+  return nnx.Conv(
+    cin,
+    cout,
+    kernel_size=(k, k),
+    strides=(stride, stride),
+    padding=padding if padding is not None else ((k // 2, k // 2),) * 2,
+    kernel_init=init,
+    bias_init=nnx.initializers.zeros,
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 def _dense(cin, cout, rngs, dtype, scale=1.0):
   init = nnx.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
-  return nnx.Linear(cin, cout, kernel_init=init, bias_init=nnx.initializers.zeros, dtype=dtype,
-                    rngs=rngs)
+  return nnx.Linear(
+    cin, cout, kernel_init=init, bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs
+  )
 
 
 class AttnBlock(nnx.Module):
   """Single-head self-attention over all positions, with a residual connection."""
 
   def __init__(self, ch: int, cfg: UNetConfig, dtype, rngs: nnx.Rngs):
-    self.norm = nnx.GroupNorm(ch, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype,
-                              rngs=rngs)
+    self.norm = nnx.GroupNorm(
+      ch, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
+    )
     self.proj_q = _dense(ch, ch, rngs, dtype)
     self.proj_k = _dense(ch, ch, rngs, dtype)
     self.proj_v = _dense(ch, ch, rngs, dtype)
@@ -123,7 +137,7 @@ class AttnBlock(nnx.Module):
     b, h, w, c = x.shape
     y = self.norm(x).reshape(b, h * w, c)
     q, k, v = self.proj_q(y), self.proj_k(y), self.proj_v(y)  # [B, HW, C]
-    logits = jnp.einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
+    logits = jnp.einsum('bqc,bkc->bqk', q, k) * (c**-0.5)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = self.proj(jnp.einsum('bqk,bkc->bqc', weights, v))
     return x + out.reshape(b, h, w, c)
@@ -132,14 +146,17 @@ class AttnBlock(nnx.Module):
 class ResBlock(nnx.Module):
   """GroupNorm-SiLU-conv, + time projection, GroupNorm-SiLU-dropout-conv, shortcut, [attention]."""
 
-  def __init__(self, cin: int, cout: int, tdim: int, attn: bool, cfg: UNetConfig, dtype,
-               rngs: nnx.Rngs):
-    self.norm1 = nnx.GroupNorm(cin, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype,
-                               rngs=rngs)
+  def __init__(
+    self, cin: int, cout: int, tdim: int, attn: bool, cfg: UNetConfig, dtype, rngs: nnx.Rngs
+  ):
+    self.norm1 = nnx.GroupNorm(
+      cin, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
+    )
     self.conv1 = _conv(cin, cout, 3, rngs, dtype)
     self.temb_proj = _dense(tdim, cout, rngs, dtype)
-    self.norm2 = nnx.GroupNorm(cout, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype,
-                               rngs=rngs)
+    self.norm2 = nnx.GroupNorm(
+      cout, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
+    )
     self.dropout = nnx.Dropout(cfg.dropout)
     self.conv2 = _conv(cout, cout, 3, rngs, dtype, scale=1e-10)
     self.shortcut = _conv(cin, cout, 1, rngs, dtype) if cin != cout else None
@@ -156,7 +173,6 @@ class ResBlock(nnx.Module):
 
 
 class DownSample(nnx.Module):
-
   def __init__(self, ch: int, cfg: UNetConfig, dtype, rngs: nnx.Rngs):
     pad = ((1, 1), (1, 1)) if cfg.downsample_padding == 'symmetric' else ((0, 1), (0, 1))
     self.main = _conv(ch, ch, 3, rngs, dtype, stride=2, padding=pad)
@@ -167,7 +183,6 @@ class DownSample(nnx.Module):
 
 
 class UpSample(nnx.Module):
-
   def __init__(self, ch: int, cfg: UNetConfig, dtype, rngs: nnx.Rngs):
     del cfg
     self.main = _conv(ch, ch, 3, rngs, dtype)
@@ -180,7 +195,6 @@ class UpSample(nnx.Module):
 
 
 class TimeEmbedding(nnx.Module):
-
   def __init__(self, ch: int, tdim: int, cfg: UNetConfig, dtype, rngs: nnx.Rngs):
     self.ch, self.layout, self.shift = ch, cfg.time_embed_layout, cfg.time_freq_shift
     self.dense0 = _dense(ch, tdim, rngs, dtype)
@@ -212,8 +226,12 @@ class UNet(nnx.Module):
         chs.append(now)
         res //= 2
     self.downblocks = nnx.List(down)
-    self.middleblocks = nnx.List([ResBlock(now, now, tdim, True, cfg, dtype, rngs),
-                                  ResBlock(now, now, tdim, False, cfg, dtype, rngs)])
+    self.middleblocks = nnx.List(
+      [
+        ResBlock(now, now, tdim, True, cfg, dtype, rngs),
+        ResBlock(now, now, tdim, False, cfg, dtype, rngs),
+      ]
+    )
     up = []
     for i, mult in reversed(list(enumerate(cfg.ch_mult))):
       out = ch * mult
@@ -225,8 +243,9 @@ class UNet(nnx.Module):
         res *= 2
     assert not chs
     self.upblocks = nnx.List(up)
-    self.tail_norm = nnx.GroupNorm(now, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps,
-                                   dtype=dtype, rngs=rngs)
+    self.tail_norm = nnx.GroupNorm(
+      now, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
+    )
     self.tail_conv = _conv(now, cfg.out_channels, 3, rngs, dtype, scale=1e-10)
 
   def __call__(self, x, t, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
@@ -259,17 +278,18 @@ class DiffusionModel:
   ``apply(params, x, t)`` is the deterministic epsilon prediction used by every attack;
   ``apply_train(params, x, t, key)`` applies dropout.
   """
+
   config: UNetConfig
   graphdef: Any
 
   @classmethod
-  def create(cls, config: UNetConfig, seed: int = 0) -> tuple['DiffusionModel', Params]:
+  def create(cls, config: UNetConfig, seed: int = 0) -> tuple[DiffusionModel, Params]:
     """Builds the model and initial params (a nested dict of float32 arrays)."""
     graphdef, state = nnx.split(UNet(config, nnx.Rngs(params=seed, dropout=seed)))
     return cls(config, graphdef), nnx.to_pure_dict(state)
 
   @classmethod
-  def abstract(cls, config: UNetConfig) -> tuple['DiffusionModel', Params]:
+  def abstract(cls, config: UNetConfig) -> tuple[DiffusionModel, Params]:
     """Model and a params pytree of ShapeDtypeStructs (no allocation)."""
     unet = nnx.eval_shape(lambda: UNet(config, nnx.Rngs(params=0, dropout=0)))
     graphdef, state = nnx.split(unet)
@@ -314,6 +334,6 @@ def unflatten_params(like: Params, flat: dict[str, Any]) -> Params:
 def unet_config_from(cfg_model, resolution: int, channels: int) -> UNetConfig:
   """UNetConfig from a config's ``model`` section plus the data resolution and channels."""
   d = dict(cfg_model)
-  return UNetConfig.from_dict(dict(d, resolution=resolution, in_channels=channels,
-                                   out_channels=channels))
-
+  return UNetConfig.from_dict(
+    dict(d, resolution=resolution, in_channels=channels, out_channels=channels)
+  )

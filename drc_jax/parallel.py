@@ -15,7 +15,8 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 _initialized = False
 
@@ -27,13 +28,16 @@ def initialize() -> None:
     return
   kw = {}
   if os.environ.get('DRC_JAX_COORDINATOR'):
-    kw = dict(coordinator_address=os.environ['DRC_JAX_COORDINATOR'],
-              num_processes=int(os.environ['DRC_JAX_NUM_PROCESSES']),
-              process_id=int(os.environ['DRC_JAX_PROCESS_ID']))
+    kw = dict(
+      coordinator_address=os.environ['DRC_JAX_COORDINATOR'],
+      num_processes=int(os.environ['DRC_JAX_NUM_PROCESSES']),
+      process_id=int(os.environ['DRC_JAX_PROCESS_ID']),
+    )
   # Must not touch the backend before jax.distributed.initialize(); the CPU collectives setting
   # only matters for CPU devices (tests, CPU clusters) and is harmless on GPU/TPU.
-  jax.config.update('jax_cpu_collectives_implementation',
-                    os.environ.get('DRC_JAX_CPU_COLLECTIVES', 'gloo'))
+  jax.config.update(
+    'jax_cpu_collectives_implementation', os.environ.get('DRC_JAX_CPU_COLLECTIVES', 'gloo')
+  )
   jax.distributed.initialize(**kw)
   _initialized = True
 

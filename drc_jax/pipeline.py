@@ -10,13 +10,11 @@ from absl import logging
 from etils import epath
 
 from drc_jax import audit as audit_lib
-from drc_jax import checkpoints
+from drc_jax import checkpoints, parallel, validate
 from drc_jax import dataset_inference as dataset_lib
-from drc_jax import parallel
 from drc_jax import report as report_lib
 from drc_jax import samples as samples_lib
 from drc_jax import train as train_lib
-from drc_jax import validate
 
 MODES = ('train', 'audit', 'report', 'dataset', 'all')
 
@@ -39,7 +37,7 @@ def default_workdir(config_path: str, config=None) -> str:
     words[0] += '-' + re.sub(r'[^A-Za-z0-9_.]+', '-', variant).strip('-')
   if config is not None:
     d = config.data
-    dataset = (os.path.basename(os.path.normpath(d.data_dir)) if d.source == 'folder' else d.name)
+    dataset = os.path.basename(os.path.normpath(d.data_dir)) if d.source == 'folder' else d.name
     for word in (d.source, dataset):
       word = re.sub(r'[^A-Za-z0-9_.-]+', '-', str(word)).strip('-.')
       if word and word not in seen:
@@ -56,13 +54,15 @@ def _refuse_training_audited_target(workdir: str, steps: int, overwrite: bool) -
     return
   if (recorded.get('audit') or {}).get('checkpoint'):
     return  # those scores are of a target elsewhere (config.audit.checkpoint)
-  step = (recorded.get('target') or {}).get('step') if isinstance(recorded.get('target'),
-                                                                  dict) else None
+  step = (
+    (recorded.get('target') or {}).get('step') if isinstance(recorded.get('target'), dict) else None
+  )
   raise audit_lib.AuditConfigMismatch(
-      f'{workdir} holds results of its target at step {step if step is not None else "?"}; '
-      f'training it to step {steps} would leave them describing weights that no longer exist. '
-      f'Use another --workdir, or pass --overwrite to train and re-audit (the old results then '
-      f'move to {workdir}/{audit_lib.SUPERSEDED_DIR}/).')
+    f'{workdir} holds results of its target at step {step if step is not None else "?"}; '
+    f'training it to step {steps} would leave them describing weights that no longer exist. '
+    f'Use another --workdir, or pass --overwrite to train and re-audit (the old results then '
+    f'move to {workdir}/{audit_lib.SUPERSEDED_DIR}/).'
+  )
 
 
 def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None:
@@ -80,13 +80,19 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   validate.check(config)
   imported = checkpoints.is_imported(workdir)
   if mode == 'train' and imported:
-    raise checkpoints.CheckpointError(f'{workdir} holds an imported target; it is audited, not '
-                                      f'trained (use --mode=audit, or another --workdir)')
+    raise checkpoints.CheckpointError(
+      f'{workdir} holds an imported target; it is audited, not '
+      f'trained (use --mode=audit, or another --workdir)'
+    )
   if mode == 'train' or (mode == 'all' and not config.audit.checkpoint and not imported):
     done = train_lib.trained_steps(workdir)
     if done is not None and done >= config.train.steps:
-      logging.info('target in %s already trained (%d steps): reusing it (its training data is '
-                   'checked by the audit)', workdir, done)
+      logging.info(
+        'target in %s already trained (%d steps): reusing it (its training data is '
+        'checked by the audit)',
+        workdir,
+        done,
+      )
     else:
       _refuse_training_audited_target(workdir, config.train.steps, overwrite)
       train_lib.train(config, workdir)

@@ -37,7 +37,7 @@ class Throughput:
     """'12.34 <unit>/s, ETA 56s', or why there is no estimate yet."""
     rate = self.rate()
     if self.done >= self.total:
-      return (f'{rate:.2f} {unit}/s, done' if rate else 'done')
+      return f'{rate:.2f} {unit}/s, done' if rate else 'done'
     if rate is None:
       return 'ETA after the next batch (the first one included compilation)'
     return f'{rate:.2f} {unit}/s, ETA {(self.total - self.done) / rate:.0f}s'

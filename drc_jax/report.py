@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from etils import epath
 
 from drc_jax import fileio
@@ -46,8 +45,10 @@ MIN_PANEL_PIXELS = 112
 def _new_figure(width: float, height: float):
   """A matplotlib Figure drawn by the Agg backend, outside pyplot's figure registry."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   return Figure(figsize=(width, height), dpi=100, layout='constrained')
 
 
@@ -65,7 +66,7 @@ def _save_figure(fig, path: str) -> str:
 
 def attack_names(table: Mapping[str, np.ndarray]) -> list[str]:
   """The attacks of a score table, in key order: ``score/drc`` -> ``drc``."""
-  return [key[len(SCORE_PREFIX):] for key in table if key.startswith(SCORE_PREFIX)]
+  return [key[len(SCORE_PREFIX) :] for key in table if key.startswith(SCORE_PREFIX)]
 
 
 def _member_nonmember(table: Mapping[str, np.ndarray], values: np.ndarray):
@@ -124,8 +125,9 @@ def plot_histograms(table: Mapping[str, np.ndarray], path: str) -> str:
     scores = np.asarray(table[SCORE_PREFIX + attack], dtype=np.float64)
     members, nonmembers = _member_nonmember(table, scores)
     bins = np.histogram_bin_edges(scores[np.isfinite(scores)], bins=50)
-    ax.hist(nonmembers, bins=bins, density=True, alpha=0.55,
-            label=f'non-members ({nonmembers.size})')
+    ax.hist(
+      nonmembers, bins=bins, density=True, alpha=0.55, label=f'non-members ({nonmembers.size})'
+    )
     ax.hist(members, bins=bins, density=True, alpha=0.55, label=f'members ({members.size})')
     ax.set_title(attack)
     ax.set_xlabel('score (higher = member)')
@@ -155,8 +157,13 @@ def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
   ax.plot(agree_numbers, recall, 's-', label='recall')
   chance = agree_chance_precision(agree)
   if chance is not None:
-    ax.axhline(chance, color='k', linestyle='--', linewidth=0.8,
-               label=f'chance precision ({100 * chance:.1f}% members)')
+    ax.axhline(
+      chance,
+      color='k',
+      linestyle='--',
+      linewidth=0.8,
+      label=f'chance precision ({100 * chance:.1f}% members)',
+    )
   ax.set_xticks(agree_numbers)
   ax.set_ylim(0, 1.05)
   ax.set_xlabel('agree number (votes needed to call "member")')
@@ -175,27 +182,40 @@ def plot_power_curve(power: Mapping[str, Any], path: str) -> str:
   """
   fig = _new_figure(6.0, 4.2)
   ax = fig.add_subplot()
-  for kind, label, marker in (('members', 'member sets (TPR)', 'o-'),
-                              ('nonmembers', 'non-member sets (FPR)', 's-')):
+  for kind, label, marker in (
+    ('members', 'member sets (TPR)', 'o-'),
+    ('nonmembers', 'non-member sets (FPR)', 's-'),
+  ):
     entry = power[kind]
     sizes = np.asarray(entry['sizes'], dtype=np.float64)
     if not sizes.size:
       continue
     rate = np.asarray(entry['combined']['rate'], dtype=np.float64)
     ci = np.asarray(entry['combined']['ci95'], dtype=np.float64).reshape(-1, 2)
-    ax.errorbar(sizes, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], fmt=marker, capsize=3,
-                label=f'combined, {label}')
+    ax.errorbar(
+      sizes,
+      rate,
+      yerr=[rate - ci[:, 0], ci[:, 1] - rate],
+      fmt=marker,
+      capsize=3,
+      label=f'combined, {label}',
+    )
     if kind == 'members':
       for name in entry:
         if name in ('sizes', 'skipped_sizes', 'combined', 'within_alpha'):
           continue
         ax.plot(sizes, entry[name]['rate'], linewidth=0.8, alpha=0.6, label=f'{name} (TPR)')
-  ax.axhline(float(power['alpha']), color='k', linestyle='--', linewidth=0.8,
-             label=f"alpha = {float(power['alpha']):g}")
+  ax.axhline(
+    float(power['alpha']),
+    color='k',
+    linestyle='--',
+    linewidth=0.8,
+    label=f'alpha = {float(power["alpha"]):g}',
+  )
   ax.set_xscale('log')
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel('suspect set size')
-  ax.set_ylabel(f"fraction of sets with p < alpha ({power['repetitions']} per size)")
+  ax.set_ylabel(f'fraction of sets with p < alpha ({power["repetitions"]} per size)')
   ax.set_title('Dataset inference: power and false-positive rate')
   ax.grid(True, which='both', alpha=0.3)
   ax.legend(fontsize='x-small')
@@ -221,9 +241,11 @@ def _split_name(split: Any) -> str:
 
 
 def _evidence_title(item: Mapping[str, Any]) -> str:
-  return (f"{item['kind']}: {_split_name(item['split'])} #{item['index']}, "
-          f"score {float(item['score']):.4g}, {float(item['percentile']):.1f}th percentile among "
-          f"non-members, decision: {item['decision']}")
+  return (
+    f'{item["kind"]}: {_split_name(item["split"])} #{item["index"]}, '
+    f'score {float(item["score"]):.4g}, {float(item["percentile"]):.1f}th percentile among '
+    f'non-members, decision: {item["decision"]}'
+  )
 
 
 def evidence_panel(item: Mapping[str, Any], path: str) -> str:
@@ -263,7 +285,7 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
   axes[3].set_title('|original - restored|')
   fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
   if 'shown_restoration' in item:
-    axes[2].set_title(f"restored (#{item['shown_restoration']}, median similarity)")
+    axes[2].set_title(f'restored (#{item["shown_restoration"]}, median similarity)')
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -276,8 +298,9 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
         ax.imshow(shown[..., 0], cmap='gray', vmin=0, vmax=1, interpolation='nearest')
       else:
         ax.imshow(shown, interpolation='nearest')
-      ax.set_title(f'#{k}' + ('' if sims[k] is None else f': {float(sims[k]):.4g}'),
-                   fontsize='small')
+      ax.set_title(
+        f'#{k}' + ('' if sims[k] is None else f': {float(sims[k]):.4g}'), fontsize='small'
+      )
       ax.set_xticks([])
       ax.set_yticks([])
     bottom.suptitle('all K restorations (similarity to the original)', fontsize='small')
@@ -285,9 +308,15 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
   return _save_figure(fig, path)
 
 
-def plot_samples(samples: np.ndarray, nearest: np.ndarray, distances: np.ndarray,
-                 is_copy: np.ndarray, nearest_index: np.ndarray, path: str,
-                 num: int = 24) -> str:
+def plot_samples(
+  samples: np.ndarray,
+  nearest: np.ndarray,
+  distances: np.ndarray,
+  is_copy: np.ndarray,
+  nearest_index: np.ndarray,
+  path: str,
+  num: int = 24,
+) -> str:
   """A grid of the target's samples, each above its nearest member (RMS distance in the title).
 
   Near-copies of a member are titled in red. Shows the first ``num`` samples.
@@ -304,8 +333,11 @@ def plot_samples(samples: np.ndarray, nearest: np.ndarray, distances: np.ndarray
   for i in range(num):
     r, c = divmod(i, cols)
     for j, (image, title) in enumerate(
-        ((samples[i], f'sample {i}'),
-         (nearest[i], f'member #{int(nearest_index[i])}\nRMS {float(distances[i]):.3f}'))):
+      (
+        (samples[i], f'sample {i}'),
+        (nearest[i], f'member #{int(nearest_index[i])}\nRMS {float(distances[i]):.3f}'),
+      )
+    ):
       ax = axes[2 * r + j, c]
       shown = _display_image(image, 'sample')
       if shown.shape[-1] == 1:
@@ -313,22 +345,28 @@ def plot_samples(samples: np.ndarray, nearest: np.ndarray, distances: np.ndarray
       else:
         ax.imshow(shown, interpolation='nearest')
       ax.set_title(title, fontsize='x-small', color='red' if j and is_copy[i] else 'black')
-  fig.suptitle('target samples (top) and their nearest members (below); red = near-copy',
-               fontsize='medium')
+  fig.suptitle(
+    'target samples (top) and their nearest members (below); red = near-copy', fontsize='medium'
+  )
   return _save_figure(fig, path)
 
 
 def _samples_html(figures: Mapping[str, Any]) -> str:
-  rows = [('samples (deterministic DDIM, 50 steps)', f"{figures['num_samples']}"),
-          ('k-NN precision (samples that look like data)', f"{figures['precision']:.3f}"),
-          ('k-NN recall (data the samples cover)', f"{figures['recall']:.3f}"),
-          ('near-copies of members', f"{figures['near_copy_fraction']:.1%}"),
-          ('noise textures (rougher than 99% of real images)',
-           f"{figures['noise_fraction']:.1%}"),
-          ('median RMS distance, sample to nearest member',
-           f"{figures['median_nn_member_distance_samples']:.4f}"),
-          ('median RMS distance, real non-member to nearest member',
-           f"{figures['median_nn_member_distance_nonmembers']:.4f}")]
+  rows = [
+    ('samples (deterministic DDIM, 50 steps)', f'{figures["num_samples"]}'),
+    ('k-NN precision (samples that look like data)', f'{figures["precision"]:.3f}'),
+    ('k-NN recall (data the samples cover)', f'{figures["recall"]:.3f}'),
+    ('near-copies of members', f'{figures["near_copy_fraction"]:.1%}'),
+    ('noise textures (rougher than 99% of real images)', f'{figures["noise_fraction"]:.1%}'),
+    (
+      'median RMS distance, sample to nearest member',
+      f'{figures["median_nn_member_distance_samples"]:.4f}',
+    ),
+    (
+      'median RMS distance, real non-member to nearest member',
+      f'{figures["median_nn_member_distance_nonmembers"]:.4f}',
+    ),
+  ]
   body = ''.join(f'<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>' for a, b in rows)
   out = f'<table>{body}</table>'
   for w in figures.get('warnings', ()):
@@ -351,7 +389,7 @@ def _tpr_columns(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, st
     for key in per_attack:
       match = re.fullmatch(r'tpr_at_(.+)pct_fpr', key)
       if match and key not in [c[0] for c in columns]:
-        columns.append((key, f"TPR@{match.group(1).replace('p', '.')}%FPR"))
+        columns.append((key, f'TPR@{match.group(1).replace("p", ".")}%FPR'))
   return columns
 
 
@@ -379,19 +417,28 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   interval when known), NFE; then each warning once, with the attacks it concerns."""
   tpr_columns = _tpr_columns(metrics)
   header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [
-      label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns]
+    label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns
+  ]
   header.append('NFE')
   rows = [header]
   for attack, m in metrics.items():
     ci = m.get('ci95', {})
-    rows.append([attack, _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), False),
-                 _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), False)]
-                + [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), True)
-                   for key, _ in tpr_columns]
-                + [_fmt_nfe(m.get('nfe_per_image'))])
+    rows.append(
+      [
+        attack,
+        _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), False),
+        _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), False),
+      ]
+      + [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), True) for key, _ in tpr_columns]
+      + [_fmt_nfe(m.get('nfe_per_image'))]
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-  lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                     for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+  lines = [
+    '  '.join(
+      cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+    ).rstrip()
+    for row in rows
+  ]
   lines.insert(1, '  '.join('-' * w for w in widths))
   notes: dict[str, list[str]] = {}  # the same warning for every attack is printed once
   for attack, m in metrics.items():
@@ -410,28 +457,41 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [label for _, label in tpr_columns]
   header.append('model calls / image')
   if calibrated:
-    header += ['calibrated threshold', 'held-out TPR [95% CI]', 'held-out FPR [95% CI]',
-               'held-out accuracy [95% CI]', 'held-out n (members / non-members)']
+    header += [
+      'calibrated threshold',
+      'held-out TPR [95% CI]',
+      'held-out FPR [95% CI]',
+      'held-out accuracy [95% CI]',
+      'held-out n (members / non-members)',
+    ]
   header.append('warnings')
   rows = []
   for attack, m in metrics.items():
     ci = m.get('ci95', {})
-    cells = [attack,
-             _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), percent=False),
-             _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), percent=False)]
-    cells += [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), percent=True)
-              for key, _ in tpr_columns]
+    cells = [
+      attack,
+      _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), percent=False),
+      _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), percent=False),
+    ]
+    cells += [
+      _fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), percent=True) for key, _ in tpr_columns
+    ]
     cells.append(_fmt_nfe(m.get('nfe_per_image')))
     if calibrated:
       cal = m.get('calibrated', {})
       cal_ci = cal.get('ci95', {})
-      n = (f"{cal['n_members']} / {cal['n_nonmembers']}"
-           if 'n_members' in cal and 'n_nonmembers' in cal else '-')
-      cells += [_fmt(cal.get('threshold'), '.6g'),
-                _fmt_percent(cal.get('tpr')) + _fmt_interval(cal_ci.get('tpr'), True),
-                _fmt_percent(cal.get('fpr')) + _fmt_interval(cal_ci.get('fpr'), True),
-                _fmt(cal.get('accuracy'), '.4f') + _fmt_interval(cal_ci.get('accuracy'), False),
-                n]
+      n = (
+        f'{cal["n_members"]} / {cal["n_nonmembers"]}'
+        if 'n_members' in cal and 'n_nonmembers' in cal
+        else '-'
+      )
+      cells += [
+        _fmt(cal.get('threshold'), '.6g'),
+        _fmt_percent(cal.get('tpr')) + _fmt_interval(cal_ci.get('tpr'), True),
+        _fmt_percent(cal.get('fpr')) + _fmt_interval(cal_ci.get('fpr'), True),
+        _fmt(cal.get('accuracy'), '.4f') + _fmt_interval(cal_ci.get('accuracy'), False),
+        n,
+      ]
     cells.append('; '.join(m.get('warnings', ())))
     rows.append('<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in cells) + '</tr>')
   head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
@@ -451,29 +511,48 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
     cal = m.get('per_image_calibration')
     if not cal:
       continue
-    row = [attack, f"{cal['n_members']} / {cal['n_nonmembers']}"]
-    for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True),
-                         ('tpr_at_0p1pct_fpr', True)):
+    row = [attack, f'{cal["n_members"]} / {cal["n_nonmembers"]}']
+    for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True), ('tpr_at_0p1pct_fpr', True)):
       raw, new, diff = cal['raw'][key], cal['calibrated'][key], cal['difference'][key]
       fmt = _fmt_percent if percent else (lambda v: _fmt(v, '.4f'))
-      row += [fmt(raw), fmt(new) + _fmt_interval(cal['calibrated']['ci95'].get(key), percent),
-              ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}')]
-    row += [f"{_fmt_percent(cal['at_zero']['tpr'])} / {_fmt_percent(cal['at_zero']['fpr'])}",
-            '; '.join(cal.get('warnings', ()))]
+      row += [
+        fmt(raw),
+        fmt(new) + _fmt_interval(cal['calibrated']['ci95'].get(key), percent),
+        ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}'),
+      ]
+    row += [
+      f'{_fmt_percent(cal["at_zero"]["tpr"])} / {_fmt_percent(cal["at_zero"]["fpr"])}',
+      '; '.join(cal.get('warnings', ())),
+    ]
     rows.append(row)
   if not rows:
     return ''
-  first = next(m['per_image_calibration'] for m in metrics.values()
-               if m.get('per_image_calibration'))
-  header = ['attack', 'held-out members / non-members', 'AUC raw', 'AUC calibrated', 'difference',
-            'TPR@1%FPR raw', 'TPR@1%FPR calibrated', 'difference', 'TPR@0.1%FPR raw',
-            'TPR@0.1%FPR calibrated', 'difference', 'calibrated > 0: TPR / FPR', 'warnings']
-  note = (f"<p class=\"note\">Calibrated score = score minus the predicted "
-          f"{first['quantile']:g} quantile of a non-member's score, from a linear quantile "
-          f"regression (pinball loss, ridge {first['l2']:g}) on image statistics "
-          f"({html.escape(', '.join(first['features']))}) fitted on "
-          f"{first['fit']['n_nonmembers']} images: {html.escape(first['fit']['images'])}. Every "
-          f'number here, raw and calibrated, is computed on the same held-out images only.</p>')
+  first = next(
+    m['per_image_calibration'] for m in metrics.values() if m.get('per_image_calibration')
+  )
+  header = [
+    'attack',
+    'held-out members / non-members',
+    'AUC raw',
+    'AUC calibrated',
+    'difference',
+    'TPR@1%FPR raw',
+    'TPR@1%FPR calibrated',
+    'difference',
+    'TPR@0.1%FPR raw',
+    'TPR@0.1%FPR calibrated',
+    'difference',
+    'calibrated > 0: TPR / FPR',
+    'warnings',
+  ]
+  note = (
+    f'<p class="note">Calibrated score = score minus the predicted '
+    f"{first['quantile']:g} quantile of a non-member's score, from a linear quantile "
+    f'regression (pinball loss, ridge {first["l2"]:g}) on image statistics '
+    f'({html.escape(", ".join(first["features"]))}) fitted on '
+    f'{first["fit"]["n_nonmembers"]} images: {html.escape(first["fit"]["images"])}. Every '
+    f'number here, raw and calibrated, is computed on the same held-out images only.</p>'
+  )
   return _html_table(header, rows) + '\n' + note
 
 
@@ -484,29 +563,60 @@ def _p_text(p: float) -> str:
 def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str]:
   """The dataset-inference section (``dataset.json`` of ``--mode=dataset``)."""
   sus, ref = dataset['suspect'], dataset['reference']
-  parts = ['<h2>Dataset inference</h2>',
-           f"<p><b>Verdict (combined test): {html.escape(dataset['verdict'])}</b>. Suspect set: "
-           f"{html.escape(str(sus['source']))}, {sus['n']} images; reference: "
-           f"{html.escape(str(ref['source']))}, {ref['n_test']} held-out images in the test "
-           f"({ref['n_fit']} fitted the combiner).</p>"]
+  parts = [
+    '<h2>Dataset inference</h2>',
+    f'<p><b>Verdict (combined test): {html.escape(dataset["verdict"])}</b>. Suspect set: '
+    f'{html.escape(str(sus["source"]))}, {sus["n"]} images; reference: '
+    f'{html.escape(str(ref["source"]))}, {ref["n_test"]} held-out images in the test '
+    f'({ref["n_fit"]} fitted the combiner).</p>',
+  ]
   rows = []
   for name, t in dataset['tests'].items():
     delta = t.get('glass_delta')
-    rows.append([name, f"{t['statistic']:g}", _p_text(t['p_value']), t['method'],
-                 f"{t['auc']:.3f}", f"{t['rank_biserial']:.3f}",
-                 '-' if delta is None else f'{delta:.3f}', str(t['n_suspect']),
-                 str(t['n_reference']), 'detected' if t['reject'] else 'no evidence'])
-  parts.append(_html_table(['test', 'U', 'p-value (one-sided)', 'method',
-                            'AUC (P(suspect > reference))', 'rank-biserial', "Glass's delta",
-                            'suspects', 'references', f"at alpha = {dataset['alpha']:g}"], rows))
+    rows.append(
+      [
+        name,
+        f'{t["statistic"]:g}',
+        _p_text(t['p_value']),
+        t['method'],
+        f'{t["auc"]:.3f}',
+        f'{t["rank_biserial"]:.3f}',
+        '-' if delta is None else f'{delta:.3f}',
+        str(t['n_suspect']),
+        str(t['n_reference']),
+        'detected' if t['reject'] else 'no evidence',
+      ]
+    )
+  parts.append(
+    _html_table(
+      [
+        'test',
+        'U',
+        'p-value (one-sided)',
+        'method',
+        'AUC (P(suspect > reference))',
+        'rank-biserial',
+        "Glass's delta",
+        'suspects',
+        'references',
+        f'at alpha = {dataset["alpha"]:g}',
+      ],
+      rows,
+    )
+  )
   comb = dataset['combiner']
   weights = ', '.join(f'{k} {v:+.3f}' for k, v in comb['weights'].items())
-  parts.append(f"<p class=\"note\">Combiner: {html.escape(comb['kind'])} regression (ridge "
-               f"{comb['l2']:g}) on standardized scores, weights {html.escape(weights)}; fitted on "
-               f"{comb['fit']['n_members']} members and {comb['fit']['n_nonmembers']} non-members."
-               '</p>')
-  parts.append('<ul class="note">' + ''.join(f'<li>{html.escape(v)}</li>'
-                                              for v in dataset.get('validity', ())) + '</ul>')
+  parts.append(
+    f'<p class="note">Combiner: {html.escape(comb["kind"])} regression (ridge '
+    f'{comb["l2"]:g}) on standardized scores, weights {html.escape(weights)}; fitted on '
+    f'{comb["fit"]["n_members"]} members and {comb["fit"]["n_nonmembers"]} non-members.'
+    '</p>'
+  )
+  parts.append(
+    '<ul class="note">'
+    + ''.join(f'<li>{html.escape(v)}</li>' for v in dataset.get('validity', ()))
+    + '</ul>'
+  )
   power = dataset.get('power')
   if power:
     parts.append('<h3>Power curve</h3>')
@@ -520,23 +630,36 @@ def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str
         entry = power[kind]
         if n in entry['sizes']:
           i = entry['sizes'].index(n)
-          row.append(_fmt_percent(entry['combined']['rate'][i])
-                     + _fmt_interval(entry['combined']['ci95'][i], percent=True))
+          row.append(
+            _fmt_percent(entry['combined']['rate'][i])
+            + _fmt_interval(entry['combined']['ci95'][i], percent=True)
+          )
         else:
           row.append('-')
       within = power['nonmembers'].get('within_alpha', {}).get('combined', [])
       nonmember_sizes = power['nonmembers']['sizes']
-      row.append(('yes' if within[nonmember_sizes.index(n)] else 'NO')
-                 if n in nonmember_sizes else '-')
+      row.append(
+        ('yes' if within[nonmember_sizes.index(n)] else 'NO') if n in nonmember_sizes else '-'
+      )
       rows.append(row)
-    parts.append(_html_table(['suspect set size', 'member sets: TPR [95% CI]',
-                              'non-member sets: FPR [95% CI]', 'FPR <= alpha within its CI'],
-                             rows))
-    parts.append(f"<p class=\"note\">{power['repetitions']} random sets per size, drawn from "
-                 f"{power['pools']['members']} held-out members (tested against the held-out "
-                 f"reference) and from the {power['pools']['reference']} held-out references "
-                 f"(tested against the rest of them); {html.escape(power['interval'])} intervals "
-                 f'(the sets share one pool, so the intervals are approximate).</p>')
+    parts.append(
+      _html_table(
+        [
+          'suspect set size',
+          'member sets: TPR [95% CI]',
+          'non-member sets: FPR [95% CI]',
+          'FPR <= alpha within its CI',
+        ],
+        rows,
+      )
+    )
+    parts.append(
+      f'<p class="note">{power["repetitions"]} random sets per size, drawn from '
+      f'{power["pools"]["members"]} held-out members (tested against the held-out '
+      f'reference) and from the {power["pools"]["reference"]} held-out references '
+      f'(tested against the rest of them); {html.escape(power["interval"])} intervals '
+      f'(the sets share one pool, so the intervals are approximate).</p>'
+    )
   return parts
 
 
@@ -550,16 +673,17 @@ def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) 
   hash prefix, looked up in the table."""
   caption = _evidence_title(item)
   if item.get('label_name'):
-    caption += f", {item['label_name']}"
+    caption += f', {item["label_name"]}'
   if 'index' in table and 'split' in table:
     split = 1 if _split_name(item['split']) == 'member' else 0
-    rows = np.flatnonzero((np.asarray(table['index']) == int(item['index']))
-                          & (np.asarray(table['split']) == split))
+    rows = np.flatnonzero(
+      (np.asarray(table['index']) == int(item['index'])) & (np.asarray(table['split']) == split)
+    )
     if rows.size:
       if 'label' in table and not item.get('label_name'):
-        caption += f", label {int(np.asarray(table['label'])[rows[0]])}"
+        caption += f', label {int(np.asarray(table["label"])[rows[0]])}'
       if 'hash' in table:
-        caption += f", sha256 {str(np.asarray(table['hash'])[rows[0]])[:16]}"
+        caption += f', sha256 {str(np.asarray(table["hash"])[rows[0]])[:16]}'
   return caption
 
 
@@ -576,11 +700,17 @@ figure { margin: 1em 0; }
 """
 
 
-def write_report(workdir: str, table: Mapping[str, np.ndarray],
-                 metrics: Mapping[str, Mapping[str, Any]], evidence: Sequence[Mapping[str, Any]], *,
-                 config_summary: str = '', agree: Mapping[str, Sequence[Any]] | None = None,
-                 samples: Mapping[str, Any] | None = None,
-                 dataset: Mapping[str, Any] | None = None) -> str:
+def write_report(
+  workdir: str,
+  table: Mapping[str, np.ndarray],
+  metrics: Mapping[str, Mapping[str, Any]],
+  evidence: Sequence[Mapping[str, Any]],
+  *,
+  config_summary: str = '',
+  agree: Mapping[str, Sequence[Any]] | None = None,
+  samples: Mapping[str, Any] | None = None,
+  dataset: Mapping[str, Any] | None = None,
+) -> str:
   """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
 
   The HTML embeds every image as a base64 data URI and needs no server or external resource.
@@ -603,17 +733,19 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
   """
   report_dir = os.path.join(workdir, 'report')
   epath.Path(report_dir).mkdir(parents=True, exist_ok=True)
-  plots = [('ROC', plot_roc(table, os.path.join(report_dir, 'roc.png'), log_scale=False)),
-           ('ROC, log scale',
-            plot_roc(table, os.path.join(report_dir, 'roc_log.png'), log_scale=True)),
-           ('Score histograms', plot_histograms(table, os.path.join(report_dir, 'histograms.png')))]
+  plots = [
+    ('ROC', plot_roc(table, os.path.join(report_dir, 'roc.png'), log_scale=False)),
+    ('ROC, log scale', plot_roc(table, os.path.join(report_dir, 'roc_log.png'), log_scale=True)),
+    ('Score histograms', plot_histograms(table, os.path.join(report_dir, 'histograms.png'))),
+  ]
   if agree is None:
     agree = _agree_from_table(table)
   if agree is not None:
     plots.append(('DRC agree number', plot_agree(agree, os.path.join(report_dir, 'agree.png'))))
 
-  kinds = list(EVIDENCE_KINDS) + [k for k in dict.fromkeys(str(e['kind']) for e in evidence)
-                                  if k not in EVIDENCE_KINDS]
+  kinds = list(EVIDENCE_KINDS) + [
+    k for k in dict.fromkeys(str(e['kind']) for e in evidence) if k not in EVIDENCE_KINDS
+  ]
   groups: dict[str, list[tuple[str, str]]] = {kind: [] for kind in kinds}
   for i, item in enumerate(evidence):
     safe_kind = re.sub(r'[^A-Za-z0-9_-]', '_', str(item['kind']))
@@ -622,38 +754,54 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
 
   split = np.asarray(table['split'])
   parts = [
-      '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
-      '<title>Membership inference audit</title>', f'<style>{_CSS}</style>\n</head>\n<body>',
-      '<h1>Membership inference audit</h1>',
-      f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
-      f'{html.escape(", ".join(attack_names(table)))}.</p>',
+    '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
+    '<title>Membership inference audit</title>',
+    f'<style>{_CSS}</style>\n</head>\n<body>',
+    '<h1>Membership inference audit</h1>',
+    f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
+    f'{html.escape(", ".join(attack_names(table)))}.</p>',
   ]
   if config_summary:
     parts += ['<h2>Configuration</h2>', f'<pre>{html.escape(config_summary)}</pre>']
-  parts += ['<h2>Metrics</h2>', _metrics_html(metrics),
-            '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
-            'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '
-            'interpolation; with n non-members it rests on about n&middot;f false positives. '
-            'Intervals are 95% percentile bootstraps resampling members and non-members '
-            'separately.</p>']
+  parts += [
+    '<h2>Metrics</h2>',
+    _metrics_html(metrics),
+    '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
+    'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '
+    'interpolation; with n non-members it rests on about n&middot;f false positives. '
+    'Intervals are 95% percentile bootstraps resampling members and non-members '
+    'separately.</p>',
+  ]
   if samples is not None:
-    grid = plot_samples(samples['samples'], samples['nearest'], samples['nearest_distance'],
-                        samples['is_copy'], samples['nearest_index'],
-                        os.path.join(report_dir, 'samples.png'))
-    parts += ['<h2>The target\'s own samples</h2>', _samples_html(samples['figures']),
-              '<p class="note">A target that cannot generate images like its data cannot show '
-              'membership through restoration. Precision/recall: k-NN balls (k = 3) in pixel space '
-              'against as many real non-member images (Kynkaenniemi et al. 2019); near-copy: the '
-              'nearest member is closer than 0.5 x the mean distance to the 50 nearest members '
-              '(Carlini et al. 2023).</p>', _img_tag(grid, 'target samples')]
+    grid = plot_samples(
+      samples['samples'],
+      samples['nearest'],
+      samples['nearest_distance'],
+      samples['is_copy'],
+      samples['nearest_index'],
+      os.path.join(report_dir, 'samples.png'),
+    )
+    parts += [
+      "<h2>The target's own samples</h2>",
+      _samples_html(samples['figures']),
+      '<p class="note">A target that cannot generate images like its data cannot show '
+      'membership through restoration. Precision/recall: k-NN balls (k = 3) in pixel space '
+      'against as many real non-member images (Kynkaenniemi et al. 2019); near-copy: the '
+      'nearest member is closer than 0.5 x the mean distance to the 50 nearest members '
+      '(Carlini et al. 2023).</p>',
+      _img_tag(grid, 'target samples'),
+    ]
   calibration = _per_image_calibration_html(metrics)
   if calibration:
     parts += ['<h2>Per-image calibration (held-out images)</h2>', calibration]
   for title, path in plots:
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
   if dataset:
-    power_png = (plot_power_curve(dataset['power'], os.path.join(report_dir, 'power.png'))
-                 if dataset.get('power') else None)
+    power_png = (
+      plot_power_curve(dataset['power'], os.path.join(report_dir, 'power.png'))
+      if dataset.get('power')
+      else None
+    )
     parts += _dataset_html(dataset, power_png)
   if evidence:
     parts.append('<h2>Evidence</h2>')
@@ -662,8 +810,10 @@ def write_report(workdir: str, table: Mapping[str, np.ndarray],
         continue
       parts.append(f'<h3>{html.escape(kind)}</h3>')
       for caption, path in items:
-        parts.append(f'<figure>{_img_tag(path, caption)}'
-                     f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+        parts.append(
+          f'<figure>{_img_tag(path, caption)}'
+          f'<figcaption>{html.escape(caption)}</figcaption></figure>'
+        )
   parts.append('</body>\n</html>\n')
   html_path = os.path.join(workdir, 'report.html')
   _write_atomic(html_path, '\n'.join(parts).encode('utf-8'))

@@ -22,7 +22,7 @@ from a Python loop (for inspection); a test shows both give the same result.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +30,14 @@ import numpy as np
 
 from drc_jax import degrade as degrade_lib
 from drc_jax import model as model_lib
-from drc_jax import parallel
+from drc_jax import parallel, streams
 from drc_jax import schedule as schedule_lib
-from drc_jax import streams
 
 
 def repaint_jumps(t_T: int, jump_length: int, jump_n_sample: int) -> list[int]:
   """RePaint's time sequence: t_T-1 down to -1, jumping back ``jump_length`` steps
   ``jump_n_sample - 1`` times at every multiple of ``jump_length`` below ``t_T - jump_length``."""
-  jumps = {j: jump_n_sample - 1 for j in range(0, t_T - jump_length, jump_length)}
+  jumps = dict.fromkeys(range(0, t_T - jump_length, jump_length), jump_n_sample - 1)
   t, ts = t_T, []
   while t >= 1:
     t -= 1
@@ -100,6 +99,7 @@ def ddim_times(t_start: int, steps: int) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class Restorer:
   """A compiled restoration program and its cost."""
+
   name: str
   nfe: int  # model calls per image
   renoise_steps: int  # forward re-noising steps per image (RePaint)
@@ -119,8 +119,13 @@ def _per_image_normal(keys: jnp.ndarray, step, shape) -> jnp.ndarray:
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
 
 
-def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.NoiseSchedule,
-                  mesh=None, debug: bool = False) -> Restorer:
+def make_restorer(
+  cfg,
+  model: model_lib.DiffusionModel,
+  schedule: schedule_lib.NoiseSchedule,
+  mesh=None,
+  debug: bool = False,
+) -> Restorer:
   """Builds the restorer named by ``cfg.restorer`` (a config's ``drc`` section)."""
   apply = model.apply
   T = schedule.num_timesteps
@@ -158,8 +163,9 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
       sigma = jnp.sqrt(jnp.asarray(var)[t_last]) * (t_last > 0)
       unknown = mean + sigma * noise
       # Known region at the step's TARGET time t_cur (-1: the original itself).
-      known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), noise_known),
-                        x_orig)
+      known = jnp.where(
+        t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), noise_known), x_orig
+      )
       return d.mask * known + (1.0 - d.mask) * unknown
 
   elif cfg.restorer in ('ddim', 'ddnm'):
@@ -186,6 +192,7 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
       return d.mask * known + (1.0 - d.mask) * noise
 
     if cfg.restorer == 'ddim':
+
       def step(params, keys, x_orig, d, x, i, row):
         t_last, t_cur = row
         _, x0 = eps_and_x0(params, x, t_last, sched)
@@ -194,10 +201,10 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
         unknown = sched.ddim_step(x, t_last, t_cur, eps, eta, noise, x0=x0)
         # One fixed noise per image for the known region keeps eta = 0 deterministic.
         fixed = _per_image_normal(keys, _FIXED_KNOWN_STREAM, x_orig.shape[1:])
-        known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), fixed),
-                          x_orig)
+        known = jnp.where(t_cur >= 0, sched.q_sample(x_orig, jnp.maximum(t_cur, 0), fixed), x_orig)
         return d.mask * known + (1.0 - d.mask) * unknown
     else:
+
       def step(params, keys, x_orig, d, x, i, row):
         del x_orig
         t_last, t_cur = row
@@ -206,8 +213,7 @@ def make_restorer(cfg, model: model_lib.DiffusionModel, schedule: schedule_lib.N
         x0 = x0 - d.pinv(d.forward(x0), c) + d.pinv(d.measurement, c)  # range-null space
         eps = sched.predict_eps(x, t_last, x0)
         noise = _per_image_normal(keys, i, x.shape[1:])
-        return jnp.where(t_cur >= 0, sched.ddim_step(x, t_last, t_cur, eps, eta, noise, x0=x0),
-                         x0)
+        return jnp.where(t_cur >= 0, sched.ddim_step(x, t_last, t_cur, eps, eta, noise, x0=x0), x0)
   else:
     raise ValueError(f'config.drc.restorer: unknown {cfg.restorer!r}')
 

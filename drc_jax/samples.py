@@ -33,10 +33,8 @@ from etils import epath
 
 from drc_jax import degrade as degrade_lib
 from drc_jax import drc as drc_lib
-from drc_jax import fileio
-from drc_jax import parallel
+from drc_jax import fileio, parallel, streams
 from drc_jax import restore as restore_lib
-from drc_jax import streams
 
 SAMPLES_FILE = 'samples.npz'
 K_NN = 3  # k of the precision/recall balls
@@ -47,15 +45,15 @@ NOISE_QUANTILE = 0.99  # a sample rougher than this quantile of real images is a
 MAX_NOISE_FRACTION = 0.25  # above this the report warns too (a perfect generator gives ~1%)
 
 
-def generate(model, params, schedule, num: int, seed: int, *, steps: int = 50,
-             batch_size: int = 64) -> np.ndarray:
+def generate(
+  model, params, schedule, num: int, seed: int, *, steps: int = 50, batch_size: int = 64
+) -> np.ndarray:
   """``num`` samples [num, H, W, C] in [-1, 1]: deterministic DDIM (eta = 0), ``steps`` steps.
 
-  Sample i starts from the noise of key ``fold_in(fold_in(key(seed), streams.SAMPLES), i)``, so a sample
-  does not depend on the batch size.
+  Sample i starts from the noise of key ``fold_in(fold_in(key(seed), streams.SAMPLES), i)``, so a
+  sample does not depend on the batch size.
   """
-  cfg = types.SimpleNamespace(restorer='ddim', steps=steps, t_start=schedule.num_timesteps,
-                              eta=0.0)
+  cfg = types.SimpleNamespace(restorer='ddim', steps=steps, t_start=schedule.num_timesteps, eta=0.0)
   restorer = restore_lib.make_restorer(cfg, model, schedule)
   c = model.config
   shape = (batch_size, c.resolution, c.resolution, c.in_channels)
@@ -94,8 +92,9 @@ def precision_recall(samples: np.ndarray, real: np.ndarray, k: int = K_NN) -> tu
   return precision, recall
 
 
-def near_copies(samples: np.ndarray, members: np.ndarray, alpha: float = COPY_ALPHA,
-                n: int = COPY_N) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_copies(
+  samples: np.ndarray, members: np.ndarray, alpha: float = COPY_ALPHA, n: int = COPY_N
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(is_copy bool [S], nearest member position int [S], its RMS distance [S])."""
   d = _distances(samples, members)
   order = np.sort(d, axis=1)
@@ -118,36 +117,55 @@ def quality(samples: np.ndarray, members: np.ndarray, nonmembers: np.ndarray):
   Returns:
     (figures dict, nearest member position [S], its RMS distance [S], is_copy bool [S]).
   """
-  real = nonmembers[:len(samples)]
+  real = nonmembers[: len(samples)]
   precision, recall = precision_recall(samples, real)
   is_copy, nearest, d_nearest = near_copies(samples, members)
   d_real = _distances(real, members).min(axis=1)
   rough_limit = float(np.quantile(roughness(nonmembers), NOISE_QUANTILE))
   noise_fraction = float(np.mean(roughness(samples) > rough_limit))
   out = {
-      'num_samples': int(len(samples)),
-      'num_real': int(len(real)),
-      'precision': precision,
-      'recall': recall,
-      'near_copy_fraction': float(is_copy.mean()),
-      'noise_fraction': noise_fraction,
-      'median_nn_member_distance_samples': float(np.median(d_nearest)),
-      'median_nn_member_distance_nonmembers': float(np.median(d_real)),
-      'warnings': [],
+    'num_samples': int(len(samples)),
+    'num_real': int(len(real)),
+    'precision': precision,
+    'recall': recall,
+    'near_copy_fraction': float(is_copy.mean()),
+    'noise_fraction': noise_fraction,
+    'median_nn_member_distance_samples': float(np.median(d_nearest)),
+    'median_nn_member_distance_nonmembers': float(np.median(d_real)),
+    'warnings': [],
   }
   if precision < MIN_PRECISION or noise_fraction > MAX_NOISE_FRACTION:
     out['warnings'].append(
-        f'the target hardly generates images like its data ({noise_fraction:.0%} of its samples '
-        f'are rougher than 99% of real images, k-NN precision {precision:.2f}): '
-        f'restoration-based attacks such as DRC cannot show membership on it')
+      f'the target hardly generates images like its data ({noise_fraction:.0%} of its samples '
+      f'are rougher than 99% of real images, k-NN precision {precision:.2f}): '
+      f'restoration-based attacks such as DRC cannot show membership on it'
+    )
   return out, nearest, d_nearest, is_copy
 
 
-def load_or_generate(workdir: str, target, members: np.ndarray, nonmembers: np.ndarray, *,
-                     num: int, seed: int, steps: int = 50, batch_size: int = 64) -> dict[str, Any]:
+def load_or_generate(
+  workdir: str,
+  target,
+  members: np.ndarray,
+  nonmembers: np.ndarray,
+  *,
+  num: int,
+  seed: int,
+  steps: int = 50,
+  batch_size: int = 64,
+) -> dict[str, Any]:
   """Samples and their figures, cached in ``W/samples.npz`` for this target, seed and size."""
-  ident = json.dumps({'target': str(target.path), 'step': int(target.step), 'num': num,
-                      'seed': seed, 'steps': steps, 'members': len(members)}, sort_keys=True)
+  ident = json.dumps(
+    {
+      'target': str(target.path),
+      'step': int(target.step),
+      'num': num,
+      'seed': seed,
+      'steps': steps,
+      'members': len(members),
+    },
+    sort_keys=True,
+  )
   path = epath.Path(workdir) / SAMPLES_FILE
   samples = None
   if path.exists():
@@ -156,23 +174,31 @@ def load_or_generate(workdir: str, target, members: np.ndarray, nonmembers: np.n
     if str(z['ident']) == ident:
       samples = z['samples']
   if samples is None:
-    samples = generate(target.model, target.params, target.schedule, num, seed, steps=steps,
-                       batch_size=batch_size)
+    samples = generate(
+      target.model, target.params, target.schedule, num, seed, steps=steps, batch_size=batch_size
+    )
     buf = io.BytesIO()
     np.savez(buf, samples=samples, ident=np.asarray(ident))
     if parallel.is_writer():  # every process computes the same samples; process 0 writes them
       fileio.atomic_write_bytes(path, buf.getvalue())
   figures, nearest, d_nearest, is_copy = quality(samples, members, nonmembers)
-  return {'figures': figures, 'samples': samples, 'nearest': members[nearest],
-          'nearest_pos': nearest, 'nearest_distance': d_nearest, 'is_copy': is_copy}
+  return {
+    'figures': figures,
+    'samples': samples,
+    'nearest': members[nearest],
+    'nearest_pos': nearest,
+    'nearest_distance': d_nearest,
+    'is_copy': is_copy,
+  }
 
 
 def format_line(figures: dict[str, Any]) -> str:
   """One terminal line with the sample figures."""
-  return (f"target samples ({figures['num_samples']}, DDIM 50 steps): k-NN precision "
-          f"{figures['precision']:.2f}, recall {figures['recall']:.2f}, near-copies of members "
-          f"{figures['near_copy_fraction']:.1%}, noise textures {figures['noise_fraction']:.1%}; "
-          f"median RMS distance to the nearest member "
-          f"{figures['median_nn_member_distance_samples']:.3f} (real non-members: "
-          f"{figures['median_nn_member_distance_nonmembers']:.3f})")
-
+  return (
+    f'target samples ({figures["num_samples"]}, DDIM 50 steps): k-NN precision '
+    f'{figures["precision"]:.2f}, recall {figures["recall"]:.2f}, near-copies of members '
+    f'{figures["near_copy_fraction"]:.1%}, noise textures {figures["noise_fraction"]:.1%}; '
+    f'median RMS distance to the nearest member '
+    f'{figures["median_nn_member_distance_samples"]:.3f} (real non-members: '
+    f'{figures["median_nn_member_distance_nonmembers"]:.3f})'
+  )

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import jax.numpy as jnp
 import numpy as np
 
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+def linear_betas(
+  num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
   """Linear betas as in DDPM (Ho et al. 2020), float64 [T]."""
   if num_timesteps < 1:
     raise ValueError(f'num_timesteps must be >= 1, got {num_timesteps}')
@@ -31,8 +34,10 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
   if num_timesteps < 1:
     raise ValueError(f'num_timesteps must be >= 1, got {num_timesteps}')
   f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-  betas = [min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta)
-           for i in range(num_timesteps)]
+  betas = [
+    min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta)
+    for i in range(num_timesteps)
+  ]
   return np.asarray(betas, dtype=np.float64)
 
 
@@ -72,6 +77,7 @@ class NoiseSchedule:
     betas: [N] betas of this (possibly respaced) schedule.
     timestep_map: [N] int, the model's original timestep for each index of this schedule.
   """
+
   betas: np.ndarray
   timestep_map: np.ndarray
 
@@ -85,7 +91,7 @@ class NoiseSchedule:
     object.__setattr__(self, 'timestep_map', np.asarray(self.timestep_map, np.int32))
 
   @classmethod
-  def create(cls, kind: str, num_timesteps: int, **kw) -> 'NoiseSchedule':
+  def create(cls, kind: str, num_timesteps: int, **kw) -> NoiseSchedule:
     """Linear or cosine schedule with T = num_timesteps."""
     if kind == 'linear':
       betas = linear_betas(num_timesteps, **kw)
@@ -127,7 +133,7 @@ class NoiseSchedule:
       return np.append(self.posterior_variance[1], self.betas[1:])
     raise ValueError(f"unknown variance {kind!r}; expected 'fixedsmall' or 'fixedlarge'")
 
-  def respace(self, spec: int | str) -> 'NoiseSchedule':
+  def respace(self, spec: int | str) -> NoiseSchedule:
     """Respaced schedule over the kept timesteps, with betas recomputed from abar.
 
     new_beta_i = 1 - abar[t_i] / abar[t_{i-1}], so the kept abar values are unchanged.
@@ -176,8 +182,16 @@ class NoiseSchedule:
     ct = (1.0 - abar_prev) * np.sqrt(self.alphas) / (1.0 - abar)
     return _bcast(self._take(c0, t), x0) * x0 + _bcast(self._take(ct, t), x_t) * x_t
 
-  def ddim_step(self, x_t: jnp.ndarray, t, t_prev, eps: jnp.ndarray, eta: float = 0.0,
-                noise: jnp.ndarray | None = None, x0: jnp.ndarray | None = None) -> jnp.ndarray:
+  def ddim_step(
+    self,
+    x_t: jnp.ndarray,
+    t,
+    t_prev,
+    eps: jnp.ndarray,
+    eta: float = 0.0,
+    noise: jnp.ndarray | None = None,
+    x0: jnp.ndarray | None = None,
+  ) -> jnp.ndarray:
     """DDIM update from index t to an earlier index t_prev (-1 = clean image).
 
     x_{t'} = sqrt(abar_{t'}) x0 + sqrt(1 - abar_{t'} - sigma^2) eps + sigma z, with
@@ -193,8 +207,9 @@ class NoiseSchedule:
     sigma = eta * jnp.sqrt((1.0 - a_p) / (1.0 - a_t)) * jnp.sqrt(jnp.maximum(1.0 - a_t / a_p, 0.0))
     if noise is None:
       raise ValueError('ddim_step with eta > 0 needs noise')
-    return (jnp.sqrt(a_p) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_p - sigma**2, 0.0)) * eps
-            + sigma * noise)
+    return (
+      jnp.sqrt(a_p) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_p - sigma**2, 0.0)) * eps + sigma * noise
+    )
 
   def model_timesteps(self, t) -> jnp.ndarray:
     """The model's original timestep(s) for schedule index t."""
@@ -212,7 +227,7 @@ def _bcast(v: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
 def make_schedule(cfg) -> NoiseSchedule:
   """Schedule from a config's ``diffusion`` section (beta_schedule, num_timesteps, beta range)."""
   if cfg.beta_schedule == 'linear':
-    return NoiseSchedule.create('linear', cfg.num_timesteps, beta_start=cfg.beta_start,
-                                beta_end=cfg.beta_end)
+    return NoiseSchedule.create(
+      'linear', cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end
+    )
   return NoiseSchedule.create(cfg.beta_schedule, cfg.num_timesteps)
-

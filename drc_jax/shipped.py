@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from drc_jax import checkpoints
-from drc_jax import fileio
+from drc_jax import checkpoints, fileio
 from drc_jax import model as model_lib
 
 PREFIX = 'shipped:'
@@ -44,12 +43,13 @@ def resolve(path: str) -> str:
   path = str(path)
   if not path.startswith(PREFIX):
     return path
-  name = path[len(PREFIX):]
+  name = path[len(PREFIX) :]
   directory = os.path.join(TARGETS_DIR, name)
   if not name or not os.path.isdir(directory):
     known = sorted(os.listdir(TARGETS_DIR)) if os.path.isdir(TARGETS_DIR) else []
-    raise checkpoints.CheckpointError(f'{path}: no shipped target named {name!r} (shipped: '
-                                      f'{known})')
+    raise checkpoints.CheckpointError(
+      f'{path}: no shipped target named {name!r} (shipped: {known})'
+    )
   return directory
 
 
@@ -85,14 +85,16 @@ def verify(directory) -> dict[str, Any]:
     have = sha256_file(f)
     if have != want:
       raise checkpoints.CheckpointError(
-          f'{f}: SHA-256 {have[:16]}... differs from the recorded {want[:16]}... in {path}; '
-          f'the file was changed or corrupted')
+        f'{f}: SHA-256 {have[:16]}... differs from the recorded {want[:16]}... in {path}; '
+        f'the file was changed or corrupted'
+      )
   return doc
 
 
 def load_params(directory, abstract_params) -> Any:
   """EMA params from ``ema.safetensors``, checked against the model's names and shapes."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+
   path = epath.Path(directory) / WEIGHTS
   try:
     flat = st_numpy.load(path.read_bytes())
@@ -101,8 +103,9 @@ def load_params(directory, abstract_params) -> Any:
   expected = model_lib.flat_param_shapes(abstract_params)
   detail = checkpoints.describe_mismatch(expected, {k: tuple(v.shape) for k, v in flat.items()})
   if detail:
-    raise checkpoints.CheckpointError(f'{path}: weights do not match the model in model.json: '
-                                      f'{detail}')
+    raise checkpoints.CheckpointError(
+      f'{path}: weights do not match the model in model.json: {detail}'
+    )
   bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
   if bad:
     raise checkpoints.CheckpointError(f'{path}: non-finite weights in {bad[:5]}')
@@ -112,54 +115,70 @@ def load_params(directory, abstract_params) -> Any:
 def training_summary(log_text: str, every: int = 1000) -> list[dict[str, float]]:
   """(step, loss, steps/s) of the training log lines at multiples of ``every`` steps."""
   out = []
-  for m in re.finditer(r'step (\d+)/\d+ loss ([0-9.eE+-]+) grad_norm ([0-9.eE+-]+) '
-                       r'([0-9.]+) steps/s', log_text):
+  for m in re.finditer(
+    r'step (\d+)/\d+ loss ([0-9.eE+-]+) grad_norm ([0-9.eE+-]+) '
+    r'([0-9.]+) steps/s',
+    log_text,
+  ):
     step = int(m.group(1))
     if step % every == 0:
-      out.append({'step': step, 'loss': float(m.group(2)), 'grad_norm': float(m.group(3)),
-                  'steps_per_s': float(m.group(4))})
+      out.append(
+        {
+          'step': step,
+          'loss': float(m.group(2)),
+          'grad_norm': float(m.group(3)),
+          'steps_per_s': float(m.group(4)),
+        }
+      )
   return out
 
 
-def export(workdir: str, out: str, *, step: int, config, command: str,
-           log_path: str = '') -> dict[str, Any]:
+def export(
+  workdir: str, out: str, *, step: int, config, command: str, log_path: str = ''
+) -> dict[str, Any]:
   """Writes the shipped-target directory ``out`` from checkpoint ``step`` of ``workdir``.
 
   The config's ``train.steps`` must equal ``step`` (the shipped recipe must reproduce it).
   """
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+
   from drc_jax import target as target_lib  # pylint: disable=g-import-not-at-top
+
   if int(config.train.steps) != int(step):
-    raise ValueError(f'config.train.steps ({config.train.steps}) must equal the exported step '
-                     f'{step}: the shipped recipe has to reproduce the shipped weights')
+    raise ValueError(
+      f'config.train.steps ({config.train.steps}) must equal the exported step '
+      f'{step}: the shipped recipe has to reproduce the shipped weights'
+    )
   ckpt = epath.Path(workdir) / checkpoints.CHECKPOINT_DIR / str(step)
   target = target_lib.load_target(str(ckpt))
   out_dir = epath.Path(out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
-          for k, v in model_lib.flat_params(target.params).items()}
+  flat = {
+    k: np.ascontiguousarray(np.asarray(v, np.float32))
+    for k, v in model_lib.flat_params(target.params).items()
+  }
   fileio.atomic_write_bytes(out_dir / WEIGHTS, st_numpy.save(flat))
   model_doc = json.loads((epath.Path(workdir) / checkpoints.MODEL_JSON).read_text())
   model_doc['step'] = int(step)
   if 'trained_on' not in model_doc:  # trained before drc_jax recorded it: derive it from the split
     from drc_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from drc_jax import splits as splits_lib  # pylint: disable=g-import-not-at-top
+
     source = data_lib.make_source(config.data)
     split = splits_lib.resolve(config.split, source, workdir, write=False)
     model_doc['trained_on'] = splits_lib.training_data(config.data, source, split)
   fileio.atomic_write_text(out_dir / checkpoints.MODEL_JSON, json.dumps(model_doc, indent=1))
-  fileio.atomic_write_text(out_dir / SPLIT_JSON,
-                           (epath.Path(workdir) / SPLIT_JSON).read_text())
+  fileio.atomic_write_text(out_dir / SPLIT_JSON, (epath.Path(workdir) / SPLIT_JSON).read_text())
   log_text = epath.Path(log_path).read_text() if log_path else ''
   doc = {
-      'command': command,
-      'seed': int(config.seed),
-      'step': int(step),
-      'exported': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-      'num_params': model_lib.count_params(target.params),
-      'training_log': [r for r in training_summary(log_text) if r['step'] <= step],
-      'config': json.loads(json.dumps(config.to_dict(), default=list)),
-      'sha256': {name: sha256_file(out_dir / name) for name in HASHED},
+    'command': command,
+    'seed': int(config.seed),
+    'step': int(step),
+    'exported': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+    'num_params': model_lib.count_params(target.params),
+    'training_log': [r for r in training_summary(log_text) if r['step'] <= step],
+    'config': json.loads(json.dumps(config.to_dict(), default=list)),
+    'sha256': {name: sha256_file(out_dir / name) for name in HASHED},
   }
   fileio.atomic_write_text(out_dir / TRAINING_JSON, json.dumps(doc, indent=1))
   return doc
@@ -168,6 +187,7 @@ def export(workdir: str, out: str, *, step: int, config, command: str,
 def main(argv):
   """``python -m drc_jax.shipped --config=C --workdir=W --step=N --out=DIR [--log=train.log]``."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   del argv
   f = flags.FLAGS
   command = f'python -m drc_jax.main --config={f.config_path} --mode=train --workdir=W'
@@ -178,9 +198,13 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file('config', None, 'The config that trained the target.')
-  flags.DEFINE_string('config_path', 'configs/fashion_mnist.py', 'How the config is named in the '
-                      'recorded training command.')
+  flags.DEFINE_string(
+    'config_path',
+    'configs/fashion_mnist.py',
+    'How the config is named in the recorded training command.',
+  )
   flags.DEFINE_string('workdir', None, 'The training workdir.')
   flags.DEFINE_integer('step', None, 'The checkpoint step to ship (= config.train.steps).')
   flags.DEFINE_string('out', None, 'The shipped-target directory to write.')

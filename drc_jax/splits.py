@@ -32,8 +32,9 @@ def _as_indices(values, name: str) -> np.ndarray:
   if arr.dtype.kind == 'f':
     bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
     if bad.size:
-      raise data_lib.DataError(f'split: {name} index {bad[0].item()!r} is not a whole number '
-                               f'(indices are never rounded)')
+      raise data_lib.DataError(
+        f'split: {name} index {bad[0].item()!r} is not a whole number (indices are never rounded)'
+      )
     return arr.astype(np.int64)
   raise data_lib.DataError(f'split: {name} indices have type {arr.dtype} (expected integers)')
 
@@ -47,8 +48,7 @@ class SplitManifest:
   members_sha256: str = ''  # SHA-256 over the per-image SHA-256s of the members, in order
   nonmembers_sha256: str = ''
   # Per-image SHA-256s of the members, filled in by ``resolve`` (not stored in the manifest).
-  member_image_hashes: list[str] | None = dataclasses.field(default=None, repr=False,
-                                                             compare=False)
+  member_image_hashes: list[str] | None = dataclasses.field(default=None, repr=False, compare=False)
 
   def __post_init__(self):
     self.members = _as_indices(self.members, 'members')
@@ -64,27 +64,41 @@ class SplitManifest:
     for name, idx in (('members', self.members), ('non-members', self.nonmembers)):
       bad = idx[(idx < 0) | (idx >= n)]
       if bad.size:
-        raise data_lib.DataError(f'{where}: {name} index {int(bad[0])} out of range for a '
-                                 f'dataset split of {n} images')
+        raise data_lib.DataError(
+          f'{where}: {name} index {int(bad[0])} out of range for a dataset split of {n} images'
+        )
 
   def to_json(self) -> dict:
-    return {'dataset': self.dataset, 'seed': self.seed, 'num_members': len(self.members),
-            'num_nonmembers': len(self.nonmembers), 'members_sha256': self.members_sha256,
-            'nonmembers_sha256': self.nonmembers_sha256, 'members': self.members.tolist(),
-            'nonmembers': self.nonmembers.tolist()}
+    return {
+      'dataset': self.dataset,
+      'seed': self.seed,
+      'num_members': len(self.members),
+      'num_nonmembers': len(self.nonmembers),
+      'members_sha256': self.members_sha256,
+      'nonmembers_sha256': self.nonmembers_sha256,
+      'members': self.members.tolist(),
+      'nonmembers': self.nonmembers.tolist(),
+    }
 
 
-def make_split(dataset: str, n_total: int, num_members: int, num_nonmembers: int,
-               seed: int) -> SplitManifest:
+def make_split(
+  dataset: str, n_total: int, num_members: int, num_nonmembers: int, seed: int
+) -> SplitManifest:
   """Random disjoint member / non-member sets from a seeded permutation of ``range(n_total)``."""
   if num_members < 1 or num_nonmembers < 1:
     raise data_lib.DataError('config.split: num_members and num_nonmembers must be >= 1')
   if num_members + num_nonmembers > n_total:
-    raise data_lib.DataError(f'config.split: {num_members} members + {num_nonmembers} '
-                             f'non-members exceed the {n_total} images of {dataset}')
+    raise data_lib.DataError(
+      f'config.split: {num_members} members + {num_nonmembers} '
+      f'non-members exceed the {n_total} images of {dataset}'
+    )
   perm = np.random.default_rng(seed).permutation(n_total)
-  return SplitManifest(dataset, np.sort(perm[:num_members]),
-                       np.sort(perm[num_members:num_members + num_nonmembers]), seed)
+  return SplitManifest(
+    dataset,
+    np.sort(perm[:num_members]),
+    np.sort(perm[num_members : num_members + num_nonmembers]),
+    seed,
+  )
 
 
 def set_hash(hashes: list[str]) -> str:
@@ -95,6 +109,7 @@ def save(manifest: SplitManifest, path: str) -> None:
   """Writes JSON (``.json``) or the SecMI/PIA ``.npz`` format (``.npz``), atomically."""
   if str(path).endswith('.npz'):
     import io  # pylint: disable=g-import-not-at-top
+
     buf = io.BytesIO()
     np.savez(buf, mia_train_idxs=manifest.members, mia_eval_idxs=manifest.nonmembers)
     fileio.atomic_write_bytes(path, buf.getvalue())
@@ -113,8 +128,10 @@ def load(path: str, dataset: str = '') -> SplitManifest:
         z = np.load(f)
         missing = [k for k in ('mia_train_idxs', 'mia_eval_idxs') if k not in z.files]
         if missing:
-          raise data_lib.DataError(f'{path}: missing key {missing[0]!r} (a SecMI/PIA split has '
-                                   f"'mia_train_idxs' and 'mia_eval_idxs'; found {z.files})")
+          raise data_lib.DataError(
+            f'{path}: missing key {missing[0]!r} (a SecMI/PIA split has '
+            f"'mia_train_idxs' and 'mia_eval_idxs'; found {z.files})"
+          )
         members, nonmembers = z['mia_train_idxs'], z['mia_eval_idxs']
     except data_lib.DataError:
       raise
@@ -126,16 +143,23 @@ def load(path: str, dataset: str = '') -> SplitManifest:
       raise data_lib.DataError(f'{path}: {e}') from e
   try:
     d = json.loads(p.read_text())
-    return SplitManifest(d['dataset'], d['members'], d['nonmembers'], d.get('seed'),
-                         d.get('members_sha256', ''), d.get('nonmembers_sha256', ''))
+    return SplitManifest(
+      d['dataset'],
+      d['members'],
+      d['nonmembers'],
+      d.get('seed'),
+      d.get('members_sha256', ''),
+      d.get('nonmembers_sha256', ''),
+    )
   except data_lib.DataError as e:
     raise data_lib.DataError(f'{path}: {e}') from e
   except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
     raise data_lib.DataError(f'{path}: not a valid split manifest ({e!r})') from e
 
 
-def resolve(split_cfg, source: data_lib.ImageSource, workdir: str,
-            write: bool = True) -> SplitManifest:
+def resolve(
+  split_cfg, source: data_lib.ImageSource, workdir: str, write: bool = True
+) -> SplitManifest:
   """The split of a run: from ``split.file``, else ``workdir/split.json``, else made and written.
 
   A split made from the config must match one already in the workdir (same dataset, counts and
@@ -152,26 +176,31 @@ def resolve(split_cfg, source: data_lib.ImageSource, workdir: str,
     have = (manifest.dataset, len(manifest.members), len(manifest.nonmembers), manifest.seed)
     if want != have:
       raise data_lib.DataError(
-          f'{path}: the workdir split (dataset, members, non-members, seed) = {have} differs '
-          f'from the config {want}; use another workdir or set config.split.file={path}')
+        f'{path}: the workdir split (dataset, members, non-members, seed) = {have} differs '
+        f'from the config {want}; use another workdir or set config.split.file={path}'
+      )
   else:
-    manifest = make_split(source.name, len(source), split_cfg.num_members,
-                          split_cfg.num_nonmembers, split_cfg.seed)
+    manifest = make_split(
+      source.name, len(source), split_cfg.num_members, split_cfg.num_nonmembers, split_cfg.seed
+    )
     where = 'config.split'
   manifest.check_range(len(source), where)
   for name, idx in (('members', manifest.members), ('non-members', manifest.nonmembers)):
     if not idx.size:
       raise data_lib.DataError(f'{where}: no {name} (an audit needs both sets)')
-  per_image = {name: data_lib.image_hashes(source.read(idx)[0])
-               for name, idx in (('members', manifest.members),
-                                 ('nonmembers', manifest.nonmembers))}
+  per_image = {
+    name: data_lib.image_hashes(source.read(idx)[0])
+    for name, idx in (('members', manifest.members), ('nonmembers', manifest.nonmembers))
+  }
   manifest.member_image_hashes = per_image['members']
   hashes = {name: set_hash(h) for name, h in per_image.items()}
   for name, h in hashes.items():
     old = getattr(manifest, f'{name}_sha256')
     if old and old != h:
-      raise data_lib.DataError(f'{where}: the {name} images changed since the split was made '
-                               f'(SHA-256 {old[:12]}... now {h[:12]}...)')
+      raise data_lib.DataError(
+        f'{where}: the {name} images changed since the split was made '
+        f'(SHA-256 {old[:12]}... now {h[:12]}...)'
+      )
     setattr(manifest, f'{name}_sha256', h)
   if write:
     write_to_workdir(manifest, workdir)
@@ -190,8 +219,16 @@ def write_to_workdir(manifest: SplitManifest, workdir: str) -> None:
 
 # Fields that must agree for a target to be audited on (or trained further with) a split; the
 # others ('source', 'name', 'split', 'data_dir') are recorded to say where the data came from.
-TRAINED_ON_CHECKED = ('dataset', 'resolution', 'channels', 'center_crop', 'convert_channels',
-                      'num_members', 'member_indices_sha256', 'member_images_sha256')
+TRAINED_ON_CHECKED = (
+  'dataset',
+  'resolution',
+  'channels',
+  'center_crop',
+  'convert_channels',
+  'num_members',
+  'member_indices_sha256',
+  'member_images_sha256',
+)
 
 
 def training_data(data_cfg, source: data_lib.ImageSource, split: SplitManifest) -> dict:
@@ -200,15 +237,22 @@ def training_data(data_cfg, source: data_lib.ImageSource, split: SplitManifest) 
   order of a split file nor a moved copy of the data changes it)."""
   if split.member_image_hashes is None:
     raise ValueError('training_data needs a manifest from splits.resolve')
-  return {'source': data_cfg.source, 'name': data_cfg.name, 'split': data_cfg.split,
-          'data_dir': data_cfg.data_dir, 'dataset': source.name,
-          'resolution': int(data_cfg.resolution), 'channels': int(data_cfg.channels),
-          'center_crop': int(data_cfg.center_crop),
-          'convert_channels': bool(data_cfg.convert_channels),
-          'num_members': int(len(split.members)),
-          'member_indices_sha256': hashlib.sha256(
-              np.sort(split.members).astype('<i8').tobytes()).hexdigest(),
-          'member_images_sha256': set_hash(sorted(split.member_image_hashes))}
+  return {
+    'source': data_cfg.source,
+    'name': data_cfg.name,
+    'split': data_cfg.split,
+    'data_dir': data_cfg.data_dir,
+    'dataset': source.name,
+    'resolution': int(data_cfg.resolution),
+    'channels': int(data_cfg.channels),
+    'center_crop': int(data_cfg.center_crop),
+    'convert_channels': bool(data_cfg.convert_channels),
+    'num_members': int(len(split.members)),
+    'member_indices_sha256': hashlib.sha256(
+      np.sort(split.members).astype('<i8').tobytes()
+    ).hexdigest(),
+    'member_images_sha256': set_hash(sorted(split.member_image_hashes)),
+  }
 
 
 def check_trained_on(recorded: dict | None, current: dict, where: str) -> None:
@@ -225,10 +269,14 @@ def check_trained_on(recorded: dict | None, current: dict, where: str) -> None:
   """
   if recorded is None:
     return
-  diffs = [f'{k}: {recorded.get(k)!r} -> {current.get(k)!r}' for k in TRAINED_ON_CHECKED
-           if recorded.get(k) != current.get(k)]
+  diffs = [
+    f'{k}: {recorded.get(k)!r} -> {current.get(k)!r}'
+    for k in TRAINED_ON_CHECKED
+    if recorded.get(k) != current.get(k)
+  ]
   if diffs:
     raise data_lib.DataError(
-        f'{where}: the target was trained on other data than this run\'s members '
-        f'({"; ".join(d[:120] for d in diffs)}); audit it with the data and split it was '
-        f'trained on (its workdir\'s split.json), or use another --workdir')
+      f"{where}: the target was trained on other data than this run's members "
+      f'({"; ".join(d[:120] for d in diffs)}); audit it with the data and split it was '
+      f"trained on (its workdir's split.json), or use another --workdir"
+    )

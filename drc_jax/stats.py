@@ -41,6 +41,7 @@ class RankTest:
     n_suspect: n.
     n_reference: m.
   """
+
   u: float
   p_value: float
   method: str
@@ -71,10 +72,10 @@ def _exact_upper_tail(n: int, m: int) -> tuple[tuple[int, ...], int]:
     # degree degree + big with non-negative integer coefficients, and coefficient j of a power
     # series quotient depends only on coefficients <= j, so truncating at the new degree is exact.
     new_degree = degree + big
-    product = counts[:new_degree + 1].copy()
+    product = counts[: new_degree + 1].copy()
     shift = big + i
     if shift <= new_degree:
-      product[shift:] -= counts[:new_degree + 1 - shift]
+      product[shift:] -= counts[: new_degree + 1 - shift]
     length = new_degree + 1
     padded = np.concatenate([product, np.zeros((-length) % i, dtype=object)])
     counts[:length] = padded.reshape(-1, i).cumsum(axis=0).reshape(-1)[:length]
@@ -122,8 +123,14 @@ def mann_whitney_greater(suspect, reference, *, exact_max_work: int = EXACT_MAX_
     else:
       p = normal_sf((u - n * m / 2.0 - 0.5) / math.sqrt(var))
     method = 'normal'
-  return RankTest(u=u, p_value=float(min(max(p, 0.0), 1.0)), method=method, auc=u / (n * m),
-                  n_suspect=int(n), n_reference=int(m))
+  return RankTest(
+    u=u,
+    p_value=float(min(max(p, 0.0), 1.0)),
+    method=method,
+    auc=u / (n * m),
+    n_suspect=int(n),
+    n_reference=int(m),
+  )
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
@@ -137,9 +144,12 @@ def binom_cdf(k: int, n: int, p: float) -> float:
   if p >= 1.0:
     return 0.0
   i = np.arange(k + 1, dtype=np.float64)
-  log_pmf = (math.lgamma(n + 1) - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1)
-                                            for v in i]) + i * math.log(p)
-             + (n - i) * math.log1p(-p))
+  log_pmf = (
+    math.lgamma(n + 1)
+    - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1) for v in i])
+    + i * math.log(p)
+    + (n - i) * math.log1p(-p)
+  )
   return float(min(1.0, np.exp(log_pmf).sum()))
 
 
@@ -174,7 +184,6 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
   if not 0.0 < level < 1.0:
     raise ValueError(f'level must be in (0, 1), got {level}')
   tail = (1.0 - level) / 2
-  lower = 0.0 if k == 0 else _bisect(lambda p: 1.0 - binom_cdf(k - 1, n, p), tail,
-                                     increasing=True)
+  lower = 0.0 if k == 0 else _bisect(lambda p: 1.0 - binom_cdf(k - 1, n, p), tail, increasing=True)
   upper = 1.0 if k == n else _bisect(lambda p: binom_cdf(k, n, p), tail, increasing=False)
   return lower, upper

@@ -3,9 +3,10 @@
 Two levels, each folding into its own parent key:
 
 * Seed streams, folded into ``jax.random.key(config.seed)``: ``TRAIN`` (training noise; step s
-  then folds in s), ``SAMPLES`` (the report's target samples) and one per attack in ``ATTACKS`` (an image's key is
-  ``fold_in(fold_in(key(seed), ATTACKS[name]), dataset index)``, see ``drc.image_keys``). The
-  model's initial weights come from ``nnx.Rngs(config.seed)``, not from these keys.
+  then folds in s), ``SAMPLES`` (the report's target samples) and one per attack in ``ATTACKS``
+  (an image's key is ``fold_in(fold_in(key(seed), ATTACKS[name]), dataset index)``, see
+  ``drc.image_keys``). The model's initial weights come from ``nnx.Rngs(config.seed)``, not
+  from these keys.
 * Restoration sub-streams, folded into the key of one DRC restoration
   (``fold_in(image key, k)``, k < K). ``fold_in`` takes a uint32; its top bits name the kind of
   draw and the low ``STEP_BITS`` bits the restorer step, so no two kinds can meet: restorer step i
@@ -38,7 +39,11 @@ def restoration_streams(num_steps: int) -> dict[str, range]:
   """The sub-stream numbers a restoration of ``num_steps`` steps may use, by kind."""
   if not 0 <= num_steps < MAX_STEPS:
     raise ValueError(f'a restorer takes fewer than {MAX_STEPS} steps, not {num_steps}')
-  return {'step': range(STEP, STEP + num_steps), 'known': range(KNOWN, KNOWN + num_steps),
-          'jump': range(JUMP, JUMP + num_steps), 'init': range(INIT, INIT + 1),
-          'fixed_known': range(FIXED_KNOWN, FIXED_KNOWN + 1),
-          'degrade': range(DEGRADE, DEGRADE + 1)}
+  return {
+    'step': range(STEP, STEP + num_steps),
+    'known': range(KNOWN, KNOWN + num_steps),
+    'jump': range(JUMP, JUMP + num_steps),
+    'init': range(INIT, INIT + 1),
+    'fixed_known': range(FIXED_KNOWN, FIXED_KNOWN + 1),
+    'degrade': range(DEGRADE, DEGRADE + 1),
+  }

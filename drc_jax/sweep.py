@@ -26,72 +26,151 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from drc_jax import attacks as attacks_lib
-from drc_jax import checkpoints
+from drc_jax import checkpoints, fileio, shipped, streams
 from drc_jax import compare as compare_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
-from drc_jax import fileio
 from drc_jax import metrics as metrics_lib
-from drc_jax import shipped
 from drc_jax import splits as splits_lib
-from drc_jax import streams
 from drc_jax import target as target_lib
 
 # Restoration settings: (label, drc overrides, K_max). Cheap DDIM settings get K_max = 8, costly
 # RePaint settings K_max = 2.
 GRID: list[tuple[str, dict[str, Any], int]] = [
-    ('ddim T=1000 25 steps, centre box 0.5',
-     dict(restorer='ddim', t_start=1000, steps=25, mask='center_box', mask_ratio=0.5), 4),
-    ('ddim t=500 10 steps, centre box 0.5',
-     dict(restorer='ddim', t_start=500, steps=10, mask='center_box', mask_ratio=0.5), 4),
-    ('ddim t=200 10 steps, centre box 0.25',
-     dict(restorer='ddim', t_start=200, steps=10, mask='center_box', mask_ratio=0.25), 8),
-    ('ddim t=100 5 steps, patches 0.25',
-     dict(restorer='ddim', t_start=100, steps=5, mask='random_patches', mask_ratio=0.25), 8),
-    ('ddim t=200 10 steps, patches 0.25',
-     dict(restorer='ddim', t_start=200, steps=10, mask='random_patches', mask_ratio=0.25), 8),
-    ('ddim t=300 10 steps, patches 0.5',
-     dict(restorer='ddim', t_start=300, steps=10, mask='random_patches', mask_ratio=0.5), 8),
-    ('ddim T=1000 25 steps, patches 0.25',
-     dict(restorer='ddim', t_start=1000, steps=25, mask='random_patches', mask_ratio=0.25), 4),
-    ('ddnm T=1000 25 steps, patches 0.25',
-     dict(restorer='ddnm', t_start=1000, steps=25, mask='random_patches', mask_ratio=0.25), 4),
-    ('repaint 50 steps no jumps, patches 0.25',
-     dict(restorer='repaint', steps=50, jump_length=1, jump_n_sample=1, mask='random_patches',
-          mask_ratio=0.25), 4),
-    ('repaint 25 steps jump 5x2, patches 0.25',
-     dict(restorer='repaint', steps=25, jump_length=5, jump_n_sample=2, mask='random_patches',
-          mask_ratio=0.25), 2),
-    ('repaint 50 steps jump 10x2, patches 0.25',
-     dict(restorer='repaint', steps=50, jump_length=10, jump_n_sample=2, mask='random_patches',
-          mask_ratio=0.25), 2),
-    ('repaint 50 steps jump 10x2, patches 0.5',
-     dict(restorer='repaint', steps=50, jump_length=10, jump_n_sample=2, mask='random_patches',
-          mask_ratio=0.5), 2),
-    ('repaint 50 steps jump 10x2, centre box 0.5',
-     dict(restorer='repaint', steps=50, jump_length=10, jump_n_sample=2, mask='center_box',
-          mask_ratio=0.5), 2),
-    ('repaint 50 steps jump 10x2, inverted centre box 0.25',
-     dict(restorer='repaint', steps=50, jump_length=10, jump_n_sample=2, mask='center_box',
-          mask_ratio=0.25, invert_mask=True), 2),
+  (
+    'ddim T=1000 25 steps, centre box 0.5',
+    dict(restorer='ddim', t_start=1000, steps=25, mask='center_box', mask_ratio=0.5),
+    4,
+  ),
+  (
+    'ddim t=500 10 steps, centre box 0.5',
+    dict(restorer='ddim', t_start=500, steps=10, mask='center_box', mask_ratio=0.5),
+    4,
+  ),
+  (
+    'ddim t=200 10 steps, centre box 0.25',
+    dict(restorer='ddim', t_start=200, steps=10, mask='center_box', mask_ratio=0.25),
+    8,
+  ),
+  (
+    'ddim t=100 5 steps, patches 0.25',
+    dict(restorer='ddim', t_start=100, steps=5, mask='random_patches', mask_ratio=0.25),
+    8,
+  ),
+  (
+    'ddim t=200 10 steps, patches 0.25',
+    dict(restorer='ddim', t_start=200, steps=10, mask='random_patches', mask_ratio=0.25),
+    8,
+  ),
+  (
+    'ddim t=300 10 steps, patches 0.5',
+    dict(restorer='ddim', t_start=300, steps=10, mask='random_patches', mask_ratio=0.5),
+    8,
+  ),
+  (
+    'ddim T=1000 25 steps, patches 0.25',
+    dict(restorer='ddim', t_start=1000, steps=25, mask='random_patches', mask_ratio=0.25),
+    4,
+  ),
+  (
+    'ddnm T=1000 25 steps, patches 0.25',
+    dict(restorer='ddnm', t_start=1000, steps=25, mask='random_patches', mask_ratio=0.25),
+    4,
+  ),
+  (
+    'repaint 50 steps no jumps, patches 0.25',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=1,
+      jump_n_sample=1,
+      mask='random_patches',
+      mask_ratio=0.25,
+    ),
+    4,
+  ),
+  (
+    'repaint 25 steps jump 5x2, patches 0.25',
+    dict(
+      restorer='repaint',
+      steps=25,
+      jump_length=5,
+      jump_n_sample=2,
+      mask='random_patches',
+      mask_ratio=0.25,
+    ),
+    2,
+  ),
+  (
+    'repaint 50 steps jump 10x2, patches 0.25',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=10,
+      jump_n_sample=2,
+      mask='random_patches',
+      mask_ratio=0.25,
+    ),
+    2,
+  ),
+  (
+    'repaint 50 steps jump 10x2, patches 0.5',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=10,
+      jump_n_sample=2,
+      mask='random_patches',
+      mask_ratio=0.5,
+    ),
+    2,
+  ),
+  (
+    'repaint 50 steps jump 10x2, centre box 0.5',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=10,
+      jump_n_sample=2,
+      mask='center_box',
+      mask_ratio=0.5,
+    ),
+    2,
+  ),
+  (
+    'repaint 50 steps jump 10x2, inverted centre box 0.25',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=10,
+      jump_n_sample=2,
+      mask='center_box',
+      mask_ratio=0.25,
+      invert_mask=True,
+    ),
+    2,
+  ),
 ]
 
 # The value of a perfect match for each comparator (for 'logmean': -mean log(best - similarity)).
 PERFECT = {'masked_mse': 0.0, 'ssim': 1.0, 'ssim_region': 1.0}
 
 
-def aggregate(sims: np.ndarray, how: str, comparator: str,
-              vote_threshold: float | None = None) -> np.ndarray | None:
+def aggregate(
+  sims: np.ndarray, how: str, comparator: str, vote_threshold: float | None = None
+) -> np.ndarray | None:
   """One score per image from its similarities [N, K] (higher = member); None if undefined.
 
   'mean', 'median'; 'logmean' = -mean(log(perfect - sim)) (the geometric mean of the distances
@@ -127,8 +206,14 @@ class Row:
   overrides: dict
 
 
-def score_rows(label: str, overrides: dict, nfe: int, sims_by_comparator: dict[str, np.ndarray],
-               is_member: np.ndarray, heldout: np.ndarray) -> list[Row]:
+def score_rows(
+  label: str,
+  overrides: dict,
+  nfe: int,
+  sims_by_comparator: dict[str, np.ndarray],
+  is_member: np.ndarray,
+  heldout: np.ndarray,
+) -> list[Row]:
   """Every (comparator, aggregation, K) row of one restoration setting."""
   rows = []
   cal = ~heldout
@@ -148,9 +233,19 @@ def score_rows(label: str, overrides: dict, nfe: int, sims_by_comparator: dict[s
         m, n = score[is_member == 1], score[is_member == 0]
         hm, hn = heldout[is_member == 1], heldout[is_member == 0]
         fpr, tpr, _ = metrics_lib.roc_curve(m[hm], n[hn])
-        rows.append(Row(label, comp, how, k, k * nfe, metrics_lib.auc(m[~hm], n[~hn]),
-                        metrics_lib.auc(m[hm], n[hn]), metrics_lib.tpr_at_fpr(fpr, tpr, 0.01),
-                        overrides))
+        rows.append(
+          Row(
+            label,
+            comp,
+            how,
+            k,
+            k * nfe,
+            metrics_lib.auc(m[~hm], n[~hn]),
+            metrics_lib.auc(m[hm], n[hn]),
+            metrics_lib.tpr_at_fpr(fpr, tpr, 0.01),
+            overrides,
+          )
+        )
   return rows
 
 
@@ -165,20 +260,28 @@ def select(rows: list[Row], tolerance: float) -> tuple[Row, Row]:
   return best, chosen
 
 
-def restore_all(config, target, images: np.ndarray, indices: np.ndarray, overrides: dict,
-                k_max: int, batch_size: int) -> tuple[dict[str, np.ndarray], int]:
+def restore_all(
+  config,
+  target,
+  images: np.ndarray,
+  indices: np.ndarray,
+  overrides: dict,
+  k_max: int,
+  batch_size: int,
+) -> tuple[dict[str, np.ndarray], int]:
   """Similarities [N, k_max] per comparator of one setting, and the model calls per restoration."""
   cfg = ml_collections.ConfigDict(config.drc.to_dict())
   cfg.update(overrides)
   cfg.num_restorations = k_max
   scorer = drc_lib.make_drc(cfg, target.model, target.schedule)
   degradation = jax.jit(scorer.degradation, static_argnums=2)
-  comparators: dict[str, Callable] = {n: jax.jit(compare_lib.get(n))
-                                      for n in compare_lib.COMPARATORS}
+  comparators: dict[str, Callable] = {
+    n: jax.jit(compare_lib.get(n)) for n in compare_lib.COMPARATORS
+  }
   out = {n: [] for n in comparators}
   for lo in range(0, len(images), batch_size):
-    idx = np.resize(indices[lo:lo + batch_size], batch_size)  # pad: one compiled shape
-    x = jnp.asarray(np.resize(images[lo:lo + batch_size], (batch_size,) + images.shape[1:]))
+    idx = np.resize(indices[lo : lo + batch_size], batch_size)  # pad: one compiled shape
+    x = jnp.asarray(np.resize(images[lo : lo + batch_size], (batch_size,) + images.shape[1:]))
     keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], idx)
     _, restored = scorer.evidence(target.params, keys, x)  # [B, K, H, W, C]
     valid = min(batch_size, len(images) - lo)
@@ -188,20 +291,34 @@ def restore_all(config, target, images: np.ndarray, indices: np.ndarray, overrid
   return {n: np.concatenate(v) for n, v in out.items()}, scorer.restorer.nfe
 
 
-def run(config, target_path: str, out_dir: str, *, heldout_members: int, heldout_nonmembers: int,
-        tolerance: float, batch_size: int, grid=None) -> dict[str, Any]:
+def run(
+  config,
+  target_path: str,
+  out_dir: str,
+  *,
+  heldout_members: int,
+  heldout_nonmembers: int,
+  tolerance: float,
+  batch_size: int,
+  grid=None,
+) -> dict[str, Any]:
   """Runs the sweep; writes sweep.json, sweep.md and sweep.png into ``out_dir``."""
   grid = GRID if grid is None else grid
   source = data_lib.make_source(config.data)
   target = target_lib.load_target(target_path)
   split = splits_lib.resolve(config.split, source, out_dir, write=False)
   workdir = checkpoints.workdir_of(shipped.resolve(target_path))
-  splits_lib.check_trained_on(checkpoints.trained_on(workdir),
-                              splits_lib.training_data(config.data, source, split),
-                              str(workdir / checkpoints.MODEL_JSON))
-  mem_held, non_held = metrics_lib.calibration_split(len(split.members), len(split.nonmembers),
-                                                     fraction=config.audit.calibration_fraction,
-                                                     seed=config.seed)
+  splits_lib.check_trained_on(
+    checkpoints.trained_on(workdir),
+    splits_lib.training_data(config.data, source, split),
+    str(workdir / checkpoints.MODEL_JSON),
+  )
+  mem_held, non_held = metrics_lib.calibration_split(
+    len(split.members),
+    len(split.nonmembers),
+    fraction=config.audit.calibration_fraction,
+    seed=config.seed,
+  )
   rng = np.random.default_rng([config.seed, 77])
 
   def subset(held: np.ndarray, limit: int) -> np.ndarray:
@@ -218,9 +335,14 @@ def run(config, target_path: str, out_dir: str, *, heldout_members: int, heldout
   is_member = np.concatenate([np.ones(keep_m.sum(), np.int8), np.zeros(keep_n.sum(), np.int8)])
   heldout = np.concatenate([mem_held[keep_m], non_held[keep_n]])
   images, _, _ = data_lib.load_images(source, indices, config.data)
-  logging.info('sweep on %d images: %d calibration (%d members), %d held-out (%d members)',
-               len(indices), int((~heldout).sum()), int((~heldout & (is_member == 1)).sum()),
-               int(heldout.sum()), int((heldout & (is_member == 1)).sum()))
+  logging.info(
+    'sweep on %d images: %d calibration (%d members), %d held-out (%d members)',
+    len(indices),
+    int((~heldout).sum()),
+    int((~heldout & (is_member == 1)).sum()),
+    int(heldout.sum()),
+    int((heldout & (is_member == 1)).sum()),
+  )
   rows: list[Row] = []
   timings = {}
   for label, overrides, k_max in grid:
@@ -230,19 +352,33 @@ def run(config, target_path: str, out_dir: str, *, heldout_members: int, heldout
     new = score_rows(label, overrides, nfe, sims, is_member, heldout)
     rows += new
     top = max(new, key=lambda r: r.auc_calibration)
-    logging.info('%-55s %4d calls/restoration, %.0fs; best calibration AUC %.3f (%s, %s, K=%d)',
-                 label, nfe, timings[label], top.auc_calibration, top.comparator,
-                 top.aggregation, top.k)
+    logging.info(
+      '%-55s %4d calls/restoration, %.0fs; best calibration AUC %.3f (%s, %s, K=%d)',
+      label,
+      nfe,
+      timings[label],
+      top.auc_calibration,
+      top.comparator,
+      top.aggregation,
+      top.k,
+    )
   best, chosen = select(rows, tolerance)
   doc = {
-      'target': target_path, 'step': target.step, 'tolerance': tolerance,
-      'n_calibration': {'members': int((~heldout & (is_member == 1)).sum()),
-                        'nonmembers': int((~heldout & (is_member == 0)).sum())},
-      'n_heldout': {'members': int((heldout & (is_member == 1)).sum()),
-                    'nonmembers': int((heldout & (is_member == 0)).sum())},
-      'best': dataclasses.asdict(best), 'chosen': dataclasses.asdict(chosen),
-      'seconds_per_setting': timings,
-      'rows': [dataclasses.asdict(r) for r in rows],
+    'target': target_path,
+    'step': target.step,
+    'tolerance': tolerance,
+    'n_calibration': {
+      'members': int((~heldout & (is_member == 1)).sum()),
+      'nonmembers': int((~heldout & (is_member == 0)).sum()),
+    },
+    'n_heldout': {
+      'members': int((heldout & (is_member == 1)).sum()),
+      'nonmembers': int((heldout & (is_member == 0)).sum()),
+    },
+    'best': dataclasses.asdict(best),
+    'chosen': dataclasses.asdict(chosen),
+    'seconds_per_setting': timings,
+    'rows': [dataclasses.asdict(r) for r in rows],
   }
   os.makedirs(out_dir, exist_ok=True)
   fileio.atomic_write_text(os.path.join(out_dir, 'sweep.json'), json.dumps(doc, indent=1))
@@ -262,35 +398,62 @@ def _frontier(rows: list[Row]) -> list[Row]:
 
 def format_table(rows: list[Row], best: Row, chosen: Row) -> str:
   """Markdown: per setting its best (by calibration) comparator/aggregation/K, then the choice."""
-  lines = ['| restoration setting | comparator | aggregation | K | model calls / image | '
-           'AUC calibration | AUC held-out | TPR@1%FPR held-out |', '|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| restoration setting | comparator | aggregation | K | model calls / image | '
+    'AUC calibration | AUC held-out | TPR@1%FPR held-out |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in _frontier(rows):
     mark = ' **(chosen)**' if r == chosen else (' (best)' if r == best else '')
-    lines.append(f'| {r.setting}{mark} | {r.comparator} | {r.aggregation} | {r.k} | '
-                 f'{r.model_calls} | {r.auc_calibration:.3f} | {r.auc_heldout:.3f} | '
-                 f'{100 * r.tpr_1pct_heldout:.1f}% |')
+    lines.append(
+      f'| {r.setting}{mark} | {r.comparator} | {r.aggregation} | {r.k} | '
+      f'{r.model_calls} | {r.auc_calibration:.3f} | {r.auc_heldout:.3f} | '
+      f'{100 * r.tpr_1pct_heldout:.1f}% |'
+    )
   lines.append('')
-  lines.append(f'Best by calibration AUC: {best.setting}, {best.comparator}, {best.aggregation}, '
-               f'K={best.k} ({best.model_calls} calls; calibration {best.auc_calibration:.3f}, '
-               f'held-out {best.auc_heldout:.3f}).')
-  lines.append(f'Chosen (cheapest within the tolerance of the best, on calibration): '
-               f'{chosen.setting}, {chosen.comparator}, {chosen.aggregation}, K={chosen.k} '
-               f'({chosen.model_calls} calls; calibration {chosen.auc_calibration:.3f}, held-out '
-               f'{chosen.auc_heldout:.3f}).')
+  lines.append(
+    f'Best by calibration AUC: {best.setting}, {best.comparator}, {best.aggregation}, '
+    f'K={best.k} ({best.model_calls} calls; calibration {best.auc_calibration:.3f}, '
+    f'held-out {best.auc_heldout:.3f}).'
+  )
+  lines.append(
+    f'Chosen (cheapest within the tolerance of the best, on calibration): '
+    f'{chosen.setting}, {chosen.comparator}, {chosen.aggregation}, K={chosen.k} '
+    f'({chosen.model_calls} calls; calibration {chosen.auc_calibration:.3f}, held-out '
+    f'{chosen.auc_heldout:.3f}).'
+  )
   return '\n'.join(lines) + '\n'
 
 
 def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
   from drc_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+
   fig = report_lib._new_figure(7.0, 4.5)  # pylint: disable=protected-access
   ax = fig.subplots()
-  ax.scatter([r.model_calls for r in rows], [r.auc_heldout for r in rows], s=6, alpha=0.25,
-             color='grey', label='every comparator / aggregation / K')
+  ax.scatter(
+    [r.model_calls for r in rows],
+    [r.auc_heldout for r in rows],
+    s=6,
+    alpha=0.25,
+    color='grey',
+    label='every comparator / aggregation / K',
+  )
   front = _frontier(rows)
-  ax.plot([r.model_calls for r in front], [r.auc_heldout for r in front], 'o-',
-          label='per setting: best on calibration')
-  ax.scatter([chosen.model_calls], [chosen.auc_heldout], s=120, marker='*', color='red',
-             zorder=5, label='chosen')
+  ax.plot(
+    [r.model_calls for r in front],
+    [r.auc_heldout for r in front],
+    'o-',
+    label='per setting: best on calibration',
+  )
+  ax.scatter(
+    [chosen.model_calls],
+    [chosen.auc_heldout],
+    s=120,
+    marker='*',
+    color='red',
+    zorder=5,
+    label='chosen',
+  )
   ax.axhline(0.5, color='black', lw=0.8, ls=':', label='chance')
   ax.set_xscale('log')
   ax.set_xlabel('model calls per image')
@@ -301,8 +464,16 @@ def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
   return report_lib._save_figure(fig, path)  # pylint: disable=protected-access
 
 
-def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_members: int,
-                drc_nonmembers: int, batch_size: int) -> dict[str, Any]:
+def steps_curve(
+  config,
+  workdir: str,
+  steps: list[int],
+  out_dir: str,
+  *,
+  drc_members: int,
+  drc_nonmembers: int,
+  batch_size: int,
+) -> dict[str, Any]:
   """AUC of every attack against training steps: the checkpoints ``steps`` of ``workdir``.
 
   The baselines score every image of the split; DRC (the config's protocol) scores a random
@@ -315,8 +486,7 @@ def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_mem
   nonmembers, _, _ = data_lib.load_images(source, split.nonmembers, config.data)
   rng = np.random.default_rng([config.seed, 78])
   pick_m = np.sort(rng.choice(len(members), min(drc_members, len(members)), replace=False))
-  pick_n = np.sort(rng.choice(len(nonmembers), min(drc_nonmembers, len(nonmembers)),
-                              replace=False))
+  pick_n = np.sort(rng.choice(len(nonmembers), min(drc_nonmembers, len(nonmembers)), replace=False))
   names = ['loss', 'secmi', 'pia', 'pian', 'sima']
   rows = []
   for step in steps:
@@ -327,11 +497,11 @@ def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_mem
     score_drc = attacks_lib.make_batch_scorer({'drc': attacks['drc']})
     row = {'step': step}
 
-    def run_scorer(fn, images, indices, names_):
+    def run_scorer(fn, images, indices, names_, target=target):
       out = {n: [] for n in names_}
       for lo in range(0, len(images), batch_size):
-        idx = np.resize(indices[lo:lo + batch_size], batch_size)
-        x = jnp.asarray(np.resize(images[lo:lo + batch_size], (batch_size,) + images.shape[1:]))
+        idx = np.resize(indices[lo : lo + batch_size], batch_size)
+        x = jnp.asarray(np.resize(images[lo : lo + batch_size], (batch_size,) + images.shape[1:]))
         res = fn(target.params, attacks_lib.keys_for(names_, config.seed, idx), x)
         valid = min(batch_size, len(images) - lo)
         for n in names_:
@@ -348,17 +518,26 @@ def steps_curve(config, workdir: str, steps: list[int], out_dir: str, *, drc_mem
     dn = run_scorer(score_drc, nonmembers[pick_n], split.nonmembers[pick_n], ['drc'])['drc']
     row['drc'] = metrics_lib.auc(dm, dn)
     rows.append(row)
-    logging.info('step %d: %s (%.0fs)', step, {k: round(v, 3) for k, v in row.items()
-                                              if k != 'step'}, time.time() - t0)
-  doc = {'workdir': workdir, 'drc_subset': {'members': len(pick_m), 'nonmembers': len(pick_n)},
-         'drc': dict(config.drc), 'rows': rows}
+    logging.info(
+      'step %d: %s (%.0fs)',
+      step,
+      {k: round(v, 3) for k, v in row.items() if k != 'step'},
+      time.time() - t0,
+    )
+  doc = {
+    'workdir': workdir,
+    'drc_subset': {'members': len(pick_m), 'nonmembers': len(pick_n)},
+    'drc': dict(config.drc),
+    'rows': rows,
+  }
   os.makedirs(out_dir, exist_ok=True)
-  fileio.atomic_write_text(os.path.join(out_dir, 'steps_curve.json'),
-                           json.dumps(doc, indent=1, default=list))
+  fileio.atomic_write_text(
+    os.path.join(out_dir, 'steps_curve.json'), json.dumps(doc, indent=1, default=list)
+  )
   cols = ['drc'] + names
   lines = ['| step | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
   for r in rows:
-    lines.append(f"| {r['step']} | " + ' | '.join(f'{r[c]:.3f}' for c in cols) + ' |')
+    lines.append(f'| {r["step"]} | ' + ' | '.join(f'{r[c]:.3f}' for c in cols) + ' |')
   fileio.atomic_write_text(os.path.join(out_dir, 'steps_curve.md'), '\n'.join(lines) + '\n')
   return doc
 
@@ -373,8 +552,12 @@ def _define_flags() -> None:
   flags.DEFINE_float('tolerance', 0.01, 'Choose the cheapest setting within this AUC.')
   flags.DEFINE_integer('batch_size', 64, 'Images per restoration batch.')
   flags.DEFINE_string('only', '', 'Comma list of grid positions to run (default: all).')
-  flags.DEFINE_string('steps_curve', '', 'Instead of the sweep: a workdir whose '
-                               'checkpoints --steps are audited (AUC against training steps).')
+  flags.DEFINE_string(
+    'steps_curve',
+    '',
+    'Instead of the sweep: a workdir whose '
+    'checkpoints --steps are audited (AUC against training steps).',
+  )
   flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
   flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
   flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
@@ -387,17 +570,31 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required')
   if F.steps_curve:
-    steps_curve(config, F.steps_curve, [int(v) for v in F.steps.split(',')], F.out,
-                drc_members=F.drc_members, drc_nonmembers=F.drc_nonmembers, batch_size=F.batch_size)
-    print(open(os.path.join(F.out, 'steps_curve.md')).read())
+    steps_curve(
+      config,
+      F.steps_curve,
+      [int(v) for v in F.steps.split(',')],
+      F.out,
+      drc_members=F.drc_members,
+      drc_nonmembers=F.drc_nonmembers,
+      batch_size=F.batch_size,
+    )
+    print(epath.Path(F.out, 'steps_curve.md').read_text())
     return
   grid = GRID
   if F.only:
     grid = [GRID[int(i)] for i in F.only.split(',')]
-  doc = run(config, F.target or config.audit.checkpoint, F.out,
-            heldout_members=F.heldout_members, heldout_nonmembers=F.heldout_nonmembers,
-            tolerance=F.tolerance, batch_size=F.batch_size, grid=grid)
-  print(open(os.path.join(F.out, 'sweep.md')).read())
+  doc = run(
+    config,
+    F.target or config.audit.checkpoint,
+    F.out,
+    heldout_members=F.heldout_members,
+    heldout_nonmembers=F.heldout_nonmembers,
+    tolerance=F.tolerance,
+    batch_size=F.batch_size,
+    grid=grid,
+  )
+  print(epath.Path(F.out, 'sweep.md').read_text())
   print(json.dumps({'chosen': doc['chosen'], 'best': doc['best']}, indent=1))
 
 

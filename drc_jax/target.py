@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ class Target:
     schedule: the noise schedule the model was trained with.
     step: training step of the checkpoint (0 for most converted models).
   """
+
   model: model_lib.DiffusionModel
   params: Any
   schedule: schedule_lib.NoiseSchedule
@@ -42,8 +44,13 @@ class Target:
   _eps_fn: Callable[..., jax.Array] = dataclasses.field(repr=False, compare=False)
 
   @classmethod
-  def create(cls, model: model_lib.DiffusionModel, params, schedule: schedule_lib.NoiseSchedule,
-             step: int = 0) -> 'Target':
+  def create(
+    cls,
+    model: model_lib.DiffusionModel,
+    params,
+    schedule: schedule_lib.NoiseSchedule,
+    step: int = 0,
+  ) -> Target:
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return cls(model, params, schedule, step, jax.jit(model.apply))
 
@@ -96,6 +103,7 @@ def _restore_step(workdir: epath.Path, step_dir: epath.Path) -> Target:
 def _load_weights_dir(path: epath.Path) -> Target:
   """A Target from a safetensors directory (a shipped target), its hashes checked first."""
   from drc_jax import shipped  # pylint: disable=g-import-not-at-top
+
   shipped.verify(path)
   unet_cfg, diffusion = checkpoints.load_model_json(path)
   model, abstract = abstract_model(unet_cfg)
@@ -121,6 +129,7 @@ def load_target(path) -> Target:
       ``model.json`` (the message names the keys).
   """
   from drc_jax import shipped  # pylint: disable=g-import-not-at-top
+
   path = epath.Path(shipped.resolve(path))
   if shipped.is_weights_dir(path):
     return _load_weights_dir(path)
@@ -137,13 +146,17 @@ def load_target(path) -> Target:
   parent = path.parent
   if path.name == checkpoints.CHECKPOINT_DIR and (parent / checkpoints.MODEL_JSON).exists():
     return load_target(parent)
-  if (path.name.isdigit() and parent.name == checkpoints.CHECKPOINT_DIR
-      and (parent.parent / checkpoints.MODEL_JSON).exists()):
+  if (
+    path.name.isdigit()
+    and parent.name == checkpoints.CHECKPOINT_DIR
+    and (parent.parent / checkpoints.MODEL_JSON).exists()
+  ):
     if not path.is_dir():
       raise checkpoints.CheckpointError(f'{path}: no such checkpoint step')
     return _restore_step(parent.parent, path)
   what = 'does not exist' if not path.exists() else 'is not a drc_jax target'
   raise checkpoints.CheckpointError(
-      f'{path} {what}: expected a workdir holding {checkpoints.MODEL_JSON} and '
-      f'{checkpoints.CHECKPOINT_DIR}/ (made by --mode=train, or by python -m drc_jax.convert from '
-      f'a PyTorch checkpoint), or a step directory W/{checkpoints.CHECKPOINT_DIR}/<step>')
+    f'{path} {what}: expected a workdir holding {checkpoints.MODEL_JSON} and '
+    f'{checkpoints.CHECKPOINT_DIR}/ (made by --mode=train, or by python -m drc_jax.convert from '
+    f'a PyTorch checkpoint), or a step directory W/{checkpoints.CHECKPOINT_DIR}/<step>'
+  )

@@ -18,15 +18,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from drc_jax import checkpoints
+from drc_jax import checkpoints, errors, parallel, progress, streams
 from drc_jax import data as data_lib
-from drc_jax import errors
 from drc_jax import model as model_lib
-from drc_jax import parallel
-from drc_jax import progress
 from drc_jax import schedule as schedule_lib
 from drc_jax import splits as splits_lib
-from drc_jax import streams
 
 State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
 
@@ -38,13 +34,21 @@ def make_optimizer(tcfg) -> optax.GradientTransformation:
 
 
 def init_state(model_params, tx: optax.GradientTransformation) -> State:
-  return {'step': jnp.zeros((), jnp.int32), 'params': model_params,
-          'ema_params': jax.tree_util.tree_map(jnp.copy, model_params),
-          'opt_state': tx.init(model_params)}
+  return {
+    'step': jnp.zeros((), jnp.int32),
+    'params': model_params,
+    'ema_params': jax.tree_util.tree_map(jnp.copy, model_params),
+    'opt_state': tx.init(model_params),
+  }
 
 
-def make_train_step(model: model_lib.DiffusionModel, schedule: schedule_lib.NoiseSchedule,
-                    tx: optax.GradientTransformation, tcfg, mesh):
+def make_train_step(
+  model: model_lib.DiffusionModel,
+  schedule: schedule_lib.NoiseSchedule,
+  tx: optax.GradientTransformation,
+  tcfg,
+  mesh,
+):
   """Returns a jitted ``step(state, images [B,H,W,C], valid [B], key) -> (state, metrics)``."""
   num_t = schedule.num_timesteps
 
@@ -76,8 +80,9 @@ def make_train_step(model: model_lib.DiffusionModel, schedule: schedule_lib.Nois
     return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,))
+  return jax.jit(
+    step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,)
+  )
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
@@ -87,7 +92,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
   while len(out) < batch_size:
     epoch, offset = divmod(pos, n)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    take = perm[offset:offset + batch_size - len(out)]
+    take = perm[offset : offset + batch_size - len(out)]
     out.extend(take)
     pos += len(take)
   return np.asarray(out, np.int64)
@@ -120,16 +125,19 @@ def train(config, workdir: str) -> State:
     old_unet, old_diffusion = checkpoints.load_model_json(workdir)
     if old_unet != unet_cfg or old_diffusion != dict(config.diffusion):
       raise checkpoints.CheckpointError(
-          f'{workdir} holds a target of another architecture or schedule ({model_json}); use '
-          f'another --workdir')
+        f'{workdir} holds a target of another architecture or schedule ({model_json}); use '
+        f'another --workdir'
+      )
     recorded = checkpoints.trained_on(workdir)
     if recorded is None:
-      logging.warning('%s records no training data (trained by an older drc_jax): the members '
-                      'of this run are not checked against it', model_json)
+      logging.warning(
+        '%s records no training data (trained by an older drc_jax): the members '
+        'of this run are not checked against it',
+        model_json,
+      )
     splits_lib.check_trained_on(recorded, data_identity, str(model_json))
   elif parallel.is_writer():
-    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion),
-                                trained_on=data_identity)
+    checkpoints.save_model_json(workdir, unet_cfg, dict(config.diffusion), trained_on=data_identity)
   if parallel.is_writer():
     splits_lib.write_to_workdir(split, workdir)
   logging.info('UNet: %.3fM parameters', model_lib.count_params(params) / 1e6)
@@ -149,7 +157,7 @@ def train(config, workdir: str) -> State:
   speed = progress.Throughput(tcfg.steps - start)  # leaves out the first step (compilation)
   while step < tcfg.steps:
     idx = batch_indices(step, len(members), tcfg.batch_size, config.seed)
-    rows = members[idx[p_idx * local:(p_idx + 1) * local]]
+    rows = members[idx[p_idx * local : (p_idx + 1) * local]]
     images = parallel.shard_batch(mesh, rows)
     valid = parallel.shard_batch(mesh, np.ones((local,), bool))
     state, metrics = train_step(state, images, valid, key)
@@ -162,10 +170,17 @@ def train(config, workdir: str) -> State:
       speed.update(step - start - speed.done)
       if not np.isfinite(loss):
         raise errors.TrainingError(
-            f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
-            f'raise config.train.warmup_steps; the run resumes from its last checkpoint')
-      logging.info('step %d/%d loss %.5f grad_norm %.3f %s', step, tcfg.steps, loss,
-                   float(metrics['grad_norm']), speed.describe('steps'))
+          f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
+          f'raise config.train.warmup_steps; the run resumes from its last checkpoint'
+        )
+      logging.info(
+        'step %d/%d loss %.5f grad_norm %.3f %s',
+        step,
+        tcfg.steps,
+        loss,
+        float(metrics['grad_norm']),
+        speed.describe('steps'),
+      )
     if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
       checkpoints.save_state(mngr, step, state)
   mngr.wait_until_finished()

@@ -7,9 +7,8 @@ import os
 import jax
 
 from drc_jax import calibration as calibration_lib
-from drc_jax import errors
+from drc_jax import errors, streams
 from drc_jax import model as model_lib
-from drc_jax import streams
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
 MASKS = ('center_box', 'random_box', 'random_patches', 'saliency_patches')
@@ -50,52 +49,76 @@ def check(config) -> None:
     raise ConfigError(f'config.model: {e}') from e
   T = config.diffusion.num_timesteps
   _require(T >= 2, f'config.diffusion.num_timesteps: {T} (expected >= 2)')
-  _require(config.diffusion.beta_schedule in ('linear', 'cosine'),
-           f'config.diffusion.beta_schedule: {config.diffusion.beta_schedule!r}')
+  _require(
+    config.diffusion.beta_schedule in ('linear', 'cosine'),
+    f'config.diffusion.beta_schedule: {config.diffusion.beta_schedule!r}',
+  )
   for field in ('train.batch_size', 'audit.batch_size'):
     section, name = field.split('.')
     bs = config[section][name]
-    _require(bs > 0 and bs % n_dev == 0,
-             f'config.{field}: {bs} is not a positive multiple of the {n_dev} devices')
-  _require(config.audit.shard_size > 0,
-           f'config.audit.shard_size: {config.audit.shard_size} (expected > 0)')
-  _require(config.audit.shard_size % config.audit.batch_size == 0,
-           f'config.audit.shard_size ({config.audit.shard_size}) must be a multiple of '
-           f'config.audit.batch_size ({config.audit.batch_size})')
-  _require(0.0 < config.audit.calibration_fraction < 1.0,
-           f'config.audit.calibration_fraction: {config.audit.calibration_fraction} not in (0, 1)')
+    _require(
+      bs > 0 and bs % n_dev == 0,
+      f'config.{field}: {bs} is not a positive multiple of the {n_dev} devices',
+    )
+  _require(
+    config.audit.shard_size > 0,
+    f'config.audit.shard_size: {config.audit.shard_size} (expected > 0)',
+  )
+  _require(
+    config.audit.shard_size % config.audit.batch_size == 0,
+    f'config.audit.shard_size ({config.audit.shard_size}) must be a multiple of '
+    f'config.audit.batch_size ({config.audit.batch_size})',
+  )
+  _require(
+    0.0 < config.audit.calibration_fraction < 1.0,
+    f'config.audit.calibration_fraction: {config.audit.calibration_fraction} not in (0, 1)',
+  )
   _check_calibration(config.audit)
   check_dataset(config)
   r = config.drc
   _require(r.restorer in RESTORERS, f'config.drc.restorer: {r.restorer!r} not in {RESTORERS}')
-  _require(r.mask in MASKS + DEGRADATIONS_LINEAR,
-           f'config.drc.mask: {r.mask!r} not in {MASKS + DEGRADATIONS_LINEAR}')
+  _require(
+    r.mask in MASKS + DEGRADATIONS_LINEAR,
+    f'config.drc.mask: {r.mask!r} not in {MASKS + DEGRADATIONS_LINEAR}',
+  )
   if r.mask in DEGRADATIONS_LINEAR:
-    _require(r.restorer == 'ddnm', f'config.drc.mask={r.mask!r} is a linear degradation: '
-             f"it needs config.drc.restorer='ddnm'")
+    _require(
+      r.restorer == 'ddnm',
+      f"config.drc.mask={r.mask!r} is a linear degradation: it needs config.drc.restorer='ddnm'",
+    )
   _require(0.0 < r.mask_ratio < 1.0, f'config.drc.mask_ratio: {r.mask_ratio} not in (0, 1)')
-  _require(r.comparator in COMPARATORS,
-           f'config.drc.comparator: {r.comparator!r} not in {COMPARATORS}')
+  _require(
+    r.comparator in COMPARATORS, f'config.drc.comparator: {r.comparator!r} not in {COMPARATORS}'
+  )
   _require(r.num_restorations >= 1, 'config.drc.num_restorations must be >= 1')
   _require(r.eta >= 0.0, f'config.drc.eta: {r.eta} < 0')
-  _require(0.0 <= r.vote_quantile <= 1.0, f'config.drc.vote_quantile: {r.vote_quantile} not in '
-           f'[0, 1]')
+  _require(
+    0.0 <= r.vote_quantile <= 1.0, f'config.drc.vote_quantile: {r.vote_quantile} not in [0, 1]'
+  )
   if r.mask in ('random_patches', 'saliency_patches'):
-    _require(r.patch_size >= 1 and d.resolution % r.patch_size == 0,
-             f'config.drc.patch_size: {r.patch_size} does not divide config.data.resolution '
-             f'{d.resolution}')
+    _require(
+      r.patch_size >= 1 and d.resolution % r.patch_size == 0,
+      f'config.drc.patch_size: {r.patch_size} does not divide config.data.resolution '
+      f'{d.resolution}',
+    )
   if r.restorer == 'repaint':
-    _require(r.jump_length >= 1 and r.jump_n_sample >= 1,
-             'config.drc.jump_length and jump_n_sample must be >= 1')
+    _require(
+      r.jump_length >= 1 and r.jump_n_sample >= 1,
+      'config.drc.jump_length and jump_n_sample must be >= 1',
+    )
   # RePaint repeats each step at most jump_n_sample times; every step needs its own stream number.
-  _require(r.steps * max(r.jump_n_sample, 1) < streams.MAX_STEPS,
-           f'config.drc.steps x jump_n_sample must stay below {streams.MAX_STEPS}')
+  _require(
+    r.steps * max(r.jump_n_sample, 1) < streams.MAX_STEPS,
+    f'config.drc.steps x jump_n_sample must stay below {streams.MAX_STEPS}',
+  )
   attack_names(config)
   _require(config.attacks.pia_p > 0, f'config.attacks.pia_p: {config.attacks.pia_p} (expected > 0)')
   check_timesteps(config, T, 'config.diffusion.num_timesteps', names=ATTACKS)
   au, t = config.audit, config.train
-  _require(au.max_images >= 0, f'config.audit.max_images: {au.max_images} (expected >= 0; 0 '
-           f'audits every image)')
+  _require(
+    au.max_images >= 0,
+    f'config.audit.max_images: {au.max_images} (expected >= 0; 0 audits every image)',
+  )
   _require(au.bootstrap >= 0, f'config.audit.bootstrap: {au.bootstrap} (expected >= 0)')
   _require(au.num_evidence >= 0, f'config.audit.num_evidence: {au.num_evidence} (expected >= 0)')
   for name in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
@@ -128,25 +151,35 @@ def check_timesteps(config, T: int, where: str, names=None) -> None:
   if 'secmi' in names:
     k, t_sec = a.secmi_k, a.secmi_t
     _require(k >= 1, f'config.attacks.secmi_k: {k} (expected >= 1)')
-    _require(k <= t_sec < T and t_sec % k == 0,
-             f'config.attacks.secmi_t: {t_sec} must be a multiple of secmi_k={k} in [{k}, {T}) '
-             f'({where}: {T}); SecMI walks 0, k, ..., t_sec')
+    _require(
+      k <= t_sec < T and t_sec % k == 0,
+      f'config.attacks.secmi_t: {t_sec} must be a multiple of secmi_k={k} in [{k}, {T}) '
+      f'({where}: {T}); SecMI walks 0, k, ..., t_sec',
+    )
   if 'drc' in names:
     if r.restorer != 'repaint':  # RePaint always starts from T (it does not read t_start)
-      _require(1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}] ({where}: '
-               f'{T})')
+      _require(
+        1 <= r.t_start <= T, f'config.drc.t_start: {r.t_start} not in [1, {T}] ({where}: {T})'
+      )
     top = T if r.restorer == 'repaint' else min(r.t_start, T)
-    _require(1 <= r.steps <= top,
-             f'config.drc.steps: {r.steps} not in [1, {top}] ({where}: {T}' +
-             ('' if r.restorer == 'repaint' else f', config.drc.t_start: {r.t_start}') + ')')
+    _require(
+      1 <= r.steps <= top,
+      f'config.drc.steps: {r.steps} not in [1, {top}] ({where}: {T}'
+      + ('' if r.restorer == 'repaint' else f', config.drc.t_start: {r.t_start}')
+      + ')',
+    )
 
 
 def _check_calibration(audit) -> None:
   methods = calibration_lib.METHODS
-  _require(audit.calibration in methods,
-           f'config.audit.calibration: {audit.calibration!r} not in {methods}')
-  _require(0.0 < audit.calibration_fpr < 1.0,
-           f'config.audit.calibration_fpr: {audit.calibration_fpr} not in (0, 1)')
+  _require(
+    audit.calibration in methods,
+    f'config.audit.calibration: {audit.calibration!r} not in {methods}',
+  )
+  _require(
+    0.0 < audit.calibration_fpr < 1.0,
+    f'config.audit.calibration_fpr: {audit.calibration_fpr} not in (0, 1)',
+  )
   _require(audit.calibration_l2 >= 0.0, f'config.audit.calibration_l2: {audit.calibration_l2} < 0')
 
 
@@ -154,22 +187,29 @@ def check_dataset(config, require_suspect: bool = False) -> None:
   """Checks ``config.dataset``; with ``require_suspect`` (``--mode=dataset``), that one suspect set
   is named: a folder (``suspect_dir``) or a draw from the split (``suspect``), not both."""
   d = config.dataset
-  _require(d.suspect in ('',) + SUSPECT_DRAWS,
-           f"config.dataset.suspect: {d.suspect!r} not in {('',) + SUSPECT_DRAWS}")
+  _require(
+    d.suspect in ('',) + SUSPECT_DRAWS,
+    f'config.dataset.suspect: {d.suspect!r} not in {("",) + SUSPECT_DRAWS}',
+  )
   _require(d.size >= 1, f'config.dataset.size: {d.size} (expected >= 1)')
   _require(0.0 < d.alpha < 0.5, f'config.dataset.alpha: {d.alpha} not in (0, 0.5)')
   sizes = tuple(d.power_sizes)
-  _require(all(isinstance(n, int) and n >= 1 for n in sizes),
-           f'config.dataset.power_sizes: {sizes} (expected integers >= 1)')
-  _require(d.power_repetitions >= 1,
-           f'config.dataset.power_repetitions: {d.power_repetitions} (expected >= 1)')
+  _require(
+    all(isinstance(n, int) and n >= 1 for n in sizes),
+    f'config.dataset.power_sizes: {sizes} (expected integers >= 1)',
+  )
+  _require(
+    d.power_repetitions >= 1,
+    f'config.dataset.power_repetitions: {d.power_repetitions} (expected >= 1)',
+  )
   if not require_suspect:
     return
-  _require(bool(d.suspect_dir) != bool(d.suspect),
-           'config.dataset.suspect_dir and config.dataset.suspect: set exactly one (an image '
-           f'folder, or {"|".join(SUSPECT_DRAWS)} to draw config.dataset.size images from the '
-           f'split)')
+  _require(
+    bool(d.suspect_dir) != bool(d.suspect),
+    'config.dataset.suspect_dir and config.dataset.suspect: set exactly one (an image '
+    f'folder, or {"|".join(SUSPECT_DRAWS)} to draw config.dataset.size images from the '
+    f'split)',
+  )
   for field in ('suspect_dir', 'reference_dir'):
     path = d[field]
-    _require(not path or os.path.isdir(path),
-             f'config.dataset.{field}: {path} is not a directory')
+    _require(not path or os.path.isdir(path), f'config.dataset.{field}: {path} is not a directory')

@@ -4,6 +4,7 @@
 #   bash launch/local.sh main [drc_jax.main flags]   # the embedded default (or any config)
 #   bash launch/local.sh test [pytest args]          # the test suite
 #   bash launch/local.sh bench [drc_jax.bench flags] # restoration benchmark
+#   bash launch/local.sh lint                        # ruff check + ruff format --check
 #   bash launch/local.sh setup                       # set up only
 #
 # Environment: VENV (default .venv in the repo), EXTRAS (pip extras, default: 'test' for main and
@@ -39,6 +40,7 @@ case $job in
   setup) ;;
   main) exec "$venv/bin/python" -m drc_jax.main "$@" ;;
   test) exec "$venv/bin/python" -m pytest -q "$@" ;;
+  lint) "$venv/bin/ruff" check . && exec "$venv/bin/ruff" format --check . ;;
   bench) exec "$venv/bin/python" -m drc_jax.bench "$@" ;;
-  *) echo "unknown job '$job' (main, test, bench, setup)" >&2; exit 2 ;;
+  *) echo "unknown job '$job' (main, test, lint, bench, setup)" >&2; exit 2 ;;
 esac

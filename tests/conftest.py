@@ -11,8 +11,10 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 # Identical programs compiled by different tests (each train()/audit() call builds its own jit)
 # are compiled once per session through the persistent cache.
-jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(os.environ.get('TMPDIR', '/tmp'), f'drc_jax_test_cache_{os.getuid()}'))
+jax.config.update(
+  'jax_compilation_cache_dir',
+  os.path.join(os.environ.get('TMPDIR', '/tmp'), f'drc_jax_test_cache_{os.getuid()}'),
+)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
@@ -22,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(name: str, arg: str | None = None):
   """Loads configs/<name>.py the way --config does."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(REPO, 'configs', f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
   mod = importlib.util.module_from_spec(spec)

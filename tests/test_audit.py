@@ -6,17 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_config
 from PIL import Image
 
-from conftest import load_config
 from drc_jax import audit as A
-from drc_jax import checkpoints
+from drc_jax import checkpoints, errors, pipeline, validate
 from drc_jax import data as D
-from drc_jax import errors
 from drc_jax import metrics as metrics_lib
-from drc_jax import pipeline
 from drc_jax import train as T
-from drc_jax import validate
 
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
 
@@ -189,9 +186,11 @@ def test_scores_of_another_target_are_never_reused(trained, tmp_path):
   # A target changed behind the scores (same config): the audit and the report refuse.
   shutil.rmtree(Path(wd) / 'checkpoints')
   shutil.copytree(wd_b / 'checkpoints', Path(wd) / 'checkpoints')
-  with pytest.raises(A.AuditConfigMismatch,
-                     match=r'target.ema_sha256: \w{12}\.\.\. -> \w{12}\.\.\.; '
-                           r'target.step: 600 -> 605'):
+  with pytest.raises(
+    A.AuditConfigMismatch,
+    match=r'target.ema_sha256: \w{12}\.\.\. -> \w{12}\.\.\.; '
+    r'target.step: 600 -> 605',
+  ):
     A.run_audit(_loss_config(), wd)
   with pytest.raises(A.AuditConfigMismatch, match='not those of this config and target'):
     pipeline.run(_loss_config(), wd, 'report')
@@ -204,14 +203,16 @@ def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_pat
   pipeline.run(_loss_config(), wd, 'report')
   before = _results(wd)
   assert {'metrics.json', 'report.html', A.AUDIT_CONFIG} <= set(before)
-  np.savez(tmp_path / 'other.npz', mia_train_idxs=np.arange(100, 132),
-           mia_eval_idxs=np.arange(200, 232))
+  np.savez(
+    tmp_path / 'other.npz', mia_train_idxs=np.arange(100, 132), mia_eval_idxs=np.arange(200, 232)
+  )
   bad = {
-      'a missing folder': dict(data__source='folder', data__data_dir=str(tmp_path / 'none')),
-      'another split': dict(split__num_members=20),
-      'members the target was not trained on': dict(split__file=str(tmp_path / 'other.npz')),
-      'another source': dict(data__source='tfds', data__name='cifar10',
-                             data__data_dir=str(tmp_path / 'no_tfds')),
+    'a missing folder': dict(data__source='folder', data__data_dir=str(tmp_path / 'none')),
+    'another split': dict(split__num_members=20),
+    'members the target was not trained on': dict(split__file=str(tmp_path / 'other.npz')),
+    'another source': dict(
+      data__source='tfds', data__name='cifar10', data__data_dir=str(tmp_path / 'no_tfds')
+    ),
   }
   for why, kw in bad.items():
     with pytest.raises(errors.UserError):
@@ -227,8 +228,9 @@ def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_pat
   assert saved['loss']['auc'] == m['loss']['auc']
   table = A.load_scores(wd)
   members = table['split'] == 1
-  assert m['loss']['auc'] == metrics_lib.auc(table['score/loss'][members],
-                                             table['score/loss'][~members])
+  assert m['loss']['auc'] == metrics_lib.auc(
+    table['score/loss'][members], table['score/loss'][~members]
+  )
 
 
 def test_a_target_is_audited_only_on_the_data_it_was_trained_on(trained, tmp_path):
@@ -242,12 +244,19 @@ def test_a_target_is_audited_only_on_the_data_it_was_trained_on(trained, tmp_pat
   imgs, _ = D.FashionMnistSource('test').read(range(64))
   for i, im in enumerate(imgs):
     Image.fromarray(im[..., 0]).save(folder / f'{i:03d}.png')
-  np.savez(tmp_path / 'folder_split.npz', mia_train_idxs=np.arange(32),
-           mia_eval_idxs=np.arange(32, 64))
-  c = _loss_config(data__source='folder', data__data_dir=str(folder),
-                   split__file=str(tmp_path / 'folder_split.npz'))
-  with pytest.raises(D.DataError, match=r'model.json: the target was trained on other data .*'
-                                        r"dataset: 'fashion_mnist/train' -> 'folder:"):
+  np.savez(
+    tmp_path / 'folder_split.npz', mia_train_idxs=np.arange(32), mia_eval_idxs=np.arange(32, 64)
+  )
+  c = _loss_config(
+    data__source='folder',
+    data__data_dir=str(folder),
+    split__file=str(tmp_path / 'folder_split.npz'),
+  )
+  with pytest.raises(
+    D.DataError,
+    match=r'model.json: the target was trained on other data .*'
+    r"dataset: 'fashion_mnist/train' -> 'folder:",
+  ):
     pipeline.run(c, wd, 'all')  # the target is reused: its training data is checked
   assert not (Path(wd) / 'scores').exists() and not (Path(wd) / A.AUDIT_CONFIG).exists()
   # A converted target records no training data: it is audited on any data.
@@ -262,10 +271,15 @@ def test_the_default_workdir_follows_the_data():
   c = load_config('fashion_mnist')
   assert pipeline.default_workdir('configs/fashion_mnist.py', c) == 'runs/fashion_mnist'
   c.data.source, c.data.data_dir = 'folder', '/data/digits/'
-  assert (pipeline.default_workdir('configs/fashion_mnist.py', c)
-          == 'runs/fashion_mnist_folder_digits')
-  assert (pipeline.default_workdir('configs/celeba.py:runlocal,res=64',
-                                   load_config('celeba', 'runlocal,res=64'))
-          == 'runs/celeba-runlocal-res-64_tfds_celeb_a')
-  assert (pipeline.default_workdir('configs/cifar10.py', load_config('cifar10'))
-          == 'runs/cifar10_tfds')
+  assert (
+    pipeline.default_workdir('configs/fashion_mnist.py', c) == 'runs/fashion_mnist_folder_digits'
+  )
+  assert (
+    pipeline.default_workdir(
+      'configs/celeba.py:runlocal,res=64', load_config('celeba', 'runlocal,res=64')
+    )
+    == 'runs/celeba-runlocal-res-64_tfds_celeb_a'
+  )
+  assert (
+    pipeline.default_workdir('configs/cifar10.py', load_config('cifar10')) == 'runs/cifar10_tfds'
+  )

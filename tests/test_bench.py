@@ -1,13 +1,15 @@
 """The benchmark runs the real restorer and reports its work and cost."""
 
 from conftest import load_config
+
 from drc_jax import bench
 
 
 def test_bench_reports_figures_and_work():
   c = load_config('fashion_mnist', 'runlocal')
-  out = bench.run_bench(c, 'repaint', batch=8, steps=6, jump_length=2, jump_n_sample=2,
-                        repeats=1, forward_only=False)
+  out = bench.run_bench(
+    c, 'repaint', batch=8, steps=6, jump_length=2, jump_n_sample=2, repeats=1, forward_only=False
+  )
   assert out['nfe_per_image'] == 6 + 2 * 1 * 2  # 6 steps + one jump of 2 at t = 0 and t = 2
   for k in ('images_per_s', 'model_calls_per_s', 'compile_s', 'peak_rss_mb', 'params_m'):
     assert out[k] > 0, k

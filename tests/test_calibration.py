@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from drc_jax import calibration as C
-from drc_jax import config_base
-from drc_jax import metrics
+from drc_jax import config_base, metrics
 
 
 def test_image_features_by_hand():
@@ -63,8 +62,9 @@ def _confounded_table(n=600, seed=1):
   rng = np.random.default_rng(seed)
   split = np.repeat(np.array([1, 0], np.int8), n)
   difficulty = rng.uniform(0, 4, 2 * n)
-  features = np.stack([difficulty, rng.normal(size=2 * n), rng.normal(size=2 * n),
-                       rng.normal(size=2 * n)], axis=1)
+  features = np.stack(
+    [difficulty, rng.normal(size=2 * n), rng.normal(size=2 * n), rng.normal(size=2 * n)], axis=1
+  )
   score = difficulty + 0.6 * split + 0.1 * rng.normal(size=2 * n)
   return {'split': split, 'score/a': score, 'score/b': rng.normal(size=2 * n)}, features
 
@@ -75,8 +75,11 @@ def test_calibration_removes_difficulty_and_reports_heldout_numbers_only():
   out = C.per_image_calibration(c, table, features)
   a = out['a']
   assert a['n_members'] == a['n_nonmembers'] == 300  # the held-out halves
-  assert a['fit'] == {'n_nonmembers': 300, 'n_members': 0,
-                      'images': 'the calibration fraction of the non-members'}
+  assert a['fit'] == {
+    'n_nonmembers': 300,
+    'n_members': 0,
+    'images': 'the calibration fraction of the non-members',
+  }
   assert a['raw']['auc'] < 0.7 < 0.95 < a['calibrated']['auc']
   assert a['calibrated']['tpr_at_1pct_fpr'] > a['raw']['tpr_at_1pct_fpr'] + 0.3
   assert a['difference']['auc'] == pytest.approx(a['calibrated']['auc'] - a['raw']['auc'])

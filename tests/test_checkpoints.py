@@ -18,6 +18,7 @@ from drc_jax.target import load_target
 def workdir(tmp_path_factory):
   """A workdir with two checkpoint steps (1 and 2, different EMA weights) and no training."""
   from conftest import load_config  # pylint: disable=g-import-not-at-top
+
   cfg = load_config('fashion_mnist', 'runlocal')
   wd = tmp_path_factory.mktemp('ckpt')
   unet, _, params, _, tx = T.build(cfg)
@@ -25,8 +26,11 @@ def workdir(tmp_path_factory):
   state = T.init_state(params, tx)
   mngr = checkpoints.manager(str(wd))
   checkpoints.save_state(mngr, 1, state)
-  state = dict(state, step=state['step'] + 1,
-               ema_params=jax.tree_util.tree_map(lambda p: p + 0.01, state['ema_params']))
+  state = dict(
+    state,
+    step=state['step'] + 1,
+    ema_params=jax.tree_util.tree_map(lambda p: p + 0.01, state['ema_params']),
+  )
   checkpoints.save_state(mngr, 2, state)
   mngr.wait_until_finished()
   mngr.close()
@@ -35,6 +39,7 @@ def workdir(tmp_path_factory):
 
 def _abstract_state(workdir):
   from conftest import load_config  # pylint: disable=g-import-not-at-top
+
   _, _, params, _, tx = T.build(load_config('fashion_mnist', 'runlocal'))
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, T.init_state(params, tx))
 
@@ -56,12 +61,15 @@ def test_data_that_differs_from_its_hash_is_refused(workdir, tmp_path):
   shutil.rmtree(wd / 'checkpoints' / '1' / 'default')
   shutil.copytree(wd / 'checkpoints' / '2' / 'default', wd / 'checkpoints' / '1' / 'default')
   step_dir = wd / 'checkpoints' / '1'
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=f'{step_dir}: the EMA weights read back differ from those saved'):
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=f'{step_dir}: the EMA weights read back differ from those saved',
+  ):
     load_target(str(step_dir))
   mngr = checkpoints.manager(str(wd))
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=f'{step_dir}: the training state read back differ'):
+  with pytest.raises(
+    checkpoints.CheckpointError, match=f'{step_dir}: the training state read back differ'
+  ):
     checkpoints.restore(mngr, _abstract_state(wd), step=1)
   mngr.close()
 
@@ -101,8 +109,9 @@ def test_an_unreadable_chunk_is_one_error_naming_the_checkpoint(workdir, tmp_pat
   for f in data_dir.iterdir():
     with open(f, 'r+b') as fh:
       fh.truncate(100)
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=f'{wd / "checkpoints" / "2"}: unreadable checkpoint'):
+  with pytest.raises(
+    checkpoints.CheckpointError, match=f'{wd / "checkpoints" / "2"}: unreadable checkpoint'
+  ):
     load_target(str(wd))
   mngr = checkpoints.manager(str(wd))
   with pytest.raises(checkpoints.CheckpointError, match=f'{wd / "checkpoints" / "2"}: '):
@@ -114,6 +123,7 @@ def test_loading_is_quiet(workdir, caplog):
   """No orbax '_CHECKPOINT_METADATA does not exist' nor 'Sharding info not provided' per load."""
   import logging  # pylint: disable=g-import-not-at-top
   import warnings  # pylint: disable=g-import-not-at-top
+
   with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     load_target(str(workdir))
@@ -128,12 +138,22 @@ def test_loading_is_quiet(workdir, caplog):
 
 def test_the_cli_log_filter_drops_the_backend_probe():
   import logging  # pylint: disable=g-import-not-at-top
+
   from drc_jax import main  # pylint: disable=g-import-not-at-top
+
   quiet = main._QuietLibraries()
-  probe = logging.LogRecord('jax._src.xla_bridge', logging.INFO, '/x/jax/_src/xla_bridge.py', 1,
-                            "Unable to initialize backend '%s': %s", ('tpu', 'no libtpu'), None)
+  probe = logging.LogRecord(
+    'jax._src.xla_bridge',
+    logging.INFO,
+    '/x/jax/_src/xla_bridge.py',
+    1,
+    "Unable to initialize backend '%s': %s",
+    ('tpu', 'no libtpu'),
+    None,
+  )
   assert not quiet.filter(probe)
   own = logging.LogRecord('absl', logging.INFO, '/x/drc_jax/audit.py', 1, 'scored shard', (), None)
-  warning = logging.LogRecord('orbax', logging.WARNING, '/x/orbax/checkpoint/x.py', 1, 'w', (),
-                              None)
+  warning = logging.LogRecord(
+    'orbax', logging.WARNING, '/x/orbax/checkpoint/x.py', 1, 'w', (), None
+  )
   assert quiet.filter(own) and quiet.filter(warning)

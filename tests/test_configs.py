@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
+from conftest import REPO, load_config
 from ml_collections import config_flags
 
-from conftest import REPO, load_config
 from drc_jax import data as D
-from drc_jax import pipeline
-from drc_jax import validate
+from drc_jax import pipeline, validate
 
-NAMES = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, 'configs'))
-               if f.endswith('.py') and not f.startswith('_'))
+NAMES = sorted(
+  os.path.splitext(f)[0]
+  for f in os.listdir(os.path.join(REPO, 'configs'))
+  if f.endswith('.py') and not f.startswith('_')
+)
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
 
 
@@ -43,18 +45,36 @@ def test_every_config_loads_and_validates(name, arg):
     assert c.split.num_members == c.split.num_nonmembers == 32 and c.train.steps <= 100
 
 
-@pytest.mark.parametrize('name, members, order', [('cifar10', 25000, 'id'),
-                                                  ('cifar100', 25000, 'id'),
-                                                  ('celeba', 30000, '')])
+@pytest.mark.parametrize(
+  'name, members, order',
+  [('cifar10', 25000, 'id'), ('cifar100', 25000, 'id'), ('celeba', 30000, '')],
+)
 def test_published_protocol(name, members, order):
   c = load_config(name)
-  assert (c.data.source, c.data.split, c.data.resolution, c.data.channels) == ('tfds', 'train', 32, 3)
+  assert (c.data.source, c.data.split, c.data.resolution, c.data.channels) == (
+    'tfds',
+    'train',
+    32,
+    3,
+  )
   assert c.data.tfds_order == order
   assert c.split.num_members == c.split.num_nonmembers == members
-  assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, tuple(c.model.attn_res),
-          c.model.dropout) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
-  assert (c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps, c.train.grad_clip,
-          c.train.ema_decay, c.train.random_flip) == (800_000, 128, 2e-4, 5000, 1.0, 0.9999, True)
+  assert (
+    c.model.ch,
+    tuple(c.model.ch_mult),
+    c.model.num_res_blocks,
+    tuple(c.model.attn_res),
+    c.model.dropout,
+  ) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
+  assert (
+    c.train.steps,
+    c.train.batch_size,
+    c.train.lr,
+    c.train.warmup_steps,
+    c.train.grad_clip,
+    c.train.ema_decay,
+    c.train.random_flip,
+  ) == (800_000, 128, 2e-4, 5000, 1.0, 0.9999, True)
   assert (c.audit.batch_size, c.audit.shard_size) == (256, 2048)
   assert c.drc.restorer == 'ddim' and c.drc.mask_ratio == 0.5
   assert load_config(name, 'runlocal').data.tfds_order == ''  # mock data ids are random
@@ -133,7 +153,7 @@ def _fake_tfds(monkeypatch, ids):
 def test_tfds_order_id_maps_indices_to_original_order(monkeypatch):
   n = 50
   perm = np.random.default_rng(0).permutation(n)  # record r holds original image perm[r]
-  fake = _fake_tfds(monkeypatch, ['train_%05d' % p for p in perm])
+  fake = _fake_tfds(monkeypatch, [f'train_{p:05d}' for p in perm])
   cfg = load_config('cifar10').data  # tfds_order 'id' reaches the source through make_source
   src = D.make_source(cfg)
   assert src.order == 'id' and src.name == 'cifar10/train[order=id]' and len(src) == n
@@ -155,12 +175,18 @@ def test_tfds_order_id_maps_indices_to_original_order(monkeypatch):
   np.testing.assert_array_equal(perm[raw[:, 0, 0, 0]], [0, 49])
 
 
-@pytest.mark.parametrize('ids, match', [
-    (['train_00000', 'train_00001', 'train_00001'], r'cifar10/train\[order=id\]: id number 1 '
-                                                    r'appears 2 times'),
+@pytest.mark.parametrize(
+  'ids, match',
+  [
+    (
+      ['train_00000', 'train_00001', 'train_00001'],
+      r'cifar10/train\[order=id\]: id number 1 '
+      r'appears 2 times',
+    ),
     (['train_00000', 'train_00001', 'train_00003'], 'record 2: id number 3 out of range'),
     (['train_00000', 'train_x', 'train_00002'], "record 1: id 'train_x' does not end in an int"),
-])
+  ],
+)
 def test_tfds_order_id_rejects_ids_that_are_not_a_permutation(monkeypatch, ids, match):
   _fake_tfds(monkeypatch, ids)
   src = D.TfdsSource('cifar10', 'train', order='id')

@@ -17,9 +17,11 @@ import pytest
 
 torch = pytest.importorskip('torch', reason='PyTorch import needs the torch extra')
 
-from drc_jax import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
-from drc_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from drc_jax import load_target  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drc_jax import (
+  checkpoints,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  convert,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  load_target,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 nn = torch.nn
 TIMESTEPS = np.array([0, 17, 500, 999])
@@ -52,8 +54,9 @@ class _Res(nn.Module):
     super().__init__()
     self.block1 = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, 1, 1))
     self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, cout))
-    self.block2 = nn.Sequential(nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(0.1),
-                                nn.Conv2d(cout, cout, 3, 1, 1))
+    self.block2 = nn.Sequential(
+      nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(0.1), nn.Conv2d(cout, cout, 3, 1, 1)
+    )
     self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
     self.attn = _Attn(cout) if attn else nn.Identity()
 
@@ -63,7 +66,6 @@ class _Res(nn.Module):
 
 
 class _Down(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.main = nn.Conv2d(c, c, 3, stride=2, padding=1)
@@ -74,7 +76,6 @@ class _Down(nn.Module):
 
 
 class _Up(nn.Module):
-
   def __init__(self, c):
     super().__init__()
     self.main = nn.Conv2d(c, c, 3, 1, 1)
@@ -85,15 +86,20 @@ class _Up(nn.Module):
 
 
 class _TimeEmbedding(nn.Module):
-
   def __init__(self, num_steps, ch):
     super().__init__()
     half = ch // 2
-    angles = torch.arange(num_steps).float()[:, None] * torch.exp(
-        -math.log(10000.0) * torch.arange(half).float() / half)[None, :]
+    angles = (
+      torch.arange(num_steps).float()[:, None]
+      * torch.exp(-math.log(10000.0) * torch.arange(half).float() / half)[None, :]
+    )
     table = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(num_steps, ch)
-    self.timembedding = nn.Sequential(nn.Embedding.from_pretrained(table), nn.Linear(ch, 4 * ch),
-                                      nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
+    self.timembedding = nn.Sequential(
+      nn.Embedding.from_pretrained(table),
+      nn.Linear(ch, 4 * ch),
+      nn.SiLU(),
+      nn.Linear(4 * ch, 4 * ch),
+    )
 
   def forward(self, t):
     return self.timembedding(t)
@@ -144,8 +150,8 @@ class DDPMReference(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 DDPM_CONFIGS = {  # name: (ch, ch_mult, attention levels, num_res_blocks, channels, resolution)
-    'paper': (128, (1, 2, 2, 2), (1,), 2, 3, 32),
-    'small': (32, (1, 2, 2), (0,), 1, 1, 16),
+  'paper': (128, (1, 2, 2, 2), (1,), 2, 3, 32),
+  'small': (32, (1, 2, 2), (0,), 1, 1, 16),
 }
 
 
@@ -160,8 +166,11 @@ def _perturb(module, seed, scale=0.03):
 
 
 def _inputs(channels, resolution, seed=0):
-  x = np.random.default_rng(seed).uniform(-1, 1, (len(TIMESTEPS), resolution, resolution,
-                                                  channels)).astype(np.float32)
+  x = (
+    np.random.default_rng(seed)
+    .uniform(-1, 1, (len(TIMESTEPS), resolution, resolution, channels))
+    .astype(np.float32)
+  )
   return x, TIMESTEPS
 
 
@@ -209,8 +218,13 @@ def _no_target(workdir):
 @pytest.mark.parametrize('name', ['paper', 'small'])
 def test_pytorch_ddpm_training_checkpoint(tmp_path, name):
   net, ema = _ddpm_model(name, 10), _ddpm_model(name, 20)
-  ckpt = {'net_model': net.state_dict(), 'ema_model': ema.state_dict(), 'step': 1234,
-          'sched': {'last_epoch': 1234, 'base_lrs': [2e-4]}, 'x_T': torch.randn(2, 3, 4, 4)}
+  ckpt = {
+    'net_model': net.state_dict(),
+    'ema_model': ema.state_dict(),
+    'step': 1234,
+    'sched': {'last_epoch': 1234, 'base_lrs': [2e-4]},
+    'x_T': torch.randn(2, 3, 4, 4),
+  }
   torch.save(ckpt, tmp_path / 'ckpt.pt')
   ch, ch_mult, attn, nrb, channels, res = DDPM_CONFIGS[name]
   x, t = _inputs(channels, res)
@@ -219,47 +233,79 @@ def test_pytorch_ddpm_training_checkpoint(tmp_path, name):
   target = load_target(tmp_path / 'ema')
   cfg = target.config
   assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.in_channels, cfg.out_channels) == (
-      ch, ch_mult, nrb, channels, channels)
-  assert cfg.attn_res == tuple(res // 2 ** i for i in attn)
+    ch,
+    ch_mult,
+    nrb,
+    channels,
+    channels,
+  )
+  assert cfg.attn_res == tuple(res // 2**i for i in attn)
   assert target.step == 1234 and target.schedule.num_timesteps == 1000
   _assert_same(target, ema, x, t)
 
-  convert.convert('pytorch-ddpm', tmp_path / 'ckpt.pt', tmp_path / 'net', weights='net',
-                  resolution=res)
+  convert.convert(
+    'pytorch-ddpm', tmp_path / 'ckpt.pt', tmp_path / 'net', weights='net', resolution=res
+  )
   net_target = load_target(tmp_path / 'net')
-  head = {'net': net.head.weight.detach().numpy().transpose(2, 3, 1, 0),
-          'ema': ema.head.weight.detach().numpy().transpose(2, 3, 1, 0)}
+  head = {
+    'net': net.head.weight.detach().numpy().transpose(2, 3, 1, 0),
+    'ema': ema.head.weight.detach().numpy().transpose(2, 3, 1, 0),
+  }
   np.testing.assert_array_equal(np.asarray(net_target.params['head']['kernel']), head['net'])
   np.testing.assert_array_equal(np.asarray(target.params['head']['kernel']), head['ema'])
   if name == 'small':  # the paper model's net weights: parameters checked above, not outputs
     _assert_same(net_target, net, x, t)
   else:
-    assert 35.6e6 < sum(p.numel() for n, p in ema.named_parameters()
-                        if 'timembedding.0' not in n) < 35.8e6
+    assert (
+      35.6e6
+      < sum(p.numel() for n, p in ema.named_parameters() if 'timembedding.0' not in n)
+      < 35.8e6
+    )
 
 
 def test_pytorch_ddpm_bare_state_dict_and_safetensors(tmp_path, ddpm_small, small_pt):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   x, t = _inputs(1, 16)
   convert.convert('pytorch-ddpm', small_pt, tmp_path / 'pt', resolution=16)
   _assert_same(load_target(tmp_path / 'pt'), ddpm_small, x, t)
-  safetensors.numpy.save_file({k: v.numpy() for k, v in ddpm_small.state_dict().items()},
-                              str(tmp_path / 'small.safetensors'))
+  safetensors.numpy.save_file(
+    {k: v.numpy() for k, v in ddpm_small.state_dict().items()}, str(tmp_path / 'small.safetensors')
+  )
   convert.convert('pytorch-ddpm', tmp_path / 'small.safetensors', tmp_path / 'st', resolution=16)
   _assert_same(load_target(tmp_path / 'st'), ddpm_small, x, t)
 
 
 def test_command_line(tmp_path, ddpm_small):
-  torch.save({'net_model': ddpm_small.state_dict(),
-              'ema_model': _ddpm_model('small', 2).state_dict()}, tmp_path / 'ckpt.pt')
+  torch.save(
+    {'net_model': ddpm_small.state_dict(), 'ema_model': _ddpm_model('small', 2).state_dict()},
+    tmp_path / 'ckpt.pt',
+  )
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo)
-  subprocess.run([sys.executable, '-m', 'drc_jax.convert', '--format=pytorch-ddpm',
-                  f'--src={tmp_path / "ckpt.pt"}', f'--workdir={tmp_path / "w"}', '--weights=net',
-                  '--resolution=16', '--beta_end=0.03'], check=True, env=env, cwd=repo)
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'drc_jax.convert',
+      '--format=pytorch-ddpm',
+      f'--src={tmp_path / "ckpt.pt"}',
+      f'--workdir={tmp_path / "w"}',
+      '--weights=net',
+      '--resolution=16',
+      '--beta_end=0.03',
+    ],
+    check=True,
+    env=env,
+    cwd=repo,
+  )
   doc = json.loads((tmp_path / 'w' / 'model.json').read_text())
-  assert doc['diffusion'] == {'num_timesteps': 1000, 'beta_schedule': 'linear', 'beta_start': 1e-4,
-                              'beta_end': 0.03}
+  assert doc['diffusion'] == {
+    'num_timesteps': 1000,
+    'beta_schedule': 'linear',
+    'beta_start': 1e-4,
+    'beta_end': 0.03,
+  }
   assert 'net_model' in doc['source']
   _assert_same(load_target(tmp_path / 'w'), ddpm_small, *_inputs(1, 16))
 
@@ -267,25 +313,36 @@ def test_command_line(tmp_path, ddpm_small):
 # ----------------------------------------------------------------------------- diffusers
 
 DIFFUSERS_CONFIGS = {  # name: (ch, ch_mult, attention resolutions, layers, channels, size, groups)
-    'paper': (128, (1, 2, 2, 2), (16,), 2, 3, 32, 32),
-    'small': (32, (1, 2), (8,), 1, 1, 16, 8),
+  'paper': (128, (1, 2, 2, 2), (16,), 2, 3, 32, 32),
+  'small': (32, (1, 2), (8,), 1, 1, 16, 8),
 }
 
 
 def _diffusers_model(name, seed):
   diffusers = pytest.importorskip('diffusers', reason='diffusers import needs the torch extra')
   ch, ch_mult, attn_res, layers, channels, size, groups = DIFFUSERS_CONFIGS[name]
-  res = [size // 2 ** i for i in range(len(ch_mult))]
+  res = [size // 2**i for i in range(len(ch_mult))]
   torch.manual_seed(seed)
   model = diffusers.UNet2DModel(
-      sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=layers,
-      block_out_channels=tuple(ch * m for m in ch_mult),
-      down_block_types=tuple('AttnDownBlock2D' if r in attn_res else 'DownBlock2D' for r in res),
-      up_block_types=tuple('AttnUpBlock2D' if r in attn_res else 'UpBlock2D'
-                           for r in reversed(res)),
-      norm_num_groups=groups, norm_eps=1e-6, act_fn='silu', attention_head_dim=None,
-      center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-      mid_block_scale_factor=1, time_embedding_type='positional', dropout=0.0)
+    sample_size=size,
+    in_channels=channels,
+    out_channels=channels,
+    layers_per_block=layers,
+    block_out_channels=tuple(ch * m for m in ch_mult),
+    down_block_types=tuple('AttnDownBlock2D' if r in attn_res else 'DownBlock2D' for r in res),
+    up_block_types=tuple('AttnUpBlock2D' if r in attn_res else 'UpBlock2D' for r in reversed(res)),
+    norm_num_groups=groups,
+    norm_eps=1e-6,
+    act_fn='silu',
+    attention_head_dim=None,
+    center_input_sample=False,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1,
+    time_embedding_type='positional',
+    dropout=0.0,
+  )
   return _perturb(model, seed)
 
 
@@ -311,6 +368,7 @@ def test_diffusers_matches_reference(tmp_path, name):
 
 def test_diffusers_deprecated_attention_names_and_scheduler(tmp_path):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   model = _diffusers_model('small', 4)
   unet = tmp_path / 'pipe' / 'unet'
   model.save_pretrained(unet)
@@ -324,43 +382,84 @@ def test_diffusers_deprecated_attention_names_and_scheduler(tmp_path):
   assert any('.proj_attn.' in k for k in renamed)
   safetensors.numpy.save_file(renamed, str(unet / 'diffusion_pytorch_model.safetensors'))
   (tmp_path / 'pipe' / 'scheduler').mkdir()
-  (tmp_path / 'pipe' / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(
-      {'_class_name': 'DDPMScheduler', 'num_train_timesteps': 500, 'beta_start': 1e-4,
-       'beta_end': 0.02, 'beta_schedule': 'linear'}))
+  (tmp_path / 'pipe' / 'scheduler' / 'scheduler_config.json').write_text(
+    json.dumps(
+      {
+        '_class_name': 'DDPMScheduler',
+        'num_train_timesteps': 500,
+        'beta_start': 1e-4,
+        'beta_end': 0.02,
+        'beta_schedule': 'linear',
+      }
+    )
+  )
   converted = convert.convert('diffusers', tmp_path / 'pipe', tmp_path / 'w')
   assert converted.diffusion['num_timesteps'] == 500
   _assert_same(load_target(tmp_path / 'w'), model, *_inputs(1, 16))
   with pytest.raises(convert.ConversionError, match='num_timesteps=1000 contradicts'):
-    convert.convert('diffusers', tmp_path / 'pipe', tmp_path / 'w2',
-                    diffusion={'num_timesteps': 1000})
+    convert.convert(
+      'diffusers', tmp_path / 'pipe', tmp_path / 'w2', diffusion={'num_timesteps': 1000}
+    )
 
 
 GOOGLE_DDPM_CIFAR10 = {  # config.json of google/ddpm-cifar10-32 (fields it leaves out: defaults)
-    '_class_name': 'UNet2DModel', 'act_fn': 'silu', 'attention_head_dim': None,
-    'block_out_channels': [128, 256, 256, 256], 'center_input_sample': False,
-    'down_block_types': ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
-    'downsample_padding': 0, 'flip_sin_to_cos': False, 'freq_shift': 1, 'in_channels': 3,
-    'layers_per_block': 2, 'mid_block_scale_factor': 1, 'norm_eps': 1e-06, 'norm_num_groups': 32,
-    'out_channels': 3, 'sample_size': 32, 'time_embedding_type': 'positional',
-    'up_block_types': ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'],
+  '_class_name': 'UNet2DModel',
+  'act_fn': 'silu',
+  'attention_head_dim': None,
+  'block_out_channels': [128, 256, 256, 256],
+  'center_input_sample': False,
+  'down_block_types': ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
+  'downsample_padding': 0,
+  'flip_sin_to_cos': False,
+  'freq_shift': 1,
+  'in_channels': 3,
+  'layers_per_block': 2,
+  'mid_block_scale_factor': 1,
+  'norm_eps': 1e-06,
+  'norm_num_groups': 32,
+  'out_channels': 3,
+  'sample_size': 32,
+  'time_embedding_type': 'positional',
+  'up_block_types': ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'],
 }
 
 
 def test_diffusers_config_of_the_paper_model():
   cfg = convert.diffusers_config(GOOGLE_DDPM_CIFAR10)
   assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.resolution) == (
-      128, (1, 2, 2, 2), 2, (16,), 32)
+    128,
+    (1, 2, 2, 2),
+    2,
+    (16,),
+    32,
+  )
   assert (cfg.time_embed_layout, cfg.time_freq_shift, cfg.downsample_padding, cfg.norm_eps) == (
-      'sin_cos', 1, 'asymmetric', 1e-6)
+    'sin_cos',
+    1,
+    'asymmetric',
+    1e-6,
+  )
 
 
-@pytest.mark.parametrize('field,value', [
-    ('resnet_time_scale_shift', 'scale_shift'), ('attention_head_dim', 8),
-    ('time_embedding_type', 'fourier'), ('center_input_sample', True), ('add_attention', False),
-    ('class_embed_type', 'timestep'), ('num_class_embeds', 10), ('mid_block_scale_factor', 2),
-    ('act_fn', 'gelu'), ('downsample_type', 'resnet'), ('attn_norm_num_groups', 8),
-    ('up_block_types', ['UpBlock2D'] * 4), ('block_out_channels', [128, 192, 256, 256]),
-    ('some_new_field', 1)])
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('resnet_time_scale_shift', 'scale_shift'),
+    ('attention_head_dim', 8),
+    ('time_embedding_type', 'fourier'),
+    ('center_input_sample', True),
+    ('add_attention', False),
+    ('class_embed_type', 'timestep'),
+    ('num_class_embeds', 10),
+    ('mid_block_scale_factor', 2),
+    ('act_fn', 'gelu'),
+    ('downsample_type', 'resnet'),
+    ('attn_norm_num_groups', 8),
+    ('up_block_types', ['UpBlock2D'] * 4),
+    ('block_out_channels', [128, 192, 256, 256]),
+    ('some_new_field', 1),
+  ],
+)
 def test_diffusers_config_refused(field, value):
   with pytest.raises(convert.ConversionError, match=field):
     convert.diffusers_config(dict(GOOGLE_DDPM_CIFAR10, **{field: value}))
@@ -387,12 +486,14 @@ def test_missing_key(tmp_path, ddpm_small):
 def test_unexpected_key(tmp_path, ddpm_small):
   def edit(s):
     s['upblocks.0.extra.weight'] = torch.zeros(3)
+
   assert 'unexpected keys upblocks.0.extra.weight' in _edit_and_convert(tmp_path, ddpm_small, edit)
 
 
 def test_wrong_shape(tmp_path, ddpm_small):
   def edit(s):
     s['middleblocks.0.attn.proj_q.weight'] = torch.zeros(64, 64)
+
   msg = _edit_and_convert(tmp_path, ddpm_small, edit)
   assert 'middleblocks.0.attn.proj_q.weight: checkpoint (64, 64) vs expected (64, 64, 1, 1)' in msg
 
@@ -401,6 +502,7 @@ def test_non_finite_weight(tmp_path, ddpm_small):
   def edit(s):
     s['downblocks.0.block1.2.weight'] = s['downblocks.0.block1.2.weight'].clone()
     s['downblocks.0.block1.2.weight'][0, 0, 0, 0] = float('nan')
+
   assert 'non-finite' in _edit_and_convert(tmp_path, ddpm_small, edit)
   assert 'downblocks.0.block1.2.weight' in _edit_and_convert(tmp_path, ddpm_small, edit)
 
@@ -408,6 +510,7 @@ def test_non_finite_weight(tmp_path, ddpm_small):
 def test_wrong_time_table(tmp_path, ddpm_small):
   def edit(s):
     s['time_embedding.timembedding.0.weight'] = s['time_embedding.timembedding.0.weight'].flip(1)
+
   assert 'time_embedding.timembedding.0.weight' in _edit_and_convert(tmp_path, ddpm_small, edit)
 
 
@@ -456,10 +559,15 @@ def test_load_target_paths(tmp_path, ddpm_small, small_pt):
   want = np.asarray(whole.apply(x, t))
   for path in (tmp_path / 'w' / 'checkpoints', tmp_path / 'w' / 'checkpoints' / '0'):
     np.testing.assert_array_equal(np.asarray(load_target(path).apply(x, t)), want)
-  np.testing.assert_allclose(np.asarray(jax.jit(whole.model.apply)(whole.params, x, t)), want,
-                             rtol=0, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(whole.apply(x, 17)), _torch_eps(
-      ddpm_small, x, np.full(len(x), 17)), rtol=0, atol=ATOL)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(whole.model.apply)(whole.params, x, t)), want, rtol=0, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(whole.apply(x, 17)),
+    _torch_eps(ddpm_small, x, np.full(len(x), 17)),
+    rtol=0,
+    atol=ATOL,
+  )
   assert whole.schedule.num_timesteps == 1000 and whole.params is not None
   for bad in (tmp_path, tmp_path / 'w' / 'checkpoints' / '7', tmp_path / 'nope'):
     with pytest.raises(checkpoints.CheckpointError):
@@ -471,7 +579,9 @@ def test_load_target_paths(tmp_path, ddpm_small, small_pt):
 def test_imported_target_is_audited_not_trained(tmp_path, small_pt):
   """--mode=all on a converted workdir audits the imported target; --mode=train is refused."""
   from conftest import load_config  # pylint: disable=g-import-not-at-top
+
   from drc_jax import pipeline  # pylint: disable=g-import-not-at-top
+
   convert.convert('pytorch-ddpm', small_pt, tmp_path / 'w', resolution=16)
   c = load_config('fashion_mnist', 'runlocal')
   c.split.num_members = c.split.num_nonmembers = 16

@@ -64,8 +64,7 @@ def test_tfds_cifar10_and_celeba_through_data_source():
     src = D.make_source(_data_cfg(source='tfds', name='cifar10', channels=3, resolution=32))
     x, labels, hashes = D.load_images(src, [0, 5], _data_cfg(channels=3, resolution=32))
     assert x.shape == (2, 32, 32, 3) and labels.shape == (2,) and len(hashes[0]) == 64
-    celeb_cfg = _data_cfg(source='tfds', name='celeb_a', channels=3, resolution=32,
-                          center_crop=140)
+    celeb_cfg = _data_cfg(source='tfds', name='celeb_a', channels=3, resolution=32, center_crop=140)
     src = D.make_source(celeb_cfg)
     raw, labels = src.read([1])
     assert raw.shape == (1, 218, 178, 3) and labels.tolist() == [-1]
@@ -96,8 +95,10 @@ def test_image_folder(tmp_path):
   with pytest.raises(D.DataError, match='9.jpg: unreadable or corrupt'):
     src.read(range(len(src)))
   Image.fromarray(rng.integers(0, 255, (20, 24), np.uint8)).save(tmp_path / 'b' / '9.jpg')
-  with pytest.raises(D.DataError, match=f'{tmp_path / "b" / "9.jpg"} is grayscale but '
-                                        f'{tmp_path / "a" / "0.png"} is RGB'):
+  with pytest.raises(
+    D.DataError,
+    match=f'{tmp_path / "b" / "9.jpg"} is grayscale but {tmp_path / "a" / "0.png"} is RGB',
+  ):
     D.FolderSource(str(tmp_path), 16).read(range(5))
   with pytest.raises(D.DataError, match='image folder not found'):
     D.FolderSource(str(tmp_path / 'missing'), 16)
@@ -166,17 +167,25 @@ def _png16(path, arr):
   """A 16-bit PNG written by hand (color type 0 = gray [H, W], 2 = RGB [H, W, 3])."""
   import struct  # pylint: disable=g-import-not-at-top
   import zlib  # pylint: disable=g-import-not-at-top
+
   h, w = arr.shape[:2]
   raw = b''.join(b'\x00' + arr[y].astype('>u2').tobytes() for y in range(h))
 
   def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+    return (
+      struct.pack('>I', len(data))
+      + kind
+      + data
+      + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
   color = 0 if arr.ndim == 2 else 2
-  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, color,
-                                                                      0, 0, 0))
-                   + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+  path.write_bytes(
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, color, 0, 0, 0))
+    + chunk(b'IDAT', zlib.compress(raw))
+    + chunk(b'IEND', b'')
+  )
 
 
 def test_fuzz_a_folder_of_broken_images(tmp_path):
@@ -216,8 +225,12 @@ def test_fuzz_a_folder_of_broken_images(tmp_path):
   assert set(np.unique(raw[1])) <= {0, 255}
   np.testing.assert_array_equal(raw[2, ..., 0], rgb[..., 0])  # LA: alpha dropped
 
-  broken = {'truncated.png': (good / 'a_rgb.png').read_bytes()[:200], 'empty.png': b'',
-            'text.png': b'hello, I am not an image\n', 'bad.jpg': b'\xff\xd8\xff\xe0garbage'}
+  broken = {
+    'truncated.png': (good / 'a_rgb.png').read_bytes()[:200],
+    'empty.png': b'',
+    'text.png': b'hello, I am not an image\n',
+    'bad.jpg': b'\xff\xd8\xff\xe0garbage',
+  }
   for name, data in broken.items():
     d = tmp_path / name.replace('.', '_')
     d.mkdir()
@@ -233,8 +246,9 @@ def test_fuzz_a_folder_of_broken_images(tmp_path):
   mixed.mkdir()
   Image.fromarray(rgb).save(mixed / 'a.png')
   _png16(mixed / 'b16.png', gray16)
-  with pytest.raises(D.DataError, match=f'{mixed / "b16.png"} is grayscale but '
-                                        f'{mixed / "a.png"} is RGB'):
+  with pytest.raises(
+    D.DataError, match=f'{mixed / "b16.png"} is grayscale but {mixed / "a.png"} is RGB'
+  ):
     D.FolderSource(str(mixed), r).read(range(2))
 
   (tmp_path / 'float').mkdir()

@@ -6,16 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import load_config
 from PIL import Image
 
-from conftest import load_config
 from drc_jax import audit as A
 from drc_jax import data as D
 from drc_jax import dataset_inference as DI
-from drc_jax import metrics
-from drc_jax import pipeline
-from drc_jax import stats
-from drc_jax import validate
+from drc_jax import metrics, pipeline, stats, validate
 
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
 DETERMINISTIC = ('secmi', 'pia', 'pian', 'sima')  # no noise key: same image, same score
@@ -59,8 +56,10 @@ def test_compare_sets_reports_each_attack_and_the_combination():
   assert out['b']['rank_biserial'] == pytest.approx(2 * t.auc - 1)
   delta = (suspect[:, 1].mean() - reference[:, 1].mean()) / reference[:, 1].std(ddof=1)
   assert out['b']['glass_delta'] == pytest.approx(delta)
-  assert out['combined']['p_value'] == stats.mann_whitney_greater(
-      combiner.score(suspect), combiner.score(reference)).p_value
+  assert (
+    out['combined']['p_value']
+    == stats.mann_whitney_greater(combiner.score(suspect), combiner.score(reference)).p_value
+  )
   assert out['combined']['reject'] and out['combined']['verdict'].startswith('member data detected')
   assert (out['a']['n_suspect'], out['a']['n_reference']) == (20, 100)
 
@@ -70,35 +69,41 @@ def test_power_curve_false_positive_rate_stays_within_alpha():
   # so that the false-positive rate is measurable. Non-member sets come from the reference pool
   # and are tested against the rest of it: the rate must be at most alpha within its interval.
   rng = np.random.default_rng(2)
-  combiner = DI.fit_combiner(rng.normal(size=(100, 2)) + [1, 0], rng.normal(size=(100, 2)),
-                             ['signal', 'noise'])
+  combiner = DI.fit_combiner(
+    rng.normal(size=(100, 2)) + [1, 0], rng.normal(size=(100, 2)), ['signal', 'noise']
+  )
   members, reference = rng.normal(size=(80, 2)) + [1, 0], rng.normal(size=(300, 2))
-  power = DI.power_curve(members, reference, combiner, sizes=(1, 5, 20, 100, 200),
-                         repetitions=400, alpha=0.05, seed=0)
+  power = DI.power_curve(
+    members, reference, combiner, sizes=(1, 5, 20, 100, 200), repetitions=400, alpha=0.05, seed=0
+  )
   assert power['members']['sizes'] == [1, 5, 20] and power['members']['skipped_sizes'] == [100, 200]
   assert power['nonmembers']['sizes'] == [1, 5, 20, 100]
   assert power['nonmembers']['skipped_sizes'] == [200]
   for name in ('combined', 'signal', 'noise'):
     assert all(power['nonmembers']['within_alpha'][name]), power['nonmembers'][name]
-    for k, (lo, hi) in zip(power['nonmembers'][name]['rejections'],
-                           power['nonmembers'][name]['ci95']):
+    for k, (lo, hi) in zip(
+      power['nonmembers'][name]['rejections'], power['nonmembers'][name]['ci95']
+    ):
       assert (lo, hi) == stats.clopper_pearson(k, 400)
   tpr = power['members']['combined']['rate']
   assert tpr[0] < tpr[1] < tpr[2] and tpr[2] > 0.95  # power grows with the set size
   assert max(power['members']['noise']['rate']) < 0.15  # a score without signal has none
-  again = DI.power_curve(members, reference, combiner, sizes=(1, 5, 20, 100, 200),
-                         repetitions=400, alpha=0.05, seed=0)
+  again = DI.power_curve(
+    members, reference, combiner, sizes=(1, 5, 20, 100, 200), repetitions=400, alpha=0.05, seed=0
+  )
   assert again == power  # seeded
 
 
 def test_dataset_config_errors_name_the_field(tmp_path):
   c = load_config('fashion_mnist', 'runlocal')
   validate.check(c)
-  for field, value, match in (('suspect', 'both', 'config.dataset.suspect'),
-                              ('alpha', 0.7, 'config.dataset.alpha'),
-                              ('size', 0, 'config.dataset.size'),
-                              ('power_sizes', (1, 0), 'config.dataset.power_sizes'),
-                              ('power_repetitions', 0, 'config.dataset.power_repetitions')):
+  for field, value, match in (
+    ('suspect', 'both', 'config.dataset.suspect'),
+    ('alpha', 0.7, 'config.dataset.alpha'),
+    ('size', 0, 'config.dataset.size'),
+    ('power_sizes', (1, 0), 'config.dataset.power_sizes'),
+    ('power_repetitions', 0, 'config.dataset.power_repetitions'),
+  ):
     bad = load_config('fashion_mnist', 'runlocal')
     bad.dataset[field] = value
     with pytest.raises(validate.ConfigError, match=match):
@@ -111,8 +116,11 @@ def test_dataset_config_errors_name_the_field(tmp_path):
   c.dataset.suspect, c.dataset.suspect_dir = '', str(tmp_path / 'nope')
   with pytest.raises(validate.ConfigError, match='config.dataset.suspect_dir: .*nope is not a dir'):
     validate.check_dataset(c, require_suspect=True)
-  for field, value in (('calibration', 'isotonic'), ('calibration_fpr', 0.0),
-                       ('calibration_l2', -1.0)):
+  for field, value in (
+    ('calibration', 'isotonic'),
+    ('calibration_fpr', 0.0),
+    ('calibration_l2', -1.0),
+  ):
     bad = load_config('fashion_mnist', 'runlocal')
     bad.audit[field] = value
     with pytest.raises(validate.ConfigError, match=f'config.audit.{field}'):
@@ -121,14 +129,21 @@ def test_dataset_config_errors_name_the_field(tmp_path):
 
 def test_dataset_fields_parse_from_the_command_line():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from conftest import REPO  # pylint: disable=g-import-not-at-top
-  argv = ['prog', f'--config={REPO}/configs/fashion_mnist.py', '--config.dataset.suspect=members',
-          '--config.dataset.size=50', '--config.dataset.power_sizes=(1,5)',
-          '--config.audit.calibration=none']
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  argv = [
+    'prog',
+    f'--config={REPO}/configs/fashion_mnist.py',
+    '--config.dataset.suspect=members',
+    '--config.dataset.size=50',
+    '--config.dataset.power_sizes=(1,5)',
+    '--config.audit.calibration=none',
+  ]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, sys_argv=argv,
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', None, 'config', flag_values=fv, sys_argv=argv, lock_config=True
+  )
   fv(argv)
   c = fv.config
   assert (c.dataset.suspect, c.dataset.size) == ('members', 50)
@@ -191,8 +206,12 @@ def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
   # 32 members / 32 non-members, calibration fraction 0.2: 6 + 6 fit the combiner, the held-out
   # 26 + 26 are the pools; non-member sets of size n are tested against the other 26 - n.
   assert result['combiner']['fit']['n_members'] == result['combiner']['fit']['n_nonmembers'] == 6
-  assert result['reference'] == {'source': "the split's non-members", 'n_test': 26, 'n_fit': 6,
-                                 'n_heldout': 26}
+  assert result['reference'] == {
+    'source': "the split's non-members",
+    'n_test': 26,
+    'n_fit': 6,
+    'n_heldout': 26,
+  }
   assert result['power']['pools'] == {'members': 26, 'reference': 26}
   assert result['power']['nonmembers']['sizes'] == [1, 2, 5]
   assert result['verdict'] == result['tests']['combined']['verdict']

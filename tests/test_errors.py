@@ -5,21 +5,22 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from drc_jax import audit
-from drc_jax import checkpoints
-from drc_jax import convert
-from drc_jax import data
-from drc_jax import errors
-from drc_jax import validate
+
+from drc_jax import audit, checkpoints, convert, data, errors, validate
 
 
 def _run(module, *args, cwd=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
-  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True,
-                        env=env, cwd=cwd or REPO, timeout=300)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=cwd or REPO,
+    timeout=300,
+  )
 
 
 def _error_lines(r):
@@ -27,21 +28,37 @@ def _error_lines(r):
 
 
 def test_every_input_error_is_a_user_error():
-  for cls in (validate.ConfigError, data.DataError, checkpoints.CheckpointError,
-              convert.ConversionError, audit.AuditConfigMismatch, errors.WorkdirError,
-              errors.TrainingError):
+  for cls in (
+    validate.ConfigError,
+    data.DataError,
+    checkpoints.CheckpointError,
+    convert.ConversionError,
+    audit.AuditConfigMismatch,
+    errors.WorkdirError,
+    errors.TrainingError,
+  ):
     assert issubclass(cls, errors.UserError), cls
 
 
-@pytest.mark.parametrize('args, expected', [
+@pytest.mark.parametrize(
+  'args, expected',
+  [
     (['--config.drc.mask_ratio=1.5'], 'error: config.drc.mask_ratio: 1.5 not in (0, 1)'),
-    (['--config.data.tfds_orde=id'], "error: --config.data.tfds_orde: unknown config field "
-                                     "'tfds_orde' (Did you mean \"tfds_order\""),
+    (
+      ['--config.data.tfds_orde=id'],
+      'error: --config.data.tfds_orde: unknown config field '
+      '\'tfds_orde\' (Did you mean "tfds_order"',
+    ),
     (['--config.train.steps=abc'], 'error: flag --config.train.steps=abc: invalid literal'),
-])
+  ],
+)
 def test_main_prints_one_line_and_exits_2(tmp_path, args, expected):
-  r = _run('drc_jax.main', f'--config={REPO}/configs/fashion_mnist.py:runlocal',
-           f'--workdir={tmp_path / "w"}', *args)
+  r = _run(
+    'drc_jax.main',
+    f'--config={REPO}/configs/fashion_mnist.py:runlocal',
+    f'--workdir={tmp_path / "w"}',
+    *args,
+  )
   assert r.returncode == errors.EXIT_USER_ERROR, r.stderr[-2000:]
   assert 'Traceback' not in r.stderr
   lines = _error_lines(r)
@@ -56,18 +73,28 @@ def test_a_config_file_error_is_one_line(tmp_path):
 
 
 def test_verbose_keeps_the_traceback(tmp_path):
-  r = _run('drc_jax.main', f'--config={REPO}/configs/fashion_mnist.py:runlocal',
-           f'--workdir={tmp_path / "w"}', '--config.drc.mask_ratio=1.5', '--verbose')
+  r = _run(
+    'drc_jax.main',
+    f'--config={REPO}/configs/fashion_mnist.py:runlocal',
+    f'--workdir={tmp_path / "w"}',
+    '--config.drc.mask_ratio=1.5',
+    '--verbose',
+  )
   assert r.returncode == errors.EXIT_USER_ERROR
   assert 'Traceback' in r.stderr and 'ConfigError: config.drc.mask_ratio' in r.stderr
 
 
 def test_convert_prints_one_line(tmp_path):
-  r = _run('drc_jax.convert', '--format=diffusers', f'--src={tmp_path / "missing"}',
-           f'--workdir={tmp_path / "w"}')
+  r = _run(
+    'drc_jax.convert',
+    '--format=diffusers',
+    f'--src={tmp_path / "missing"}',
+    f'--workdir={tmp_path / "w"}',
+  )
   assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr
-  assert _error_lines(r) == [f'error: {tmp_path / "missing"}: not found (--verbose shows the '
-                             f'traceback)']
+  assert _error_lines(r) == [
+    f'error: {tmp_path / "missing"}: not found (--verbose shows the traceback)'
+  ]
 
 
 def test_programming_errors_keep_their_traceback():
@@ -88,6 +115,7 @@ def test_programming_errors_keep_their_traceback():
 def test_pyproject_license_is_an_spdx_expression():
   """The license table ({text = ...}) made setuptools print BuildBackendWarnings on each build."""
   import tomllib  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)
   assert project['project']['license'] == 'Apache-2.0'

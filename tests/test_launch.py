@@ -16,23 +16,52 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = REPO / 'launch'
-LAUNCHER_VARS = ('TPU_NAME', 'ZONE', 'ACCELERATOR_TYPE', 'PROJECT', 'WORKDIR', 'CONFIG',
-                 'RUNTIME_VERSION', 'CREATE_FLAGS', 'REPO_URL', 'REPO_REF', 'REMOTE_DIR', 'NODES',
-                 'GPUS_PER_NODE', 'PARTITION', 'ACCOUNT', 'TIME', 'VENV', 'LAYOUT', 'JOB_NAME',
-                 'LOG_DIR', 'SBATCH_FLAGS', 'DRC_JAX_DRY_RUN')
-TPU_ENV = {'TPU_NAME': 'drc-v5e-16', 'ZONE': 'us-west4-a', 'ACCELERATOR_TYPE': 'v5litepod-16',
-           'PROJECT': 'my-project', 'WORKDIR': 'gs://my-bucket/drc/celeba'}
-SLURM_ENV = {'WORKDIR': '/shared/runs/celeba', 'CONFIG': 'configs/celeba.py', 'NODES': '4',
-             'GPUS_PER_NODE': '8'}
+LAUNCHER_VARS = (
+  'TPU_NAME',
+  'ZONE',
+  'ACCELERATOR_TYPE',
+  'PROJECT',
+  'WORKDIR',
+  'CONFIG',
+  'RUNTIME_VERSION',
+  'CREATE_FLAGS',
+  'REPO_URL',
+  'REPO_REF',
+  'REMOTE_DIR',
+  'NODES',
+  'GPUS_PER_NODE',
+  'PARTITION',
+  'ACCOUNT',
+  'TIME',
+  'VENV',
+  'LAYOUT',
+  'JOB_NAME',
+  'LOG_DIR',
+  'SBATCH_FLAGS',
+  'DRC_JAX_DRY_RUN',
+)
+TPU_ENV = {
+  'TPU_NAME': 'drc-v5e-16',
+  'ZONE': 'us-west4-a',
+  'ACCELERATOR_TYPE': 'v5litepod-16',
+  'PROJECT': 'my-project',
+  'WORKDIR': 'gs://my-bucket/drc/celeba',
+}
+SLURM_ENV = {
+  'WORKDIR': '/shared/runs/celeba',
+  'CONFIG': 'configs/celeba.py',
+  'NODES': '4',
+  'GPUS_PER_NODE': '8',
+}
 EXTRA = ['--mode=audit', '--config.audit.batch_size=256']
 
 # Records one call: working directory, the two multi-host variables, then argv; NUL-separated.
-STUB_PYTHON = r'''#!/usr/bin/env bash
+STUB_PYTHON = r"""#!/usr/bin/env bash
 printf '%s\0' "$PWD" "${DRC_JAX_DISTRIBUTED-}" "${JAX_LOCAL_DEVICE_IDS-}" "$@" \
   > "$(mktemp "$STUB_CALLS/call.XXXXXX")"
-'''
+"""
 FAIL_STUB = '#!/usr/bin/env bash\ntouch "$STUB_CALLS/called-$(basename "$0")"\nexit 97\n'
-FAKE_GCLOUD = r'''#!/usr/bin/env bash
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # gcloud compute tpus tpu-vm {describe,scp,ssh} on one fake worker whose home is $FAKE_HOME.
 set -euo pipefail
 shift 3
@@ -46,8 +75,8 @@ case $1 in
     exit 98 ;;
   *) exit 99 ;;
 esac
-'''
-FAKE_SBATCH = r'''#!/usr/bin/env bash
+"""
+FAKE_SBATCH = r"""#!/usr/bin/env bash
 # Runs the batch script once, in --chdir, like sbatch would on the first node of the job.
 set -euo pipefail
 dir=$PWD
@@ -57,11 +86,11 @@ while [[ $1 == -* ]]; do
 done
 cd "$dir"
 SLURM_JOB_ID=42 exec bash "$@"
-'''
-FAKE_SRUN = r'''#!/usr/bin/env bash
+"""
+FAKE_SRUN = r"""#!/usr/bin/env bash
 while [[ $1 == -* ]]; do shift; done
 exec "$@"
-'''
+"""
 
 
 def _stubs(tmp_path, **scripts) -> tuple[pathlib.Path, pathlib.Path]:
@@ -81,8 +110,15 @@ def _run(script, args=(), env=None, path_prefix=None, calls=None, cwd=REPO):
   if calls is not None:
     base['STUB_CALLS'] = str(calls)
   base.update(env or {})
-  return subprocess.run(['bash', str(LAUNCH / script), *args], env=base, cwd=cwd,
-                        capture_output=True, text=True, timeout=60, check=False)
+  return subprocess.run(
+    ['bash', str(LAUNCH / script), *args],
+    env=base,
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
 
 
 def _calls(calls: pathlib.Path) -> list[dict]:
@@ -91,15 +127,17 @@ def _calls(calls: pathlib.Path) -> list[dict]:
   for f in sorted(calls.glob('call.*')):
     cwd, distributed, device_ids, *argv = f.read_bytes().decode().split('\0')[:-1]
     if argv[:2] == ['-m', 'drc_jax.main']:
-      out.append({'cwd': cwd, 'distributed': distributed, 'device_ids': device_ids,
-                  'flags': argv[2:]})
+      out.append(
+        {'cwd': cwd, 'distributed': distributed, 'device_ids': device_ids, 'flags': argv[2:]}
+      )
   return out
 
 
 @pytest.mark.parametrize('script', ['local.sh', 'tpu_vm.sh', 'slurm.sh', 'slurm.sbatch'])
 def test_scripts_parse(script):
-  r = subprocess.run(['bash', '-n', str(LAUNCH / script)], capture_output=True, text=True,
-                     check=False)
+  r = subprocess.run(
+    ['bash', '-n', str(LAUNCH / script)], capture_output=True, text=True, check=False
+  )
   assert r.returncode == 0, r.stderr
   assert 'set -euo pipefail' in (LAUNCH / script).read_text()
 
@@ -115,21 +153,28 @@ def test_tpu_vm_dry_run_prints_every_step_and_runs_none(tmp_path):
   assert not list(calls.iterdir()), 'a dry run called gcloud'
   lines = [l for l in r.stdout.splitlines() if l.startswith('+ ')]
   assert [l.split()[1:5] for l in lines if 'gcloud' in l] == [
-      ['gcloud', 'compute', 'tpus', 'tpu-vm']] * 5
+    ['gcloud', 'compute', 'tpus', 'tpu-vm']
+  ] * 5
   assert 'tpu-vm create drc-v5e-16' in r.stdout
   assert '--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite' in r.stdout
   assert 'pip install -q -e ".[tpu,gcs]"' in r.stdout
   job = lines[-1]
   assert '--worker=all' in job and '--zone=us-west4-a' in job and '--project=my-project' in job
-  for part in ('DRC_JAX_DISTRIBUTED=1', 'python -m drc_jax.main', '--config=configs/celeba.py',
-               '--workdir=gs://my-bucket/drc/celeba', ' '.join(EXTRA)):
+  for part in (
+    'DRC_JAX_DISTRIBUTED=1',
+    'python -m drc_jax.main',
+    '--config=configs/celeba.py',
+    '--workdir=gs://my-bucket/drc/celeba',
+    ' '.join(EXTRA),
+  ):
     assert part in job
 
 
 def test_tpu_vm_dry_run_clone_and_variant(tmp_path):
   bin_dir, calls = _no_tool_called(tmp_path)
-  env = dict(TPU_ENV, CONFIG='configs/fashion_mnist.py:runlocal', REPO_URL='https://x/drc.git',
-             REPO_REF='v1')
+  env = dict(
+    TPU_ENV, CONFIG='configs/fashion_mnist.py:runlocal', REPO_URL='https://x/drc.git', REPO_REF='v1'
+  )
   r = _run('tpu_vm.sh', ['--dry-run', '--detach'], env, bin_dir, calls)
   assert r.returncode == 0, r.stderr
   assert not list(calls.iterdir())
@@ -166,8 +211,13 @@ def test_tpu_vm_end_to_end_quoting(tmp_path):
   (home / 'drc_jax' / 'pyproject.toml').write_text('[project]\nname = "drc_jax"\n')  # a copy
   (home / 'drc_jax' / 'stale.py').write_text('')  # deleted from the repository since
   extra = ['--config.note=it\'s "quoted" $HOME', '--mode=audit']
-  env = dict(TPU_ENV, WORKDIR='gs://b/run one', CONFIG='configs/fashion_mnist.py:runlocal',
-             FAKE_HOME=str(home), TMPDIR=str(tmp_path))
+  env = dict(
+    TPU_ENV,
+    WORKDIR='gs://b/run one',
+    CONFIG='configs/fashion_mnist.py:runlocal',
+    FAKE_HOME=str(home),
+    TMPDIR=str(tmp_path),
+  )
   for options in ([], ['--detach']):
     r = _run('tpu_vm.sh', [*options, '--', *extra], env, bin_dir, calls)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -180,15 +230,35 @@ def test_tpu_vm_end_to_end_quoting(tmp_path):
   assert (venv_bin / 'python').is_file()
   assert not (home / 'drc_jax' / 'stale.py').exists()
   assert not (home / 'drc_jax_src.tar.gz').exists()
-  assert _calls(calls) == [{'cwd': str(home / 'drc_jax'), 'distributed': '1', 'device_ids': '',
-                            'flags': ['--config=configs/fashion_mnist.py:runlocal',
-                                      '--workdir=gs://b/run one', *extra]}] * 2
+  assert (
+    _calls(calls)
+    == [
+      {
+        'cwd': str(home / 'drc_jax'),
+        'distributed': '1',
+        'device_ids': '',
+        'flags': ['--config=configs/fashion_mnist.py:runlocal', '--workdir=gs://b/run one', *extra],
+      }
+    ]
+    * 2
+  )
 
 
 def test_tpu_vm_end_to_end_clone(tmp_path):
   """REPO_URL: the workers' clone is moved to REPO_REF; its virtual environment is kept."""
-  git = ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', '-c', 'init.defaultBranch=main',
-         '-c', 'commit.gpgsign=false', '-c', 'tag.gpgsign=false']
+  git = [
+    'git',
+    '-c',
+    'user.name=t',
+    '-c',
+    'user.email=t@t',
+    '-c',
+    'init.defaultBranch=main',
+    '-c',
+    'commit.gpgsign=false',
+    '-c',
+    'tag.gpgsign=false',
+  ]
   origin = tmp_path / 'origin'
   subprocess.run([*git, 'init', '-q', str(origin)], check=True)
   for version in ('v1', 'v2'):  # the workers' clone starts at v2
@@ -227,13 +297,25 @@ def test_slurm_dry_run_prints_sbatch_and_step(tmp_path):
   assert r.returncode == 0, r.stderr
   assert not list(calls.iterdir()), 'a dry run called sbatch or srun'
   sbatch = next(l for l in r.stdout.splitlines() if l.startswith('+ sbatch '))
-  for part in ('--nodes=4', '--ntasks-per-node=8', '--gpus-per-node=8', '--partition=gpu',
-               '--account=acct', f'--chdir={REPO}', f'{LAUNCH}/slurm.sbatch ' + ' '.join(EXTRA)):
+  for part in (
+    '--nodes=4',
+    '--ntasks-per-node=8',
+    '--gpus-per-node=8',
+    '--partition=gpu',
+    '--account=acct',
+    f'--chdir={REPO}',
+    f'{LAUNCH}/slurm.sbatch ' + ' '.join(EXTRA),
+  ):
     assert part in sbatch
   step = r.stdout.splitlines()[-1]
   assert step.startswith('+ srun ')
-  for part in ('DRC_JAX_DISTRIBUTED=1', '/shared/venv/bin/python -m drc_jax.main',
-               '--config=configs/celeba.py', '--workdir=/shared/runs/celeba', ' '.join(EXTRA)):
+  for part in (
+    'DRC_JAX_DISTRIBUTED=1',
+    '/shared/venv/bin/python -m drc_jax.main',
+    '--config=configs/celeba.py',
+    '--workdir=/shared/runs/celeba',
+    ' '.join(EXTRA),
+  ):
     assert part in step
 
 
@@ -262,15 +344,20 @@ def test_slurm_end_to_end_quoting(tmp_path, layout):
   """sbatch -> slurm.sbatch -> srun -> python, with a relative workdir made absolute."""
   bin_dir, calls = _stubs(tmp_path, sbatch=FAKE_SBATCH, srun=FAKE_SRUN, python=STUB_PYTHON)
   extra = ['--config.note=it\'s "quoted" $HOME']
-  env = dict(SLURM_ENV, WORKDIR='my runs/x', GPUS_PER_NODE='2', LAYOUT=layout,
-             LOG_DIR=str(tmp_path / 'logs'))
+  env = dict(
+    SLURM_ENV, WORKDIR='my runs/x', GPUS_PER_NODE='2', LAYOUT=layout, LOG_DIR=str(tmp_path / 'logs')
+  )
   r = _run('slurm.sh', ['--', *extra], env, bin_dir, calls, cwd=tmp_path)
   assert r.returncode == 0, r.stdout + r.stderr
   assert (tmp_path / 'logs').is_dir()
-  assert _calls(calls) == [{'cwd': str(REPO), 'distributed': '1',
-                            'device_ids': '0,1' if layout == 'node' else '',
-                            'flags': ['--config=configs/celeba.py',
-                                      f'--workdir={tmp_path}/my runs/x', *extra]}]
+  assert _calls(calls) == [
+    {
+      'cwd': str(REPO),
+      'distributed': '1',
+      'device_ids': '0,1' if layout == 'node' else '',
+      'flags': ['--config=configs/celeba.py', f'--workdir={tmp_path}/my runs/x', *extra],
+    }
+  ]
 
 
 def test_sbatch_script_alone_checks_variables_and_dry_runs():
@@ -278,6 +365,8 @@ def test_sbatch_script_alone_checks_variables_and_dry_runs():
   assert r.returncode != 0 and 'WORKDIR: set WORKDIR' in r.stderr
   r = _run('slurm.sbatch', ['--mode=report'], dict(SLURM_ENV, DRC_JAX_DRY_RUN='1'))
   assert r.returncode == 0, r.stderr
-  assert r.stdout.strip() == ('+ srun --kill-on-bad-exit=1 env DRC_JAX_DISTRIBUTED=1 python -m '
-                              'drc_jax.main --config=configs/celeba.py '
-                              '--workdir=/shared/runs/celeba --mode=report')
+  assert r.stdout.strip() == (
+    '+ srun --kill-on-bad-exit=1 env DRC_JAX_DISTRIBUTED=1 python -m '
+    'drc_jax.main --config=configs/celeba.py '
+    '--workdir=/shared/runs/celeba --mode=report'
+  )

@@ -76,8 +76,10 @@ def test_auc_equals_mann_whitney_and_trapezoid_on_random_ties():
     assert metrics.auc(members, nonmembers) == pytest.approx(mann_whitney, abs=1e-12)
     assert trapezoid == pytest.approx(mann_whitney, abs=1e-12)
     # ASR (best balanced accuracy) agrees with brute force over every score as a threshold.
-    accuracies = [((members >= t).mean() + (nonmembers < t).mean()) / 2
-                  for t in np.concatenate([members, nonmembers, [np.inf]])]
+    accuracies = [
+      ((members >= t).mean() + (nonmembers < t).mean()) / 2
+      for t in np.concatenate([members, nonmembers, [np.inf]])
+    ]
     assert metrics.asr(members, nonmembers) == pytest.approx(max(accuracies))
 
 
@@ -86,8 +88,10 @@ def test_resampled_metrics_with_unit_counts_match_point_estimates():
   members = np.round(rng.normal(0.5, 1.0, 300), 1)
   nonmembers = np.round(rng.normal(0.0, 1.0, 400), 1)
   values = np.unique(np.concatenate([members, nonmembers]))
-  counts = [np.bincount(np.searchsorted(values, x), minlength=values.size)[None]
-            for x in (members, nonmembers)]
+  counts = [
+    np.bincount(np.searchsorted(values, x), minlength=values.size)[None]
+    for x in (members, nonmembers)
+  ]
   resampled = metrics._resampled_metrics(counts[0], counts[1], (0.01, 0.001))
   point = metrics.attack_metrics(members, nonmembers, bootstrap=0)
   for name in ('auc', 'asr', 'tpr_at_1pct_fpr', 'tpr_at_0p1pct_fpr'):
@@ -109,8 +113,9 @@ def test_bootstrap_interval_contains_point_estimate_and_is_seeded():
 def test_warnings_for_few_expected_false_positives():
   rng = np.random.default_rng(4)
   small = metrics.attack_metrics(rng.normal(size=50), rng.normal(size=500), bootstrap=0)
-  assert any('TPR@0.1%FPR' in w and '0.5 expected' in w and '500 non-members' in w
-             for w in small['warnings'])
+  assert any(
+    'TPR@0.1%FPR' in w and '0.5 expected' in w and '500 non-members' in w for w in small['warnings']
+  )
   large = metrics.attack_metrics(rng.normal(size=50), rng.normal(size=5000), bootstrap=0)
   assert not any('TPR@1%FPR' in w for w in large['warnings'])
   assert any('TPR@0.1%FPR' in w for w in large['warnings'])  # 5000 * 0.001 = 5 < 10.
@@ -187,8 +192,9 @@ def test_agree_curve_hand_case():
 def test_percentile_among():
   reference = [2.0, 1.0, 1.0, 0.0]
   # 2.0: 3 below, 1 tied -> 3.5 / 4; 1.0: 1 below, 2 tied -> 2 / 4; -1.0: none; 5.0: all.
-  np.testing.assert_array_equal(metrics.percentile_among([2.0, 1.0, -1.0, 5.0], reference),
-                                [87.5, 50.0, 0.0, 100.0])
+  np.testing.assert_array_equal(
+    metrics.percentile_among([2.0, 1.0, -1.0, 5.0], reference), [87.5, 50.0, 0.0, 100.0]
+  )
 
 
 def test_tpr_metric_name():

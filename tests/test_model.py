@@ -12,7 +12,8 @@ def test_paper_unet_has_35_7m_parameters():
   _, params = M.DiffusionModel.abstract(M.UNetConfig())  # shapes only, no allocation
   assert abs(M.count_params(params) / 1e6 - 35.7) <= 0.1
   names = M.flat_param_shapes(params)
-  # pytorch-ddpm layout: 2 blocks x 4 levels + 3 downsamples (11); 3 blocks x 4 levels + 3 upsamples (15).
+  # pytorch-ddpm layout: 2 blocks x 4 levels + 3 downsamples (11);
+  # 3 blocks x 4 levels + 3 upsamples (15).
   assert names['head.kernel'] == (3, 3, 3, 128)
   assert 'downblocks.10.conv2.kernel' in names and 'downblocks.11.conv1.kernel' not in names
   assert 'upblocks.14.conv1.kernel' in names and 'upblocks.15.conv1.kernel' not in names
@@ -24,8 +25,16 @@ def test_paper_unet_has_35_7m_parameters():
 
 @pytest.mark.parametrize('channels', [1, 3])
 def test_small_unet_output_shape_and_dtype(channels):
-  cfg = M.UNetConfig(resolution=16, in_channels=channels, out_channels=channels, ch=16,
-                     ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), norm_groups=8)
+  cfg = M.UNetConfig(
+    resolution=16,
+    in_channels=channels,
+    out_channels=channels,
+    ch=16,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_res=(8,),
+    norm_groups=8,
+  )
   model, params = M.DiffusionModel.create(cfg)
   x = jnp.ones((3, 16, 16, channels))
   y = jax.jit(model.apply)(params, x, jnp.array([0, 10, 999]))
@@ -43,7 +52,8 @@ def test_time_embedding_layouts():
   e = M.timestep_embedding(jnp.array([1]), 8, 'sin_cos', 1)
   assert float(e[0, 3]) == pytest.approx(np.sin(1e-4), rel=1e-4)
   assert float(M.timestep_embedding(jnp.array([1]), 8, 'cos_sin', 1)[0, 0]) == pytest.approx(
-      np.cos(1.0), rel=1e-6)
+    np.cos(1.0), rel=1e-6
+  )
 
 
 def test_bad_model_configs_are_named():

@@ -7,8 +7,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from drc_jax import metrics
-from drc_jax import report
+from drc_jax import metrics, report
 
 ATTACKS = ('drc', 'loss', 'secmi')
 NUM_RESTORATIONS = 3
@@ -19,10 +18,10 @@ def _synthetic_table(num_per_split: int = 200, seed: int = 0) -> dict[str, np.nd
   n = 2 * num_per_split
   split = np.repeat(np.array([1, 0], dtype=np.int8), num_per_split)
   table = {
-      'split': split,
-      'index': np.tile(np.arange(num_per_split, dtype=np.int64), 2),
-      'hash': np.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]),
-      'label': rng.integers(0, 10, size=n).astype(np.int64),
+    'split': split,
+    'index': np.tile(np.arange(num_per_split, dtype=np.int64), 2),
+    'hash': np.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]),
+    'label': rng.integers(0, 10, size=n).astype(np.int64),
   }
   for shift, attack in enumerate(ATTACKS):
     table[f'score/{attack}'] = rng.normal(size=n) + 0.5 * (shift + 1) * split
@@ -37,19 +36,27 @@ def _evidence(table, channels: int) -> list[dict]:
   scores = table['score/drc']
   nonmember_scores = scores[table['split'] == 0]
   items = []
-  for kind, row in (('highest', int(np.argmax(scores))), ('lowest', int(np.argmin(scores))),
-                    ('borderline', 0)):
+  for kind, row in (
+    ('highest', int(np.argmax(scores))),
+    ('lowest', int(np.argmin(scores))),
+    ('borderline', 0),
+  ):
     original = rng.uniform(-1, 1, size=(28, 28, channels))
     degraded = original.copy()
     degraded[8:20, 8:20] = 0.0
-    items.append({
-        'kind': kind, 'index': int(table['index'][row]), 'split': int(table['split'][row]),
+    items.append(
+      {
+        'kind': kind,
+        'index': int(table['index'][row]),
+        'split': int(table['split'][row]),
         'score': float(scores[row]),
         'percentile': float(metrics.percentile_among(scores[row], nonmember_scores)[0]),
         'decision': 'member' if scores[row] > 0 else 'non-member',
-        'original': original, 'degraded': degraded,
+        'original': original,
+        'degraded': degraded,
         'restored': np.clip(original + rng.normal(0, 0.2, original.shape), -1, 1),
-    })
+      }
+    )
   return items
 
 
@@ -60,8 +67,9 @@ def _metrics(table) -> dict[str, dict]:
     scores = table[f'score/{attack}']
     out[attack] = metrics.attack_metrics(scores[members], scores[~members], bootstrap=200)
     out[attack]['nfe_per_image'] = nfe
-  calibrated = metrics.calibrate(table['score/drc'][members], table['score/drc'][~members],
-                                 fraction=0.5, seed=0)
+  calibrated = metrics.calibrate(
+    table['score/drc'][members], table['score/drc'][~members], fraction=0.5, seed=0
+  )
   out['drc']['calibrated'] = calibrated
   return out
 
@@ -69,8 +77,9 @@ def _metrics(table) -> dict[str, dict]:
 def test_write_report_is_self_contained(tmp_path):
   table = _synthetic_table()
   evidence = _evidence(table, channels=3) + _evidence(table, channels=1)[:1]
-  html_path = report.write_report(str(tmp_path), table, _metrics(table), evidence,
-                                  config_summary='dataset: <cifar10> & "test"')
+  html_path = report.write_report(
+    str(tmp_path), table, _metrics(table), evidence, config_summary='dataset: <cifar10> & "test"'
+  )
   assert html_path == os.path.join(str(tmp_path), 'report.html')
   text = open(html_path, encoding='utf-8').read()
   for attack in ATTACKS:
@@ -111,15 +120,21 @@ def test_format_metrics_table():
   text = report.format_metrics_table(_metrics(table))
   lines = text.splitlines()
   header = [c.strip() for c in lines[0].split('  ') if c]
-  assert header == ['attack', 'AUC [95% CI]', 'ASR [95% CI]', 'TPR@1% [95% CI]',
-                    'TPR@0.1% [95% CI]', 'NFE']
+  assert header == [
+    'attack',
+    'AUC [95% CI]',
+    'ASR [95% CI]',
+    'TPR@1% [95% CI]',
+    'TPR@0.1% [95% CI]',
+    'NFE',
+  ]
   for attack in ATTACKS:
     assert any(line.startswith(attack) for line in lines[2:])
   assert '250' in text
   # 95% intervals in the terminal too.
   drc = next(line for line in lines if line.startswith('drc'))
   m = _metrics(table)['drc']
-  assert f"{m['auc']:.4f} [{m['ci95']['auc'][0]:.3f}, {m['ci95']['auc'][1]:.3f}]" in drc
+  assert f'{m["auc"]:.4f} [{m["ci95"]["auc"][0]:.3f}, {m["ci95"]["auc"][1]:.3f}]' in drc
   assert 'AUC [95% CI]' in lines[0]
   # The same low-count note for every attack is printed once, not once per attack.
   notes = [line for line in lines if line.startswith('note')]
@@ -132,7 +147,7 @@ def test_held_out_figures_have_n_and_intervals(tmp_path):
   html = report._metrics_html(_metrics(table))
   cal = _metrics(table)['drc']['calibrated']
   assert 'held-out TPR [95% CI]' in html and 'held-out n (members / non-members)' in html
-  assert f"{cal['n_members']} / {cal['n_nonmembers']}" in html
+  assert f'{cal["n_members"]} / {cal["n_nonmembers"]}' in html
   lo, hi = cal['ci95']['tpr']
   assert f'{100 * lo:.2f}%, {100 * hi:.2f}%' in html
 
@@ -140,8 +155,9 @@ def test_held_out_figures_have_n_and_intervals(tmp_path):
 def test_agree_plot_has_a_chance_line(tmp_path, monkeypatch):
   figures = []
   real = report._save_figure
-  monkeypatch.setattr(report, '_save_figure',
-                      lambda fig, path: figures.append(fig) or real(fig, path))
+  monkeypatch.setattr(
+    report, '_save_figure', lambda fig, path: figures.append(fig) or real(fig, path)
+  )
   agree = metrics.agree_curve([3, 3, 2, 0], [1, 0, 0, 2, 0, 0, 0, 0], k=3)
   report.plot_agree(agree, str(tmp_path / 'agree.png'))
   labels = figures[0].axes[0].get_legend_handles_labels()[1]
@@ -158,9 +174,12 @@ def test_evidence_caption_names_the_class():
 
 
 def test_dataset_and_per_image_calibration_sections(tmp_path):
-  from drc_jax import calibration  # pylint: disable=g-import-not-at-top
-  from drc_jax import config_base  # pylint: disable=g-import-not-at-top
-  from drc_jax import dataset_inference  # pylint: disable=g-import-not-at-top
+  from drc_jax import (
+    calibration,  # pylint: disable=g-import-not-at-top
+    config_base,  # pylint: disable=g-import-not-at-top
+    dataset_inference,  # pylint: disable=g-import-not-at-top
+  )
+
   table = _synthetic_table(num_per_split=100)
   m = _metrics(table)
   c = config_base.base_config()
@@ -169,20 +188,34 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
   for name, entry in calibration.per_image_calibration(c, table, features).items():
     m[name]['per_image_calibration'] = entry
   rng = np.random.default_rng(4)
-  combiner = dataset_inference.fit_combiner(rng.normal(1, 1, (20, 3)), rng.normal(0, 1, (20, 3)),
-                                            list(ATTACKS))
+  combiner = dataset_inference.fit_combiner(
+    rng.normal(1, 1, (20, 3)), rng.normal(0, 1, (20, 3)), list(ATTACKS)
+  )
   dataset = {
-      'alpha': 0.01, 'verdict': 'member data detected (p = 1e-05, alpha = 0.01)',
-      'suspect': {'source': 'folder /x', 'n': 30},
-      'reference': {'source': 'the split', 'n_test': 80, 'n_fit': 20},
-      'combiner': {'kind': 'logistic', 'l2': 0.01, 'weights': {'drc': 1.0},
-                   'fit': {'n_members': 20, 'n_nonmembers': 20}},
-      'tests': dataset_inference.compare_sets(rng.normal(1, 1, (30, 3)), rng.normal(0, 1, (80, 3)),
-                                              combiner, 0.01),
-      'power': dataset_inference.power_curve(rng.normal(1, 1, (40, 3)), rng.normal(0, 1, (120, 3)),
-                                             combiner, sizes=(1, 5, 50), repetitions=10,
-                                             alpha=0.01, seed=0),
-      'validity': ['The combiner saw only <calibration> images.']}
+    'alpha': 0.01,
+    'verdict': 'member data detected (p = 1e-05, alpha = 0.01)',
+    'suspect': {'source': 'folder /x', 'n': 30},
+    'reference': {'source': 'the split', 'n_test': 80, 'n_fit': 20},
+    'combiner': {
+      'kind': 'logistic',
+      'l2': 0.01,
+      'weights': {'drc': 1.0},
+      'fit': {'n_members': 20, 'n_nonmembers': 20},
+    },
+    'tests': dataset_inference.compare_sets(
+      rng.normal(1, 1, (30, 3)), rng.normal(0, 1, (80, 3)), combiner, 0.01
+    ),
+    'power': dataset_inference.power_curve(
+      rng.normal(1, 1, (40, 3)),
+      rng.normal(0, 1, (120, 3)),
+      combiner,
+      sizes=(1, 5, 50),
+      repetitions=10,
+      alpha=0.01,
+      seed=0,
+    ),
+    'validity': ['The combiner saw only <calibration> images.'],
+  }
   text = open(report.write_report(str(tmp_path), table, m, [], dataset=dataset)).read()
   assert '<h2>Per-image calibration (held-out images)</h2>' in text
   assert 'TPR@1%FPR calibrated' in text

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from drc_jax import compare as C
-from drc_jax import config_base
+from drc_jax import config_base, parallel
 from drc_jax import degrade as D
 from drc_jax import drc as drc_lib
 from drc_jax import model as M
-from drc_jax import parallel
 from drc_jax import restore as R
 from drc_jax import schedule as S
 
@@ -23,13 +22,16 @@ SCHED = S.NoiseSchedule.create('linear', 1000)
 @dataclasses.dataclass(frozen=True)
 class GaussianDataModel:
   """The exact epsilon predictor for data x0 ~ N(mu, s^2 I) (s = 0: a single training image)."""
+
   mu: float | np.ndarray
   s: float
 
   def apply(self, params, x, t):
     del params
     a = SCHED.abar(t).reshape(-1, 1, 1, 1)
-    x0_mean = self.mu + jnp.sqrt(a) * self.s**2 / (a * self.s**2 + 1 - a) * (x - jnp.sqrt(a) * self.mu)
+    x0_mean = self.mu + jnp.sqrt(a) * self.s**2 / (a * self.s**2 + 1 - a) * (
+      x - jnp.sqrt(a) * self.mu
+    )
     return (x - jnp.sqrt(a) * x0_mean) / jnp.sqrt(1 - a)
 
 
@@ -44,17 +46,23 @@ def test_repaint_schedule_paper_setting():
   assert R.repaint_counts(ts) == (2410, 2160)
   assert ts[0] == 249 and ts[-1] == -1 and set(np.abs(np.diff(ts))) == {1}
   assert R.repaint_counts(R.repaint_jumps(10, 10, 10)) == (10, 0)  # no room to jump
-  r = R.make_restorer(_drc_cfg(restorer='repaint', steps=250, jump_length=10, jump_n_sample=10),
-                      GaussianDataModel(0.0, 0.0), SCHED)
+  r = R.make_restorer(
+    _drc_cfg(restorer='repaint', steps=250, jump_length=10, jump_n_sample=10),
+    GaussianDataModel(0.0, 0.0),
+    SCHED,
+  )
   assert (r.nfe, r.renoise_steps) == (2410, 2160)
 
 
-@pytest.mark.parametrize('restorer,kw', [
+@pytest.mark.parametrize(
+  'restorer,kw',
+  [
     ('repaint', dict(steps=25, jump_length=5, jump_n_sample=3)),
     ('ddim', dict(steps=20, t_start=1000)),
     ('ddim', dict(steps=10, t_start=300)),
     ('ddnm', dict(steps=20, t_start=1000)),
-])
+  ],
+)
 def test_single_training_image_is_restored_exactly(restorer, kw):
   x_star = np.random.default_rng(0).uniform(-0.9, 0.9, (1, 8, 8, 3)).astype(np.float32)
   model = GaussianDataModel(jnp.asarray(x_star), 0.0)  # the data distribution is one image
@@ -73,8 +81,14 @@ def test_repaint_samples_the_gaussian_prior_in_the_hole():
   model = GaussianDataModel(mu, s)
   n = 256
   images = jnp.full((n, 4, 4, 1), 0.9)
-  cfg = _drc_cfg(restorer='repaint', steps=100, jump_length=5, jump_n_sample=2,
-                 mask='center_box', mask_ratio=0.25)
+  cfg = _drc_cfg(
+    restorer='repaint',
+    steps=100,
+    jump_length=5,
+    jump_n_sample=2,
+    mask='center_box',
+    mask_ratio=0.25,
+  )
   keys = jax.random.split(jax.random.key(0), n)
   d = D.make_degrader(cfg)(keys, images)
   out = np.asarray(R.make_restorer(cfg, model, SCHED).restore(None, keys, images, d))
@@ -101,19 +115,24 @@ def test_masks():
   keys = jax.random.split(jax.random.key(3), 4)
   m = np.asarray(D.make_degrader(_drc_cfg(mask='center_box', mask_ratio=0.25))(keys, x).mask)
   assert (m[0, ..., 0] == 0).sum() == 64 and m[0, 4:12, 4:12, 0].max() == 0
-  inv = np.asarray(D.make_degrader(_drc_cfg(mask='center_box', mask_ratio=0.25,
-                                            invert_mask=True))(keys, x).mask)
+  inv = np.asarray(
+    D.make_degrader(_drc_cfg(mask='center_box', mask_ratio=0.25, invert_mask=True))(keys, x).mask
+  )
   np.testing.assert_array_equal(inv, 1 - m)
   rb = np.asarray(D.make_degrader(_drc_cfg(mask='random_box', mask_ratio=0.25))(keys, x).mask)
   assert all((rb[i] == 0).sum() == 64 for i in range(4))
   assert len({rb[i].tobytes() for i in range(4)}) > 1  # per-image masks in one batch
-  rp = np.asarray(D.make_degrader(_drc_cfg(mask='random_patches', mask_ratio=0.5,
-                                           patch_size=4))(keys, x).mask)
+  rp = np.asarray(
+    D.make_degrader(_drc_cfg(mask='random_patches', mask_ratio=0.5, patch_size=4))(keys, x).mask
+  )
   assert all((rp[i] == 0).sum() == 8 * 16 for i in range(4))
   img = np.full((1, 16, 16, 1), -1.0, np.float32)
   img[0, 0:4, 12:16] = 1.0  # one bright patch on a dark background: the salient one
-  sp = np.asarray(D.make_degrader(_drc_cfg(mask='saliency_patches', mask_ratio=1 / 16,
-                                           patch_size=4))(keys[:1], jnp.asarray(img)).mask)
+  sp = np.asarray(
+    D.make_degrader(_drc_cfg(mask='saliency_patches', mask_ratio=1 / 16, patch_size=4))(
+      keys[:1], jnp.asarray(img)
+    ).mask
+  )
   assert sp[0, 0:4, 12:16].max() == 0 and sp.sum() == 256 - 16
   again = np.asarray(D.make_degrader(_drc_cfg(mask='random_box', mask_ratio=0.25))(keys, x).mask)
   np.testing.assert_array_equal(rb, again)  # deterministic given the keys
@@ -140,12 +159,21 @@ def test_comparators_by_hand():
 
 
 def _tiny_unet():
-  cfg = M.UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2),
-                     num_res_blocks=1, attn_res=(4,), norm_groups=8)
+  cfg = M.UNetConfig(
+    resolution=8,
+    in_channels=1,
+    out_channels=1,
+    ch=16,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_res=(4,),
+    norm_groups=8,
+  )
   model, params = M.DiffusionModel.create(cfg, seed=1)
   # Give the zero-initialised output layers some weight so the network is not ~0.
   params = jax.tree_util.tree_map(
-      lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params
+  )
   return model, params
 
 
@@ -168,8 +196,9 @@ def test_sharded_restore_is_identical_on_1_2_4_8_devices_and_traces_once():
   # Per-image keys: an image's restoration does not depend on its batch.
   r = R.make_restorer(cfg, model, SCHED)
   d = D.make_degrader(cfg)(keys, x)
-  sub = R.make_restorer(cfg, model, SCHED).restore(params, keys[3:5], x[3:5],
-                                                   D.make_degrader(cfg)(keys[3:5], x[3:5]))
+  sub = R.make_restorer(cfg, model, SCHED).restore(
+    params, keys[3:5], x[3:5], D.make_degrader(cfg)(keys[3:5], x[3:5])
+  )
   np.testing.assert_allclose(np.asarray(sub), outs[0][3:5], atol=1e-5)
 
 

@@ -25,7 +25,8 @@ def test_three_step_schedule_by_hand():
   np.testing.assert_allclose(s.posterior_variance, [0.0, 0.2 * 0.1 / 0.28, 0.5 * 0.28 / 0.64])
   np.testing.assert_allclose(s.variance('fixedlarge'), [0.2 * 0.1 / 0.28, 0.2, 0.5])
   x0, xt = jnp.full((1, 1, 1, 1), 2.0), jnp.full((1, 1, 1, 1), 3.0)
-  # posterior mean coefficients at t = 1: beta sqrt(abar_prev)/(1-abar), (1-abar_prev)sqrt(alpha)/(1-abar)
+  # posterior mean coefficients at t = 1:
+  # beta sqrt(abar_prev)/(1-abar), (1-abar_prev)sqrt(alpha)/(1-abar)
   want = 0.2 * np.sqrt(0.9) / 0.28 * 2.0 + 0.1 * np.sqrt(0.8) / 0.28 * 3.0
   assert float(s.posterior_mean(x0, xt, 1)[0, 0, 0, 0]) == pytest.approx(want, rel=1e-6)
   # at t = 0 the posterior mean is x0 itself
@@ -38,7 +39,9 @@ def test_three_step_schedule_by_hand():
   # abar(-1) = 1: DDIM to "clean" returns x0 exactly.
   assert float(s.ddim_step(x_t, 2, -1, eps)[0, 0, 0, 0]) == pytest.approx(2.0, rel=1e-5)
   # forward single step: sqrt(1 - beta) x + sqrt(beta) z
-  assert float(s.q_step(x0, 2, eps)[0, 0, 0, 0]) == pytest.approx(np.sqrt(.5) * 2 + np.sqrt(.5) * .5)
+  assert float(s.q_step(x0, 2, eps)[0, 0, 0, 0]) == pytest.approx(
+    np.sqrt(0.5) * 2 + np.sqrt(0.5) * 0.5
+  )
 
 
 def test_ddim_step_deterministic_and_eta():

@@ -6,16 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import load_config
+
 from drc_jax import audit as A
-from drc_jax import checkpoints
-from drc_jax import errors
-from drc_jax import pipeline
+from drc_jax import checkpoints, errors, pipeline, shipped, splits, sweep
 from drc_jax import samples as S
-from drc_jax import shipped
-from drc_jax import splits
-from drc_jax import sweep
 from drc_jax import target as T
 
 
@@ -44,15 +39,16 @@ def exported(tmp_path_factory):
 
 def test_export_loads_the_same_weights_and_records_hashes(exported):
   wd, out = exported
-  assert sorted(os.listdir(out)) == ['ema.safetensors', 'model.json', 'split.json',
-                                     'training.json']
+  assert sorted(os.listdir(out)) == ['ema.safetensors', 'model.json', 'split.json', 'training.json']
   doc = json.loads((out / 'training.json').read_text())
   assert set(doc['sha256']) == {'model.json', 'ema.safetensors', 'split.json'}
   assert [r['step'] for r in doc['training_log']] == []  # no log file was given
   a, b = T.load_target(str(out)), T.load_target(str(wd / 'checkpoints' / '40'))
   assert a.step == b.step == 40
-  for (ka, va), (kb, vb) in zip(sorted(T.model_lib.flat_params(a.params).items()),
-                                sorted(T.model_lib.flat_params(b.params).items())):
+  for (ka, va), (kb, vb) in zip(
+    sorted(T.model_lib.flat_params(a.params).items()),
+    sorted(T.model_lib.flat_params(b.params).items()),
+  ):
     assert ka == kb
     np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
 
@@ -106,8 +102,7 @@ def test_the_shipped_default_target_loads_and_matches_its_hashes():
   target = T.load_target('shipped:fashion_mnist')
   c = load_config('fashion_mnist')
   assert target.step == c.train.steps == doc['step']
-  assert target.config == T.model_lib.unet_config_from(c.model, c.data.resolution,
-                                                      c.data.channels)
+  assert target.config == T.model_lib.unet_config_from(c.model, c.data.resolution, c.data.channels)
   for field in ('split', 'model', 'train', 'diffusion', 'data'):
     want = json.loads(json.dumps(c[field].to_dict(), default=list))
     assert doc['config'][field] == want, field
@@ -134,16 +129,19 @@ def test_precision_recall_and_near_copies_by_hand():
 
 def test_sweep_selects_on_calibration_only():
   R = sweep.Row
-  rows = [R('a', 'm', 'mean', 1, 10, 0.80, 0.99, 0.0, {}),
-          R('b', 'm', 'mean', 1, 100, 0.90, 0.50, 0.0, {}),
-          R('c', 'm', 'mean', 1, 50, 0.895, 0.60, 0.0, {})]
+  rows = [
+    R('a', 'm', 'mean', 1, 10, 0.80, 0.99, 0.0, {}),
+    R('b', 'm', 'mean', 1, 100, 0.90, 0.50, 0.0, {}),
+    R('c', 'm', 'mean', 1, 50, 0.895, 0.60, 0.0, {}),
+  ]
   best, chosen = sweep.select(rows, 0.01)
   assert best.setting == 'b' and chosen.setting == 'c'  # held-out AUC plays no part
   sims = np.array([[-1.0, -2.0, -4.0], [-0.5, -0.5, -0.5]])
   np.testing.assert_allclose(sweep.aggregate(sims, 'mean', 'masked_mse'), [-7 / 3, -0.5])
   np.testing.assert_allclose(sweep.aggregate(sims, 'median', 'masked_mse'), [-2.0, -0.5])
-  np.testing.assert_allclose(sweep.aggregate(sims, 'logmean', 'masked_mse'),
-                             [-np.log(8) / 3, -np.log(0.5)])
+  np.testing.assert_allclose(
+    sweep.aggregate(sims, 'logmean', 'masked_mse'), [-np.log(8) / 3, -np.log(0.5)]
+  )
   np.testing.assert_array_equal(sweep.aggregate(sims, 'votes', 'masked_mse', -1.5), [1, 3])
   assert sweep.aggregate(sims, 'logmean', 'psnr') is None
 
@@ -151,10 +149,23 @@ def test_sweep_selects_on_calibration_only():
 def test_sweep_end_to_end_on_a_tiny_target(exported, tmp_path):
   _, out = exported
   c = _config()
-  grid = [('ddim t=10 2 steps', dict(restorer='ddim', t_start=10, steps=2, mask='center_box',
-                                     mask_ratio=0.25), 2)]
-  doc = sweep.run(c, str(out), str(tmp_path), heldout_members=4, heldout_nonmembers=8,
-                  tolerance=0.01, batch_size=16, grid=grid)
+  grid = [
+    (
+      'ddim t=10 2 steps',
+      dict(restorer='ddim', t_start=10, steps=2, mask='center_box', mask_ratio=0.25),
+      2,
+    )
+  ]
+  doc = sweep.run(
+    c,
+    str(out),
+    str(tmp_path),
+    heldout_members=4,
+    heldout_nonmembers=8,
+    tolerance=0.01,
+    batch_size=16,
+    grid=grid,
+  )
   assert doc['n_calibration'] == {'members': 3, 'nonmembers': 6}  # 20% of 16 and of 32
   assert doc['n_heldout'] == {'members': 4, 'nonmembers': 8}
   assert {r['k'] for r in doc['rows']} == {1, 2}
@@ -165,6 +176,7 @@ def test_sweep_end_to_end_on_a_tiny_target(exported, tmp_path):
 def test_noise_samples_are_flagged_against_real_images(fmnist_local):
   """A 'target' whose samples are pure noise gets the warning, real images do not."""
   from drc_jax import data  # pylint: disable=g-import-not-at-top
+
   source = data.make_source(fmnist_local.data)
   real, _, _ = data.load_images(source, np.arange(300), fmnist_local.data)
   members, nonmembers = real[:100], real[100:]

@@ -70,8 +70,10 @@ def test_false_positive_rate_on_null_data_is_at_most_alpha():
   rng = np.random.default_rng(1)
   alpha, reps = 0.05, 2000
   for n in (1, 5, 30):
-    rejections = sum(stats.mann_whitney_greater(rng.normal(size=n), rng.normal(size=60)).p_value
-                     < alpha for _ in range(reps))
+    rejections = sum(
+      stats.mann_whitney_greater(rng.normal(size=n), rng.normal(size=60)).p_value < alpha
+      for _ in range(reps)
+    )
     lower, _ = stats.clopper_pearson(rejections, reps)
     assert lower <= alpha, (n, rejections / reps)
   # And it has power: a shift of one standard deviation with 30 suspects is found every time.

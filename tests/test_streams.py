@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from drc_jax import config_base
+from drc_jax import config_base, streams
 from drc_jax import degrade as D
 from drc_jax import drc as drc_lib
 from drc_jax import schedule as S
-from drc_jax import streams
 
 
 def test_the_table_has_no_collisions():
@@ -39,5 +38,6 @@ def test_drc_draws_its_mask_from_the_degrade_stream():
   degraded, _ = scorer.evidence(None, key_data, images)
   restoration = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), 0))(key_data)
   want = D.make_degrader(cfg)(
-      jax.vmap(lambda k: jax.random.fold_in(k, streams.DEGRADE))(restoration), images)
+    jax.vmap(lambda k: jax.random.fold_in(k, streams.DEGRADE))(restoration), images
+  )
   np.testing.assert_array_equal(np.asarray(degraded)[:, 0], np.asarray(want.degraded_image(1)))

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drc_jax import checkpoints
+from drc_jax import checkpoints, parallel
 from drc_jax import data as data_lib
-from drc_jax import parallel
 from drc_jax import train as T
 from drc_jax.target import load_target
 
@@ -40,8 +39,9 @@ def test_a_few_steps_lower_the_loss_on_real_images(fmnist_local):
   key = jax.random.key(0)
   for i in range(30):
     rows = images[T.batch_indices(i, len(images), 16, 0)]
-    state, _ = step(state, parallel.shard_batch(mesh, rows),
-                    parallel.shard_batch(mesh, np.ones(16, bool)), key)
+    state, _ = step(
+      state, parallel.shard_batch(mesh, rows), parallel.shard_batch(mesh, np.ones(16, bool)), key
+    )
   after = _fixed_loss(model, schedule, state['params'], images)
   assert after < 0.8 * before, (before, after)
 
@@ -58,12 +58,18 @@ def test_sharded_step_matches_one_device(fmnist_local):
     state = parallel.replicate(mesh, T.init_state(params, tx))
     valid = np.ones(16, bool)
     valid[-3:] = False  # padding rows must not count
-    state, metrics = step(state, parallel.shard_batch(mesh, images),
-                          parallel.shard_batch(mesh, valid), jax.random.key(7))
+    state, metrics = step(
+      state,
+      parallel.shard_batch(mesh, images),
+      parallel.shard_batch(mesh, valid),
+      jax.random.key(7),
+    )
     results.append((float(metrics['loss']), jax.device_get(state['params'])))
   assert len(jax.devices()) == 8
   assert abs(results[0][0] - results[1][0]) <= 1e-5
-  for a, b in zip(jax.tree_util.tree_leaves(results[0][1]), jax.tree_util.tree_leaves(results[1][1])):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(results[0][1]), jax.tree_util.tree_leaves(results[1][1])
+  ):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -77,13 +83,17 @@ def test_resume_continues_exactly(fmnist_local, tmp_path):
   cfg.train.steps = 8  # rerun the same command: it continues from step 4
   resumed = T.train(cfg, str(tmp_path / 'resumed'))
   assert int(resumed['step']) == 8
-  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(straight)),
-                  jax.tree_util.tree_leaves(jax.device_get(resumed))):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(jax.device_get(straight)),
+    jax.tree_util.tree_leaves(jax.device_get(resumed)),
+  ):
     np.testing.assert_array_equal(a, b)
   target = load_target(str(tmp_path / 'resumed'))
   assert target.step == 8
-  np.testing.assert_array_equal(jax.tree_util.tree_leaves(target.params)[0],
-                                jax.tree_util.tree_leaves(jax.device_get(resumed['ema_params']))[0])
+  np.testing.assert_array_equal(
+    jax.tree_util.tree_leaves(target.params)[0],
+    jax.tree_util.tree_leaves(jax.device_get(resumed['ema_params']))[0],
+  )
 
 
 def test_batch_indices_are_epoch_permutations():
@@ -100,6 +110,7 @@ def test_checkpoint_of_another_architecture_is_refused(fmnist_local, tmp_path):
   bigger = unet.to_dict()
   bigger['ch'] = 32
   from drc_jax import model as model_lib
+
   checkpoints.save_model_json(str(tmp_path), model_lib.UNetConfig.from_dict(bigger), diffusion)
   with pytest.raises(checkpoints.CheckpointError, match='does not match'):
     load_target(str(tmp_path))
@@ -119,11 +130,16 @@ def test_ema_warms_up(fmnist_local):
   mesh = parallel.make_mesh(jax.devices()[:1])
   step = T.make_train_step(model, schedule, tx, cfg.train, mesh)
   state = parallel.replicate(mesh, T.init_state(params, tx))
-  state, _ = step(state, parallel.shard_batch(mesh, images),
-                  parallel.shard_batch(mesh, np.ones(16, bool)), jax.random.key(0))
+  state, _ = step(
+    state,
+    parallel.shard_batch(mesh, images),
+    parallel.shard_batch(mesh, np.ones(16, bool)),
+    jax.random.key(0),
+  )
   new = jax.device_get(state)
-  for p0, p1, e in zip(*(jax.tree_util.tree_leaves(t) for t in (params, new['params'],
-                                                                new['ema_params']))):
+  for p0, p1, e in zip(
+    *(jax.tree_util.tree_leaves(t) for t in (params, new['params'], new['ema_params']))
+  ):
     np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
 
 
@@ -145,8 +161,11 @@ def test_training_on_other_members_is_refused(fmnist_local, tmp_path):
   assert trained_on['dataset'] == 'fashion_mnist/train' and trained_on['num_members'] == 32
   assert len(trained_on['member_indices_sha256']) == len(trained_on['member_images_sha256']) == 64
   split = json.loads((tmp_path / 'w' / 'split.json').read_text())
-  np.savez(tmp_path / 'other.npz', mia_train_idxs=np.asarray(split['members']) + 1,
-           mia_eval_idxs=np.asarray(split['nonmembers']) + 1)
+  np.savez(
+    tmp_path / 'other.npz',
+    mia_train_idxs=np.asarray(split['members']) + 1,
+    mia_eval_idxs=np.asarray(split['nonmembers']) + 1,
+  )
   cfg.split.file = str(tmp_path / 'other.npz')
   cfg.train.steps = 4
   with pytest.raises(data_lib.DataError, match='trained on other data .*member_indices_sha256'):
