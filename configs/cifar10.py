@@ -1,6 +1,6 @@
 """CIFAR10 membership audit under the published SecMI/PIA protocol (the DRC paper's CIFAR10 row).
 
-Choices (built by ``drc_jax.config_base.cifar_config``), all the published ones where one exists
+Choices (built by ``configs/_cifar.py``), all the published ones where one exists
 and not tuned for any attack:
 * Data: tfds ``cifar10`` split 'train' (50,000 images, 32x32 RGB). 25,000 members and 25,000
   non-members. ``config.split.file`` may name a SecMI/PIA ``.npz`` split (``mia_train_idxs`` =
@@ -31,4 +31,4 @@ from drc_jax import config_base
 
 
 def get_config(arg=None):
-  return config_base.cifar_config('cifar10', arg)
+  return config_base.sibling(__file__, '_cifar').get_config('cifar10', arg)

@@ -1,6 +1,6 @@
 """CIFAR100 membership audit under the published SecMI/PIA protocol (the DRC paper's CIFAR100 row).
 
-Everything as in ``configs/cifar10.py`` (both are built by ``drc_jax.config_base.cifar_config``),
+Everything as in ``configs/cifar10.py`` (both are built by ``configs/_cifar.py``),
 on tfds ``cifar100`` split 'train': 25,000 members and 25,000 non-members, or a SecMI/PIA ``.npz``
 in ``config.split.file``; images indexed in the original order of the 'train' file through the
 tfds 'id' feature; the paper DDPM and UNet; the papers' attack settings; DRC by DDIM inpainting
@@ -13,4 +13,4 @@ from drc_jax import config_base
 
 
 def get_config(arg=None):
-  return config_base.cifar_config('cifar100', arg)
+  return config_base.sibling(__file__, '_cifar').get_config('cifar100', arg)

@@ -23,10 +23,10 @@ from absl import app, flags
 from drc_jax import degrade as degrade_lib
 from drc_jax import drc as drc_lib
 from drc_jax import main as main_lib  # noqa: F401  (defines --config with the embedded default)
-from drc_jax import model as model_lib
 from drc_jax import parallel
 from drc_jax import restore as restore_lib
 from drc_jax import schedule as schedule_lib
+from drc_jax.models import unet as model_lib
 
 flags.DEFINE_string('restorer', 'repaint', 'repaint, ddim or ddnm.')
 flags.DEFINE_integer('batch', 16, 'Global batch (images restored at once).')

@@ -26,8 +26,8 @@ from absl import logging
 from etils import epath
 
 from drc_jax import errors, fileio
-from drc_jax import model as model_lib
 from drc_jax import schedule as schedule_lib
+from drc_jax.models import unet as model_lib
 
 MODEL_JSON = 'model.json'
 CHECKPOINT_DIR = 'checkpoints'

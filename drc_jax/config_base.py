@@ -6,6 +6,10 @@ string after the colon (``--config=configs/cifar10.py:runlocal,res=64``).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import ml_collections
 
 
@@ -177,22 +181,14 @@ def set_paper_drc(c: ml_collections.ConfigDict) -> None:
   c.audit.shard_size = 2048  # images per score shard
 
 
-def cifar_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The published SecMI/PIA protocol on tfds ``name`` (cifar10 or cifar100); see configs/."""
-  a = parse_arg(arg, runlocal=False)
-  c = base_config()
-  c.data.source = 'tfds'  # tensorflow-datasets through tfds.data_source
-  c.data.name = name  # tfds builder
-  c.data.split = 'train'
-  c.data.resolution = 32
-  c.data.channels = 3
-  c.data.tfds_order = 'id'  # torchvision order: the order SecMI/PIA split indices point into
-  c.split.num_members = 25000
-  c.split.num_nonmembers = 25000
-  # The paper UNet and training recipe are the base defaults (ch 128, (1, 2, 2, 2), 2 blocks,
-  # attention at 16, dropout 0.1; 800k steps of batch 128, lr 2e-4, warm-up 5000, EMA 0.9999).
-  set_paper_drc(c)
-  if a.runlocal:
-    apply_runlocal(c)
-    c.data.tfds_order = ''  # mock data ids are random strings, not 'train_NNNNN'
-  return c
+def sibling(config_file: str, name: str):
+  """Imports ``<dir of config_file>/<name>.py``: the shared helpers of config files (a config is
+  loaded by path, so ``configs/`` is not a package on ``sys.path``)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  key = f'drc_jax_configs.{name}'
+  if key not in sys.modules:
+    spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+  return sys.modules[key]

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from drc_jax import degrade as degrade_lib
-from drc_jax import model as model_lib
 from drc_jax import parallel, streams
 from drc_jax import schedule as schedule_lib
+from drc_jax.models import unet as model_lib
 
 
 def repaint_jumps(t_T: int, jump_length: int, jump_n_sample: int) -> list[int]:

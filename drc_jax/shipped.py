@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from drc_jax import checkpoints, fileio
-from drc_jax import model as model_lib
+from drc_jax.models import unet as model_lib
 
 PREFIX = 'shipped:'
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'targets')

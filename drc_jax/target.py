@@ -11,7 +11,6 @@ written by ``--mode=train`` or by ``python -m drc_jax.convert`` from a PyTorch c
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +21,8 @@ import numpy as np
 from etils import epath
 
 from drc_jax import checkpoints
-from drc_jax import model as model_lib
 from drc_jax import schedule as schedule_lib
+from drc_jax.models import unet as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +79,10 @@ class Target:
     return self._eps_fn(self.params, x, t)
 
 
-@functools.lru_cache(maxsize=8)
-def abstract_model(cfg: model_lib.UNetConfig) -> tuple[model_lib.DiffusionModel, Any]:
-  """``DiffusionModel.abstract(cfg)``, cached per config (tracing the UNet's init takes seconds).
-
-  The returned params tree of ShapeDtypeStructs is shared between callers: do not mutate it.
-  """
-  return model_lib.DiffusionModel.abstract(cfg)
-
-
 def _restore_step(workdir: epath.Path, step_dir: epath.Path) -> Target:
   """A Target from one checkpoint step directory ``workdir/checkpoints/<step>``."""
   unet_cfg, diffusion = checkpoints.load_model_json(workdir)
-  model, abstract = abstract_model(unet_cfg)
+  model, abstract = model_lib.abstract_model(unet_cfg)
   params = jax.tree_util.tree_map(np.asarray, checkpoints.restore_ema(step_dir, abstract))
   bad = [k for k, v in model_lib.flat_params(params).items() if not np.all(np.isfinite(v))]
   if bad:
@@ -106,7 +96,7 @@ def _load_weights_dir(path: epath.Path) -> Target:
 
   shipped.verify(path)
   unet_cfg, diffusion = checkpoints.load_model_json(path)
-  model, abstract = abstract_model(unet_cfg)
+  model, abstract = model_lib.abstract_model(unet_cfg)
   params = shipped.load_params(path, abstract)
   step = int(json.loads((path / checkpoints.MODEL_JSON).read_text()).get('step', 0))
   return Target.create(model, params, checkpoints.schedule_from(diffusion), step)

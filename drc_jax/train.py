@@ -20,9 +20,9 @@ from etils import epath
 
 from drc_jax import checkpoints, errors, parallel, progress, streams
 from drc_jax import data as data_lib
-from drc_jax import model as model_lib
 from drc_jax import schedule as schedule_lib
 from drc_jax import splits as splits_lib
+from drc_jax.models import unet as model_lib
 
 State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
 

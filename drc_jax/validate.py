@@ -8,7 +8,7 @@ import jax
 
 from drc_jax import calibration as calibration_lib
 from drc_jax import errors, streams
-from drc_jax import model as model_lib
+from drc_jax.models import unet as model_lib
 
 RESTORERS = ('ddim', 'repaint', 'ddnm')
 MASKS = ('center_box', 'random_box', 'random_patches', 'saliency_patches')

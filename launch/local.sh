@@ -8,7 +8,7 @@
 #   bash launch/local.sh setup                       # set up only
 #
 # Environment: VENV (default .venv in the repo), EXTRAS (pip extras, default: 'test' for main and
-# bench, 'test,torch' for test), DRC_JAX_SKIP_APT=1 to skip the apt step.
+# bench, 'test,torch,reference' for test), DRC_JAX_SKIP_APT=1 to skip the apt step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job=${1:-main}
@@ -24,7 +24,7 @@ if [[ ${DRC_JAX_SKIP_APT:-0} != 1 && ! -d /usr/share/datasets/fashion-mnist ]]; 
 fi
 
 case $job in
-  test) extras=${EXTRAS:-test,torch} ;;
+  test) extras=${EXTRAS:-test,torch,reference} ;;
   *) extras=${EXTRAS:-test} ;;
 esac
 stamp="$venv/.drc_jax_installed_$(echo "$extras" | tr ',' '_')"
@@ -33,6 +33,10 @@ if [[ ! -x $venv/bin/python || ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
+  if [[ ,$extras, == *,reference,* ]]; then
+    # facenet-pytorch's metadata pins torch<2.3; its code runs on the pinned torch (tests check it)
+    "$venv/bin/python" -m pip install -q --no-deps facenet-pytorch==2.6.0 >&2
+  fi
   touch "$stamp"
 fi
 

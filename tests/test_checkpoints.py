@@ -9,8 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from drc_jax import checkpoints
-from drc_jax import model as model_lib
 from drc_jax import train as T
+from drc_jax.models import unet as model_lib
 from drc_jax.target import load_target
 
 

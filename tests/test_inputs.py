@@ -9,8 +9,8 @@ from conftest import load_config
 from drc_jax import audit as A
 from drc_jax import checkpoints, config_base, validate
 from drc_jax import data as D
-from drc_jax import model as model_lib
 from drc_jax import splits as S
+from drc_jax.models import unet as model_lib
 from drc_jax.target import load_target
 
 

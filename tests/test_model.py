@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drc_jax import model as M
+from drc_jax.models import unet as M
 
 
 def test_paper_unet_has_35_7m_parameters():

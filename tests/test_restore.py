@@ -12,9 +12,9 @@ from drc_jax import compare as C
 from drc_jax import config_base, parallel
 from drc_jax import degrade as D
 from drc_jax import drc as drc_lib
-from drc_jax import model as M
 from drc_jax import restore as R
 from drc_jax import schedule as S
+from drc_jax.models import unet as M
 
 SCHED = S.NoiseSchedule.create('linear', 1000)
 

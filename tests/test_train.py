@@ -109,7 +109,7 @@ def test_checkpoint_of_another_architecture_is_refused(fmnist_local, tmp_path):
   unet, diffusion = checkpoints.load_model_json(str(tmp_path))
   bigger = unet.to_dict()
   bigger['ch'] = 32
-  from drc_jax import model as model_lib
+  from drc_jax.models import unet as model_lib
 
   checkpoints.save_model_json(str(tmp_path), model_lib.UNetConfig.from_dict(bigger), diffusion)
   with pytest.raises(checkpoints.CheckpointError, match='does not match'):

@@ -20,6 +20,7 @@ output is the epsilon prediction ``[B, H, W, C]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -337,3 +338,12 @@ def unet_config_from(cfg_model, resolution: int, channels: int) -> UNetConfig:
   return UNetConfig.from_dict(
     dict(d, resolution=resolution, in_channels=channels, out_channels=channels)
   )
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_model(cfg: UNetConfig) -> tuple[DiffusionModel, Any]:
+  """``DiffusionModel.abstract(cfg)``, cached per config (tracing the UNet's init takes seconds).
+
+  The returned params tree of ShapeDtypeStructs is shared between callers: do not mutate it.
+  """
+  return DiffusionModel.abstract(cfg)

@@ -1,0 +1,124 @@
+"""Imports PyTorch checkpoints as drc_jax targets (orbax checkpoint + ``model.json``).
+
+Two public layouts of the DDPM CIFAR10 UNet are read:
+
+* ``pytorch-ddpm`` (github.com/w86763777/pytorch-ddpm, the targets of SecMI and PIA): a ``.pt``
+  dict with ``net_model`` and ``ema_model`` state dicts (EMA by default), or a bare state dict.
+  The architecture (ch, ch_mult, num_res_blocks, attention levels, channels, T) is read from the
+  state dict's keys and shapes; only the image resolution is not stored (default 32).
+* ``diffusers``: a ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model``
+  ``.safetensors`` or ``.bin``) in the google/ddpm-cifar10-32 layout. The architecture comes from
+  ``config.json``; settings our UNet does not compute are refused, naming the field.
+
+  python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
+  python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
+
+Every parameter of the model must come from exactly one source tensor of the expected shape, and
+every source tensor must be used: a missing, unexpected, misshapen or non-finite tensor is a
+``ConversionError`` naming the key, raised before anything is written. Safetensors files are read
+without torch; pickled files (``.pt``/``.pth``/``.bin``) only with ``torch.load(...,
+weights_only=True)``, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from absl import logging
+
+from drc_jax.convert.common import (
+  DEFAULT_DIFFUSION,
+  ConversionError,
+  Converted,
+  arch,
+  read_checkpoint,
+  write_target,
+)
+from drc_jax.convert.diffusers import convert_diffusers, diffusers_config
+from drc_jax.convert.pytorch_ddpm import (
+  convert_pytorch_ddpm,
+  pytorch_ddpm_config,
+  select_pytorch_ddpm_weights,
+)
+from drc_jax.models import unet as model_lib
+
+TARGET_FORMATS = ('pytorch-ddpm', 'diffusers')
+# Encoder formats: format -> module under drc_jax.convert with
+# ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
+ENCODER_FORMATS: dict[str, str] = {}
+FORMATS = TARGET_FORMATS + tuple(ENCODER_FORMATS)
+
+__all__ = [
+  'DEFAULT_DIFFUSION',
+  'ENCODER_FORMATS',
+  'FORMATS',
+  'TARGET_FORMATS',
+  'ConversionError',
+  'Converted',
+  'convert',
+  'convert_encoder',
+  'convert_diffusers',
+  'convert_pytorch_ddpm',
+  'diffusers_config',
+  'pytorch_ddpm_config',
+  'read_checkpoint',
+  'select_pytorch_ddpm_weights',
+  'write_target',
+]
+
+
+def convert(
+  fmt: str,
+  src,
+  workdir,
+  *,
+  weights: str = 'ema',
+  resolution: int | None = None,
+  diffusion: dict[str, Any] | None = None,
+) -> Converted:
+  """Converts ``src`` (format ``fmt``: 'pytorch-ddpm' or 'diffusers') into the target ``workdir``.
+
+  Returns:
+    The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``
+    and ``drc_jax.load_target``).
+  """
+  if fmt == 'pytorch-ddpm':
+    converted = convert_pytorch_ddpm(src, weights, resolution, diffusion)
+  elif fmt == 'diffusers':
+    converted = convert_diffusers(src, resolution, diffusion)
+  else:
+    raise ConversionError(f'unknown format {fmt!r}; expected one of {FORMATS}')
+  write_target(workdir, converted)
+  logging.info(
+    'converted %s -> %s: %s, %d parameters, schedule %s, step %d',
+    converted.source,
+    workdir,
+    arch(converted.config),
+    model_lib.count_params(converted.params),
+    converted.diffusion,
+    converted.step,
+  )
+  return converted
+
+
+def convert_encoder(fmt: str, src, out):
+  """Converts encoder weights ``src`` (format ``fmt``, a key of ``ENCODER_FORMATS``) into the
+  encoder directory ``out``; returns ``drc_jax.load_encoder(out)``."""
+  from drc_jax import encoders  # pylint: disable=g-import-not-at-top
+
+  if fmt not in ENCODER_FORMATS:
+    raise ConversionError(
+      f'unknown encoder format {fmt!r}; expected one of {tuple(ENCODER_FORMATS)}'
+    )
+  reader = importlib.import_module(ENCODER_FORMATS[fmt])
+  family, config, params, preprocess, source = reader.read(src)
+  encoders.save_encoder(out, family, config, params, preprocess, source=source, fmt=fmt)
+  logging.info(
+    'converted %s -> %s: %s encoder, %d parameters',
+    source,
+    out,
+    family,
+    model_lib.count_params(params),
+  )
+  return encoders.load_encoder(out)

@@ -1,0 +1,70 @@
+"""``python -m drc_jax.convert``: converts a PyTorch checkpoint into a drc_jax workdir.
+
+python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
+python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from drc_jax import errors
+from drc_jax.convert import ENCODER_FORMATS, FORMATS, convert, convert_encoder
+
+
+def _define_flags() -> None:
+  """Defines the command-line flags (only when run as a program, so importing never clashes)."""
+  flags.DEFINE_enum('format', None, FORMATS, 'Layout of --src.')
+  flags.DEFINE_string(
+    'src',
+    None,
+    'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
+    'folder (config.json + weights), pipeline folder or weights file.',
+  )
+  flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')
+  flags.DEFINE_string('out', None, 'Encoders: fresh encoder directory to write (local or gs://).')
+  flags.DEFINE_enum(
+    'weights',
+    'ema',
+    ['ema', 'net'],
+    'pytorch-ddpm: which state dict of a training checkpoint to convert.',
+  )
+  flags.DEFINE_integer(
+    'resolution', None, 'Image side (default: 32 for pytorch-ddpm, sample_size for diffusers).'
+  )
+  flags.DEFINE_integer('num_timesteps', None, 'T (default: recorded by the source, else 1000).')
+  flags.DEFINE_float('beta_start', None, 'Linear schedule start (default: recorded, else 1e-4).')
+  flags.DEFINE_float('beta_end', None, 'Linear schedule end (default: recorded, else 0.02).')
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of input errors instead of one line.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if f.format in ENCODER_FORMATS:
+    if f.out is None or f.workdir is not None:
+      raise app.UsageError(f'--format={f.format} writes an encoder: give --out=DIR, not --workdir')
+    errors.run_reporting_user_errors(lambda: convert_encoder(f.format, f.src, f.out), f.verbose)
+    return
+  if f.workdir is None or f.out is not None:
+    raise app.UsageError(f'--format={f.format} writes a target: give --workdir=DIR, not --out')
+  if f.format == 'diffusers' and f['weights'].present:
+    raise app.UsageError('--weights applies to --format=pytorch-ddpm only')
+  overrides = {
+    k: getattr(f, k)
+    for k in ('num_timesteps', 'beta_start', 'beta_end')
+    if getattr(f, k) is not None
+  }
+  errors.run_reporting_user_errors(
+    lambda: convert(
+      f.format, f.src, f.workdir, weights=f.weights, resolution=f.resolution, diffusion=overrides
+    ),
+    f.verbose,
+  )
+
+
+if __name__ == '__main__':
+  _define_flags()
+  flags.mark_flags_as_required(['format', 'src'])
+  app.run(main, flags_parser=errors.flags_parser)
