@@ -234,9 +234,10 @@ def write_random_encoder(
     seed: initialisation seed.
     preprocess: the input it expects; default: the family module's ``default_preprocess(config)``.
   """
+  _family(family, 'write_random_encoder')  # an unknown family is an error naming the known ones
   if preprocess is None:
-    module = importlib.import_module(FAMILIES[family].module) if family in FAMILIES else None
-    if module is None or not hasattr(module, 'default_preprocess'):
+    module = importlib.import_module(FAMILIES[family].module)
+    if not hasattr(module, 'default_preprocess'):
       raise EncoderError(f'encoder family {family!r}: give a Preprocess (no default_preprocess)')
     preprocess = module.default_preprocess(config)
   _, params = build(family, config, seed)
