@@ -2,6 +2,7 @@
 
 python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
 python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
+python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def _define_flags() -> None:
   flags.DEFINE_integer('num_timesteps', None, 'T (default: recorded by the source, else 1000).')
   flags.DEFINE_float('beta_start', None, 'Linear schedule start (default: recorded, else 1e-4).')
   flags.DEFINE_float('beta_end', None, 'Linear schedule end (default: recorded, else 0.02).')
+  flags.DEFINE_integer(
+    'heads', None, 'timm-vit, open-clip: attention heads (not stored; default width / 64).'
+  )
+  flags.DEFINE_enum(
+    'activation',
+    None,
+    ['gelu', 'quick_gelu'],
+    'open-clip: MLP activation (not stored; default from open_clip_config.json).',
+  )
   flags.DEFINE_bool('verbose', False, 'Show the traceback of input errors instead of one line.')
 
 
@@ -45,8 +55,13 @@ def main(argv):
   if f.format in ENCODER_FORMATS:
     if f.out is None or f.workdir is not None:
       raise app.UsageError(f'--format={f.format} writes an encoder: give --out=DIR, not --workdir')
-    errors.run_reporting_user_errors(lambda: convert_encoder(f.format, f.src, f.out), f.verbose)
+    options = {'heads': f.heads, 'activation': f.activation}
+    errors.run_reporting_user_errors(
+      lambda: convert_encoder(f.format, f.src, f.out, **options), f.verbose
+    )
     return
+  if f.heads is not None or f.activation is not None:
+    raise app.UsageError('--heads and --activation apply to encoder formats only')
   if f.workdir is None or f.out is not None:
     raise app.UsageError(f'--format={f.format} writes a target: give --workdir=DIR, not --out')
   if f.format == 'diffusers' and f['weights'].present:
