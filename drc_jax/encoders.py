@@ -19,6 +19,7 @@ jitted code, so DRC runs an encoder within its one program. ``embed_fn`` / ``pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -106,7 +107,8 @@ def prepare_fn(pre: Preprocess) -> Callable[[jnp.ndarray], jnp.ndarray]:
     h, w = pre.size
     if x.shape[1:3] != (h, w):
       x = jax.image.resize(x, (x.shape[0], h, w, 3), method=pre.resize, antialias=True)
-    return (x - jnp.asarray(pre.mean, jnp.float32)) / jnp.asarray(pre.std, jnp.float32)
+    mean = jnp.asarray(pre.mean, jnp.float32).reshape(1, 1, 1, 3)  # explicit rank: no promotion
+    return (x - mean) / jnp.asarray(pre.std, jnp.float32).reshape(1, 1, 1, 3)
 
   return prepare
 
@@ -141,11 +143,16 @@ class Encoder:
   def prepare(self, images):
     return prepare_fn(self.preprocess)(images)
 
+  @functools.cached_property
+  def _jitted(self):
+    # One jit per encoder: a fresh jax.jit(bound method) per call would retrace and recompile.
+    return jax.jit(self.embed_fn), jax.jit(self.cls_attention_fn)
+
   def embed(self, x):
-    return jax.jit(self.embed_fn)(self.params, jnp.asarray(x, jnp.float32))
+    return self._jitted[0](self.params, jnp.asarray(x, jnp.float32))
 
   def cls_attention(self, x):
-    return jax.jit(self.cls_attention_fn)(self.params, jnp.asarray(x, jnp.float32))
+    return self._jitted[1](self.params, jnp.asarray(x, jnp.float32))
 
 
 def build(family: str, config, seed: int = 0) -> tuple[Any, Any]:
@@ -155,10 +162,20 @@ def build(family: str, config, seed: int = 0) -> tuple[Any, Any]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract(family: str, config) -> tuple[Any, Any]:
+  """(graphdef, params as ShapeDtypeStructs), cached per (family, config): tracing a network's
+  init takes seconds, and converting then loading an encoder needs it three times. Shared: do not
+  mutate the returned tree."""
   _, network = _family(family, family)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: network(config, nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(family: str, config) -> Any:
+  """The params tree of ``family`` with ``config`` as ShapeDtypeStructs (names and shapes; no
+  compute), as converters need it; cached and shared: do not mutate it."""
+  return _abstract(family, config)[1]
 
 
 def save_encoder(
@@ -252,3 +269,6 @@ def load_encoder(path) -> Encoder:
     )
   params = unet_lib.unflatten_params(abstract, {k: jnp.asarray(v) for k, v in flat.items()})
   return Encoder(family, config, pre, graphdef, params, meta.get('source', ''))
+
+
+register('facenet', Family('drc_jax.models.facenet', 'FaceNetConfig', 'InceptionResnetV1'))

@@ -46,7 +46,9 @@ from drc_jax.models import unet as model_lib
 TARGET_FORMATS = ('pytorch-ddpm', 'diffusers')
 # Encoder formats: format -> module under drc_jax.convert with
 # ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
-ENCODER_FORMATS: dict[str, str] = {}
+ENCODER_FORMATS: dict[str, str] = {
+  'facenet': 'drc_jax.convert.facenet',
+}
 FORMATS = TARGET_FORMATS + tuple(ENCODER_FORMATS)
 
 __all__ = [
