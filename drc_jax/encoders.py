@@ -69,6 +69,7 @@ def register(name: str, family: Family) -> None:
 
 register('vit', Family('drc_jax.models.vit', 'ViTConfig', 'ViT'))  # timm / DINO ViTs
 register('clip', Family('drc_jax.models.clip', 'CLIPConfig', 'CLIPVision'))  # CLIP image towers
+register('facenet', Family('drc_jax.models.facenet', 'FaceNetConfig', 'InceptionResnetV1'))
 
 
 def _family(name: str, where: str) -> tuple[type, type]:
@@ -171,7 +172,11 @@ def build(family: str, config, seed: int = 0) -> tuple[Any, Any]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract(family: str, config) -> tuple[Any, Any]:
+  """(graphdef, params as ShapeDtypeStructs), cached per (family, config): tracing a network's
+  init takes seconds, and converting then loading an encoder needs it three times. Shared: do not
+  mutate the returned tree."""
   _, network = _family(family, family)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: network(config, nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(state)
@@ -296,3 +301,4 @@ def load_encoder(path) -> Encoder:
     )
   params = unet_lib.unflatten_params(abstract, {k: jnp.asarray(v) for k, v in flat.items()})
   return Encoder(family, config, pre, graphdef, params, meta.get('source', ''))
+

@@ -10,8 +10,9 @@ from drc_jax import attacks, compare, config_base, degrade, restore, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, 'drc_jax')
-# Program boundaries (each jits its programs once, with shardings) and the conveniences of loaded
-# objects (Target.apply, Encoder.embed); every other module returns pure functions.
+# Program boundaries (each jits its programs once, with shardings), the face detector (a host
+# program run before the audit) and the conveniences of loaded objects (Target.apply,
+# Encoder.embed); every other module returns pure functions.
 JIT_ALLOWED = {
   'audit.py',
   'train.py',
@@ -20,6 +21,7 @@ JIT_ALLOWED = {
   'steps_curve.py',
   'target.py',
   'encoders.py',
+  'faces.py',
 }
 MAX_LINES = 600
 

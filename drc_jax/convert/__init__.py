@@ -51,6 +51,7 @@ ENCODER_FORMATS: dict[str, str] = {
   'timm-vit': 'drc_jax.convert.timm_vit',  # timm VisionTransformer / DINO backbone state dict
   'open-clip': 'drc_jax.convert.open_clip',  # OpenCLIP checkpoint (its visual.* image tower)
   'hf-clip': 'drc_jax.convert.hf_clip',  # HF CLIPVisionModelWithProjection or CLIPModel folder
+  'facenet': 'drc_jax.convert.facenet',
 }
 FORMATS = TARGET_FORMATS + tuple(ENCODER_FORMATS)
 

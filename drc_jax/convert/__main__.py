@@ -3,6 +3,7 @@
 python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
 python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
 python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
+python -m drc_jax.convert --format=facenet --src=20180402-114759-vggface2.pt --out=enc/facenet
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def _define_flags() -> None:
     'src',
     None,
     'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
-    'folder (config.json + weights), pipeline folder or weights file.',
+    'folder (config.json + weights), pipeline folder or weights file; facenet: '
+    'InceptionResnetV1 state dict (.pt/.pth/.safetensors).',
   )
   flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')
   flags.DEFINE_string('out', None, 'Encoders: fresh encoder directory to write (local or gs://).')
