@@ -20,13 +20,17 @@ Choices, the published ones where one exists and not tuned for any attack:
 Variants (combine with commas, e.g. ``:runlocal,res=64``):
 * ``res=64``: 64x64 images; the UNet levels are then 64, 32, 16 and 8 and attention stays at 16.
 * ``runlocal``: a CPU smoke run of seconds (tiny UNet, 32 + 32 images).
+* ``paper``: the paper's DRC steps: the face area removed (the MTCNN face box; ``mask=dino``: the
+  top patches of a DINO ViT's attention, ``--config.drc.saliency_encoder=DIR``) and face-ID cosine
+  (facenet InceptionResnetV1, ``--config.drc.compare_encoder=DIR``; README, "Encoders"). With
+  ``runlocal``, random encoders stand in (a smoke run, not a measurement).
 """
 
 from drc_jax import config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, runlocal=False, res=32)
+  a = config_base.parse_arg(arg, runlocal=False, res=32, paper=False, mask='face')
   c = config_base.base_config()
   c.data.source = 'tfds'  # tensorflow-datasets through tfds.data_source
   c.data.name = 'celeb_a'  # tfds builder
@@ -44,4 +48,8 @@ def get_config(arg=None):
     raise ValueError(f'config argument res={a.res}: expected 32 or 64')
   if a.runlocal:
     config_base.apply_runlocal(c)
+  if a.paper:
+    # The paper's DRC on faces: the face area removed (MTCNN box; 'mask=dino' for DINO attention)
+    # and face-ID cosine (facenet InceptionResnetV1, --config.drc.compare_encoder=DIR).
+    config_base.set_paper_semantic_drc(c, a.mask, a.runlocal, 'random:facenet')
   return c

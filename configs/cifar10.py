@@ -24,7 +24,10 @@ and not tuned for any attack:
 * Audit batches of 256 images, score shards of 2,048 (the unit of resume).
 
 Variants: ``:runlocal`` shrinks to a CPU smoke run of seconds (tiny UNet, 32 + 32 images, tfds
-record order since mock data ids are random strings).
+record order since mock data ids are random strings). ``:paper`` uses the paper's DRC steps: the
+top-rho 4x4 patches of a DINO ViT's CLS attention removed (``--config.drc.saliency_encoder=DIR``)
+and CLIP cosine (``--config.drc.compare_encoder=DIR``; README, "Encoders"); with ``runlocal``,
+tiny random encoders stand in.
 """
 
 from drc_jax import config_base

@@ -6,7 +6,8 @@ in ``config.split.file``; images indexed in the original order of the 'train' fi
 tfds 'id' feature; the paper DDPM and UNet; the papers' attack settings; DRC by DDIM inpainting
 of the central half (rho = 0.5) from pure noise in 100 steps, K = 4.
 
-Variants: ``:runlocal`` shrinks to a CPU smoke run of seconds (tiny UNet, 32 + 32 images).
+Variants: ``:paper`` as for cifar10; ``:runlocal`` shrinks to a CPU smoke run of seconds (tiny
+UNet, 32 + 32 images).
 """
 
 from drc_jax import config_base

@@ -34,9 +34,15 @@ from drc_jax import streams
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
+  """One attack: ``scores(params, key_data [B, 2] uint32, images [B,H,W,C], aux, side) -> [B]``
+  (drc: [B, K]). ``aux`` is the attack's own extra params (DRC's encoders; None for the others),
+  ``side`` per-image inputs made on the host (DRC's face masks), both usually None."""
+
   name: str
   nfe: int  # model calls per image
-  scores: Callable  # (params, key_data [B, 2] uint32, images [B,H,W,C]) -> [B] (drc: [B, K])
+  scores: Callable
+  aux: Any = None  # host params pytree placed beside the model's (replicated)
+  encoder_calls: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _t(b, t):
@@ -51,7 +57,7 @@ def _keys_of(key_data):
   return jax.vmap(jax.random.wrap_key_data)(key_data)
 
 
-# One registry of attacks: name -> factory(config, model, schedule) -> Attack.
+# One registry of attacks: name -> factory(config, model, schedule, encoders) -> Attack.
 ATTACKS: dict[str, Callable[[Any, Any, Any], Attack]] = {}
 
 
@@ -64,16 +70,18 @@ def register(name: str):
 
 
 @register('drc')
-def drc(config, model, schedule) -> Attack:
-  scorer = drc_lib.make_drc(config.drc, model, schedule)
-  return Attack('drc', scorer.nfe, scorer.similarities)
+def drc(config, model, schedule, encoders=None) -> Attack:
+  scorer = drc_lib.make_drc(config.drc, model, schedule, encoders)
+  return Attack('drc', scorer.nfe, scorer.similarities, scorer.aux, scorer.encoder_calls)
 
 
 @register('loss')
-def loss(config, model, schedule) -> Attack:
+def loss(config, model, schedule, encoders=None) -> Attack:
+  del encoders
   t_loss = config.attacks.loss_t
 
-  def scores(params, key_data, x0):
+  def scores(params, key_data, x0, aux=None, side=None):
+    del aux, side
     eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:]))(_keys_of(key_data))
     t = _t(x0.shape[0], t_loss)
     return -_sum_hw(jnp.square(eps - model.apply(params, schedule.q_sample(x0, t, eps), t)))
@@ -82,11 +90,12 @@ def loss(config, model, schedule) -> Attack:
 
 
 @register('secmi')
-def secmi(config, model, schedule) -> Attack:
+def secmi(config, model, schedule, encoders=None) -> Attack:
+  del encoders
   k, t_sec = config.attacks.secmi_k, config.attacks.secmi_t
 
-  def scores(params, key_data, x0):
-    del key_data
+  def scores(params, key_data, x0, aux=None, side=None):
+    del key_data, aux, side
     b = x0.shape[0]
 
     def ddim(x, t_from, t_to):
@@ -103,11 +112,12 @@ def secmi(config, model, schedule) -> Attack:
 
 
 def _pia(name: str, normalize: bool):
-  def factory(config, model, schedule) -> Attack:
+  def factory(config, model, schedule, encoders=None) -> Attack:
+    del encoders
     a = config.attacks
 
-    def scores(params, key_data, x0):
-      del key_data
+    def scores(params, key_data, x0, aux=None, side=None):
+      del key_data, aux, side
       b = x0.shape[0]
       eps0 = model.apply(params, x0, _t(b, 0))
       if normalize:
@@ -128,32 +138,45 @@ register('pian')(_pia('pian', normalize=True))
 
 
 @register('sima')
-def sima(config, model, schedule) -> Attack:
+def sima(config, model, schedule, encoders=None) -> Attack:
+  del encoders
   del schedule
   t_sima = config.attacks.sima_t
 
-  def scores(params, key_data, x0):
-    del key_data
+  def scores(params, key_data, x0, aux=None, side=None):
+    del key_data, aux, side
     return -_sum_hw(jnp.abs(model.apply(params, x0, _t(x0.shape[0], t_sima))) ** 4)
 
   return Attack('sima', 1, scores)
 
 
-def make_attacks(config, model, schedule, names: list[str]) -> dict[str, Attack]:
-  """The attacks named in ``names`` (validated config names), as pure functions."""
-  return {name: ATTACKS[name](config, model, schedule) for name in names}
+def make_attacks(config, model, schedule, names: list[str], encoders=None) -> dict[str, Attack]:
+  """The attacks named in ``names`` (validated config names), as pure functions.
+
+  ``encoders``: DRC's loaded encoders by role (``audit.load_drc_encoders``), if it needs any.
+  """
+  return {name: ATTACKS[name](config, model, schedule, encoders) for name in names}
 
 
 def make_batch_scorer(attacks: dict[str, Attack]) -> Callable:
   """Every attack on one batch, as one pure function (the caller jits it once, sharded).
 
-  Returns ``score(params, key_data {name: [B,2]}, images) -> {name: [B] or [B, K]}``.
+  Returns ``score(params, aux {name: params}, key_data {name: [B,2]}, images, side) ->
+  {name: [B] or [B, K]}`` (``aux`` as ``aux_params(attacks)``; ``side`` per-image host inputs).
   """
 
-  def score(params, key_data, images):
-    return {name: att.scores(params, key_data[name], images) for name, att in attacks.items()}
+  def score(params, aux, key_data, images, side=None):
+    return {
+      name: att.scores(params, key_data[name], images, aux.get(name), side)
+      for name, att in attacks.items()
+    }
 
   return score
+
+
+def aux_params(attacks: dict[str, Attack]) -> dict[str, Any]:
+  """The attacks' extra params, ``{name: aux}`` for those that have any."""
+  return {name: att.aux for name, att in attacks.items() if att.aux is not None}
 
 
 def keys_for(names, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from drc_jax import attacks as attacks_lib
 from drc_jax import checkpoints, parallel, progress, results, shipped, store, validate
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
+from drc_jax import encoders as encoders_lib
 from drc_jax import samples as samples_lib
 from drc_jax import splits as splits_lib
 from drc_jax import target as target_lib
@@ -74,9 +75,11 @@ class Scorer:
   """What an audit runs, built once per run: the target on the mesh and its jitted programs.
 
   Attributes:
-    score_fn: every attack on one batch, ``(params, {name: key_data}, images) -> {name: scores}``.
+    score_fn: every attack on one batch,
+      ``(params, aux, {name: key_data}, images, side) -> {name: scores}``.
     evidence_fn: DRC's degraded and restored images of all K restorations,
-      ``(params, key_data, images) -> ([B, K, H, W, C], [B, K, H, W, C])`` (None without DRC).
+      ``(params, key_data, images, aux, side) -> ([B, K, H, W, C], [B, K, H, W, C])`` (None
+      without DRC).
     sample_fn: the target's DDIM samples, ``(params, key_data) -> [B, H, W, C]``.
   """
 
@@ -87,6 +90,8 @@ class Scorer:
   score_fn: Callable
   evidence_fn: Callable | None
   sample_fn: Callable
+  aux: Any  # the attacks' extra params (DRC's encoders), replicated: {name: params}
+  side_fn: Callable  # (source, indices) -> per-image host inputs of a batch (DRC's face masks)
 
 
 def make_scorer(config, workdir: str) -> Scorer:
@@ -95,16 +100,52 @@ def make_scorer(config, workdir: str) -> Scorer:
   names = validate.attack_names(config)
   mesh = parallel.make_mesh()
   target = AuditedTarget(config, workdir, mesh)
-  attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names)
+  encoders = load_drc_encoders(config)
+  attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names, encoders)
   for a in attacks.values():
-    logging.info('attack %-6s %5d model calls per image', a.name, a.nfe)
-  score_fn = jax.jit(attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rdd', 'd'))
+    calls = ''.join(f', {n} {r} encoder calls' for r, n in a.encoder_calls.items())
+    logging.info('attack %-6s %5d model calls per image%s', a.name, a.nfe, calls)
+  aux = parallel.replicate(mesh, attacks_lib.aux_params(attacks))
+  score_fn = jax.jit(
+    attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rrddd', 'd')
+  )
   evidence_fn = None
   if 'drc' in attacks:
-    drc = drc_lib.make_drc(config.drc, target.model, target.schedule)
-    evidence_fn = jax.jit(drc.evidence, **parallel.shardings(mesh, 'rdd', 'dd'))
+    drc = drc_lib.make_drc(config.drc, target.model, target.schedule, encoders)
+    evidence_fn = jax.jit(drc.evidence, **parallel.shardings(mesh, 'rddrd', 'dd'))
   sample_fn = jax.jit(samples_lib.make_sampler(target.model, target.schedule))
-  return Scorer(target, mesh, names, attacks, score_fn, evidence_fn, sample_fn)
+  side_fn = make_side_fn(config, names)
+  return Scorer(target, mesh, names, attacks, score_fn, evidence_fn, sample_fn, aux, side_fn)
+
+
+def load_drc_encoders(config) -> dict[str, Any]:
+  """DRC's encoders by role ('saliency', 'compare'), loaded from the config's directories."""
+  return {
+    role: encoders_lib.load_encoder(config.drc[field])
+    for role, field in validate.drc_encoder_fields(config).items()
+  }
+
+
+def make_side_fn(config, names: list[str]) -> Callable:
+  """``side(source, indices) -> (inputs, found)``: the per-image host inputs of a batch.
+
+  For ``drc.mask='face'``: ``{'keep_mask': [B, R, R, 1]}`` from MTCNN on the raw images (read
+  through the run cache) and ``found`` [B] (False: no face, the centre box stands in); otherwise
+  ``({}, None)``.
+  """
+  if 'drc' not in names or config.drc.mask != 'face':
+    return lambda source, indices: ({}, None)
+  from drc_jax import faces  # pylint: disable=g-import-not-at-top
+
+  path = config.drc.face_detector or None
+  detector = faces.Detector.load(path) if path else faces.default_detector()
+
+  def side(source, indices):
+    raw, _ = source.read(indices)
+    masks, found = faces.drc_keep_masks(raw, config.data, config.drc.mask_ratio, detector)
+    return {'keep_mask': masks}, found
+
+  return side
 
 
 def score_split(
@@ -193,16 +234,23 @@ def score_images(
     rows: dict[str, list] = {}
     labels = np.zeros(hi - lo, np.int64)
     hashes: list[str | None] = [None] * (hi - lo)
+    faces_found = np.ones(hi - lo, bool)
     for slot in data_lib.batch_slots(hi - lo, bs, p_idx, p_cnt):
       pos = np.where(slot.valid, lo + slot.positions, lo)  # padding repeats the shard's first
       images, batch_labels, batch_hashes = data_lib.load_images(source, indices[pos], config.data)
       for j in np.flatnonzero(slot.valid):  # this process's rows: labels and hashes as read
         labels[pos[j] - lo], hashes[pos[j] - lo] = batch_labels[j], batch_hashes[j]
       keys = attacks_lib.keys_for(names, config.seed, key_indices[pos])
+      side, found = scorer.side_fn(source, indices[pos])
+      if found is not None:
+        for j in np.flatnonzero(slot.valid):
+          faces_found[pos[j] - lo] = found[j]
       out = score_fn(
         target.params,
+        scorer.aux,
         {n: parallel.shard_batch(mesh, k) for n, k in keys.items()},
         parallel.shard_batch(mesh, images),
+        {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
       )
       valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
       for name, v in out.items():
@@ -214,12 +262,25 @@ def score_images(
       labels[rest] = rest_labels
       for r, h in zip(rest, data_lib.image_hashes(raw)):
         hashes[r] = h
+      _, found = scorer.side_fn(source, indices[lo:hi][rest])
+      if found is not None:
+        faces_found[rest] = found
     arrays = {
       'split': is_member[lo:hi],
       'index': indices[lo:hi],
       'label': labels,
       'hash': np.asarray(hashes),
     }
+    if config.drc.mask == 'face' and 'drc' in names:
+      arrays['drc/face_found'] = faces_found
+      if not faces_found.all():
+        logging.warning(
+          'shard %d: no face found in %d of %d images: DRC removed their centre box instead '
+          '(drc/face_found in the shard says which)',
+          i,
+          int((~faces_found).sum()),
+          hi - lo,
+        )
     for name, chunks in rows.items():
       v = np.concatenate(chunks).astype(np.float64)
       if name == 'drc':

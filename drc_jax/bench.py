@@ -103,6 +103,40 @@ def run_bench(
   }
 
 
+def run_encoder_bench(config, batch: int, repeats: int) -> dict:
+  """What DRC's encoders (``drc.saliency_encoder``, ``drc.compare_encoder``) cost per image: calls
+  and seconds, timed as the audit runs them (inside one jitted program, on [-1, 1] images of the
+  config's size, resized and normalised to the encoder's input)."""
+  from drc_jax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
+  from drc_jax import saliency as saliency_lib  # pylint: disable=g-import-not-at-top
+  from drc_jax import validate  # pylint: disable=g-import-not-at-top
+
+  res, ch, k = config.data.resolution, config.data.channels, int(config.drc.num_restorations)
+  images = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, ch)).astype(np.float32)
+  out = {}
+  for role, field in validate.drc_encoder_fields(config).items():
+    enc = encoders_lib.load_encoder(config.drc[field])
+    if role == 'saliency':
+      fn, calls = jax.jit(saliency_lib.dino_saliency(enc)), 1
+    else:
+      prepare = encoders_lib.prepare_fn(enc.preprocess)
+      fn, calls = jax.jit(lambda p, x, enc=enc, prepare=prepare: enc.embed_fn(p, prepare(x))), 1 + k
+    jax.block_until_ready(fn(enc.params, images))  # compile
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      jax.block_until_ready(fn(enc.params, images))
+    per_call = (time.perf_counter() - t0) / repeats / batch
+    out[role] = {
+      'encoder': config.drc[field],
+      'family': enc.family,
+      'params_m': round(model_lib.count_params(enc.params) / 1e6, 3),
+      'calls_per_image': calls,
+      'seconds_per_call': round(per_call, 5),
+      'seconds_per_image': round(per_call * calls, 5),
+    }
+  return out
+
+
 def run_train_bench(config, repeats: int) -> dict:
   """Train steps per second of the config's UNet at config.train.batch_size (random images)."""
   from drc_jax import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -154,6 +188,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
   flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
   flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
+  flags.DEFINE_bool('encoders', False, "Also time DRC's encoders (config.drc.*_encoder) per image.")
   flags.DEFINE_bool(
     'train_step', False, 'Time one training step (config.train.batch_size) instead.'
   )
@@ -165,20 +200,20 @@ def main(argv):
   if f.train_step:
     print(json.dumps(run_train_bench(f.config, f.repeats)))
     return
-  print(
-    json.dumps(
-      run_bench(
-        f.config,
-        f.restorer,
-        f.batch,
-        f.steps,
-        f.jump_length,
-        f.jump_n_sample,
-        f.repeats,
-        f.forward_only,
-      )
-    )
+  out = run_bench(
+    f.config,
+    f.restorer,
+    f.batch,
+    f.steps,
+    f.jump_length,
+    f.jump_n_sample,
+    f.repeats,
+    f.forward_only,
   )
+  if f.encoders:  # DRC's encoder calls and their time, next to the UNet's
+    out['encoders'] = run_encoder_bench(f.config, f.batch, f.repeats)
+    out['unet_seconds_per_image'] = round(out['seconds'] / f.batch, 5)
+  print(json.dumps(out))
 
 
 if __name__ == '__main__':

@@ -86,14 +86,18 @@ def ssim_region(x, y, d: degrade_lib.Degradation) -> jnp.ndarray:
   return jnp.sum(ssim_map(x, y) * w, axis=(1, 2)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1e-12)
 
 
+def cosine(fx: jnp.ndarray, fy: jnp.ndarray) -> jnp.ndarray:
+  """[B] cosine similarity of feature rows [B, D] (the semantic comparator of the paper)."""
+  num = jnp.sum(fx * fy, axis=-1)
+  return num / jnp.maximum(jnp.linalg.norm(fx, axis=-1) * jnp.linalg.norm(fy, axis=-1), 1e-12)
+
+
 def feature_cosine(encoder: Callable[[jnp.ndarray], jnp.ndarray]) -> Comparator:
   """Comparator from an encoder ``images [B,H,W,C] -> features [B, D]``: cosine similarity."""
 
   def compare(x, y, d):
     del d
-    fx, fy = encoder(x), encoder(y)
-    num = jnp.sum(fx * fy, axis=-1)
-    return num / jnp.maximum(jnp.linalg.norm(fx, axis=-1) * jnp.linalg.norm(fy, axis=-1), 1e-12)
+    return cosine(encoder(x), encoder(y))
 
   return compare
 
@@ -104,6 +108,10 @@ COMPARATORS: dict[str, Comparator] = {
   'ssim': ssim,
   'ssim_region': ssim_region,
 }
+
+
+# Comparators that need an encoder (``drc.compare_encoder``); DRC builds them from its encoders.
+ENCODER_COMPARATORS = ('cosine',)
 
 
 def get(name: str) -> Comparator:

@@ -77,7 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
 
   c.drc = ml_collections.ConfigDict()
-  c.drc.mask = 'center_box'  # 'center_box', 'random_box', 'random_patches', 'saliency_patches'
+  # 'center_box', 'random_box', 'random_patches', 'saliency_patches', 'face' (the detected face
+  # box, MTCNN; the centre box with a warning where none is found); 'downsample', 'grayscale'
+  c.drc.mask = 'center_box'
+  c.drc.saliency = (
+    'foreground'  # 'saliency_patches' map: 'foreground' or 'dino' (a ViT's attention)
+  )
+  c.drc.saliency_encoder = ''  # 'dino': encoder directory of a ViT (python -m drc_jax.convert)
+  c.drc.face_detector = ''  # 'face': MTCNN weights (.safetensors); '' = facenet-pytorch's own
   c.drc.mask_ratio = 0.5  # fraction of the image removed (rho)
   c.drc.invert_mask = False  # remove the complement of the mask region instead
   c.drc.patch_size = 4  # patch size of the patch masks
@@ -88,7 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.drc.jump_length = 10  # RePaint jump length
   c.drc.jump_n_sample = 10  # RePaint resamples per jump
   c.drc.num_restorations = 4  # K restorations per image (different keys), one similarity each
-  c.drc.comparator = 'masked_mse'  # 'masked_mse', 'psnr', 'ssim', 'ssim_region'
+  c.drc.comparator = 'masked_mse'  # 'masked_mse', 'psnr', 'ssim', 'ssim_region', 'cosine'
+  c.drc.compare_encoder = ''  # 'cosine': encoder directory (CLIP, face-ID, DINO)
   c.drc.vote_quantile = 0.5  # votes: similarity above this quantile of non-member sims (agree plot)
 
   c.attacks = ml_collections.ConfigDict()
@@ -199,6 +207,29 @@ def set_paper_drc(c: ml_collections.ConfigDict) -> None:
   c.drc.num_restorations = 4  # K restorations per image
   c.audit.batch_size = 256  # images per attack step (a multiple of 8 devices)
   c.audit.shard_size = 2048  # images per score shard
+
+
+def set_paper_semantic_drc(
+  c: ml_collections.ConfigDict, mask: str, runlocal: bool, compare_random: str
+) -> None:
+  """The paper's DRC degrade and compare steps: the important region removed (``mask`` 'dino':
+  the top-rho 4x4 patches of a DINO ViT's CLS attention; 'face': the detected face box) and a
+  semantic comparison (cosine of an encoder's embeddings). The encoder directories come from
+  ``config.drc.saliency_encoder`` / ``compare_encoder`` (a missing one is an error naming the
+  field); ``runlocal`` uses tiny random encoders instead (``encoders.RANDOM``)."""
+  if mask == 'dino':
+    c.drc.mask = 'saliency_patches'
+    c.drc.saliency = 'dino'
+    c.drc.patch_size = 4
+  elif mask == 'face':
+    c.drc.mask = 'face'
+  else:
+    raise ValueError(f"config argument mask={mask!r}: expected 'dino' or 'face'")
+  c.drc.comparator = 'cosine'
+  if runlocal:
+    if mask == 'dino':
+      c.drc.saliency_encoder = 'random:vit-tiny'
+    c.drc.compare_encoder = compare_random
 
 
 def sibling(config_file: str, name: str):

@@ -97,23 +97,23 @@ def patch_mask_from_scores(
 def foreground_saliency(image: jnp.ndarray) -> jnp.ndarray:
   """[H, W] encoder-free saliency: distance from the border colour (the object, not background).
 
-  The paper finds the important region with a DINO ViT's self-attention; that needs weights this
-  tool cannot download, so this default marks pixels that differ from the image border. Any
-  function ``image [H, W, C] -> [H, W]`` can be passed instead.
+  The paper finds the important region with a DINO ViT's self-attention (``drc.saliency='dino'``
+  with a converted encoder); without one, this default marks pixels that differ from the image
+  border.
   """
   border = jnp.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0)  # [P, C]
   return jnp.sqrt(jnp.sum(jnp.square(image - border.mean(axis=0)[None, None, :]), axis=-1))
 
 
-def _center_box(key, image, cfg, saliency_fn):
-  del key, saliency_fn
+def _center_box(key, image, cfg, saliency):
+  del key, saliency
   h, w, _ = image.shape
   sh, sw = _box_side(h, w, cfg.mask_ratio)
   return box_mask(h, w, cfg.mask_ratio, (h - sh) // 2, (w - sw) // 2)
 
 
-def _random_box(key, image, cfg, saliency_fn):
-  del saliency_fn
+def _random_box(key, image, cfg, saliency):
+  del saliency
   h, w, _ = image.shape
   sh, sw = _box_side(h, w, cfg.mask_ratio)
   kt, kl = jax.random.split(key)
@@ -133,20 +133,19 @@ def _patch_grid(image, patch: int) -> tuple[int, int]:
   return h, w
 
 
-def _random_patches(key, image, cfg, saliency_fn):
-  del saliency_fn
+def _random_patches(key, image, cfg, saliency):
+  del saliency
   h, w = _patch_grid(image, cfg.patch_size)
   p = cfg.patch_size
   scores = jax.random.uniform(key, ((h // p) * (w // p),))
   return patch_mask_from_scores(scores, h, w, p, cfg.mask_ratio)
 
 
-def _saliency_patches(key, image, cfg, saliency_fn):
+def _saliency_patches(key, image, cfg, saliency):
   del key
   h, w = _patch_grid(image, cfg.patch_size)
   p = cfg.patch_size
-  sal = saliency_fn(image)
-  scores = sal.reshape(h // p, p, w // p, p).mean(axis=(1, 3)).reshape(-1)
+  scores = saliency.reshape(h // p, p, w // p, p).mean(axis=(1, 3)).reshape(-1)
   return patch_mask_from_scores(scores, h, w, p, cfg.mask_ratio)
 
 
@@ -156,8 +155,9 @@ class _MaskCfg:
   patch_size: int
 
 
-# One registry of inpainting masks: name -> fn(key, image [H,W,C], cfg, saliency_fn) -> [H,W,1]
-# keep mask. The linear degradations beside them need DDNM.
+# One registry of inpainting masks drawn in the program: name -> fn(key, image [H,W,C], cfg,
+# saliency [H,W] or None) -> [H,W,1] keep mask. GIVEN masks come with the batch (the face box,
+# detected on the host before scoring); the linear degradations beside them need DDNM.
 MASKS: dict[str, Callable] = {
   'center_box': _center_box,
   'random_box': _random_box,
@@ -165,25 +165,32 @@ MASKS: dict[str, Callable] = {
   'saliency_patches': _saliency_patches,
 }
 LINEAR = ('downsample', 'grayscale')
+GIVEN = ('face',)
+# Saliency maps for 'saliency_patches': 'foreground' (encoder-free, below) or 'dino' (a ViT's CLS
+# attention, ``saliency.dino_saliency``, computed by the caller and passed to ``degrade``).
+SALIENCY = ('foreground', 'dino')
 
 
-def make_degrader(cfg, saliency_fn: Callable[[jnp.ndarray], jnp.ndarray] = foreground_saliency):
-  """Returns ``degrade(keys [B], images [B,H,W,C]) -> Degradation`` for a ``drc`` config section.
+def make_degrader(cfg):
+  """Returns ``degrade(keys [B], images [B,H,W,C], saliency=None, given_mask=None) ->
+  Degradation`` for a ``drc`` config section.
 
   ``cfg.mask`` is a key of ``MASKS`` (inpainting, removing ``cfg.mask_ratio`` of the image;
-  ``cfg.invert_mask`` removes the complement), or a linear degradation of ``LINEAR``:
-  'downsample' (factor ``cfg.patch_size``) and 'grayscale'.
+  ``cfg.invert_mask`` removes the complement), of ``GIVEN`` ('face': ``given_mask`` [B,H,W,1], the
+  keep mask made on the host), or a linear degradation of ``LINEAR``: 'downsample' (factor
+  ``cfg.patch_size``) and 'grayscale'. 'saliency_patches' removes the patches of highest
+  ``saliency`` [B,H,W] (default: ``foreground_saliency`` of each image).
   """
   kind, patch = cfg.mask, int(cfg.patch_size)
   mcfg = _MaskCfg(float(cfg.mask_ratio), patch)
-  if kind not in MASKS and kind not in LINEAR:
+  if kind not in MASKS and kind not in LINEAR and kind not in GIVEN:
     raise ValueError(f'config.drc.mask: unknown {kind!r}')
 
-  def one_mask(key, image):
-    m = MASKS[kind](key, image, mcfg, saliency_fn)
+  def one_mask(key, image, saliency):
+    m = MASKS[kind](key, image, mcfg, saliency)
     return 1.0 - m if cfg.invert_mask else m
 
-  def degrade(keys: jnp.ndarray, images: jnp.ndarray) -> Degradation:
+  def degrade(keys: jnp.ndarray, images: jnp.ndarray, saliency=None, given_mask=None):
     b, h, w, c = images.shape
     if kind == 'downsample':
       if h % patch or w % patch:
@@ -191,9 +198,19 @@ def make_degrader(cfg, saliency_fn: Callable[[jnp.ndarray], jnp.ndarray] = foreg
       d = Degradation(images, jnp.ones((b, h, w, 1), images.dtype), 'downsample', patch)
     elif kind == 'grayscale':
       d = Degradation(images, jnp.ones((b, h, w, 1), images.dtype), 'grayscale', 1)
+    elif kind in GIVEN:
+      if given_mask is None:
+        raise ValueError(f'config.drc.mask={kind!r}: the keep masks must come with the batch')
+      mask = given_mask.astype(images.dtype)
+      d = Degradation(images, 1.0 - mask if cfg.invert_mask else mask, 'mask', 1)
     else:
-      mask = jax.vmap(one_mask)(keys, images).astype(images.dtype)  # [B, H, W, 1]
-      d = Degradation(images, mask, 'mask', 1)
+      if kind == 'saliency_patches' and saliency is None:
+        saliency = jax.vmap(foreground_saliency)(images)
+      if saliency is None:
+        mask = jax.vmap(lambda k, x: one_mask(k, x, None))(keys, images)
+      else:
+        mask = jax.vmap(one_mask)(keys, images, saliency)
+      d = Degradation(images, mask.astype(images.dtype), 'mask', 1)
     return d.replace(measurement=d.forward(images))
 
   return degrade

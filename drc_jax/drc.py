@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,56 +21,103 @@ import numpy as np
 
 from drc_jax import compare as compare_lib
 from drc_jax import degrade as degrade_lib
+from drc_jax import encoders as encoders_lib
 from drc_jax import restore as restore_lib
+from drc_jax import saliency as saliency_lib
 from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
 class DrcScorer:
+  """DRC's pure functions and costs.
+
+  ``aux`` is the encoders' params ``{role: params}`` ('saliency', 'compare'; None without
+  encoders), passed to the functions below as their ``aux`` argument so that jitted programs take
+  them as arguments (replicated), not as constants. ``side`` holds per-image inputs made on the
+  host: ``{'keep_mask': [B, H, W, 1]}`` for ``drc.mask='face'``.
+  """
+
   nfe: int  # model calls per image (all K restorations)
   restorer: restore_lib.Restorer
-  similarities: Callable  # (params, key_data [B,2] uint32, images) -> [B, K]
-  evidence: Callable  # (params, key_data, images) -> (degraded, restored) [B, K, H, W, C]
-  degradation: Callable  # (key_data, images, k) -> the Degradation of restoration k
+  similarities: Callable  # (params, key_data [B,2] uint32, images, aux, side) -> [B, K]
+  evidence: Callable  # (params, key_data, images, aux, side) -> (degraded, restored) [B,K,H,W,C]
+  degradation: Callable  # (key_data, images, k, aux, side) -> the Degradation of restoration k
+  aux: Any = None
+  encoder_calls: dict[str, int] = dataclasses.field(default_factory=dict)  # per image, by role
 
 
-def make_drc(cfg, model, schedule) -> DrcScorer:
-  """DRC scorer for a config's ``drc`` section (pure functions; jit them at the boundary)."""
+def _encoder(encoders, role: str, field: str):
+  if role not in encoders:
+    raise ValueError(f'config.drc.{field}: this DRC setting needs a {role} encoder directory')
+  return encoders[role]
+
+
+def make_drc(cfg, model, schedule, encoders=None) -> DrcScorer:
+  """DRC scorer for a config's ``drc`` section (pure functions; jit them at the boundary).
+
+  ``encoders``: ``{'saliency': Encoder, 'compare': Encoder}`` as the config needs them
+  (``drc.saliency='dino'`` with ``drc.mask='saliency_patches'``; ``drc.comparator='cosine'``).
+  """
+  encoders = encoders or {}
   restorer = restore_lib.make_restorer(cfg, model, schedule)
   degrade = degrade_lib.make_degrader(cfg)
-  comparator = compare_lib.get(cfg.comparator)
   k_total = int(cfg.num_restorations)
   run = restorer.restore
+  calls = {}
 
-  def keys_and_degradation(key_data, images, k):
+  saliency_of = lambda aux, images: None
+  if cfg.mask == 'saliency_patches' and cfg.get('saliency', 'foreground') == 'dino':
+    dino = saliency_lib.dino_saliency(_encoder(encoders, 'saliency', 'saliency_encoder'))
+    saliency_of = lambda aux, images: dino(aux['saliency'], images)
+    calls['saliency'] = 1  # once per image: the mask does not depend on the restoration
+
+  if cfg.comparator == 'cosine':
+    enc = _encoder(encoders, 'compare', 'compare_encoder')
+    prepare = encoders_lib.prepare_fn(enc.preprocess)
+    features = lambda aux, x: enc.embed_fn(aux['compare'], prepare(x))
+    similarity = lambda aux, fx, x, y, d: compare_lib.cosine(fx, features(aux, y))
+    calls['compare'] = 1 + k_total  # the original once, each restoration once
+  else:
+    comparator = compare_lib.get(cfg.comparator)
+    features = lambda aux, x: None
+    similarity = lambda aux, fx, x, y, d: comparator(x, y, d)
+
+  def keys_and_degradation(key_data, images, k, saliency, side):
     keys = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), k))(key_data)
-    return keys, degrade(jax.vmap(lambda kk: jax.random.fold_in(kk, streams.DEGRADE))(keys), images)
+    mask_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, streams.DEGRADE))(keys)
+    given = (side or {}).get('keep_mask')
+    return keys, degrade(mask_keys, images, saliency=saliency, given_mask=given)
 
-  def one(params, key_data, images, k):
-    keys, d = keys_and_degradation(key_data, images, k)
+  def one(params, key_data, images, k, saliency, side):
+    keys, d = keys_and_degradation(key_data, images, k, saliency, side)
     restored = run(params, jax.random.key_data(keys), images, d)
     return d, restored
 
-  def degradation(key_data, images, k):
-    return keys_and_degradation(key_data, images, k)[1]
+  def degradation(key_data, images, k, aux=None, side=None):
+    return keys_and_degradation(key_data, images, k, saliency_of(aux, images), side)[1]
 
-  def sims(params, key_data, images):
+  def sims(params, key_data, images, aux=None, side=None):
+    saliency, fx = saliency_of(aux, images), features(aux, images)
+
     def body(_, k):
-      d, restored = one(params, key_data, images, k)
-      return None, comparator(images, restored, d)
+      d, restored = one(params, key_data, images, k, saliency, side)
+      return None, similarity(aux, fx, images, restored, d)
 
     _, s = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B]
     return s.T
 
-  def evidence(params, key_data, images):
+  def evidence(params, key_data, images, aux=None, side=None):
+    saliency = saliency_of(aux, images)
+
     def body(_, k):
-      d, restored = one(params, key_data, images, k)
+      d, restored = one(params, key_data, images, k, saliency, side)
       return None, (d.degraded_image(images.shape[-1]), restored)
 
     _, (degraded, restored) = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B, H, W, C]
     return jnp.moveaxis(degraded, 0, 1), jnp.moveaxis(restored, 0, 1)  # [B, K, H, W, C]
 
-  return DrcScorer(k_total * restorer.nfe, restorer, sims, evidence, degradation)
+  aux = {role: encoders[role].params for role in calls} or None
+  return DrcScorer(k_total * restorer.nfe, restorer, sims, evidence, degradation, aux, calls)
 
 
 def image_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:

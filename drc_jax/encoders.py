@@ -250,9 +250,43 @@ def write_random_encoder(
   return load_encoder(out)
 
 
+# Randomly initialised encoders for smoke runs (``:runlocal``): 'random:<name>' in place of a
+# directory. Their embeddings mean nothing; they exercise the whole pipeline without weights.
+RANDOM_PREFIX = 'random:'
+RANDOM = {
+  'vit-tiny': ('vit', 'tiny'),
+  'clip-tiny': ('clip', 'tiny'),
+  'facenet': ('facenet', None),
+  # paper sizes, for cost benchmarks (drc_jax.bench)
+  'vit-s16': ('vit', 'vit_s16'),
+  'clip-b32': ('clip', 'vit_b32'),
+}
+
+
+def random_encoder(name: str, seed: int = 0) -> Encoder:
+  """The random encoder ``RANDOM[name]`` (seeded), built in memory."""
+  if name not in RANDOM:
+    raise EncoderError(f'{RANDOM_PREFIX}{name}: unknown random encoder (known: {sorted(RANDOM)})')
+  family, size = RANDOM[name]
+  module = importlib.import_module(FAMILIES[family].module)
+  if family == 'facenet':
+    from drc_jax.convert import facenet as facenet_convert  # pylint: disable=g-import-not-at-top
+
+    config, preprocess = module.FaceNetConfig(), facenet_convert.PREPROCESS
+  else:
+    config = module.CONFIGS[size]
+    preprocess = module.default_preprocess(config)
+  graphdef, params = build(family, config, seed)
+  return Encoder(family, config, preprocess, graphdef, params, f'{RANDOM_PREFIX}{name}')
+
+
 def load_encoder(path) -> Encoder:
-  """Loads an encoder directory; every problem is an ``EncoderError`` naming the file or key."""
+  """Loads an encoder directory (or a ``random:<name>`` smoke-run encoder); every problem is an
+  ``EncoderError`` naming the file or key."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+
+  if str(path).startswith(RANDOM_PREFIX):
+    return random_encoder(str(path)[len(RANDOM_PREFIX) :])
 
   path = epath.Path(path)
   meta_path = path / ENCODER_JSON
@@ -301,4 +335,3 @@ def load_encoder(path) -> Encoder:
     )
   params = unet_lib.unflatten_params(abstract, {k: jnp.asarray(v) for k, v in flat.items()})
   return Encoder(family, config, pre, graphdef, params, meta.get('source', ''))
-

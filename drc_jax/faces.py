@@ -411,3 +411,27 @@ def face_keep_masks(
   for k in np.nonzero(~found)[0]:
     masks[k, top : top + side_h, left : left + side_w] = 0.0
   return masks, found
+
+
+def drc_keep_masks(
+  raw: np.ndarray, data_cfg, ratio: float, detector: Detector | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """DRC's face masks for raw dataset images: detection on the region the target sees.
+
+  The raw uint8 images [N, H, W, C] are centre-cropped as ``data.preprocess`` crops them
+  (``data_cfg.center_crop``), gray is repeated to RGB, faces are detected at that resolution and
+  each image's most probable face box is scaled to the target's ``data_cfg.resolution``. An
+  image without a face gets the centre box removing ``ratio`` of it (``found`` False): a fixed
+  fraction, so an image's mask never depends on the batch it lands in.
+
+  Returns:
+    (keep masks [N, R, R, 1] float32, found [N] bool).
+  """
+  crop, res = int(data_cfg.center_crop), int(data_cfg.resolution)
+  if crop:
+    h, w = raw.shape[1:3]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    raw = raw[:, top : top + crop, left : left + crop]
+  if raw.shape[-1] == 1:
+    raw = np.repeat(raw, 3, axis=-1)
+  return face_keep_masks(raw, (res, res), fallback_ratio=ratio, detector=detector)

@@ -183,8 +183,13 @@ def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> l
     images, _, _ = data_lib.load_images(source, pad[lo : lo + bs], config.data)
     originals.append(images)
     keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], pad[lo : lo + bs])
+    side, _ = scorer.side_fn(source, pad[lo : lo + bs])
     d, r = scorer.evidence_fn(
-      params, parallel.shard_batch(mesh, keys), parallel.shard_batch(mesh, images)
+      params,
+      parallel.shard_batch(mesh, keys),
+      parallel.shard_batch(mesh, images),
+      scorer.aux.get('drc'),
+      {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
     )
     degraded.append(parallel.to_host(d))
     restored.append(parallel.to_host(r))

@@ -61,7 +61,7 @@ def steps_curve(
       for lo in range(0, len(images), batch_size):
         idx = np.resize(indices[lo : lo + batch_size], batch_size)
         x = jnp.asarray(np.resize(images[lo : lo + batch_size], (batch_size,) + images.shape[1:]))
-        res = fn(target.params, attacks_lib.keys_for(names_, config.seed, idx), x)
+        res = fn(target.params, {}, attacks_lib.keys_for(names_, config.seed, idx), x)
         valid = min(batch_size, len(images) - lo)
         for n in names_:
           v = np.asarray(res[n])[:valid]

@@ -45,11 +45,40 @@ class AuditConfigMismatch(errors.WorkdirError):
   """The workdir holds scores of another config or target."""
 
 
+# DRC fields added after workdirs were made: left out of the fingerprint at these values (which
+# reproduce the earlier behaviour), so those workdirs still resume and report.
+_LATER_DRC_DEFAULTS = {
+  'saliency': 'foreground',
+  'saliency_encoder': '',
+  'compare_encoder': '',
+  'face_detector': '',
+}
+
+
+def _encoder_digests(config) -> dict[str, str]:
+  """SHA-256 of the weights of each encoder DRC uses (recorded in its ``encoder.json``)."""
+  from drc_jax import encoders, validate  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for role, field in validate.drc_encoder_fields(config).items():
+    if config.drc[field].startswith(encoders.RANDOM_PREFIX):  # seeded: the name identifies it
+      out[role] = config.drc[field]
+      continue
+    meta = json.loads((epath.Path(config.drc[field]) / encoders.ENCODER_JSON).read_text())
+    out[role] = meta.get('sha256', {}).get(encoders.WEIGHTS, '')
+  return out
+
+
 def fingerprint(config, target) -> dict:
-  """What the per-image scores depend on: the config fields (not batch size, plots or bootstrap)
-  and the audited target (checkpoint step, SHA-256 of its EMA weights)."""
+  """What the per-image scores depend on: the config fields (not batch size, plots or bootstrap),
+  the audited target (checkpoint step, SHA-256 of its EMA weights) and DRC's encoders."""
   c = config.to_dict()
   audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
+  drc = {k: v for k, v in c['drc'].items() if _LATER_DRC_DEFAULTS.get(k, object()) != v}
+  identity = {'step': target.step, 'ema_sha256': target.ema_sha256}
+  digests = _encoder_digests(config)
+  if digests:
+    identity['encoders_sha256'] = digests
   return json.loads(
     json.dumps(
       {
@@ -58,10 +87,10 @@ def fingerprint(config, target) -> dict:
         'split': c['split'],
         'diffusion': c['diffusion'],
         'model': c['model'],
-        'drc': c['drc'],
+        'drc': drc,
         'attacks': c['attacks'],
         'audit': audit,
-        'target': {'step': target.step, 'ema_sha256': target.ema_sha256},
+        'target': identity,
       },
       default=list,
     )

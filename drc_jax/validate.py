@@ -16,9 +16,10 @@ from drc_jax.models import unet as model_lib
 
 # The valid names are the registries the code itself runs from.
 RESTORERS = tuple(restore_lib.RESTORERS)
-MASKS = tuple(degrade_lib.MASKS)
+MASKS = tuple(degrade_lib.MASKS) + degrade_lib.GIVEN
 DEGRADATIONS_LINEAR = degrade_lib.LINEAR
-COMPARATORS = tuple(compare_lib.COMPARATORS)
+SALIENCY = degrade_lib.SALIENCY
+COMPARATORS = tuple(compare_lib.COMPARATORS) + compare_lib.ENCODER_COMPARATORS
 ATTACKS = tuple(attacks_lib.ATTACKS)
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
 SUSPECT_DRAWS = ('members', 'nonmembers')  # config.dataset.suspect (experiments)
@@ -95,6 +96,8 @@ def check(config) -> None:
   _require(
     r.comparator in COMPARATORS, f'config.drc.comparator: {r.comparator!r} not in {COMPARATORS}'
   )
+  _require(r.saliency in SALIENCY, f'config.drc.saliency: {r.saliency!r} not in {SALIENCY}')
+  check_drc_encoders(config)
   _require(r.num_restorations >= 1, 'config.drc.num_restorations must be >= 1')
   _require(r.eta >= 0.0, f'config.drc.eta: {r.eta} < 0')
   _require(
@@ -129,6 +132,41 @@ def check(config) -> None:
   for name in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(t[name] >= 1, f'config.train.{name}: {t[name]} (expected >= 1)')
   _require(t.warmup_steps >= 0, f'config.train.warmup_steps: {t.warmup_steps} (expected >= 0)')
+
+
+def drc_encoder_fields(config) -> dict[str, str]:
+  """The encoder directories DRC needs, by role: {'saliency': field, 'compare': field}."""
+  r, out = config.drc, {}
+  if 'drc' not in attack_names(config):
+    return out
+  if r.mask == 'saliency_patches' and r.saliency == 'dino':
+    out['saliency'] = 'saliency_encoder'
+  if r.comparator in compare_lib.ENCODER_COMPARATORS:
+    out['compare'] = 'compare_encoder'
+  return out
+
+
+def check_drc_encoders(config) -> None:
+  """Each encoder the DRC setting needs is given (a directory with encoder.json); a missing path
+  is an error naming the field."""
+  r = config.drc
+  for role, field in drc_encoder_fields(config).items():
+    path = r[field]
+    why = {
+      'saliency': "config.drc.saliency='dino' needs a ViT encoder",
+      'compare': f'config.drc.comparator={r.comparator!r} needs an encoder',
+    }[role]
+    _require(
+      bool(path),
+      f'config.drc.{field} is empty: {why} (convert one: python -m drc_jax.convert '
+      f'--format=timm-vit|open-clip|hf-clip|facenet --src=WEIGHTS --out=DIR)',
+    )
+    _require(
+      os.path.exists(os.path.join(path, 'encoder.json'))
+      or '://' in path
+      or path.startswith('random:'),
+      f'config.drc.{field}: {path} holds no encoder.json (not an encoder directory)',
+    )
 
 
 def check_timesteps(config, T: int, where: str, names=None) -> None:

@@ -69,8 +69,8 @@ def test_readme_module_table_matches_the_tree():
 
 def test_validation_reads_the_registries():
   assert set(validate.RESTORERS) == set(restore.RESTORERS) == {'ddim', 'ddnm', 'repaint'}
-  assert set(validate.MASKS) == set(degrade.MASKS)
-  assert set(validate.COMPARATORS) == set(compare.COMPARATORS)
+  assert set(validate.MASKS) == set(degrade.MASKS) | set(degrade.GIVEN)
+  assert set(validate.COMPARATORS) == set(compare.COMPARATORS) | set(compare.ENCODER_COMPARATORS)
   assert set(validate.ATTACKS) == set(attacks.ATTACKS)
   assert set(attacks.ATTACKS) == {'drc', 'loss', 'secmi', 'pia', 'pian', 'sima'}
 

@@ -22,3 +22,12 @@ def test_train_step_bench():
   c = load_config('fashion_mnist', 'runlocal')
   out = bench.run_train_bench(c, repeats=1)
   assert out['steps_per_s'] > 0 and out['batch'] == c.train.batch_size
+
+
+def test_encoder_bench_reports_calls_and_time():
+  c = load_config('cifar10', 'paper,runlocal')
+  out = bench.run_encoder_bench(c, batch=4, repeats=1)
+  k = c.drc.num_restorations
+  assert out['saliency']['calls_per_image'] == 1 and out['compare']['calls_per_image'] == 1 + k
+  for role in ('saliency', 'compare'):
+    assert out[role]['seconds_per_image'] > 0 and out[role]['params_m'] > 0

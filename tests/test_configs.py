@@ -12,7 +12,7 @@ from conftest import REPO, load_config
 from ml_collections import config_flags
 
 from drc_jax import data as D
-from drc_jax import pipeline, validate
+from drc_jax import pipeline, store, validate
 
 NAMES = sorted(
   os.path.splitext(f)[0]
@@ -200,3 +200,38 @@ def test_tfds_order_errors(monkeypatch):
   with tfds.testing.mock_data(num_examples=4):  # celeb_a has no 'id' feature
     with pytest.raises(D.DataError, match="celeb_a/train.*no 'id' feature"):
       D.TfdsSource('celeb_a', 'train', order='id').read([0])
+
+
+@pytest.mark.parametrize(
+  'name, arg', [('cifar10', 'paper'), ('celeba', 'paper'), ('celeba', 'paper,mask=dino')]
+)
+def test_paper_protocol_needs_the_encoder_paths(name, arg):
+  c = load_config(name, arg)
+  field = 'saliency_encoder' if c.drc.mask == 'saliency_patches' else 'compare_encoder'
+  with pytest.raises(validate.ConfigError, match=f'config.drc.{field} is empty'):
+    validate.check(c)
+  with c.unlocked():
+    c.drc.saliency_encoder = c.drc.compare_encoder = '/nonexistent/encoder'
+  with pytest.raises(validate.ConfigError, match='holds no encoder.json'):
+    validate.check(c)
+
+
+@pytest.mark.parametrize('name, arg', [('cifar10', 'paper,runlocal'), ('celeba', 'paper,runlocal')])
+def test_paper_protocol_runs_end_to_end_with_random_encoders(name, arg, tmp_path):
+  """DINO-attention or face masks and CLIP / face-ID cosine, through the whole audit."""
+  if name == 'celeba':
+    pytest.importorskip('facenet_pytorch', reason='the MTCNN weights ship in facenet-pytorch')
+  c = load_config(name, arg)
+  with c.unlocked():
+    c.attacks.names = 'drc,loss'
+  with tfds.testing.mock_data(num_examples=64):
+    metrics = pipeline.run(c, str(tmp_path), 'all')
+  assert 0.0 <= metrics['drc']['auc'] <= 1.0
+  table = store.load_scores(str(tmp_path))
+  sims = table['drc/sim']
+  assert sims.shape == (64, 2) and np.all(np.abs(sims) <= 1.0 + 1e-5)  # cosines
+  assert len(np.unique(sims)) > 10  # the encoder sees the restorations: similarities vary
+  if c.drc.mask == 'face':
+    assert 'drc/face_found' in table  # random mock images: the centre box stands in
+  recorded = json.loads((tmp_path / store.AUDIT_CONFIG).read_text())
+  assert set(recorded['target']['encoders_sha256']) >= {'compare'}
