@@ -30,17 +30,14 @@ def get_config(arg=None):
   c = config_base.base_config()
   c.data.source = 'tfds'  # tensorflow-datasets through tfds.data_source
   c.data.name = 'celeb_a'  # tfds builder
-  c.data.split = 'train'
   c.data.resolution = a.res  # 32 (variant res=64)
-  c.data.channels = 3
   c.data.center_crop = 140  # the face region of the 218x178 aligned images
 
   c.split.num_members = 30000  # later work's CelebA protocol
   c.split.num_nonmembers = 30000
 
-  # The paper UNet and training recipe are the base defaults; attention at 16x16 is a level of
-  # the UNet at both 32 (32, 16, 8, 4) and 64 (64, 32, 16, 8).
-  c.model.attn_res = (16,)
+  # The paper UNet and training recipe are the base defaults; its attention at 16x16 is a level
+  # of the UNet at both 32 (32, 16, 8, 4) and 64 (64, 32, 16, 8).
 
   config_base.set_paper_drc(c)  # centre box rho 0.5 (the face after the centre crop), DDIM
   if a.res not in (32, 64):

@@ -1,5 +1,8 @@
 """Membership attacks behind one interface: ``scores(params, key_data [B,2], images) -> [B]``.
 
+Each attack is a factory in ``ATTACKS`` (the registry config validation reads too) returning a
+pure function; the audit jits every attack of a run as one sharded program.
+
 Higher score = member, for every attack (the baselines' errors are negated). Keys are per image
 (``drc.image_keys``), so an image's score never depends on its batch. ``nfe`` is the number of
 model calls per image.
@@ -19,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from drc_jax import drc as drc_lib
-from drc_jax import parallel, streams
+from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,66 +43,109 @@ def _t(b, t):
   return jnp.full((b,), t, jnp.int32)
 
 
-def make_attacks(config, model, schedule, names: list[str]) -> dict[str, Attack]:
-  """The attacks named in ``names`` (validated config names), unjitted."""
-  a = config.attacks
-  apply = model.apply
-  sum_hw = lambda v: jnp.sum(v, axis=(1, 2, 3))
-  out: dict[str, Attack] = {}
+def _sum_hw(v):
+  return jnp.sum(v, axis=(1, 2, 3))
 
-  def keys_of(key_data):
-    return jax.vmap(jax.random.wrap_key_data)(key_data)
 
-  def loss(params, key_data, x0):
-    eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:]))(keys_of(key_data))
-    t = _t(x0.shape[0], a.loss_t)
-    return -sum_hw(jnp.square(eps - apply(params, schedule.q_sample(x0, t, eps), t)))
+def _keys_of(key_data):
+  return jax.vmap(jax.random.wrap_key_data)(key_data)
 
-  def secmi(params, key_data, x0):
+
+# One registry of attacks: name -> factory(config, model, schedule) -> Attack.
+ATTACKS: dict[str, Callable[[Any, Any, Any], Attack]] = {}
+
+
+def register(name: str):
+  def add(factory):
+    ATTACKS[name] = factory
+    return factory
+
+  return add
+
+
+@register('drc')
+def drc(config, model, schedule) -> Attack:
+  scorer = drc_lib.make_drc(config.drc, model, schedule)
+  return Attack('drc', scorer.nfe, scorer.similarities)
+
+
+@register('loss')
+def loss(config, model, schedule) -> Attack:
+  t_loss = config.attacks.loss_t
+
+  def scores(params, key_data, x0):
+    eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:]))(_keys_of(key_data))
+    t = _t(x0.shape[0], t_loss)
+    return -_sum_hw(jnp.square(eps - model.apply(params, schedule.q_sample(x0, t, eps), t)))
+
+  return Attack('loss', 1, scores)
+
+
+@register('secmi')
+def secmi(config, model, schedule) -> Attack:
+  k, t_sec = config.attacks.secmi_k, config.attacks.secmi_t
+
+  def scores(params, key_data, x0):
     del key_data
-    b, k, t_sec = x0.shape[0], a.secmi_k, a.secmi_t
+    b = x0.shape[0]
 
     def ddim(x, t_from, t_to):
-      eps = apply(params, x, _t(b, t_from))
+      eps = model.apply(params, x, _t(b, t_from))
       return schedule.ddim_step(x, t_from, t_to, eps)  # eta = 0, also for inversion
 
     x = x0
     for t_from in range(0, t_sec - k, k):  # 0 -> k -> ... -> t_sec - k
       x = ddim(x, t_from, t_from + k)
     recon = ddim(ddim(x, t_sec - k, t_sec), t_sec, t_sec - k)
-    return -sum_hw(jnp.square(x - recon))
+    return -_sum_hw(jnp.square(x - recon))
 
-  def pia_scores(params, x0, normalize):
-    b = x0.shape[0]
-    eps0 = apply(params, x0, _t(b, 0))
-    if normalize:
-      eps0 = eps0 / jnp.mean(jnp.abs(eps0), axis=(1, 2, 3), keepdims=True) * math.sqrt(2 / math.pi)
-    t = _t(b, a.pia_t)
-    return -sum_hw(jnp.abs(eps0 - apply(params, schedule.q_sample(x0, t, eps0), t)) ** a.pia_p)
+  return Attack('secmi', (t_sec // k - 1) + 2, scores)
 
-  def sima(params, key_data, x0):
+
+def _pia(name: str, normalize: bool):
+  def factory(config, model, schedule) -> Attack:
+    a = config.attacks
+
+    def scores(params, key_data, x0):
+      del key_data
+      b = x0.shape[0]
+      eps0 = model.apply(params, x0, _t(b, 0))
+      if normalize:
+        eps0 = (
+          eps0 / jnp.mean(jnp.abs(eps0), axis=(1, 2, 3), keepdims=True) * math.sqrt(2 / math.pi)
+        )
+      t = _t(b, a.pia_t)
+      diff = eps0 - model.apply(params, schedule.q_sample(x0, t, eps0), t)
+      return -_sum_hw(jnp.abs(diff) ** a.pia_p)
+
+    return Attack(name, 2, scores)
+
+  return factory
+
+
+register('pia')(_pia('pia', normalize=False))
+register('pian')(_pia('pian', normalize=True))
+
+
+@register('sima')
+def sima(config, model, schedule) -> Attack:
+  del schedule
+  t_sima = config.attacks.sima_t
+
+  def scores(params, key_data, x0):
     del key_data
-    return -sum_hw(jnp.abs(apply(params, x0, _t(x0.shape[0], a.sima_t))) ** 4)
+    return -_sum_hw(jnp.abs(model.apply(params, x0, _t(x0.shape[0], t_sima))) ** 4)
 
-  fns = {
-    'loss': (loss, 1),
-    'secmi': (secmi, (a.secmi_t // a.secmi_k - 1) + 2),
-    'pia': (lambda p, k, x: pia_scores(p, x, False), 2),
-    'pian': (lambda p, k, x: pia_scores(p, x, True), 2),
-    'sima': (sima, 1),
-  }
-  for name in names:
-    if name == 'drc':
-      scorer = drc_lib.make_drc(config.drc, model, schedule)
-      out[name] = Attack('drc', scorer.nfe, scorer.similarities)
-    else:
-      fn, nfe = fns[name]
-      out[name] = Attack(name, nfe, fn)
-  return out
+  return Attack('sima', 1, scores)
 
 
-def make_batch_scorer(attacks: dict[str, Attack], mesh=None) -> Callable:
-  """One jitted, sharded program scoring a batch with every attack.
+def make_attacks(config, model, schedule, names: list[str]) -> dict[str, Attack]:
+  """The attacks named in ``names`` (validated config names), as pure functions."""
+  return {name: ATTACKS[name](config, model, schedule) for name in names}
+
+
+def make_batch_scorer(attacks: dict[str, Attack]) -> Callable:
+  """Every attack on one batch, as one pure function (the caller jits it once, sharded).
 
   Returns ``score(params, key_data {name: [B,2]}, images) -> {name: [B] or [B, K]}``.
   """
@@ -106,10 +153,7 @@ def make_batch_scorer(attacks: dict[str, Attack], mesh=None) -> Callable:
   def score(params, key_data, images):
     return {name: att.scores(params, key_data[name], images) for name, att in attacks.items()}
 
-  if mesh is None:
-    return jax.jit(score)
-  rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(score, in_shardings=(rep, dat, dat), out_shardings=dat)
+  return score
 
 
 def keys_for(names, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:

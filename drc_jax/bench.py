@@ -19,23 +19,14 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
+from drc_jax import config_base, parallel
 from drc_jax import degrade as degrade_lib
 from drc_jax import drc as drc_lib
-from drc_jax import main as main_lib  # noqa: F401  (defines --config with the embedded default)
-from drc_jax import parallel
 from drc_jax import restore as restore_lib
 from drc_jax import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
-
-flags.DEFINE_string('restorer', 'repaint', 'repaint, ddim or ddnm.')
-flags.DEFINE_integer('batch', 16, 'Global batch (images restored at once).')
-flags.DEFINE_integer('steps', 50, 'Reverse steps (RePaint: respaced steps).')
-flags.DEFINE_integer('jump_length', 10, 'RePaint jump length.')
-flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
-flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
-flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
-flags.DEFINE_bool('train_step', False, 'Time one training step (config.train.batch_size) instead.')
 
 
 def run_bench(
@@ -67,18 +58,17 @@ def run_bench(
     drc_cfg.mask, drc_cfg.mask_ratio = 'center_box', 0.25  # the peer's centre mask (half side)
     drc_cfg.t_start = config.diffusion.num_timesteps
   if forward_only:
-    rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    fwd = jax.jit(model.apply, in_shardings=(rep, dat, dat), out_shardings=dat)
+    fwd = jax.jit(model.apply, **parallel.shardings(mesh, 'rdd', 'd'))
     t = parallel.shard_batch(mesh, np.full((batch,), 500, np.int32))
     run = lambda: fwd(params, images, t)
     nfe = 1
   else:
-    r = restore_lib.make_restorer(drc_cfg, model, schedule, mesh)
+    r = restore_lib.make_restorer(drc_cfg, model, schedule)
+    restore = jax.jit(r.restore, **parallel.shardings(mesh, 'rddd', 'd'))
     keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-    d = jax.device_put(
-      jax.jit(degrade_lib.make_degrader(drc_cfg))(keys, images), parallel.data_sharding(mesh)
-    )
-    run = lambda: r.restore(params, key_data, images, d)
+    degrade = jax.jit(degrade_lib.make_degrader(drc_cfg), **parallel.shardings(mesh, 'dd', 'd'))
+    d = degrade(keys, images)
+    run = lambda: restore(params, key_data, images, d)
     nfe = r.nfe
   t0 = time.perf_counter()
   jax.block_until_ready(run())
@@ -152,6 +142,23 @@ def run_train_bench(config, repeats: int) -> dict:
   }
 
 
+def _define_flags() -> None:
+  """Defines the flags only when run as a program (importing bench beside main never clashes)."""
+  config_flags.DEFINE_config_file(
+    'config', config_base.DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
+  )
+  flags.DEFINE_string('restorer', 'repaint', 'repaint, ddim or ddnm.')
+  flags.DEFINE_integer('batch', 16, 'Global batch (images restored at once).')
+  flags.DEFINE_integer('steps', 50, 'Reverse steps (RePaint: respaced steps).')
+  flags.DEFINE_integer('jump_length', 10, 'RePaint jump length.')
+  flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
+  flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
+  flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
+  flags.DEFINE_bool(
+    'train_step', False, 'Time one training step (config.train.batch_size) instead.'
+  )
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -175,4 +182,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

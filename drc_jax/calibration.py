@@ -19,13 +19,12 @@ What fits and what is evaluated (``metrics.calibration_split``, the audit's cali
   the held-out members and held-out non-members only, raw and calibrated on the same images.
 
 The model: standardized features, ``q(x) = w . z(x) + b``, minimizing the mean pinball loss plus
-``audit.calibration_l2 * |w|^2`` with full-batch Adam (cosine-decayed step) inside one ``jax.jit``
-(``lax.scan`` over steps, ``vmap`` over attacks).
+``audit.calibration_l2 * |w|^2`` with full-batch Adam (cosine-decayed step) in one ``lax.scan``
+over steps (one compiled loop), ``vmap`` over attacks.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -86,7 +85,6 @@ def pinball_loss(residual, tau):
   return jnp.maximum(tau * residual, (tau - 1.0) * residual)
 
 
-@functools.partial(jax.jit, static_argnames=('steps',))
 def _fit_standardized(z, y, tau, l2, lr, steps: int):
   """Linear quantile regressions sharing the features ``z`` [N, F], one per row of ``y`` [A, N].
 
@@ -197,7 +195,7 @@ def per_image_calibration(
   Args:
     config: the run config (``audit.calibration_fraction``, ``calibration_fpr``,
       ``calibration_l2``, ``bootstrap`` and ``seed`` are read).
-    table: the audit's score table (members first, then non-members, as ``audit.load_scores``).
+    table: the audit's score table (members first, then non-members, as ``store.load_scores``).
     features: float [N, F], ``image_features`` of the table's rows.
 
   Returns:

@@ -12,6 +12,11 @@ import sys
 
 import ml_collections
 
+# The embedded default job (python -m drc_jax.main / drc_jax.bench without --config).
+DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'fashion_mnist.py'
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all datasets (the paper's DDPM protocol where one exists)."""
@@ -120,10 +125,15 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+_TRUE = ('true', '1', 'yes')
+_FALSE = ('false', '0', 'no')
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'runlocal,res=64' into {'runlocal': True, 'res': 64} with typed defaults.
 
-  Every key must be one of ``defaults`` (a typo is an error naming it).
+  Every key must be one of ``defaults`` (a typo is an error naming it); a boolean takes
+  true/false/1/0/yes/no (anything else is an error, not False), other values their default's type.
   """
   out = ml_collections.ConfigDict(dict(defaults))
   for item in (arg or '').split(','):
@@ -136,9 +146,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if not _:
       out[key] = True
     elif isinstance(default, bool):
-      out[key] = value.lower() in ('1', 'true', 'yes')
+      v = value.strip().lower()
+      if v not in _TRUE + _FALSE:
+        raise ValueError(
+          f'config argument {key}={value!r}: expected a boolean ({"/".join(_TRUE + _FALSE)})'
+        )
+      out[key] = v in _TRUE
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(
+          f'config argument {key}={value!r}: expected {type(default).__name__} ({e})'
+        ) from e
   return out
 
 
@@ -185,7 +205,7 @@ def sibling(config_file: str, name: str):
   """Imports ``<dir of config_file>/<name>.py``: the shared helpers of config files (a config is
   loaded by path, so ``configs/`` is not a package on ``sys.path``)."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
-  key = f'drc_jax_configs.{name}'
+  key = 'drc_jax_configs.' + ''.join(ch if ch.isalnum() else '_' for ch in path)  # per file
   if key not in sys.modules:
     spec = importlib.util.spec_from_file_location(key, path)
     module = importlib.util.module_from_spec(spec)

@@ -353,6 +353,47 @@ def _center_square(im: Image.Image) -> Image.Image:
   return im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
 
 
+class CachedSource:
+  """An ``ImageSource`` that reads each image of the wrapped source once per run.
+
+  An audit reads an image for several purposes (the split's training-data hashes, scoring,
+  per-image calibration features, the sample-quality check, the evidence panels); this keeps the
+  raw uint8 images it has read, up to ``max_bytes`` (then it reads again what it no longer holds:
+  the oldest images are dropped first), so the data is read once per image per run.
+  """
+
+  def __init__(self, source: ImageSource, max_bytes: int = 2 << 30):
+    self.source, self.max_bytes = source, int(max_bytes)
+    self.name = source.name
+    self.label_names = getattr(source, 'label_names', ())
+    self._cache: dict[int, tuple[np.ndarray, int]] = {}  # insertion order = age
+    self._bytes = 0
+    self.reads = 0  # images read from the wrapped source (tests count them)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, indices):
+    indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+    missing = sorted({i for i in indices if i not in self._cache})
+    if missing:
+      raw, labels = self.source.read(missing)
+      self.reads += len(missing)
+      for i, im, lab in zip(missing, raw, labels):
+        self._cache[i] = (im, int(lab))
+        self._bytes += im.nbytes
+      while self._bytes > self.max_bytes and len(self._cache) > len(missing):
+        old = next(iter(self._cache))
+        self._bytes -= self._cache.pop(old)[0].nbytes
+    if any(i not in self._cache for i in indices):  # this one read is larger than the budget
+      self.reads += len(indices)
+      return self.source.read(indices)
+    if not indices:
+      return self.source.read([])
+    images = np.stack([self._cache[i][0] for i in indices])
+    return images, np.asarray([self._cache[i][1] for i in indices], np.int64)
+
+
 def label_name(source: ImageSource, label: int) -> str:
   """What a person reads for ``label``: the class or folder name, else 'label N'."""
   names = getattr(source, 'label_names', ())

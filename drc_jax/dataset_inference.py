@@ -51,8 +51,9 @@ from etils import epath
 
 from drc_jax import audit as audit_lib
 from drc_jax import data as data_lib
-from drc_jax import fileio, parallel, stats, validate
+from drc_jax import fileio, parallel, stats, store, streams, validate
 from drc_jax import metrics as metrics_lib
+from drc_jax import results as results_lib
 from drc_jax import splits as splits_lib
 
 DATASET_DIR = 'dataset'
@@ -302,12 +303,12 @@ def score_folder(
   over every image); a change refuses the old shards, or discards them with ``overwrite``.
 
   Returns:
-    The folder's score table (``audit.load_scores``), rows in sorted file order.
+    The folder's score table (``store.load_scores``), rows in sorted file order.
   """
   source = data_lib.FolderSource(path, config.data.resolution)
   root = epath.Path(workdir) / DATASET_DIR / role
   record = {
-    'scores': audit_lib.fingerprint(config, scorer.target),
+    'scores': store.fingerprint(config, scorer.target),
     'folder': os.path.abspath(path),
     'num_images': len(source),
     'sha256': _folder_digest(source),
@@ -316,15 +317,15 @@ def score_folder(
   record_path = root / FOLDER_CONFIG
   if record_path.exists():
     old = json.loads(record_path.read_text())
-    changes = audit_lib._diff(old, record)  # pylint: disable=protected-access
+    changes = store.diff(old, record)
     if changes and not overwrite:
-      raise audit_lib.AuditConfigMismatch(
+      raise store.AuditConfigMismatch(
         f'{root} holds scores of another config or folder (config.dataset.{role}_dir; '
         f'{"; ".join(changes[:4])}). Pass --overwrite to discard them.'
       )
-    if changes and parallel.is_writer() and (root / audit_lib.SCORES_DIR).exists():
+    if changes and parallel.is_writer() and (root / store.SCORES_DIR).exists():
       logging.warning('--overwrite: discarding the %s scores in %s', role, root)
-      (root / audit_lib.SCORES_DIR).rmtree()
+      (root / store.SCORES_DIR).rmtree()
   parallel.sync(f'dataset_{role}_checked')
   if parallel.is_writer():
     fileio.atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
@@ -339,7 +340,7 @@ def score_folder(
     indices,
     key_indices=indices + FOLDER_KEY_OFFSETS[role],
   )
-  return audit_lib.load_scores(str(root))
+  return store.load_scores(str(root))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
   ds, a = config.dataset, config.audit
   scorer, source = audit_lib.score_split(config, workdir, overwrite)
   names = scorer.names
-  table = audit_lib.load_scores(workdir)
+  table = store.load_scores(workdir)
   is_member = np.asarray(table['split']) == 1
   member_features = _features(table, names)[is_member]
   if ds.reference_dir:
@@ -378,7 +379,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
   member_pool, ref_pool = member_features[member_heldout], ref_features[ref_heldout]
   ref_pool_hashes = ref_hashes[ref_heldout]
 
-  rng = np.random.default_rng([ds.seed, 2])
+  rng = np.random.default_rng([ds.seed, streams.HOST_SUSPECT])
   if ds.suspect_dir:
     sus_table = score_folder(config, workdir, scorer, 'suspect', ds.suspect_dir, -1, overwrite)
     suspect = _features(sus_table, names)
@@ -465,18 +466,16 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
       'the normal approximation where method is "normal").',
       'The verdict is the combined test; per-attack tests are not corrected for multiplicity.',
     ],
-    'fingerprint': audit_lib.fingerprint(config, scorer.target),
+    'fingerprint': store.fingerprint(config, scorer.target),
     'config': json.loads(json.dumps(ds.to_dict(), default=list)),
   }
   result = json.loads(json.dumps(result))
   if parallel.is_writer():
     fileio.atomic_write_text(
-      epath.Path(workdir) / audit_lib.DATASET_JSON, json.dumps(result, indent=1, sort_keys=True)
+      epath.Path(workdir) / store.DATASET_JSON, json.dumps(result, indent=1, sort_keys=True)
     )
   parallel.sync('dataset_written')
-  audit_lib.write_results(
-    config, workdir, target=scorer.target, attacks=scorer.attacks, mesh=scorer.mesh, source=source
-  )
+  results_lib.write_results(config, workdir, scorer, source)
   return result
 
 

@@ -14,6 +14,7 @@ image's mask does not depend on which batch it lands in).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -104,41 +105,82 @@ def foreground_saliency(image: jnp.ndarray) -> jnp.ndarray:
   return jnp.sqrt(jnp.sum(jnp.square(image - border.mean(axis=0)[None, None, :]), axis=-1))
 
 
+def _center_box(key, image, cfg, saliency_fn):
+  del key, saliency_fn
+  h, w, _ = image.shape
+  sh, sw = _box_side(h, w, cfg.mask_ratio)
+  return box_mask(h, w, cfg.mask_ratio, (h - sh) // 2, (w - sw) // 2)
+
+
+def _random_box(key, image, cfg, saliency_fn):
+  del saliency_fn
+  h, w, _ = image.shape
+  sh, sw = _box_side(h, w, cfg.mask_ratio)
+  kt, kl = jax.random.split(key)
+  return box_mask(
+    h,
+    w,
+    cfg.mask_ratio,
+    jax.random.randint(kt, (), 0, h - sh + 1),
+    jax.random.randint(kl, (), 0, w - sw + 1),
+  )
+
+
+def _patch_grid(image, patch: int) -> tuple[int, int]:
+  h, w, _ = image.shape
+  if h % patch or w % patch:
+    raise ValueError(f'config.drc.patch_size {patch} does not divide the image {h}x{w}')
+  return h, w
+
+
+def _random_patches(key, image, cfg, saliency_fn):
+  del saliency_fn
+  h, w = _patch_grid(image, cfg.patch_size)
+  p = cfg.patch_size
+  scores = jax.random.uniform(key, ((h // p) * (w // p),))
+  return patch_mask_from_scores(scores, h, w, p, cfg.mask_ratio)
+
+
+def _saliency_patches(key, image, cfg, saliency_fn):
+  del key
+  h, w = _patch_grid(image, cfg.patch_size)
+  p = cfg.patch_size
+  sal = saliency_fn(image)
+  scores = sal.reshape(h // p, p, w // p, p).mean(axis=(1, 3)).reshape(-1)
+  return patch_mask_from_scores(scores, h, w, p, cfg.mask_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskCfg:
+  mask_ratio: float
+  patch_size: int
+
+
+# One registry of inpainting masks: name -> fn(key, image [H,W,C], cfg, saliency_fn) -> [H,W,1]
+# keep mask. The linear degradations beside them need DDNM.
+MASKS: dict[str, Callable] = {
+  'center_box': _center_box,
+  'random_box': _random_box,
+  'random_patches': _random_patches,
+  'saliency_patches': _saliency_patches,
+}
+LINEAR = ('downsample', 'grayscale')
+
+
 def make_degrader(cfg, saliency_fn: Callable[[jnp.ndarray], jnp.ndarray] = foreground_saliency):
   """Returns ``degrade(keys [B], images [B,H,W,C]) -> Degradation`` for a ``drc`` config section.
 
-  ``cfg.mask`` is one of 'center_box', 'random_box', 'random_patches', 'saliency_patches'
-  (inpainting, removing ``cfg.mask_ratio`` of the image; ``cfg.invert_mask`` removes the
-  complement), or the linear degradations 'downsample' (factor ``cfg.patch_size``) and 'grayscale'.
+  ``cfg.mask`` is a key of ``MASKS`` (inpainting, removing ``cfg.mask_ratio`` of the image;
+  ``cfg.invert_mask`` removes the complement), or a linear degradation of ``LINEAR``:
+  'downsample' (factor ``cfg.patch_size``) and 'grayscale'.
   """
-  kind, ratio, patch = cfg.mask, float(cfg.mask_ratio), int(cfg.patch_size)
+  kind, patch = cfg.mask, int(cfg.patch_size)
+  mcfg = _MaskCfg(float(cfg.mask_ratio), patch)
+  if kind not in MASKS and kind not in LINEAR:
+    raise ValueError(f'config.drc.mask: unknown {kind!r}')
 
   def one_mask(key, image):
-    h, w, _ = image.shape
-    if kind == 'center_box':
-      sh, sw = _box_side(h, w, ratio)
-      m = box_mask(h, w, ratio, (h - sh) // 2, (w - sw) // 2)
-    elif kind == 'random_box':
-      sh, sw = _box_side(h, w, ratio)
-      kt, kl = jax.random.split(key)
-      m = box_mask(
-        h,
-        w,
-        ratio,
-        jax.random.randint(kt, (), 0, h - sh + 1),
-        jax.random.randint(kl, (), 0, w - sw + 1),
-      )
-    elif kind in ('random_patches', 'saliency_patches'):
-      if h % patch or w % patch:
-        raise ValueError(f'config.drc.patch_size {patch} does not divide the image {h}x{w}')
-      if kind == 'random_patches':
-        scores = jax.random.uniform(key, ((h // patch) * (w // patch),))
-      else:
-        sal = saliency_fn(image)
-        scores = sal.reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3)).reshape(-1)
-      m = patch_mask_from_scores(scores, h, w, patch, ratio)
-    else:
-      raise ValueError(f'config.drc.mask: unknown {kind!r}')
+    m = MASKS[kind](key, image, mcfg, saliency_fn)
     return 1.0 - m if cfg.invert_mask else m
 
   def degrade(keys: jnp.ndarray, images: jnp.ndarray) -> Degradation:

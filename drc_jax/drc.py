@@ -1,11 +1,12 @@
-"""DRC scoring: K x (degrade -> restore -> compare) per image, one jitted sharded program.
+"""DRC scoring: K x (degrade -> restore -> compare) per image, as pure functions.
 
-``make_drc(cfg, model, schedule, mesh)`` returns a ``DrcScorer`` whose
-``similarities(params, keys, images) -> [B, K]`` runs K restorations per image (restoration k of
-image b uses the key ``fold_in(keys[b], k)`` for its degradation and its noise) and compares each
-with the original. The membership score is the mean over K (higher = member). ``evidence`` gives
-the degraded and restored images of all K restorations for the report; because keys are per
-image, evidence recomputed later is exactly what was scored.
+``make_drc(cfg, model, schedule)`` returns a ``DrcScorer`` whose
+``similarities(params, keys, images) -> [B, K]`` (pure; the audit jits it once, sharded) runs K
+restorations per image (restoration k of image b uses the key ``fold_in(keys[b], k)`` for its
+degradation and its noise) and compares each with the original. The membership score is the mean
+over K (higher = member). ``evidence`` gives the degraded and restored images of all K
+restorations for the report; because keys are per image, evidence recomputed later is exactly what
+was scored.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import numpy as np
 
 from drc_jax import compare as compare_lib
 from drc_jax import degrade as degrade_lib
-from drc_jax import parallel, streams
 from drc_jax import restore as restore_lib
+from drc_jax import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,16 +30,16 @@ class DrcScorer:
   restorer: restore_lib.Restorer
   similarities: Callable  # (params, key_data [B,2] uint32, images) -> [B, K]
   evidence: Callable  # (params, key_data, images) -> (degraded, restored) [B, K, H, W, C]
-  degradation: Callable  # (key_data, images, k) -> the Degradation of restoration k (unjitted)
+  degradation: Callable  # (key_data, images, k) -> the Degradation of restoration k
 
 
-def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
-  """DRC scorer for a config's ``drc`` section."""
-  restorer = restore_lib.make_restorer(cfg, model, schedule, mesh=None)
+def make_drc(cfg, model, schedule) -> DrcScorer:
+  """DRC scorer for a config's ``drc`` section (pure functions; jit them at the boundary)."""
+  restorer = restore_lib.make_restorer(cfg, model, schedule)
   degrade = degrade_lib.make_degrader(cfg)
   comparator = compare_lib.get(cfg.comparator)
   k_total = int(cfg.num_restorations)
-  run = restorer.restore.jitted  # the raw traced function; we jit the whole K-loop below
+  run = restorer.restore
 
   def keys_and_degradation(key_data, images, k):
     keys = jax.vmap(lambda kd: jax.random.fold_in(jax.random.wrap_key_data(kd), k))(key_data)
@@ -68,13 +69,7 @@ def make_drc(cfg, model, schedule, mesh=None) -> DrcScorer:
     _, (degraded, restored) = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B, H, W, C]
     return jnp.moveaxis(degraded, 0, 1), jnp.moveaxis(restored, 0, 1)  # [B, K, H, W, C]
 
-  if mesh is not None:
-    rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    sims_fn = jax.jit(sims, in_shardings=(rep, dat, dat), out_shardings=dat)
-    ev_fn = jax.jit(evidence, in_shardings=(rep, dat, dat), out_shardings=(dat, dat))
-  else:
-    sims_fn, ev_fn = jax.jit(sims), jax.jit(evidence)
-  return DrcScorer(k_total * restorer.nfe, restorer, sims_fn, ev_fn, degradation)
+  return DrcScorer(k_total * restorer.nfe, restorer, sims, evidence, degradation)
 
 
 def image_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:

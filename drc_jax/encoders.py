@@ -19,6 +19,7 @@ jitted code, so DRC runs an encoder within its one program. ``embed_fn`` / ``pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -66,6 +67,11 @@ def register(name: str, family: Family) -> None:
   FAMILIES[name] = family
 
 
+register('vit', Family('drc_jax.models.vit', 'ViTConfig', 'ViT'))  # timm / DINO ViTs
+register('clip', Family('drc_jax.models.clip', 'CLIPConfig', 'CLIPVision'))  # CLIP image towers
+register('facenet', Family('drc_jax.models.facenet', 'FaceNetConfig', 'InceptionResnetV1'))
+
+
 def _family(name: str, where: str) -> tuple[type, type]:
   if name not in FAMILIES:
     raise EncoderError(f'{where}: unknown encoder family {name!r} (known: {sorted(FAMILIES)})')
@@ -106,7 +112,9 @@ def prepare_fn(pre: Preprocess) -> Callable[[jnp.ndarray], jnp.ndarray]:
     h, w = pre.size
     if x.shape[1:3] != (h, w):
       x = jax.image.resize(x, (x.shape[0], h, w, 3), method=pre.resize, antialias=True)
-    return (x - jnp.asarray(pre.mean, jnp.float32)) / jnp.asarray(pre.std, jnp.float32)
+    mean = jnp.asarray(pre.mean, jnp.float32).reshape(1, 1, 1, 3)
+    std = jnp.asarray(pre.std, jnp.float32).reshape(1, 1, 1, 3)
+    return (x - mean) / std  # [1, 1, 1, 3]: no implicit rank promotion
 
   return prepare
 
@@ -141,11 +149,20 @@ class Encoder:
   def prepare(self, images):
     return prepare_fn(self.preprocess)(images)
 
+  # One jitted function per Encoder (a fresh jax.jit per call would compile on every call).
+  @functools.cached_property
+  def _embed_jit(self):
+    return jax.jit(self.embed_fn)
+
+  @functools.cached_property
+  def _cls_attention_jit(self):
+    return jax.jit(self.cls_attention_fn)
+
   def embed(self, x):
-    return jax.jit(self.embed_fn)(self.params, jnp.asarray(x, jnp.float32))
+    return self._embed_jit(self.params, jnp.asarray(x, jnp.float32))
 
   def cls_attention(self, x):
-    return jax.jit(self.cls_attention_fn)(self.params, jnp.asarray(x, jnp.float32))
+    return self._cls_attention_jit(self.params, jnp.asarray(x, jnp.float32))
 
 
 def build(family: str, config, seed: int = 0) -> tuple[Any, Any]:
@@ -155,10 +172,19 @@ def build(family: str, config, seed: int = 0) -> tuple[Any, Any]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract(family: str, config) -> tuple[Any, Any]:
+  """(graphdef, params as ShapeDtypeStructs), cached per (family, config): tracing a network's
+  init takes seconds, and converting then loading an encoder needs it three times. Shared: do not
+  mutate the returned tree."""
   _, network = _family(family, family)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: network(config, nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(family: str, config) -> Any:
+  """The params tree of ``family`` at ``config`` as ShapeDtypeStructs (converters fill it)."""
+  return _abstract(family, config)[1]
 
 
 def save_encoder(
@@ -199,6 +225,29 @@ def save_encoder(
     'sha256': {WEIGHTS: hashlib.sha256(data).hexdigest()},
   }
   (out / ENCODER_JSON).write_text(json.dumps(doc, indent=1) + '\n')
+
+
+def write_random_encoder(
+  out, family: str, config, seed: int = 0, preprocess: Preprocess | None = None
+) -> Encoder:
+  """Writes a randomly initialised encoder directory (tests and ``:runlocal``) and loads it.
+
+  Args:
+    out: a fresh directory.
+    family: a key of ``FAMILIES``.
+    config: its config dataclass (e.g. ``drc_jax.models.vit.CONFIGS['tiny']``).
+    seed: initialisation seed.
+    preprocess: the input it expects; default: the family module's ``default_preprocess(config)``.
+  """
+  _family(family, 'write_random_encoder')  # an unknown family is an error naming the known ones
+  if preprocess is None:
+    module = importlib.import_module(FAMILIES[family].module)
+    if not hasattr(module, 'default_preprocess'):
+      raise EncoderError(f'encoder family {family!r}: give a Preprocess (no default_preprocess)')
+    preprocess = module.default_preprocess(config)
+  _, params = build(family, config, seed)
+  save_encoder(out, family, config, params, preprocess, source=f'random (seed {seed})', fmt='')
+  return load_encoder(out)
 
 
 def load_encoder(path) -> Encoder:
@@ -252,3 +301,4 @@ def load_encoder(path) -> Encoder:
     )
   params = unet_lib.unflatten_params(abstract, {k: jnp.asarray(v) for k, v in flat.items()})
   return Encoder(family, config, pre, graphdef, params, meta.get('source', ''))
+

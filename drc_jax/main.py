@@ -8,20 +8,14 @@ python -m drc_jax.main --mode=dataset --config.dataset.suspect_dir=my_photos   #
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drc_jax import errors, parallel, pipeline
-
-_DEFAULT_CONFIG = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'fashion_mnist.py'
-)
+from drc_jax import config_base, errors, parallel, pipeline
 
 config_flags.DEFINE_config_file(
-  'config', _DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
+  'config', config_base.DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
 )
 flags.DEFINE_string(
   'workdir',

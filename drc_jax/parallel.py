@@ -86,3 +86,20 @@ def is_writer() -> bool:
 def sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def shardings(mesh: Mesh | None, ins: str, outs: str) -> dict:
+  """``jax.jit`` keyword arguments placing a program on ``mesh`` (none when ``mesh`` is None).
+
+  ``ins`` / ``outs``: one letter per argument / result, 'r' replicated (params) or 'd' split on
+  the batch axis ('data'); several results give a tuple. The programs are jitted at their program
+  boundary (audit, train, bench, sweep), each with one call of ``jax.jit(fn, **shardings(...))``.
+  """
+  if mesh is None:
+    return {}
+  kinds = {'r': replicated(mesh), 'd': data_sharding(mesh)}
+  out = tuple(kinds[c] for c in outs)
+  return {
+    'in_shardings': tuple(kinds[c] for c in ins),
+    'out_shardings': out[0] if len(out) == 1 else out,
+  }

@@ -10,7 +10,7 @@ from absl import logging
 from etils import epath
 
 from drc_jax import audit as audit_lib
-from drc_jax import checkpoints, parallel, validate
+from drc_jax import checkpoints, parallel, store, validate
 from drc_jax import dataset_inference as dataset_lib
 from drc_jax import report as report_lib
 from drc_jax import samples as samples_lib
@@ -49,7 +49,7 @@ def default_workdir(config_path: str, config=None) -> str:
 def _refuse_training_audited_target(workdir: str, steps: int, overwrite: bool) -> None:
   """Training on a target whose scores are in the workdir would leave them describing weights
   that no longer exist: refused unless ``overwrite`` (the next audit then moves them aside)."""
-  recorded = audit_lib.recorded_fingerprint(workdir)
+  recorded = store.recorded_fingerprint(workdir)
   if recorded is None or overwrite:
     return
   if (recorded.get('audit') or {}).get('checkpoint'):
@@ -57,11 +57,11 @@ def _refuse_training_audited_target(workdir: str, steps: int, overwrite: bool) -
   step = (
     (recorded.get('target') or {}).get('step') if isinstance(recorded.get('target'), dict) else None
   )
-  raise audit_lib.AuditConfigMismatch(
+  raise store.AuditConfigMismatch(
     f'{workdir} holds results of its target at step {step if step is not None else "?"}; '
     f'training it to step {steps} would leave them describing weights that no longer exist. '
     f'Use another --workdir, or pass --overwrite to train and re-audit (the old results then '
-    f'move to {workdir}/{audit_lib.SUPERSEDED_DIR}/).'
+    f'move to {workdir}/{store.SUPERSEDED_DIR}/).'
   )
 
 
@@ -105,7 +105,7 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
       print(f'report: {os.path.abspath(os.path.join(workdir, "report.html"))}')
     return result
   if mode == 'report':
-    metrics = audit_lib.write_results(config, workdir)
+    metrics = audit_lib.report(config, workdir)
   else:
     metrics = audit_lib.run_audit(config, workdir, overwrite=overwrite)
   if parallel.is_writer():

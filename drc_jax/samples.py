@@ -45,25 +45,33 @@ NOISE_QUANTILE = 0.99  # a sample rougher than this quantile of real images is a
 MAX_NOISE_FRACTION = 0.25  # above this the report warns too (a perfect generator gives ~1%)
 
 
-def generate(
-  model, params, schedule, num: int, seed: int, *, steps: int = 50, batch_size: int = 64
-) -> np.ndarray:
-  """``num`` samples [num, H, W, C] in [-1, 1]: deterministic DDIM (eta = 0), ``steps`` steps.
+def make_sampler(model, schedule, steps: int = 50):
+  """``sample(params, key_data [B, 2]) -> [B, H, W, C]``: deterministic DDIM (eta = 0) from pure
+  noise in ``steps`` steps, nothing known (a pure function; the audit jits it)."""
+  cfg = types.SimpleNamespace(restorer='ddim', steps=steps, t_start=schedule.num_timesteps, eta=0.0)
+  restore = restore_lib.make_restorer(cfg, model, schedule).restore
+  c = model.config
+
+  def sample(params, key_data):
+    shape = (key_data.shape[0], c.resolution, c.resolution, c.in_channels)
+    zeros = jnp.zeros(shape, jnp.float32)
+    nothing_known = degrade_lib.Degradation(zeros, jnp.zeros(shape[:3] + (1,), jnp.float32))
+    return restore(params, key_data, zeros, nothing_known)
+
+  return sample
+
+
+def generate(sample_fn, params, num: int, seed: int, *, batch_size: int = 64) -> np.ndarray:
+  """``num`` samples [num, H, W, C] in [-1, 1] from ``sample_fn`` (``make_sampler``, jitted).
 
   Sample i starts from the noise of key ``fold_in(fold_in(key(seed), streams.SAMPLES), i)``, so a
   sample does not depend on the batch size.
   """
-  cfg = types.SimpleNamespace(restorer='ddim', steps=steps, t_start=schedule.num_timesteps, eta=0.0)
-  restorer = restore_lib.make_restorer(cfg, model, schedule)
-  c = model.config
-  shape = (batch_size, c.resolution, c.resolution, c.in_channels)
-  zeros = jnp.zeros(shape, jnp.float32)
-  nothing_known = degrade_lib.Degradation(zeros, jnp.zeros(shape[:3] + (1,), jnp.float32))
   out = []
   for lo in range(0, num, batch_size):
     idx = np.arange(lo, lo + batch_size)
     keys = drc_lib.image_keys(seed, streams.SAMPLES, idx)
-    out.append(np.asarray(restorer.restore(params, keys, zeros, nothing_known)))
+    out.append(np.asarray(sample_fn(params, keys)))
   return np.concatenate(out)[:num]
 
 
@@ -149,12 +157,16 @@ def load_or_generate(
   members: np.ndarray,
   nonmembers: np.ndarray,
   *,
+  sample_fn,
   num: int,
   seed: int,
   steps: int = 50,
   batch_size: int = 64,
 ) -> dict[str, Any]:
-  """Samples and their figures, cached in ``W/samples.npz`` for this target, seed and size."""
+  """Samples and their figures, cached in ``W/samples.npz`` for this target, seed and size.
+
+  ``sample_fn``: ``make_sampler(target.model, target.schedule, steps)``, jitted by the caller.
+  """
   ident = json.dumps(
     {
       'target': str(target.path),
@@ -174,9 +186,7 @@ def load_or_generate(
     if str(z['ident']) == ident:
       samples = z['samples']
   if samples is None:
-    samples = generate(
-      target.model, target.params, target.schedule, num, seed, steps=steps, batch_size=batch_size
-    )
+    samples = generate(sample_fn, target.params, num, seed, batch_size=batch_size)
     buf = io.BytesIO()
     np.savez(buf, samples=samples, ident=np.asarray(ident))
     if parallel.is_writer():  # every process computes the same samples; process 0 writes them

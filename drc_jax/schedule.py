@@ -231,3 +231,65 @@ def make_schedule(cfg) -> NoiseSchedule:
       'linear', cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end
     )
   return NoiseSchedule.create(cfg.beta_schedule, cfg.num_timesteps)
+
+
+# ----------------------------------------------------------------------------- step tables
+# The time sequences restorers walk, built on the host (restore.py scans over them).
+
+
+def repaint_jumps(t_T: int, jump_length: int, jump_n_sample: int) -> list[int]:
+  """RePaint's time sequence: t_T-1 down to -1, jumping back ``jump_length`` steps
+  ``jump_n_sample - 1`` times at every multiple of ``jump_length`` below ``t_T - jump_length``."""
+  jumps = dict.fromkeys(range(0, t_T - jump_length, jump_length), jump_n_sample - 1)
+  t, ts = t_T, []
+  while t >= 1:
+    t -= 1
+    ts.append(t)
+    if jumps.get(t, 0) > 0:
+      jumps[t] -= 1
+      for _ in range(jump_length):
+        t += 1
+        ts.append(t)
+  ts.append(-1)
+  _check_moves(ts, t_T)
+  return ts
+
+
+def _check_moves(ts: list[int], t_T: int) -> None:
+  assert ts[0] == t_T - 1 and ts[-1] == -1, (ts[0], ts[-1])
+  steps = np.diff(ts)
+  assert np.all(np.abs(steps) == 1), 'every move is +-1'
+  assert min(ts) == -1 and max(ts) <= t_T - 1, 'in range'
+
+
+def repaint_counts(ts: list[int]) -> tuple[int, int]:
+  """(model calls, re-noising steps) of a RePaint time sequence."""
+  steps = np.diff(ts)
+  return int(np.sum(steps < 0)), int(np.sum(steps > 0))
+
+
+def repaint_down_steps(ts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The model-calling (down) moves of a RePaint sequence, each with the jump before it.
+
+  Returns int32 arrays (t_last, t_cur, jump_from), one row per model call: before denoising
+  t_last -> t_cur the state is re-noised from jump_from up to t_last (jump_from == t_last: none).
+  """
+  rows, jump_from = [], ts[0]
+  for a, b in zip(ts[:-1], ts[1:]):
+    if b > a:  # an up move: accumulate into the pending jump
+      continue
+    rows.append((a, b, jump_from))
+    jump_from = b
+  out = np.asarray(rows, np.int32)
+  assert len(out) == repaint_counts(ts)[0]
+  return out[:, 0], out[:, 1], out[:, 2]
+
+
+def ddim_times(t_start: int, steps: int) -> list[int]:
+  """``steps`` timesteps evenly spread over [0, t_start - 1], descending, then -1 (clean)."""
+  if steps == 1:  # one step from t_start - 1 (linspace would put the only step at t = 0)
+    return [t_start - 1, -1]
+  ts = np.unique(np.round(np.linspace(0, t_start - 1, steps)).astype(int))[::-1]
+  if len(ts) != steps:
+    raise ValueError(f'config.drc.steps {steps} > t_start {t_start}')
+  return [int(t) for t in ts] + [-1]

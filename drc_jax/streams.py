@@ -15,6 +15,12 @@ Two levels, each folding into its own parent key:
   draws (starting noise, DDIM's one known-region noise, the degradation's mask). A restorer
   takes fewer than ``MAX_STEPS`` steps (``validate.check`` makes sure).
 
+* Host streams, NumPy generators seeded with ``[seed, HOST_*]`` (draws made on the host, never
+  part of a score): ``HOST_SUSPECT`` (the drawn suspect set of ``--mode=dataset``),
+  ``HOST_SWEEP_HELDOUT`` and ``HOST_SWEEP_CURVE`` (the sweep's subsets). The power curve seeds
+  ``[dataset.seed, kind (0 members, 1 non-members), set size]``; training's batch order
+  ``[seed, epoch]``.
+
 Changing a number here changes every score drawn from it (keys are part of a score's identity).
 """
 
@@ -23,6 +29,10 @@ from __future__ import annotations
 TRAIN = 1
 ATTACKS = {'drc': 2, 'loss': 3, 'secmi': 4, 'pia': 5, 'sima': 6, 'pian': 7}
 SAMPLES = 8  # the target's own samples in the report (sample i: fold_in(fold_in(key, 8), i))
+
+HOST_SUSPECT = 2
+HOST_SWEEP_HELDOUT = 77
+HOST_SWEEP_CURVE = 78
 
 STEP_BITS = 28
 MAX_STEPS = 1 << STEP_BITS

@@ -37,13 +37,13 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from drc_jax import attacks as attacks_lib
-from drc_jax import checkpoints, fileio, shipped, streams
+from drc_jax import checkpoints, fileio, plots, shipped, streams
 from drc_jax import compare as compare_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
 from drc_jax import metrics as metrics_lib
 from drc_jax import splits as splits_lib
+from drc_jax import steps_curve as steps_curve_lib
 from drc_jax import target as target_lib
 
 # Restoration settings: (label, drc overrides, K_max). Cheap DDIM settings get K_max = 8, costly
@@ -274,6 +274,7 @@ def restore_all(
   cfg.update(overrides)
   cfg.num_restorations = k_max
   scorer = drc_lib.make_drc(cfg, target.model, target.schedule)
+  evidence = jax.jit(scorer.evidence)
   degradation = jax.jit(scorer.degradation, static_argnums=2)
   comparators: dict[str, Callable] = {
     n: jax.jit(compare_lib.get(n)) for n in compare_lib.COMPARATORS
@@ -283,7 +284,7 @@ def restore_all(
     idx = np.resize(indices[lo : lo + batch_size], batch_size)  # pad: one compiled shape
     x = jnp.asarray(np.resize(images[lo : lo + batch_size], (batch_size,) + images.shape[1:]))
     keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], idx)
-    _, restored = scorer.evidence(target.params, keys, x)  # [B, K, H, W, C]
+    _, restored = evidence(target.params, keys, x)  # [B, K, H, W, C]
     valid = min(batch_size, len(images) - lo)
     for name, fn in comparators.items():
       per_k = [np.asarray(fn(x, restored[:, k], degradation(keys, x, k))) for k in range(k_max)]
@@ -319,7 +320,7 @@ def run(
     fraction=config.audit.calibration_fraction,
     seed=config.seed,
   )
-  rng = np.random.default_rng([config.seed, 77])
+  rng = np.random.default_rng([config.seed, streams.HOST_SWEEP_HELDOUT])
 
   def subset(held: np.ndarray, limit: int) -> np.ndarray:
     """Keep all calibration positions and at most ``limit`` random held-out ones."""
@@ -426,9 +427,8 @@ def format_table(rows: list[Row], best: Row, chosen: Row) -> str:
 
 
 def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
-  from drc_jax import report as report_lib  # pylint: disable=g-import-not-at-top
 
-  fig = report_lib._new_figure(7.0, 4.5)  # pylint: disable=protected-access
+  fig = plots.new_figure(7.0, 4.5)
   ax = fig.subplots()
   ax.scatter(
     [r.model_calls for r in rows],
@@ -461,85 +461,7 @@ def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
   ax.set_title('DRC: AUC against cost')
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize='small')
-  return report_lib._save_figure(fig, path)  # pylint: disable=protected-access
-
-
-def steps_curve(
-  config,
-  workdir: str,
-  steps: list[int],
-  out_dir: str,
-  *,
-  drc_members: int,
-  drc_nonmembers: int,
-  batch_size: int,
-) -> dict[str, Any]:
-  """AUC of every attack against training steps: the checkpoints ``steps`` of ``workdir``.
-
-  The baselines score every image of the split; DRC (the config's protocol) scores a random
-  subset of ``drc_members`` members and ``drc_nonmembers`` non-members (the same images at every
-  step). Writes ``steps_curve.json`` and ``steps_curve.md``.
-  """
-  source = data_lib.make_source(config.data)
-  split = splits_lib.resolve(config.split, source, workdir, write=False)
-  members, _, _ = data_lib.load_images(source, split.members, config.data)
-  nonmembers, _, _ = data_lib.load_images(source, split.nonmembers, config.data)
-  rng = np.random.default_rng([config.seed, 78])
-  pick_m = np.sort(rng.choice(len(members), min(drc_members, len(members)), replace=False))
-  pick_n = np.sort(rng.choice(len(nonmembers), min(drc_nonmembers, len(nonmembers)), replace=False))
-  names = ['loss', 'secmi', 'pia', 'pian', 'sima']
-  rows = []
-  for step in steps:
-    target = target_lib.load_target(os.path.join(workdir, 'checkpoints', str(step)))
-    attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names + ['drc'])
-    base = {n: a for n, a in attacks.items() if n != 'drc'}
-    score_base = attacks_lib.make_batch_scorer(base)
-    score_drc = attacks_lib.make_batch_scorer({'drc': attacks['drc']})
-    row = {'step': step}
-
-    def run_scorer(fn, images, indices, names_, target=target):
-      out = {n: [] for n in names_}
-      for lo in range(0, len(images), batch_size):
-        idx = np.resize(indices[lo : lo + batch_size], batch_size)
-        x = jnp.asarray(np.resize(images[lo : lo + batch_size], (batch_size,) + images.shape[1:]))
-        res = fn(target.params, attacks_lib.keys_for(names_, config.seed, idx), x)
-        valid = min(batch_size, len(images) - lo)
-        for n in names_:
-          v = np.asarray(res[n])[:valid]
-          out[n].append(v.mean(axis=1) if v.ndim == 2 else v)
-      return {n: np.concatenate(v) for n, v in out.items()}
-
-    t0 = time.time()
-    sm = run_scorer(score_base, members, split.members, list(base))
-    sn = run_scorer(score_base, nonmembers, split.nonmembers, list(base))
-    for n in base:
-      row[n] = metrics_lib.auc(sm[n], sn[n])
-    dm = run_scorer(score_drc, members[pick_m], split.members[pick_m], ['drc'])['drc']
-    dn = run_scorer(score_drc, nonmembers[pick_n], split.nonmembers[pick_n], ['drc'])['drc']
-    row['drc'] = metrics_lib.auc(dm, dn)
-    rows.append(row)
-    logging.info(
-      'step %d: %s (%.0fs)',
-      step,
-      {k: round(v, 3) for k, v in row.items() if k != 'step'},
-      time.time() - t0,
-    )
-  doc = {
-    'workdir': workdir,
-    'drc_subset': {'members': len(pick_m), 'nonmembers': len(pick_n)},
-    'drc': dict(config.drc),
-    'rows': rows,
-  }
-  os.makedirs(out_dir, exist_ok=True)
-  fileio.atomic_write_text(
-    os.path.join(out_dir, 'steps_curve.json'), json.dumps(doc, indent=1, default=list)
-  )
-  cols = ['drc'] + names
-  lines = ['| step | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
-  for r in rows:
-    lines.append(f'| {r["step"]} | ' + ' | '.join(f'{r[c]:.3f}' for c in cols) + ' |')
-  fileio.atomic_write_text(os.path.join(out_dir, 'steps_curve.md'), '\n'.join(lines) + '\n')
-  return doc
+  return plots.save_figure(fig, path)
 
 
 def _define_flags() -> None:
@@ -570,7 +492,7 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required')
   if F.steps_curve:
-    steps_curve(
+    steps_curve_lib.steps_curve(
       config,
       F.steps_curve,
       [int(v) for v in F.steps.split(',')],

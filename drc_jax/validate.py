@@ -6,15 +6,20 @@ import os
 
 import jax
 
+from drc_jax import attacks as attacks_lib
 from drc_jax import calibration as calibration_lib
+from drc_jax import compare as compare_lib
+from drc_jax import degrade as degrade_lib
 from drc_jax import errors, streams
+from drc_jax import restore as restore_lib
 from drc_jax.models import unet as model_lib
 
-RESTORERS = ('ddim', 'repaint', 'ddnm')
-MASKS = ('center_box', 'random_box', 'random_patches', 'saliency_patches')
-DEGRADATIONS_LINEAR = ('downsample', 'grayscale')
-COMPARATORS = ('masked_mse', 'psnr', 'ssim', 'ssim_region')
-ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
+# The valid names are the registries the code itself runs from.
+RESTORERS = tuple(restore_lib.RESTORERS)
+MASKS = tuple(degrade_lib.MASKS)
+DEGRADATIONS_LINEAR = degrade_lib.LINEAR
+COMPARATORS = tuple(compare_lib.COMPARATORS)
+ATTACKS = tuple(attacks_lib.ATTACKS)
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
 SUSPECT_DRAWS = ('members', 'nonmembers')  # config.dataset.suspect (experiments)
 

@@ -10,7 +10,7 @@ from conftest import load_config
 from PIL import Image
 
 from drc_jax import audit as A
-from drc_jax import checkpoints, errors, pipeline, validate
+from drc_jax import checkpoints, errors, pipeline, store, validate
 from drc_jax import data as D
 from drc_jax import metrics as metrics_lib
 from drc_jax import train as T
@@ -60,7 +60,7 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
       assert metrics[name]['auc'] > 0.5, (name, metrics[name]['auc'])
     assert metrics[name]['n_members'] == metrics[name]['n_nonmembers'] == 32
     assert metrics[name]['warnings']  # 32 non-members: TPR@1%FPR rests on < 10 false positives
-  assert np.all(np.isfinite(A.load_scores(wd)['score/pian']))
+  assert np.all(np.isfinite(store.load_scores(wd)['score/pian']))
   assert metrics['secmi']['nfe_per_image'] == 11
   assert metrics['drc']['nfe_per_image'] == 2 * (25 + 4 * 2 * 5)  # K x RePaint(25, 5, 3)
   saved = json.loads(open(f'{wd}/metrics.json').read())
@@ -69,7 +69,7 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
   for name in ATTACKS:
     assert name in html
   assert html.count('data:image/png;base64') >= 4 + 3  # plots + evidence panels
-  table = A.load_scores(wd)
+  table = store.load_scores(wd)
   assert len(table['index']) == 64 and len(set(table['index'].tolist())) == 64
   assert table['drc/sim'].shape == (64, 2)
   np.testing.assert_allclose(table['score/drc'], table['drc/sim'].mean(axis=1))
@@ -83,10 +83,10 @@ def test_resume_after_a_crash_gives_identical_scores(trained, tmp_path, monkeypa
   c.attacks.names = 'drc,loss,pia'
   ref_wd = _copy_target(trained, tmp_path / 'ref')
   A.run_audit(c, ref_wd)
-  ref = A.load_scores(ref_wd)
+  ref = store.load_scores(ref_wd)
 
   wd = _copy_target(trained, tmp_path / 'crash')
-  real_write = A._write_npz
+  real_write = store.write_npz
   calls = []
 
   def crash_after_two(path, arrays):
@@ -95,14 +95,14 @@ def test_resume_after_a_crash_gives_identical_scores(trained, tmp_path, monkeypa
     calls.append(path)
     real_write(path, arrays)
 
-  monkeypatch.setattr(A, '_write_npz', crash_after_two)
+  monkeypatch.setattr(store, 'write_npz', crash_after_two)
   with pytest.raises(KeyboardInterrupt):
     A.run_audit(c, wd)
-  monkeypatch.setattr(A, '_write_npz', real_write)
+  monkeypatch.setattr(store, 'write_npz', real_write)
   assert len(list((tmp_path / 'crash' / 'w' / 'scores').glob('shard_*.npz'))) == 2
   (tmp_path / 'crash' / 'w' / 'scores' / '.shard_00002.npz.tmp-1-deadbeef').write_bytes(b'half')
   A.run_audit(c, wd)  # rerun the same command
-  got = A.load_scores(wd)
+  got = store.load_scores(wd)
   for k in ref:
     np.testing.assert_array_equal(got[k], ref[k])
   assert sorted(got['index'].tolist()) == sorted(set(got['index'].tolist()))
@@ -116,7 +116,7 @@ def test_a_workdir_of_another_config_is_refused(trained, tmp_path):
   c2 = _config()
   c2.attacks.names = 'loss'
   c2.attacks.loss_t = 300
-  with pytest.raises(A.AuditConfigMismatch, match='attacks.loss_t: 200 -> 300'):
+  with pytest.raises(store.AuditConfigMismatch, match='attacks.loss_t: 200 -> 300'):
     A.run_audit(c2, wd)
   m = A.run_audit(c2, wd, overwrite=True)
   assert set(m) == {'loss'}
@@ -146,7 +146,7 @@ def test_bad_config_values_are_named():
 def _results(wd) -> dict[str, bytes]:
   """Every result file of a workdir (path relative to it -> bytes), superseded ones excluded."""
   out = {}
-  for name in A.RESULTS:
+  for name in store.RESULTS:
     p = Path(wd) / name
     files = [p] if p.is_file() else sorted(f for f in p.rglob('*') if f.is_file())
     out.update({str(f.relative_to(wd)): f.read_bytes() for f in files if p.exists()})
@@ -166,12 +166,14 @@ def test_scores_of_another_target_are_never_reused(trained, tmp_path):
   wd = _copy_target(trained, tmp_path / 'a')
   pipeline.run(_loss_config(), wd, 'all')
   before = _results(wd)
-  recorded = json.loads((Path(wd) / A.AUDIT_CONFIG).read_text())['target']
+  recorded = json.loads((Path(wd) / store.AUDIT_CONFIG).read_text())['target']
   assert recorded['step'] == 600 and len(recorded['ema_sha256']) == 64
   # The issue's run: --config.train.steps=605 on an audited workdir trained on, then skipped
   # every shard. Now it is refused before training, and nothing changes.
   longer = _loss_config(train__steps=605)
-  with pytest.raises(A.AuditConfigMismatch, match='target at step 600; training it to step 605'):
+  with pytest.raises(
+    store.AuditConfigMismatch, match='target at step 600; training it to step 605'
+  ):
     pipeline.run(longer, wd, 'all')
   assert _results(wd) == before and T.trained_steps(wd) == 600
   # With --overwrite it trains on, then audits anew; the old results move aside, whole.
@@ -179,20 +181,22 @@ def test_scores_of_another_target_are_never_reused(trained, tmp_path):
   shutil.copytree(wd, wd_b)
   pipeline.run(longer, str(wd_b), 'all', overwrite=True)
   assert T.trained_steps(str(wd_b)) == 605
-  (old,) = (wd_b / A.SUPERSEDED_DIR).iterdir()
+  (old,) = (wd_b / store.SUPERSEDED_DIR).iterdir()
   assert _results(old) == before
-  assert json.loads((wd_b / A.AUDIT_CONFIG).read_text())['target']['step'] == 605
-  assert not np.array_equal(A.load_scores(str(wd_b))['score/loss'], A.load_scores(wd)['score/loss'])
+  assert json.loads((wd_b / store.AUDIT_CONFIG).read_text())['target']['step'] == 605
+  assert not np.array_equal(
+    store.load_scores(str(wd_b))['score/loss'], store.load_scores(wd)['score/loss']
+  )
   # A target changed behind the scores (same config): the audit and the report refuse.
   shutil.rmtree(Path(wd) / 'checkpoints')
   shutil.copytree(wd_b / 'checkpoints', Path(wd) / 'checkpoints')
   with pytest.raises(
-    A.AuditConfigMismatch,
+    store.AuditConfigMismatch,
     match=r'target.ema_sha256: \w{12}\.\.\. -> \w{12}\.\.\.; '
     r'target.step: 600 -> 605',
   ):
     A.run_audit(_loss_config(), wd)
-  with pytest.raises(A.AuditConfigMismatch, match='not those of this config and target'):
+  with pytest.raises(store.AuditConfigMismatch, match='not those of this config and target'):
     pipeline.run(_loss_config(), wd, 'report')
   assert _results(wd) == before
 
@@ -202,7 +206,7 @@ def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_pat
   A.run_audit(_loss_config(), wd)
   pipeline.run(_loss_config(), wd, 'report')
   before = _results(wd)
-  assert {'metrics.json', 'report.html', A.AUDIT_CONFIG} <= set(before)
+  assert {'metrics.json', 'report.html', store.AUDIT_CONFIG} <= set(before)
   np.savez(
     tmp_path / 'other.npz', mia_train_idxs=np.arange(100, 132), mia_eval_idxs=np.arange(200, 232)
   )
@@ -218,15 +222,15 @@ def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_pat
     with pytest.raises(errors.UserError):
       A.run_audit(_loss_config(attacks__loss_t=300, **kw), wd, overwrite=True)
     assert _results(wd) == before, why
-    assert not (Path(wd) / A.SUPERSEDED_DIR).exists(), why
+    assert not (Path(wd) / store.SUPERSEDED_DIR).exists(), why
   A.run_audit(_loss_config(), wd)  # the original config is still accepted: nothing to score
   assert _results(wd) == before
   m = A.run_audit(_loss_config(attacks__loss_t=300), wd, overwrite=True)
-  (old,) = (Path(wd) / A.SUPERSEDED_DIR).iterdir()
+  (old,) = (Path(wd) / store.SUPERSEDED_DIR).iterdir()
   assert _results(old) == before  # scores, metrics, report and their record, together
   saved = json.loads((Path(wd) / 'metrics.json').read_text())
   assert saved['loss']['auc'] == m['loss']['auc']
-  table = A.load_scores(wd)
+  table = store.load_scores(wd)
   members = table['split'] == 1
   assert m['loss']['auc'] == metrics_lib.auc(
     table['score/loss'][members], table['score/loss'][~members]
@@ -258,7 +262,7 @@ def test_a_target_is_audited_only_on_the_data_it_was_trained_on(trained, tmp_pat
     r"dataset: 'fashion_mnist/train' -> 'folder:",
   ):
     pipeline.run(c, wd, 'all')  # the target is reused: its training data is checked
-  assert not (Path(wd) / 'scores').exists() and not (Path(wd) / A.AUDIT_CONFIG).exists()
+  assert not (Path(wd) / 'scores').exists() and not (Path(wd) / store.AUDIT_CONFIG).exists()
   # A converted target records no training data: it is audited on any data.
   doc = json.loads((Path(wd) / 'model.json').read_text())
   doc.pop('trained_on')
@@ -283,3 +287,31 @@ def test_the_default_workdir_follows_the_data():
   assert (
     pipeline.default_workdir('configs/cifar10.py', load_config('cifar10')) == 'runs/cifar10_tfds'
   )
+
+
+def test_an_audit_reads_each_image_once(trained, tmp_path, monkeypatch):
+  """Split check, scoring, labels and hashes, calibration features, samples and evidence all
+  read through one run cache: the data source sees each image once."""
+  wd = _copy_target(trained, tmp_path)
+  reads = []
+  real_make_source = D.make_source
+
+  class Counting:
+    def __init__(self, source):
+      self.source, self.name = source, source.name
+      self.label_names = getattr(source, 'label_names', ())
+
+    def __len__(self):
+      return len(self.source)
+
+    def read(self, indices):
+      reads.extend(int(i) for i in np.asarray(indices).reshape(-1))
+      return self.source.read(indices)
+
+  monkeypatch.setattr(D, 'make_source', lambda cfg: Counting(real_make_source(cfg)))
+  c = _config()
+  c.attacks.names = 'loss,drc'
+  metrics = A.run_audit(c, wd)
+  assert 'per_image_calibration' in metrics['drc'] and reads
+  counts = np.bincount(reads)
+  assert counts.max() == 1, f'images read more than once: {np.flatnonzero(counts > 1)[:10]}'

@@ -9,10 +9,9 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from drc_jax import audit as A
 from drc_jax import data as D
 from drc_jax import dataset_inference as DI
-from drc_jax import metrics, pipeline, stats, validate
+from drc_jax import metrics, pipeline, stats, store, validate
 
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
 DETERMINISTIC = ('secmi', 'pia', 'pian', 'sima')  # no noise key: same image, same score
@@ -181,13 +180,13 @@ def _copy(audited, tmp_path):
 
 def _count_writes(monkeypatch):
   written = []
-  real = A._write_npz
+  real = store.write_npz
 
   def counting(path, arrays):
     written.append((str(path), len(arrays['index'])))
     real(path, arrays)
 
-  monkeypatch.setattr(A, '_write_npz', counting)
+  monkeypatch.setattr(store, 'write_npz', counting)
   return written
 
 
@@ -240,7 +239,7 @@ def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
 
 def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatch):
   wd = _copy(audited, tmp_path)
-  table = A.load_scores(wd)
+  table = store.load_scores(wd)
   members = table['split'] == 1
   member_heldout, _ = metrics.calibration_split(32, 32, fraction=0.2, seed=0)
   rows = np.flatnonzero(members)[member_heldout][:6]
@@ -255,7 +254,7 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   assert [n for _, n in written] == [6]  # only the folder: one shard of its 6 images
   assert written[0][0].endswith(os.path.join('dataset', 'suspect', 'scores', 'shard_00000.npz'))
   assert result['suspect']['n'] == 6 and result['tests']['combined']['n_reference'] == 26
-  scored = A.load_scores(f'{wd}/dataset/suspect')
+  scored = store.load_scores(f'{wd}/dataset/suspect')
   assert scored['split'].tolist() == [-1] * 6
   for name in DETERMINISTIC:  # the folder images are the split's: the same scores up to float32
     # rounding at another batch position (SecMI's small difference of DDIM states: about 1e-4)
@@ -264,7 +263,7 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   again = pipeline.run(c, wd, 'dataset')  # resumes: nothing scored again, same answer
   assert len(written) == 1 and again['tests'] == result['tests']
   Image.fromarray(raw[0, ..., 0]).save(folder / 'img_99.png')  # the folder changed
-  with pytest.raises(A.AuditConfigMismatch, match='config.dataset.suspect_dir'):
+  with pytest.raises(store.AuditConfigMismatch, match='config.dataset.suspect_dir'):
     pipeline.run(c, wd, 'dataset')
   result = pipeline.run(c, wd, 'dataset', overwrite=True)
   assert result['suspect']['n'] == 7 and [n for _, n in written] == [6, 7]
@@ -284,4 +283,4 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   assert result['reference']['source'].startswith('folder ')
   assert result['suspect']['reference_images_dropped_as_identical'] == dropped
   assert result['reference']['n_test'] == int(ref_heldout.sum()) - dropped
-  assert A.load_scores(f'{wd}/dataset/reference')['split'].tolist() == [0] * 10
+  assert store.load_scores(f'{wd}/dataset/reference')['split'].tolist() == [0] * 10

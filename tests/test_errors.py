@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from drc_jax import audit, checkpoints, convert, data, errors, validate
+from drc_jax import checkpoints, convert, data, errors, store, validate
 
 
 def _run(module, *args, cwd=None):
@@ -33,7 +33,7 @@ def test_every_input_error_is_a_user_error():
     data.DataError,
     checkpoints.CheckpointError,
     convert.ConversionError,
-    audit.AuditConfigMismatch,
+    store.AuditConfigMismatch,
     errors.WorkdirError,
     errors.TrainingError,
   ):

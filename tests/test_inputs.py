@@ -7,7 +7,7 @@ import pytest
 from conftest import load_config
 
 from drc_jax import audit as A
-from drc_jax import checkpoints, config_base, validate
+from drc_jax import checkpoints, config_base, store, validate
 from drc_jax import data as D
 from drc_jax import splits as S
 from drc_jax.models import unet as model_lib
@@ -105,7 +105,7 @@ def test_attack_timesteps_are_checked_against_the_targets_schedule(fmnist_local,
     r'\(num_timesteps of the target in',
   ):
     A.run_audit(fmnist_local, wd)
-  assert not (tmp_path / 'scores').exists() and not (tmp_path / A.AUDIT_CONFIG).exists()
+  assert not (tmp_path / 'scores').exists() and not (tmp_path / store.AUDIT_CONFIG).exists()
   fmnist_local.attacks.names = 'secmi'
   with pytest.raises(validate.ConfigError, match='config.attacks.secmi_t: 100 .* in \\[10, 10\\)'):
     A.run_audit(fmnist_local, wd)

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import REPO, load_config
 
 from drc_jax import audit as A
-from drc_jax import pipeline
+from drc_jax import pipeline, store
 
 OVERRIDES = [
   '--config.split.num_members=24',
@@ -84,7 +84,7 @@ def test_two_processes_score_each_image_once_and_match_one_process(tmp_path):
     assert p.returncode == 0, out[-3000:]
   assert 'process 0/2' in outs[0] and 'process 1/2' in outs[1] and '4 global devices' in outs[0]
 
-  a, b = A.load_scores(str(single)), A.load_scores(str(multi))
+  a, b = store.load_scores(str(single)), store.load_scores(str(multi))
   assert len(b['index']) == 48 and len(set(b['index'].tolist())) == 48  # each image once
   for k in a:
     if a[k].dtype.kind == 'f':

@@ -7,7 +7,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from drc_jax import metrics, report
+from drc_jax import metrics, plots, report
 
 ATTACKS = ('drc', 'loss', 'secmi')
 NUM_RESTORATIONS = 3
@@ -109,10 +109,10 @@ def test_evidence_panel_upscales_small_images(tmp_path):
   table = _synthetic_table(num_per_split=20)
   item = _evidence(table, channels=1)[0]
   item['original'] = item['original'][..., 0]  # [H, W] is accepted too.
-  path = report.evidence_panel(item, str(tmp_path / 'panel.png'))
+  path = plots.evidence_panel(item, str(tmp_path / 'panel.png'))
   with Image.open(path) as image:
     width, height = image.size
-  assert width >= 4 * report.MIN_PANEL_PIXELS and height >= report.MIN_PANEL_PIXELS
+  assert width >= 4 * plots.MIN_PANEL_PIXELS and height >= plots.MIN_PANEL_PIXELS
 
 
 def test_format_metrics_table():
@@ -154,12 +154,12 @@ def test_held_out_figures_have_n_and_intervals(tmp_path):
 
 def test_agree_plot_has_a_chance_line(tmp_path, monkeypatch):
   figures = []
-  real = report._save_figure
+  real = plots.save_figure
   monkeypatch.setattr(
-    report, '_save_figure', lambda fig, path: figures.append(fig) or real(fig, path)
+    plots, 'save_figure', lambda fig, path: figures.append(fig) or real(fig, path)
   )
   agree = metrics.agree_curve([3, 3, 2, 0], [1, 0, 0, 2, 0, 0, 0, 0], k=3)
-  report.plot_agree(agree, str(tmp_path / 'agree.png'))
+  plots.plot_agree(agree, str(tmp_path / 'agree.png'))
   labels = figures[0].axes[0].get_legend_handles_labels()[1]
   assert 'chance precision (33.3% members)' in labels
 

@@ -42,10 +42,10 @@ def _drc_cfg(**kw):
 
 
 def test_repaint_schedule_paper_setting():
-  ts = R.repaint_jumps(250, 10, 10)
-  assert R.repaint_counts(ts) == (2410, 2160)
+  ts = S.repaint_jumps(250, 10, 10)
+  assert S.repaint_counts(ts) == (2410, 2160)
   assert ts[0] == 249 and ts[-1] == -1 and set(np.abs(np.diff(ts))) == {1}
-  assert R.repaint_counts(R.repaint_jumps(10, 10, 10)) == (10, 0)  # no room to jump
+  assert S.repaint_counts(S.repaint_jumps(10, 10, 10)) == (10, 0)  # no room to jump
   r = R.make_restorer(
     _drc_cfg(restorer='repaint', steps=250, jump_length=10, jump_n_sample=10),
     GaussianDataModel(0.0, 0.0),
@@ -185,12 +185,13 @@ def test_sharded_restore_is_identical_on_1_2_4_8_devices_and_traces_once():
   outs = []
   for n_dev in (1, 2, 4, 8):
     mesh = parallel.make_mesh(jax.devices()[:n_dev])
-    r = R.make_restorer(cfg, model, SCHED, mesh)
+    r = R.make_restorer(cfg, model, SCHED)
+    restore = jax.jit(r.restore, **parallel.shardings(mesh, 'rddd', 'd'))
     d = D.make_degrader(cfg)(keys, x)
-    outs.append(np.asarray(r.restore(params, keys, x, d)))
+    outs.append(np.asarray(restore(params, keys, x, d)))
     x2 = x[::-1] * 0.5  # another batch of the same shape
-    r.restore(params, keys, x2, D.make_degrader(cfg)(keys, x2))
-    assert r.restore.jitted._cache_size() == 1  # one trace, one compiled program
+    restore(params, keys, x2, D.make_degrader(cfg)(keys, x2))
+    assert restore._cache_size() == 1  # one trace, one compiled program
   for out in outs[1:]:  # 1, 2, 4 and 8 devices restore identically
     np.testing.assert_allclose(outs[0], out, atol=1e-5)
   # Per-image keys: an image's restoration does not depend on its batch.

@@ -28,6 +28,7 @@ weights_only=True)``, which refuses pickles that would run code.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from absl import logging
@@ -52,7 +53,12 @@ from drc_jax.models import unet as model_lib
 TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm')
 # Encoder formats: format -> module under drc_jax.convert with
 # ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
-ENCODER_FORMATS: dict[str, str] = {}
+ENCODER_FORMATS: dict[str, str] = {
+  'timm-vit': 'drc_jax.convert.timm_vit',  # timm VisionTransformer / DINO backbone state dict
+  'open-clip': 'drc_jax.convert.open_clip',  # OpenCLIP checkpoint (its visual.* image tower)
+  'hf-clip': 'drc_jax.convert.hf_clip',  # HF CLIPVisionModelWithProjection or CLIPModel folder
+  'facenet': 'drc_jax.convert.facenet',
+}
 FORMATS = TARGET_FORMATS + tuple(ENCODER_FORMATS)
 
 __all__ = [
@@ -124,9 +130,13 @@ def convert(
   return converted
 
 
-def convert_encoder(fmt: str, src, out):
+def convert_encoder(fmt: str, src, out, **options):
   """Converts encoder weights ``src`` (format ``fmt``, a key of ``ENCODER_FORMATS``) into the
-  encoder directory ``out``; returns ``drc_jax.load_encoder(out)``."""
+  encoder directory ``out``; returns ``drc_jax.load_encoder(out)``.
+
+  ``options`` (settings the weights do not store, e.g. ``heads``, ``activation``) go to the
+  format's ``read``; one it does not take is an error naming it.
+  """
   from drc_jax import encoders  # pylint: disable=g-import-not-at-top
 
   if fmt not in ENCODER_FORMATS:
@@ -134,7 +144,12 @@ def convert_encoder(fmt: str, src, out):
       f'unknown encoder format {fmt!r}; expected one of {tuple(ENCODER_FORMATS)}'
     )
   reader = importlib.import_module(ENCODER_FORMATS[fmt])
-  family, config, params, preprocess, source = reader.read(src)
+  options = {k: v for k, v in options.items() if v is not None}
+  accepted = inspect.signature(reader.read).parameters
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise ConversionError(f'--format={fmt} does not take {", ".join("--" + k for k in unknown)}')
+  family, config, params, preprocess, source = reader.read(src, **options)
   encoders.save_encoder(out, family, config, params, preprocess, source=source, fmt=fmt)
   logging.info(
     'converted %s -> %s: %s encoder, %d parameters',

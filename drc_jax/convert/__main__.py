@@ -3,6 +3,8 @@
 python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
 python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
 python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
+python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
+python -m drc_jax.convert --format=facenet --src=20180402-114759-vggface2.pt --out=enc/facenet
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def _define_flags() -> None:
     None,
     'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
     'folder (config.json + weights), pipeline folder or weights file; diffusers-ldm: '
-    'LDMPipeline folder (vqvae/, unet/, scheduler/).',
+    'LDMPipeline folder (vqvae/, unet/, scheduler/); facenet: '
+    'InceptionResnetV1 state dict (.pt/.pth/.safetensors).',
   )
   flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')
   flags.DEFINE_string('out', None, 'Encoders: fresh encoder directory to write (local or gs://).')
@@ -42,6 +45,15 @@ def _define_flags() -> None:
     None,
     'diffusers-ldm: latent scaling factor (default: vqvae/config.json, else 1.0).',
   )
+  flags.DEFINE_integer(
+    'heads', None, 'timm-vit, open-clip: attention heads (not stored; default width / 64).'
+  )
+  flags.DEFINE_enum(
+    'activation',
+    None,
+    ['gelu', 'quick_gelu'],
+    'open-clip: MLP activation (not stored; default from open_clip_config.json).',
+  )
   flags.DEFINE_bool('verbose', False, 'Show the traceback of input errors instead of one line.')
 
 
@@ -52,8 +64,13 @@ def main(argv):
   if f.format in ENCODER_FORMATS:
     if f.out is None or f.workdir is not None:
       raise app.UsageError(f'--format={f.format} writes an encoder: give --out=DIR, not --workdir')
-    errors.run_reporting_user_errors(lambda: convert_encoder(f.format, f.src, f.out), f.verbose)
+    options = {'heads': f.heads, 'activation': f.activation}
+    errors.run_reporting_user_errors(
+      lambda: convert_encoder(f.format, f.src, f.out, **options), f.verbose
+    )
     return
+  if f.heads is not None or f.activation is not None:
+    raise app.UsageError('--heads and --activation apply to encoder formats only')
   if f.workdir is None or f.out is not None:
     raise app.UsageError(f'--format={f.format} writes a target: give --workdir=DIR, not --out')
   if f.format != 'pytorch-ddpm' and f['weights'].present:
