@@ -152,23 +152,8 @@ def latent_of(workdir) -> dict[str, Any] | None:
 
 
 def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:
-  kind = diffusion.get('beta_schedule', 'linear')
-  if kind == 'scaled_linear':
-    # Latent diffusion (CompVis LDM 'linear', diffusers 'scaled_linear'): betas linear in sqrt.
-    # TODO(lead): move into schedule.NoiseSchedule.create beside 'linear' and 'cosine'.
-    t = diffusion['num_timesteps']
-    if t < 1:
-      raise ValueError(f'num_timesteps must be >= 1, got {t}')
-    betas = np.linspace(diffusion['beta_start'] ** 0.5, diffusion['beta_end'] ** 0.5, t) ** 2
-    return schedule_lib.NoiseSchedule(betas, np.arange(t))
-  if kind == 'linear':
-    return schedule_lib.NoiseSchedule.create(
-      'linear',
-      diffusion['num_timesteps'],
-      beta_start=diffusion['beta_start'],
-      beta_end=diffusion['beta_end'],
-    )
-  return schedule_lib.NoiseSchedule.create(kind, diffusion['num_timesteps'])
+  """The schedule of ``model.json``'s diffusion section (``beta_schedule`` defaults to linear)."""
+  return schedule_lib.make_schedule(dict({'beta_schedule': 'linear'}, **diffusion))
 
 
 def _absolute(path) -> epath.Path:

@@ -308,7 +308,8 @@ def test_missing_parts_are_named(tmp_path, tiny_pipe):
     ('unet', 'attention_head_dim', 24),
     ('unet', 'class_embed_type', 'timestep'),
     ('unet', 'in_channels', 4),
-    ('scheduler', 'beta_schedule', 'squaredcos_cap_v2'),
+    ('scheduler', 'beta_schedule', 'sigmoid'),
+    ('scheduler', 'rescale_betas_zero_snr', True),
     ('scheduler', 'prediction_type', 'v_prediction'),
   ],
 )

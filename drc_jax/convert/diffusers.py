@@ -190,6 +190,11 @@ def diffusers_config(
     raise ConversionError(f'{where}: unsupported architecture ({e})') from e
 
 
+# diffusers beta_schedule -> ours (drc_jax.schedule); 'squaredcos_cap_v2' is diffusers'
+# betas_for_alpha_bar: schedule.cosine_betas' formula and 0.999 cap (checked in test_schedule).
+SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear', 'squaredcos_cap_v2': 'cosine'}
+
+
 def _diffusers_block_prefixes(cfg: model_lib.UNetConfig) -> dict[str, tuple[str, str]]:
   """Our block (``downblocks.N``...) -> (its diffusers resnet/sampler module, attention module)."""
   out, n, levels = {}, 0, len(cfg.ch_mult)
@@ -261,12 +266,11 @@ def _diffusers_files(src) -> tuple[epath.Path, epath.Path]:
   )
 
 
-def scheduler_settings(
-  weights: epath.Path, schedules: tuple[str, ...] = ('linear',)
-) -> tuple[dict[str, Any], str]:
+def scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
   """Schedule recorded by a diffusers scheduler config next to the UNet, if there is one.
 
-  ``schedules``: the ``beta_schedule`` values accepted (and recorded as they are).
+  Its ``beta_schedule`` is recorded under our name (``SCHEDULES``); the others, learned or
+  rescaled betas and other predictions than epsilon are refused, naming the field.
   """
   folder = weights.parent
   for path in (
@@ -286,12 +290,14 @@ def scheduler_settings(
       f'{path}: prediction_type={s["prediction_type"]!r}; only epsilon prediction is supported'
     )
   kind = s.get('beta_schedule', 'linear')
-  if s.get('trained_betas') is not None or kind not in schedules:
+  if s.get('trained_betas') is not None or kind not in SCHEDULES:
     raise ConversionError(
-      f'{path}: only beta_schedule {" or ".join(map(repr, schedules))} is supported (found '
+      f'{path}: only beta_schedule {" or ".join(map(repr, SCHEDULES))} is supported (found '
       f'beta_schedule={kind!r}, trained_betas={"set" if s.get("trained_betas") else None})'
     )
-  found = {'beta_schedule': kind}
+  if s.get('rescale_betas_zero_snr'):
+    raise ConversionError(f'{path}: rescale_betas_zero_snr=true is not supported')
+  found = {'beta_schedule': SCHEDULES[kind]}
   for ours, theirs in (
     ('num_timesteps', 'num_train_timesteps'),
     ('beta_start', 'beta_start'),

@@ -68,7 +68,6 @@ VQ_DEFAULTS = {  # diffusers 0.42 VQModel.__init__
   'force_upcast': False,  # a float16 hint; we compute in the config's dtype (float32)
 }
 DIFFUSERS_DEFAULT_SCALING = 0.18215
-SCHEDULES = ('linear', 'scaled_linear')
 
 
 def _read_json(path: epath.Path) -> dict[str, Any]:
@@ -215,7 +214,7 @@ def convert_diffusers_ldm(
     state_dict(read_checkpoint(unet_weights), where)
   )
   params = assemble(unet_cfg, diffusers_lib.diffusers_sources(unet_cfg), state, where)
-  found, sched_path = diffusers_lib.scheduler_settings(unet_weights, SCHEDULES)
+  found, sched_path = diffusers_lib.scheduler_settings(unet_weights)
 
   if scaling_factor is not None:
     if not scaling_factor > 0:
