@@ -5,6 +5,11 @@
 ``drc_jax.load_target`` all read the same thing. Restores go into an abstract target built with
 ``jax.eval_shape``; a checkpoint that does not match the architecture is an error naming the key.
 
+A latent diffusion target adds a ``latent`` section to ``model.json`` (latent and image shapes,
+downsampling and scaling factors) and its first stage, the VQ autoencoder, in ``W/autoencoder/``:
+``weights.safetensors`` (our parameter layout) and ``config.json`` (architecture, source and the
+SHA-256 of the weights, checked on load). The UNet checkpoint is the same as a pixel target's.
+
 Integrity: every checkpoint step records, in its orbax step metadata (written with the checkpoint,
 atomically), the SHA-256 of its EMA weights and, for a training state, of the whole state
 (``tree_sha256``). Loading verifies them: a flipped bit is a ``CheckpointError`` naming the
@@ -28,9 +33,22 @@ from etils import epath
 from drc_jax import errors, fileio
 from drc_jax import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
+from drc_jax.models import vq as vq_lib
 
 MODEL_JSON = 'model.json'
 CHECKPOINT_DIR = 'checkpoints'
+AUTOENCODER_DIR = 'autoencoder'
+AUTOENCODER_JSON = 'config.json'
+AUTOENCODER_WEIGHTS = 'weights.safetensors'
+AUTOENCODER_FORMAT = 'drc_jax.vq_autoencoder/1'
+# Keys of model.json's latent section, all required.
+LATENT_KEYS = (
+  'autoencoder',  # folder of the autoencoder, relative to the workdir
+  'latent_shape',  # [h, w, c] the UNet runs on
+  'image_shape',  # [H, W, C] the autoencoder decodes to
+  'downsampling_factor',  # H / h
+  'scaling_factor',  # the UNet sees scaling_factor * encode(x); decode takes z / scaling_factor
+)
 INTEGRITY_KEY = 'drc_jax_sha256'  # in a step's custom metadata: {'ema_params': hex, 'state': hex}
 _STEP_METADATA = '_CHECKPOINT_METADATA'  # orbax's JSON file of a step (holds custom_metadata)
 
@@ -45,11 +63,15 @@ def save_model_json(
   diffusion: dict[str, Any],
   source: str = 'drc_jax',
   trained_on: dict[str, Any] | None = None,
+  latent: dict[str, Any] | None = None,
 ) -> None:
-  """Writes ``W/model.json``; ``trained_on`` (targets trained here) is ``splits.training_data``."""
+  """Writes ``W/model.json``; ``trained_on`` (targets trained here) is ``splits.training_data``;
+  ``latent`` (latent diffusion targets) holds ``LATENT_KEYS``."""
   doc = {'unet': unet.to_dict(), 'diffusion': dict(diffusion), 'source': source}
   if trained_on is not None:
     doc['trained_on'] = dict(trained_on)
+  if latent is not None:
+    doc['latent'] = dict(latent)
   fileio.atomic_write_text(epath.Path(workdir) / MODEL_JSON, json.dumps(doc, indent=1))
 
 
@@ -108,16 +130,30 @@ def is_imported(workdir) -> bool:
   return path.exists() and read_model_doc(workdir).get('source', 'drc_jax') != 'drc_jax'
 
 
+def latent_of(workdir) -> dict[str, Any] | None:
+  """The ``latent`` section of ``W/model.json`` (None for a pixel-space target), checked."""
+  path = epath.Path(workdir) / MODEL_JSON
+  latent = read_model_doc(workdir).get('latent')
+  if latent is None:
+    return None
+  if not isinstance(latent, dict) or set(LATENT_KEYS) - set(latent):
+    found = sorted(latent) if isinstance(latent, dict) else type(latent).__name__
+    raise CheckpointError(f'{path}: latent section needs keys {list(LATENT_KEYS)}, found {found}')
+  try:
+    h, w, _ = (int(v) for v in latent['latent_shape'])
+    big_h, big_w, _ = (int(v) for v in latent['image_shape'])
+    f = int(latent['downsampling_factor'])
+    ok = (h * f, w * f) == (big_h, big_w) and float(latent['scaling_factor']) > 0
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise CheckpointError(f'{path}: inconsistent latent section {latent}')
+  return dict(latent)
+
+
 def schedule_from(diffusion: dict[str, Any]) -> schedule_lib.NoiseSchedule:
-  kind = diffusion.get('beta_schedule', 'linear')
-  if kind == 'linear':
-    return schedule_lib.NoiseSchedule.create(
-      'linear',
-      diffusion['num_timesteps'],
-      beta_start=diffusion['beta_start'],
-      beta_end=diffusion['beta_end'],
-    )
-  return schedule_lib.NoiseSchedule.create(kind, diffusion['num_timesteps'])
+  """The schedule of ``model.json``'s diffusion section (``beta_schedule`` defaults to linear)."""
+  return schedule_lib.make_schedule(dict({'beta_schedule': 'linear'}, **diffusion))
 
 
 def _absolute(path) -> epath.Path:
@@ -321,3 +357,70 @@ def save_params_only(workdir, params, step: int = 0) -> None:
   )
   mngr.wait_until_finished()
   mngr.close()
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def save_autoencoder(directory, cfg: vq_lib.VQConfig, params, source: str) -> None:
+  """Writes a VQ autoencoder: ``weights.safetensors`` first, then ``config.json`` with its hash."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  flat = {k: np.ascontiguousarray(_host(v)) for k, v in model_lib.flat_params(params).items()}
+  data = safetensors.numpy.save(flat)
+  fileio.atomic_write_bytes(directory / AUTOENCODER_WEIGHTS, data)
+  doc = {
+    'format': AUTOENCODER_FORMAT,
+    'kind': 'vq',
+    'config': cfg.to_dict(),
+    'source': source,
+    'sha256': {AUTOENCODER_WEIGHTS: hashlib.sha256(data).hexdigest()},
+  }
+  fileio.atomic_write_text(directory / AUTOENCODER_JSON, json.dumps(doc, indent=1))
+
+
+def load_autoencoder(directory) -> tuple[vq_lib.Autoencoder, Any]:
+  """The VQ autoencoder of a latent target: (model, params as numpy arrays), all checked.
+
+  Raises:
+    CheckpointError: naming the file when the description is missing or damaged, the weights
+      differ from the recorded SHA-256, or their names and shapes do not match the config.
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+  directory = epath.Path(directory)
+  path = directory / AUTOENCODER_JSON
+  if not path.exists():
+    raise CheckpointError(f'{path}: not found (the autoencoder of a latent diffusion target)')
+  try:
+    doc = json.loads(path.read_text())
+    if doc.get('format') != AUTOENCODER_FORMAT:
+      raise ValueError(f'format {doc.get("format")!r}, expected {AUTOENCODER_FORMAT!r}')
+    cfg = vq_lib.VQConfig.from_dict(doc['config'])
+    want = doc['sha256'][AUTOENCODER_WEIGHTS]
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
+    raise CheckpointError(f'{path}: invalid autoencoder description ({e!r})') from e
+  except ValueError as e:
+    raise CheckpointError(f'{path}: invalid autoencoder description ({e})') from e
+  weights = directory / AUTOENCODER_WEIGHTS
+  if not weights.exists():
+    raise CheckpointError(f'{weights}: not found (recorded in {path})')
+  data = weights.read_bytes()
+  got = hashlib.sha256(data).hexdigest()
+  if got != want:
+    raise CheckpointError(
+      f'{weights}: SHA-256 {got[:12]}... differs from the {want[:12]}... recorded in {path}: '
+      f'the file is corrupt; convert the target again'
+    )
+  try:
+    flat = safetensors.numpy.load(data)
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own errors)
+    raise CheckpointError(f'{weights}: unreadable safetensors file ({e})') from e
+  model, abstract = vq_lib.abstract_autoencoder(cfg)
+  found = {k: tuple(v.shape) for k, v in flat.items()}
+  detail = describe_mismatch(model_lib.flat_param_shapes(abstract), found)
+  if detail:
+    raise CheckpointError(f'{weights}: weights do not match the autoencoder in {path}: {detail}')
+  return model, model_lib.unflatten_params(abstract, flat)

@@ -29,8 +29,19 @@ def linear_betas(
   return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
+def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+  """Betas linear in sqrt(beta), float64 [T]: latent diffusion's schedule (CompVis LDM
+  ``make_beta_schedule('linear')``, diffusers ``beta_schedule='scaled_linear'``)."""
+  if num_timesteps < 1:
+    raise ValueError(f'num_timesteps must be >= 1, got {num_timesteps}')
+  if not (beta_start > 0 and beta_end > 0):
+    raise ValueError(f'beta_start and beta_end must be positive, got {beta_start}, {beta_end}')
+  return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-  """Cosine schedule of Nichol & Dhariwal (2021), float64 [T]."""
+  """Cosine schedule of Nichol & Dhariwal (2021), float64 [T]; diffusers calls it
+  ``squaredcos_cap_v2`` (``betas_for_alpha_bar``, the same formula and cap)."""
   if num_timesteps < 1:
     raise ValueError(f'num_timesteps must be >= 1, got {num_timesteps}')
   f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -69,6 +80,11 @@ def space_timesteps(num_timesteps: int, spec: int | str) -> list[int]:
   return steps
 
 
+_BETAS = {'linear': linear_betas, 'scaled_linear': scaled_linear_betas, 'cosine': cosine_betas}
+BETA_SCHEDULES = tuple(_BETAS)
+RANGED_SCHEDULES = ('linear', 'scaled_linear')  # those that take beta_start and beta_end
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
   """Host-side (NumPy float64) schedule; methods take and return jnp arrays (float32).
@@ -92,14 +108,13 @@ class NoiseSchedule:
 
   @classmethod
   def create(cls, kind: str, num_timesteps: int, **kw) -> NoiseSchedule:
-    """Linear or cosine schedule with T = num_timesteps."""
-    if kind == 'linear':
-      betas = linear_betas(num_timesteps, **kw)
-    elif kind == 'cosine':
-      betas = cosine_betas(num_timesteps, **kw)
-    else:
-      raise ValueError(f"unknown beta schedule {kind!r}; expected 'linear' or 'cosine'")
-    return cls(betas, np.arange(num_timesteps))
+    """Schedule ``kind`` (one of ``BETA_SCHEDULES``) with T = num_timesteps; ``kw`` go to its
+    betas function (``scaled_linear`` needs ``beta_start`` and ``beta_end``)."""
+    if kind not in _BETAS:
+      raise ValueError(f'unknown beta schedule {kind!r}; expected one of {BETA_SCHEDULES}')
+    if kind == 'scaled_linear' and not {'beta_start', 'beta_end'} <= set(kw):
+      raise ValueError("beta schedule 'scaled_linear' needs beta_start and beta_end")
+    return cls(_BETAS[kind](num_timesteps, **kw), np.arange(num_timesteps))
 
   @property
   def num_timesteps(self) -> int:
@@ -225,12 +240,15 @@ def _bcast(v: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
 
 
 def make_schedule(cfg) -> NoiseSchedule:
-  """Schedule from a config's ``diffusion`` section (beta_schedule, num_timesteps, beta range)."""
-  if cfg.beta_schedule == 'linear':
+  """Schedule from a config's ``diffusion`` section or ``model.json``'s ``diffusion`` dict
+  (beta_schedule, num_timesteps, and beta_start/beta_end for ``RANGED_SCHEDULES``)."""
+  get = cfg.__getitem__ if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+  kind = get('beta_schedule')
+  if kind in RANGED_SCHEDULES:
     return NoiseSchedule.create(
-      'linear', cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end
+      kind, get('num_timesteps'), beta_start=get('beta_start'), beta_end=get('beta_end')
     )
-  return NoiseSchedule.create(cfg.beta_schedule, cfg.num_timesteps)
+  return NoiseSchedule.create(kind, get('num_timesteps'))
 
 
 # ----------------------------------------------------------------------------- step tables

@@ -6,6 +6,15 @@
 
 A workdir holds ``model.json`` (architecture and noise schedule) and ``checkpoints/`` (orbax); it is
 written by ``--mode=train`` or by ``python -m drc_jax.convert`` from a PyTorch checkpoint.
+
+A latent diffusion target (``python -m drc_jax.convert --format=diffusers-ldm``) loads as a
+``LatentTarget``: ``apply(z, t)`` runs on latents, and its VQ autoencoder gives
+
+  z = target.encode(x)   # x [B, H, W, 3] in [-1, 1] -> [B, h, w, c]: diffusers vq.encode(x).latents
+  x = target.decode(z)   # [B, h, w, c] -> [B, H, W, 3]: vq.decode(z).sample (quantises first)
+
+neither of which scales: the UNet was trained on ``target.scaling_factor * encode(x)``, and
+``LDMPipeline`` decodes ``z / scaling_factor``. ``target.is_latent`` tells the two kinds apart.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from etils import epath
 from drc_jax import checkpoints
 from drc_jax import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
+from drc_jax.models import vq as vq_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +88,117 @@ class Target:
     t = jnp.broadcast_to(t.astype(jnp.int32), (x.shape[0],))  # [B]
     return self._eps_fn(self.params, x, t)
 
+  @property
+  def is_latent(self) -> bool:
+    """False: the model runs on images (see ``LatentTarget``)."""
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentTarget(Target):
+  """A latent diffusion target: the UNet on latents plus its VQ autoencoder.
+
+  Attributes (beyond Target's):
+    autoencoder: the VQ autoencoder as (config, graphdef) with pure ``encode``/``decode``.
+    autoencoder_params: its parameters (jax arrays).
+    latent: model.json's latent section (``checkpoints.LATENT_KEYS``).
+  """
+
+  autoencoder: vq_lib.Autoencoder = None
+  autoencoder_params: Any = None
+  latent: dict[str, Any] = dataclasses.field(default_factory=dict)
+  _encode_fn: Callable[..., jax.Array] = dataclasses.field(default=None, repr=False, compare=False)
+  _decode_fn: Callable[..., jax.Array] = dataclasses.field(default=None, repr=False, compare=False)
+
+  @classmethod
+  def create_latent(
+    cls, target: Target, autoencoder: vq_lib.Autoencoder, params, latent: dict[str, Any]
+  ) -> LatentTarget:
+    """The latent target of a UNet ``target`` and its autoencoder."""
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(Target)}
+    return cls(
+      **fields,
+      autoencoder=autoencoder,
+      autoencoder_params=params,
+      latent=dict(latent),
+      _encode_fn=jax.jit(autoencoder.encode),
+      _decode_fn=jax.jit(autoencoder.decode),
+    )
+
+  @property
+  def is_latent(self) -> bool:
+    return True
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    """[h, w, c] of the latents the UNet runs on."""
+    return tuple(self.latent['latent_shape'])
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """[H, W, C] of the images the autoencoder encodes and decodes."""
+    return tuple(self.latent['image_shape'])
+
+  @property
+  def scaling_factor(self) -> float:
+    """The UNet sees ``scaling_factor * encode(x)``; ``decode`` takes ``z / scaling_factor``."""
+    return float(self.latent['scaling_factor'])
+
+  @property
+  def downsampling_factor(self) -> int:
+    return int(self.latent['downsampling_factor'])
+
+  def encode(self, x) -> jax.Array:
+    """Latents of images: diffusers ``vq.encode(x).latents`` (before quantisation, unscaled).
+
+    Args:
+      x: [B, H, W, C] float images in [-1, 1] (NHWC), H and W multiples of the factor.
+
+    Returns:
+      [B, H/f, W/f, c] float32 latents.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    f, c = self.downsampling_factor, self.autoencoder.config.in_channels
+    if x.ndim != 4 or x.shape[-1] != c or x.shape[1] % f or x.shape[2] % f:
+      raise ValueError(f'x must be [B, H, W, {c}] (NHWC) with H, W multiples of {f}, got {x.shape}')
+    return self._encode_fn(self.autoencoder_params, x)
+
+  def decode(self, z) -> jax.Array:
+    """Images of latents: diffusers ``vq.decode(z).sample`` (nearest codebook vectors first).
+
+    Args:
+      z: [B, h, w, c] float latents, unscaled (divide the UNet's latents by scaling_factor).
+
+    Returns:
+      [B, h*f, w*f, C] float32 images (about [-1, 1], not clipped).
+    """
+    z = jnp.asarray(z, jnp.float32)
+    c = self.latent_shape[-1]
+    if z.ndim != 4 or z.shape[-1] != c:
+      raise ValueError(f'z must be [B, h, w, {c}] (NHWC), got {z.shape}')
+    return self._decode_fn(self.autoencoder_params, z)
+
+
+def _with_autoencoder(workdir: epath.Path, target: Target) -> Target:
+  """``target`` as a LatentTarget when ``model.json`` has a latent section, else unchanged."""
+  latent = checkpoints.latent_of(workdir)
+  if latent is None:
+    return target
+  autoencoder, params = checkpoints.load_autoencoder(workdir / latent['autoencoder'])
+  path = workdir / checkpoints.MODEL_JSON
+  want = tuple(latent['latent_shape'])
+  have = (target.config.resolution, target.config.resolution, target.config.in_channels)
+  if have != want or autoencoder.config.vq_embed_dim != want[-1]:
+    raise checkpoints.CheckpointError(
+      f'{path}: latent_shape {list(want)} does not match the UNet ({list(have)}) or the '
+      f'autoencoder (latent width {autoencoder.config.vq_embed_dim})'
+    )
+  bad = [k for k, v in model_lib.flat_params(params).items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise checkpoints.CheckpointError(f'{workdir}: non-finite autoencoder weights in {bad[:5]}')
+  return LatentTarget.create_latent(target, autoencoder, params, latent)
+
 
 def _restore_step(workdir: epath.Path, step_dir: epath.Path) -> Target:
   """A Target from one checkpoint step directory ``workdir/checkpoints/<step>``."""
@@ -87,7 +208,8 @@ def _restore_step(workdir: epath.Path, step_dir: epath.Path) -> Target:
   bad = [k for k, v in model_lib.flat_params(params).items() if not np.all(np.isfinite(v))]
   if bad:
     raise checkpoints.CheckpointError(f'{step_dir}: non-finite weights in {bad[:5]}')
-  return Target.create(model, params, checkpoints.schedule_from(diffusion), int(step_dir.name))
+  target = Target.create(model, params, checkpoints.schedule_from(diffusion), int(step_dir.name))
+  return _with_autoencoder(workdir, target)
 
 
 def _load_weights_dir(path: epath.Path) -> Target:
@@ -112,7 +234,9 @@ def load_target(path) -> Target:
       inside drc_jax, e.g. ``shipped:fashion_mnist``).
 
   Returns:
-    The Target: ``.apply(x, t)`` (jitted), ``.config``, ``.params``, ``.schedule``, ``.model``.
+    The Target: ``.apply(x, t)`` (jitted), ``.config``, ``.params``, ``.schedule``, ``.model``;
+    for a latent diffusion target a LatentTarget, which adds ``.encode(x)``, ``.decode(z)``,
+    ``.latent_shape``, ``.scaling_factor`` (``.is_latent`` is True).
 
   Raises:
     checkpoints.CheckpointError: ``path`` is none of these, or its checkpoint does not match

@@ -56,7 +56,7 @@ def check(config) -> None:
   T = config.diffusion.num_timesteps
   _require(T >= 2, f'config.diffusion.num_timesteps: {T} (expected >= 2)')
   _require(
-    config.diffusion.beta_schedule in ('linear', 'cosine'),
+    config.diffusion.beta_schedule in ('linear', 'scaled_linear', 'cosine'),
     f'config.diffusion.beta_schedule: {config.diffusion.beta_schedule!r}',
   )
   for field in ('train.batch_size', 'audit.batch_size'):

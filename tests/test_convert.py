@@ -445,7 +445,7 @@ def test_diffusers_config_of_the_paper_model():
   'field,value',
   [
     ('resnet_time_scale_shift', 'scale_shift'),
-    ('attention_head_dim', 8),
+    ('attention_head_dim', 96),
     ('time_embedding_type', 'fourier'),
     ('center_input_sample', True),
     ('add_attention', False),

@@ -63,3 +63,27 @@ def test_bad_model_configs_are_named():
     M.UNetConfig(resolution=30)
   with pytest.raises(ValueError, match='unknown model config keys'):
     M.UNetConfig.from_dict({'chh': 3})
+
+
+def test_multihead_attention_matches_a_per_head_softmax():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 5, 6)).astype(np.float32) for _ in range(3))
+  got = np.asarray(M.multihead_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), 3))
+  want = np.zeros_like(q)
+  for h in range(3):  # head h owns channels 2h, 2h + 1
+    s = slice(2 * h, 2 * h + 2)
+    logits = np.einsum('bqc,bkc->bqk', q[..., s], k[..., s]) / np.sqrt(2)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    want[..., s] = np.einsum('bqk,bkc->bqc', w / w.sum(-1, keepdims=True), v[..., s])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attn_head_dim_must_divide_the_attention_widths():
+  base = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), norm_groups=8)
+  with pytest.raises(ValueError, match='attn_head_dim 12 does not divide the attention widths'):
+    M.UNetConfig(**base, attn_head_dim=12)
+  cfg = M.UNetConfig(**base, attn_head_dim=8)  # 32 channels at 8x8 and the middle: 4 heads
+  assert cfg.to_dict()['attn_head_dim'] == 8 and 'attn_head_dim' not in M.UNetConfig().to_dict()
+  model, params = M.DiffusionModel.create(cfg)
+  y = jax.jit(model.apply)(params, jnp.ones((1, 16, 16, 3)), jnp.array([5]))
+  assert y.shape == (1, 16, 16, 3)

@@ -13,6 +13,11 @@ Two public layouts of the DDPM CIFAR10 UNet are read:
   python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
   python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
 
+A latent diffusion target comes from a diffusers ``LDMPipeline`` folder (``vqvae/``, ``unet/``,
+``scheduler/``; see ``drc_jax.convert.diffusers_ldm``):
+
+  python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
+
 Every parameter of the model must come from exactly one source tensor of the expected shape, and
 every source tensor must be used: a missing, unexpected, misshapen or non-finite tensor is a
 ``ConversionError`` naming the key, raised before anything is written. Safetensors files are read
@@ -37,6 +42,7 @@ from drc_jax.convert.common import (
   write_target,
 )
 from drc_jax.convert.diffusers import convert_diffusers, diffusers_config
+from drc_jax.convert.diffusers_ldm import convert_diffusers_ldm
 from drc_jax.convert.pytorch_ddpm import (
   convert_pytorch_ddpm,
   pytorch_ddpm_config,
@@ -44,7 +50,7 @@ from drc_jax.convert.pytorch_ddpm import (
 )
 from drc_jax.models import unet as model_lib
 
-TARGET_FORMATS = ('pytorch-ddpm', 'diffusers')
+TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm')
 # Encoder formats: format -> module under drc_jax.convert with
 # ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
 ENCODER_FORMATS: dict[str, str] = {
@@ -65,6 +71,7 @@ __all__ = [
   'convert',
   'convert_encoder',
   'convert_diffusers',
+  'convert_diffusers_ldm',
   'convert_pytorch_ddpm',
   'diffusers_config',
   'pytorch_ddpm_config',
@@ -82,17 +89,25 @@ def convert(
   weights: str = 'ema',
   resolution: int | None = None,
   diffusion: dict[str, Any] | None = None,
+  scaling_factor: float | None = None,
 ) -> Converted:
-  """Converts ``src`` (format ``fmt``: 'pytorch-ddpm' or 'diffusers') into the target ``workdir``.
+  """Converts ``src`` (format ``fmt``, one of ``TARGET_FORMATS``) into the target ``workdir``.
+
+  ``resolution`` is the image side (for 'diffusers-ldm' too, where the latents are smaller);
+  ``scaling_factor`` applies to 'diffusers-ldm' only.
 
   Returns:
     The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``
     and ``drc_jax.load_target``).
   """
+  if scaling_factor is not None and fmt != 'diffusers-ldm':
+    raise ConversionError(f'scaling_factor applies to latent targets (diffusers-ldm), not {fmt!r}')
   if fmt == 'pytorch-ddpm':
     converted = convert_pytorch_ddpm(src, weights, resolution, diffusion)
   elif fmt == 'diffusers':
     converted = convert_diffusers(src, resolution, diffusion)
+  elif fmt == 'diffusers-ldm':
+    converted = convert_diffusers_ldm(src, resolution, diffusion, scaling_factor)
   else:
     raise ConversionError(f'unknown format {fmt!r}; expected one of {FORMATS}')
   write_target(workdir, converted)
@@ -105,6 +120,13 @@ def convert(
     converted.diffusion,
     converted.step,
   )
+  if converted.latent is not None:
+    logging.info(
+      'latent target: %s; autoencoder %s, %d parameters',
+      converted.latent,
+      converted.autoencoder[0],
+      model_lib.count_params(converted.autoencoder[1]),
+    )
   return converted
 
 

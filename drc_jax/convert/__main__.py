@@ -2,6 +2,7 @@
 
 python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
 python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
+python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
 python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
 python -m drc_jax.convert --format=facenet --src=20180402-114759-vggface2.pt --out=enc/facenet
 """
@@ -21,7 +22,8 @@ def _define_flags() -> None:
     'src',
     None,
     'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
-    'folder (config.json + weights), pipeline folder or weights file; facenet: '
+    'folder (config.json + weights), pipeline folder or weights file; diffusers-ldm: '
+    'LDMPipeline folder (vqvae/, unet/, scheduler/); facenet: '
     'InceptionResnetV1 state dict (.pt/.pth/.safetensors).',
   )
   flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')
@@ -38,6 +40,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer('num_timesteps', None, 'T (default: recorded by the source, else 1000).')
   flags.DEFINE_float('beta_start', None, 'Linear schedule start (default: recorded, else 1e-4).')
   flags.DEFINE_float('beta_end', None, 'Linear schedule end (default: recorded, else 0.02).')
+  flags.DEFINE_float(
+    'scaling_factor',
+    None,
+    'diffusers-ldm: latent scaling factor (default: vqvae/config.json, else 1.0).',
+  )
   flags.DEFINE_integer(
     'heads', None, 'timm-vit, open-clip: attention heads (not stored; default width / 64).'
   )
@@ -66,8 +73,10 @@ def main(argv):
     raise app.UsageError('--heads and --activation apply to encoder formats only')
   if f.workdir is None or f.out is not None:
     raise app.UsageError(f'--format={f.format} writes a target: give --workdir=DIR, not --out')
-  if f.format == 'diffusers' and f['weights'].present:
+  if f.format != 'pytorch-ddpm' and f['weights'].present:
     raise app.UsageError('--weights applies to --format=pytorch-ddpm only')
+  if f.format != 'diffusers-ldm' and f.scaling_factor is not None:
+    raise app.UsageError('--scaling_factor applies to --format=diffusers-ldm only')
   overrides = {
     k: getattr(f, k)
     for k in ('num_timesteps', 'beta_start', 'beta_end')
@@ -75,7 +84,13 @@ def main(argv):
   }
   errors.run_reporting_user_errors(
     lambda: convert(
-      f.format, f.src, f.workdir, weights=f.weights, resolution=f.resolution, diffusion=overrides
+      f.format,
+      f.src,
+      f.workdir,
+      weights=f.weights,
+      resolution=f.resolution,
+      diffusion=overrides,
+      scaling_factor=f.scaling_factor,
     ),
     f.verbose,
   )

@@ -48,6 +48,8 @@ class Converted:
     diffusion: noise schedule description for ``model.json`` (num_timesteps, beta_schedule, ...).
     source: where the weights came from (written to ``model.json``).
     step: training step of the source checkpoint when it records one, else 0.
+    autoencoder: latent diffusion targets: (VQConfig, params) of the first stage, else None.
+    latent: latent diffusion targets: model.json's latent section (checkpoints.LATENT_KEYS).
   """
 
   config: model_lib.UNetConfig
@@ -55,6 +57,8 @@ class Converted:
   diffusion: dict[str, Any]
   source: str
   step: int = 0
+  autoencoder: tuple[Any, Any] | None = None
+  latent: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -214,7 +218,21 @@ def assemble(
   Returns:
     Nested dict of float32 numpy arrays with the structure of ``DiffusionModel.create(cfg)[1]``.
   """
-  _, abstract = model_lib.abstract_model(cfg)
+  return assemble_tree(
+    model_lib.abstract_model(cfg)[1], sources, state, where, f'architecture {arch(cfg)}', also_used
+  )
+
+
+def assemble_tree(
+  abstract: Any,
+  sources: dict[str, Source],
+  state: dict[str, np.ndarray],
+  where: str,
+  what: str,
+  also_used: tuple[str, ...] = (),
+) -> Any:
+  """``assemble`` for any model: ``abstract`` (a params tree of shapes) gives names and shapes,
+  ``what`` names the model in messages ('the inferred architecture ...')."""
   expected = model_lib.flat_param_shapes(abstract)
   assert set(expected) == set(sources), sorted(set(expected) ^ set(sources))
   wanted = {s.key for s in sources.values()} | set(also_used)
@@ -235,8 +253,7 @@ def assemble(
     problems.append('shape mismatch ' + '; '.join(misshapen[:6]))
   if problems:
     raise ConversionError(
-      f'{where}: the state dict does not match the inferred architecture '
-      f'{arch(cfg)}: ' + '; '.join(problems)
+      f'{where}: the state dict does not match the inferred {what}: ' + '; '.join(problems)
     )
   bad = sorted(k for k in wanted if not np.issubdtype(state[k].dtype, np.floating))
   if bad:
@@ -282,17 +299,27 @@ def diffusion_settings(found: dict[str, Any], overrides: dict[str, Any] | None, 
 
 
 def write_target(workdir, converted: Converted) -> None:
-  """Writes ``converted`` as a drc_jax target: ``W/checkpoints/<step>`` then ``W/model.json``.
+  """Writes ``converted`` as a drc_jax target: ``W/autoencoder/`` (latent targets),
+  ``W/checkpoints/<step>``, then ``W/model.json`` (last: it marks the target complete).
 
   Refuses a workdir that already holds a target (a later step there would shadow this one).
   """
   workdir = epath.Path(workdir)
-  for name in (checkpoints.MODEL_JSON, checkpoints.CHECKPOINT_DIR):
+  for name in (checkpoints.MODEL_JSON, checkpoints.CHECKPOINT_DIR, checkpoints.AUTOENCODER_DIR):
     if (workdir / name).exists():
       raise ConversionError(f'{workdir / name} exists: convert into a fresh workdir')
+  if converted.autoencoder is not None:
+    vq_cfg, vq_params = converted.autoencoder
+    checkpoints.save_autoencoder(
+      workdir / checkpoints.AUTOENCODER_DIR, vq_cfg, vq_params, source=converted.source
+    )
   checkpoints.save_params_only(
     workdir, jax.tree_util.tree_map(jnp.asarray, converted.params), converted.step
   )
   checkpoints.save_model_json(
-    workdir, converted.config, converted.diffusion, source=converted.source
+    workdir,
+    converted.config,
+    converted.diffusion,
+    source=converted.source,
+    latent=converted.latent,
   )

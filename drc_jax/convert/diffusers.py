@@ -1,6 +1,7 @@
 """``diffusers``: a ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model``
-``.safetensors`` or ``.bin``) in the google/ddpm-cifar10-32 layout. The architecture comes from
-``config.json``; settings our UNet does not compute are refused, naming the field.
+``.safetensors`` or ``.bin``) in the google/ddpm-cifar10-32 layout or the CompVis LDM layout
+(multi-head attention, ``attention_head_dim``). The architecture comes from ``config.json``;
+settings our UNet does not compute are refused, naming the field.
 """
 
 from __future__ import annotations
@@ -139,13 +140,16 @@ def diffusers_config(
   attn_levels = [i for i, t in enumerate(down) if _DOWN_TYPES[t]]
   if [_UP_TYPES[t] for t in reversed(up)] != [_DOWN_TYPES[t] for t in down]:
     refuse('up_block_types', 'attention must be at the same resolutions as in down_block_types')
+  # diffusers splits an attention block of width C into C // attention_head_dim heads (None: one
+  # head); the head width must divide every attention width (the attention levels and the middle).
   head_dim = c['attention_head_dim']
-  if head_dim is not None and any(head_dim != boc[i] for i in attn_levels + [len(boc) - 1]):
-    refuse(
-      'attention_head_dim',
-      'only single-head attention (None, or the block width at every '
-      'attention block and the middle) is supported',
-    )
+  widths = sorted({boc[i] for i in attn_levels} | {boc[-1]})
+  if head_dim is not None and (type(head_dim) is not int or head_dim < 1):
+    refuse('attention_head_dim', 'only None or a positive integer')
+  if head_dim is not None and any(w % head_dim for w in widths):
+    refuse('attention_head_dim', f'it must divide every attention width {widths}')
+  if head_dim is not None and all(w == head_dim for w in widths):
+    head_dim = None  # one head everywhere: the single-head model of pixel targets
   if c['time_embedding_dim'] not in (None, 4 * ch):
     refuse('time_embedding_dim', f'only None or 4 * block_out_channels[0] = {4 * ch}')
   if c['norm_num_groups'] is None:
@@ -180,9 +184,15 @@ def diffusers_config(
       time_embed_layout='cos_sin' if c['flip_sin_to_cos'] else 'sin_cos',
       time_freq_shift=int(c['freq_shift']),
       downsample_padding='asymmetric' if c['downsample_padding'] == 0 else 'symmetric',
+      attn_head_dim=None if head_dim is None else int(head_dim),
     )
   except ValueError as e:
     raise ConversionError(f'{where}: unsupported architecture ({e})') from e
+
+
+# diffusers beta_schedule -> ours (drc_jax.schedule); 'squaredcos_cap_v2' is diffusers'
+# betas_for_alpha_bar: schedule.cosine_betas' formula and 0.999 cap (checked in test_schedule).
+SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear', 'squaredcos_cap_v2': 'cosine'}
 
 
 def _diffusers_block_prefixes(cfg: model_lib.UNetConfig) -> dict[str, tuple[str, str]]:
@@ -208,7 +218,7 @@ def _diffusers_block_prefixes(cfg: model_lib.UNetConfig) -> dict[str, tuple[str,
   return out
 
 
-def _diffusers_sources(cfg: model_lib.UNetConfig) -> dict[str, Source]:
+def diffusers_sources(cfg: model_lib.UNetConfig) -> dict[str, Source]:
   blocks = _diffusers_block_prefixes(cfg)
   out = {}
   for name in param_names(cfg):
@@ -230,7 +240,7 @@ def _diffusers_sources(cfg: model_lib.UNetConfig) -> dict[str, Source]:
   return out
 
 
-def _rename_deprecated_attention(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def rename_deprecated_attention(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in state.items():
     m = re.fullmatch(r'(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)', k)
@@ -256,8 +266,12 @@ def _diffusers_files(src) -> tuple[epath.Path, epath.Path]:
   )
 
 
-def _scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
-  """Schedule recorded by a diffusers scheduler config next to the UNet, if there is one."""
+def scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
+  """Schedule recorded by a diffusers scheduler config next to the UNet, if there is one.
+
+  Its ``beta_schedule`` is recorded under our name (``SCHEDULES``); the others, learned or
+  rescaled betas and other predictions than epsilon are refused, naming the field.
+  """
   folder = weights.parent
   for path in (
     folder / 'scheduler_config.json',
@@ -275,12 +289,15 @@ def _scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
     raise ConversionError(
       f'{path}: prediction_type={s["prediction_type"]!r}; only epsilon prediction is supported'
     )
-  if s.get('trained_betas') is not None or s.get('beta_schedule', 'linear') != 'linear':
+  kind = s.get('beta_schedule', 'linear')
+  if s.get('trained_betas') is not None or kind not in SCHEDULES:
     raise ConversionError(
-      f'{path}: only a linear beta_schedule is supported (found '
-      f'beta_schedule={s.get("beta_schedule")!r}, trained_betas)'
+      f'{path}: only beta_schedule {" or ".join(map(repr, SCHEDULES))} is supported (found '
+      f'beta_schedule={kind!r}, trained_betas={"set" if s.get("trained_betas") else None})'
     )
-  found = {'beta_schedule': 'linear'}
+  if s.get('rescale_betas_zero_snr'):
+    raise ConversionError(f'{path}: rescale_betas_zero_snr=true is not supported')
+  found = {'beta_schedule': SCHEDULES[kind]}
   for ours, theirs in (
     ('num_timesteps', 'num_train_timesteps'),
     ('beta_start', 'beta_start'),
@@ -315,9 +332,9 @@ def convert_diffusers(
     raise ConversionError(f'{config_path}: invalid JSON ({e})') from e
   cfg = diffusers_config(config, resolution, str(config_path))
   where = str(weights_path)
-  state = _rename_deprecated_attention(state_dict(read_checkpoint(weights_path), where))
-  params = assemble(cfg, _diffusers_sources(cfg), state, where)
-  found, sched_path = _scheduler_settings(weights_path)
+  state = rename_deprecated_attention(state_dict(read_checkpoint(weights_path), where))
+  params = assemble(cfg, diffusers_sources(cfg), state, where)
+  found, sched_path = scheduler_settings(weights_path)
   return Converted(
     cfg, params, diffusion_settings(found, diffusion, sched_path), f'diffusers:{src}'
   )

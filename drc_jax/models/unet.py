@@ -6,7 +6,9 @@ google/ddpm-cifar10-32 layout): a 3x3 ``head`` conv; for each level ``i`` of ``c
 level's resolution is in ``attn_res``) and a stride-2 downsample except at the last level; a middle
 of ResBlock+attention, ResBlock; the mirrored up path with ``num_res_blocks + 1`` blocks per level
 fed with the skip activations; GroupNorm, SiLU and a 3x3 ``tail`` conv. The timestep enters through
-a sinusoidal embedding and a 2-layer MLP of width ``4 * ch``.
+a sinusoidal embedding and a 2-layer MLP of width ``4 * ch``. Attention has one head (DDPM) or,
+with ``attn_head_dim``, ``width // attn_head_dim`` heads (the CompVis LDM UNets, diffusers
+``attention_head_dim``).
 
 Parameter names follow pytorch-ddpm (``head``, ``downblocks.N``, ``middleblocks.N``,
 ``upblocks.N``, ``tail``), so a PyTorch state dict maps onto them one key at a time. Where the two
@@ -51,6 +53,10 @@ class UNetConfig:
   # 'symmetric': pad 1 on every side (pytorch-ddpm); 'asymmetric': pad 0 before, 1 after
   # (diffusers with downsample_padding=0).
   downsample_padding: str = 'symmetric'
+  # Channels per attention head: None = one head over all channels (pytorch-ddpm, DDPM); an int d
+  # splits every attention block of width C into C // d heads (diffusers attention_head_dim,
+  # the openai/LDM num_head_channels). Written to model.json only when set.
+  attn_head_dim: int | None = None
   dtype: str = 'float32'  # compute dtype ('bfloat16' on TPU); parameters stay float32
 
   def __post_init__(self):
@@ -72,6 +78,18 @@ class UNetConfig:
         )
     if self.ch % 2:
       raise ValueError('model.ch must be even (sinusoidal embedding)')
+    if self.attn_head_dim is not None:
+      object.__setattr__(self, 'attn_head_dim', int(self.attn_head_dim))
+      if self.attn_head_dim < 1:
+        raise ValueError(f'model.attn_head_dim must be positive, got {self.attn_head_dim}')
+      widths = {self.ch * self.ch_mult[-1]} | {
+        self.ch * m for i, m in enumerate(self.ch_mult) if self.resolution // 2**i in self.attn_res
+      }
+      bad = sorted(w for w in widths if w % self.attn_head_dim)
+      if bad:
+        raise ValueError(
+          f'model.attn_head_dim {self.attn_head_dim} does not divide the attention widths {bad}'
+        )
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
@@ -84,6 +102,8 @@ class UNetConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d['ch_mult'], d['attn_res'] = list(self.ch_mult), list(self.attn_res)
+    if d['attn_head_dim'] is None:  # single-head targets keep the model.json they always had
+      del d['attn_head_dim']
     return d
 
 
@@ -122,10 +142,24 @@ def _dense(cin, cout, rngs, dtype, scale=1.0):
   )
 
 
+def multihead_attention(q, k, v, num_heads: int) -> jnp.ndarray:
+  """Softmax attention of q, k, v [B, N, C] split into ``num_heads`` heads of C // num_heads
+  channels (head-major: channel h * d + j is channel j of head h, as diffusers and torch's
+  ``view(B, N, heads, d)`` split them); logits scaled by d^-0.5, softmax in float32."""
+  b, n, c = q.shape
+  d = c // num_heads
+  q, k, v = (a.reshape(b, a.shape[1], num_heads, d) for a in (q, k, v))  # [B, N, heads, d]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (d**-0.5)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, c)
+
+
 class AttnBlock(nnx.Module):
-  """Single-head self-attention over all positions, with a residual connection."""
+  """Self-attention over all positions (one head, or ``cfg.attn_head_dim`` channels per head),
+  with a residual connection."""
 
   def __init__(self, ch: int, cfg: UNetConfig, dtype, rngs: nnx.Rngs):
+    self.num_heads = ch // cfg.attn_head_dim if cfg.attn_head_dim else 1
     self.norm = nnx.GroupNorm(
       ch, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
     )
@@ -138,10 +172,13 @@ class AttnBlock(nnx.Module):
     b, h, w, c = x.shape
     y = self.norm(x).reshape(b, h * w, c)
     q, k, v = self.proj_q(y), self.proj_k(y), self.proj_v(y)  # [B, HW, C]
-    logits = jnp.einsum('bqc,bkc->bqk', q, k) * (c**-0.5)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = self.proj(jnp.einsum('bqk,bkc->bqc', weights, v))
-    return x + out.reshape(b, h, w, c)
+    if self.num_heads == 1:  # the single-head program of every pixel target, unchanged
+      logits = jnp.einsum('bqc,bkc->bqk', q, k) * (c**-0.5)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      attended = jnp.einsum('bqk,bkc->bqc', weights, v)
+    else:
+      attended = multihead_attention(q, k, v, self.num_heads)
+    return x + self.proj(attended).reshape(b, h, w, c)
 
 
 class ResBlock(nnx.Module):
