@@ -155,7 +155,21 @@ def make_attacks(config, model, schedule, names: list[str], encoders=None) -> di
 
   ``encoders``: DRC's loaded encoders by role (``audit.load_drc_encoders``), if it needs any.
   """
-  return {name: ATTACKS[name](config, model, schedule, encoders) for name in names}
+  attacks = {name: ATTACKS[name](config, model, schedule, encoders) for name in names}
+  if getattr(model, 'is_latent', False):
+    # Latent-diffusion versions of the baselines: they score the image's latents (DRC degrades
+    # and compares in pixel space and restores on the latents itself).
+    for name, att in attacks.items():
+      if name != 'drc':
+        attacks[name] = dataclasses.replace(att, scores=_on_latents(model, att.scores))
+  return attacks
+
+
+def _on_latents(model, scores: Callable) -> Callable:
+  def on_latents(params, key_data, images, aux=None, side=None):
+    return scores(params, key_data, model.encode(params, images), aux, side)
+
+  return on_latents
 
 
 def make_batch_scorer(attacks: dict[str, Attack]) -> Callable:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from drc_jax import attacks as attacks_lib
 from drc_jax import checkpoints, parallel, progress, results, shipped, store, validate
@@ -26,6 +27,7 @@ from drc_jax import encoders as encoders_lib
 from drc_jax import samples as samples_lib
 from drc_jax import splits as splits_lib
 from drc_jax import target as target_lib
+from drc_jax.models import latent as latent_lib
 
 
 def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,21 +53,28 @@ class AuditedTarget:
   def __init__(self, config, workdir: str, mesh):
     path = shipped.resolve(config.audit.checkpoint) if config.audit.checkpoint else workdir
     target = target_lib.load_target(path)  # a workdir or one step directory W/checkpoints/N
-    self.model, self.schedule, self.step = target.model, target.schedule, target.step
-    params = jax.tree_util.tree_map(np.asarray, target.params)
-    unet = self.model.config
-    if (unet.resolution, unet.in_channels) != (config.data.resolution, config.data.channels):
+    self.schedule, self.step = target.schedule, target.step
+    if target.is_latent:  # the UNet on latents and its autoencoder, params {'unet', 'vq'}
+      self.model, params = latent_lib.from_target(target)
+      h, w, c = self.model.image_shape
+    else:
+      self.model, params = target.model, target.params
+      h = w = self.model.config.resolution
+      c = self.model.config.in_channels
+    params = jax.tree_util.tree_map(np.asarray, params)
+    res = config.data.resolution
+    if (h, w, c) != (res, res, config.data.channels):
       raise validate.ConfigError(
-        f'the target in {path} takes {unet.resolution}x{unet.resolution}x{unet.in_channels} '
-        f'images but config.data asks for {config.data.resolution}x{config.data.resolution}x'
-        f'{config.data.channels}'
+        f'the target in {path} takes {h}x{w}x{c} images but config.data asks for '
+        f'{res}x{res}x{config.data.channels}'
       )
     validate.check_timesteps(
       config, self.schedule.num_timesteps, f'num_timesteps of the target in {path}'
     )
     self.ema_sha256 = checkpoints.tree_sha256(params)  # part of what the scores depend on
-    self.workdir = checkpoints.workdir_of(path)
-    self.trained_on = checkpoints.trained_on(self.workdir)
+    random = str(path).startswith(target_lib.RANDOM_PREFIX)
+    self.workdir = epath.Path(path) if random else checkpoints.workdir_of(path)
+    self.trained_on = None if random else checkpoints.trained_on(self.workdir)
     self.params = parallel.replicate(mesh, params)
     self.path = path
 

@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.split.num_members = 25000  # members (training set of the target) when making a split
   c.split.num_nonmembers = 25000  # non-members when making a split
   c.split.seed = 0  # seed of the random permutation that makes the split
+  # 'start:stop' index ranges the members / non-members are drawn from (both or neither): a public
+  # target trained on a fixed part of the dataset ('' = the whole dataset, a random split)
+  c.split.member_range = ''
+  c.split.nonmember_range = ''
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000  # T of the target model

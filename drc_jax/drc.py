@@ -25,6 +25,7 @@ from drc_jax import encoders as encoders_lib
 from drc_jax import restore as restore_lib
 from drc_jax import saliency as saliency_lib
 from drc_jax import streams
+from drc_jax.models import latent as latent_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +89,25 @@ def make_drc(cfg, model, schedule, encoders=None) -> DrcScorer:
     given = (side or {}).get('keep_mask')
     return keys, degrade(mask_keys, images, saliency=saliency, given_mask=given)
 
-  def one(params, key_data, images, k, saliency, side):
+  latent = getattr(model, 'is_latent', False)
+  if latent and cfg.mask in degrade_lib.LINEAR:
+    raise ValueError(
+      f'config.drc.mask={cfg.mask!r}: a latent target restores inpainting masks only (the '
+      f'degradation is made in pixel space and its mask carried to the latent grid)'
+    )
+
+  def latents_of(params, images):
+    return model.encode(params, images) if latent else images
+
+  def one(params, key_data, images, z, k, saliency, side):
+    """Restoration k: degraded in pixel space; for a latent target restored on the latents
+    ``z`` (the mask carried to the latent grid) and decoded."""
     keys, d = keys_and_degradation(key_data, images, k, saliency, side)
-    restored = run(params, jax.random.key_data(keys), images, d)
+    if not latent:
+      return d, run(params, jax.random.key_data(keys), images, d)
+    m = latent_lib.latent_keep_mask(d.mask, model.downsampling_factor)
+    d_latent = degrade_lib.Degradation(z * m, m)
+    restored = model.decode(params, run(params, jax.random.key_data(keys), z, d_latent))
     return d, restored
 
   def degradation(key_data, images, k, aux=None, side=None):
@@ -98,9 +115,10 @@ def make_drc(cfg, model, schedule, encoders=None) -> DrcScorer:
 
   def sims(params, key_data, images, aux=None, side=None):
     saliency, fx = saliency_of(aux, images), features(aux, images)
+    z = latents_of(params, images)
 
     def body(_, k):
-      d, restored = one(params, key_data, images, k, saliency, side)
+      d, restored = one(params, key_data, images, z, k, saliency, side)
       return None, similarity(aux, fx, images, restored, d)
 
     _, s = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B]
@@ -108,9 +126,10 @@ def make_drc(cfg, model, schedule, encoders=None) -> DrcScorer:
 
   def evidence(params, key_data, images, aux=None, side=None):
     saliency = saliency_of(aux, images)
+    z = latents_of(params, images)
 
     def body(_, k):
-      d, restored = one(params, key_data, images, k, saliency, side)
+      d, restored = one(params, key_data, images, z, k, saliency, side)
       return None, (d.degraded_image(images.shape[-1]), restored)
 
     _, (degraded, restored) = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B, H, W, C]

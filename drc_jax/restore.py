@@ -88,15 +88,18 @@ def _per_image_normal(keys: jnp.ndarray, step, shape) -> jnp.ndarray:
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
 
 
-def _eps_and_x0(apply, params, x, t_idx, sched):
-  """The model's epsilon at schedule index ``t_idx`` and its x0 prediction, clipped to [-1, 1]."""
+def _eps_and_x0(apply, params, x, t_idx, sched, clip: bool = True):
+  """The model's epsilon at schedule index ``t_idx`` and its x0 prediction, clipped to [-1, 1]
+  for images (``clip``; latents are not clipped, as LDM samplers do not)."""
   t_model = jnp.broadcast_to(sched.model_timesteps(t_idx), (x.shape[0],))
   eps = apply(params, x, t_model)
-  return eps, jnp.clip(sched.predict_x0(x, t_idx, eps), -1.0, 1.0)
+  x0 = sched.predict_x0(x, t_idx, eps)
+  return eps, jnp.clip(x0, -1.0, 1.0) if clip else x0
 
 
 # One registry of restorers, read by the code below and by config validation.
-RESTORERS: dict[str, Callable[[Any, Callable, schedule_lib.NoiseSchedule], Plan]] = {}
+# factory(cfg, apply, schedule, clip) -> Plan; ``clip``: clip x0 predictions to [-1, 1] (images).
+RESTORERS: dict[str, Callable[..., Plan]] = {}
 
 
 def register(name: str):
@@ -133,7 +136,7 @@ def _ddim_family(cfg, schedule: schedule_lib.NoiseSchedule, projected: bool):
 
 
 @register('ddim')
-def ddim(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
+def ddim(cfg, apply, schedule: schedule_lib.NoiseSchedule, clip: bool = True) -> Plan:
   """DDIM inpainting: DDIM steps (eta configurable), the known region replaced at every step."""
   table, init = _ddim_family(cfg, schedule, projected=False)
   eta = float(cfg.eta)
@@ -141,7 +144,7 @@ def ddim(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
   def step(ctx: Context, x, i, row):
     t_last, t_cur = row
     x_orig = ctx.images
-    _, x0 = _eps_and_x0(apply, ctx.params, x, t_last, schedule)
+    _, x0 = _eps_and_x0(apply, ctx.params, x, t_last, schedule, clip)
     eps = schedule.predict_eps(x, t_last, x0)  # consistent with the clipped x0
     noise = _per_image_normal(ctx.keys, i, x_orig.shape[1:])
     unknown = schedule.ddim_step(x, t_last, t_cur, eps, eta, noise, x0=x0)
@@ -154,7 +157,7 @@ def ddim(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
 
 
 @register('ddnm')
-def ddnm(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
+def ddnm(cfg, apply, schedule: schedule_lib.NoiseSchedule, clip: bool = True) -> Plan:
   """DDNM: the x0 prediction projected onto the measurement (range/null space), any linear A."""
   table, init = _ddim_family(cfg, schedule, projected=True)
   eta = float(cfg.eta)
@@ -162,7 +165,7 @@ def ddnm(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
   def step(ctx: Context, x, i, row):
     t_last, t_cur = row
     d = ctx.d
-    _, x0 = _eps_and_x0(apply, ctx.params, x, t_last, schedule)
+    _, x0 = _eps_and_x0(apply, ctx.params, x, t_last, schedule, clip)
     c = x.shape[-1]
     x0 = x0 - d.pinv(d.forward(x0), c) + d.pinv(d.measurement, c)  # range-null space
     eps = schedule.predict_eps(x, t_last, x0)
@@ -173,7 +176,7 @@ def ddnm(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
 
 
 @register('repaint')
-def repaint(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
+def repaint(cfg, apply, schedule: schedule_lib.NoiseSchedule, clip: bool = True) -> Plan:
   """RePaint: ancestral steps on the hole, the known region noised to each step's target time."""
   T = schedule.num_timesteps
   sched = schedule.respace(cfg.steps) if cfg.steps < T else schedule
@@ -195,7 +198,7 @@ def repaint(cfg, apply, schedule: schedule_lib.NoiseSchedule) -> Plan:
     # as t_last - jump_from single steps; a no-op when jump_from == t_last). No model call.
     ratio = _bcast_like(sched.abar(t_last) / sched.abar(jump_from), x)
     x = jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * noise_jump
-    _, x0 = _eps_and_x0(apply, ctx.params, x, t_last, sched)
+    _, x0 = _eps_and_x0(apply, ctx.params, x, t_last, sched, clip)
     mean = sched.posterior_mean(x0, x, t_last)
     sigma = jnp.sqrt(jnp.asarray(var)[t_last]) * (t_last > 0)
     unknown = mean + sigma * noise
@@ -245,5 +248,6 @@ def make_restorer(
   """The restorer named by ``cfg.restorer`` (a config's ``drc`` section), as a pure function."""
   if cfg.restorer not in RESTORERS:
     raise ValueError(f'config.drc.restorer: unknown {cfg.restorer!r} (known: {sorted(RESTORERS)})')
-  plan = RESTORERS[cfg.restorer](cfg, model.apply, schedule)
+  clip = not getattr(model, 'is_latent', False)
+  plan = RESTORERS[cfg.restorer](cfg, model.apply, schedule, clip)
   return Restorer(cfg.restorer, plan.nfe, plan.renoise_steps, run_plan(plan, debug))

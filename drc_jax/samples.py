@@ -47,7 +47,8 @@ MAX_NOISE_FRACTION = 0.25  # above this the report warns too (a perfect generato
 
 def make_sampler(model, schedule, steps: int = 50):
   """``sample(params, key_data [B, 2]) -> [B, H, W, C]``: deterministic DDIM (eta = 0) from pure
-  noise in ``steps`` steps, nothing known (a pure function; the audit jits it)."""
+  noise in ``steps`` steps, nothing known (a pure function; the audit jits it). A latent target
+  samples latents and decodes them."""
   cfg = types.SimpleNamespace(restorer='ddim', steps=steps, t_start=schedule.num_timesteps, eta=0.0)
   restore = restore_lib.make_restorer(cfg, model, schedule).restore
   c = model.config
@@ -56,7 +57,8 @@ def make_sampler(model, schedule, steps: int = 50):
     shape = (key_data.shape[0], c.resolution, c.resolution, c.in_channels)
     zeros = jnp.zeros(shape, jnp.float32)
     nothing_known = degrade_lib.Degradation(zeros, jnp.zeros(shape[:3] + (1,), jnp.float32))
-    return restore(params, key_data, zeros, nothing_known)
+    out = restore(params, key_data, zeros, nothing_known)
+    return model.decode(params, out) if getattr(model, 'is_latent', False) else out
 
   return sample
 

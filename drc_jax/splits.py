@@ -47,6 +47,8 @@ class SplitManifest:
   seed: int | None = None  # seed of the permutation (None when read from a .npz)
   members_sha256: str = ''  # SHA-256 over the per-image SHA-256s of the members, in order
   nonmembers_sha256: str = ''
+  # Where the sets were drawn from (``config.split.member_range`` etc.; '' = anywhere).
+  ranges: str = ''
   # Per-image SHA-256s of the members, filled in by ``resolve`` (not stored in the manifest).
   member_image_hashes: list[str] | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -78,15 +80,59 @@ class SplitManifest:
       'nonmembers_sha256': self.nonmembers_sha256,
       'members': self.members.tolist(),
       'nonmembers': self.nonmembers.tolist(),
+      **({'ranges': self.ranges} if self.ranges else {}),
     }
 
 
+def parse_range(text: str, n_total: int, field: str) -> range:
+  """'a:b' -> range(a, b) within [0, n_total) (a public model's fixed training set)."""
+  try:
+    a, b = (int(v) for v in text.split(':'))
+  except ValueError as e:
+    raise data_lib.DataError(f"config.split.{field}: {text!r} is not 'start:stop'") from e
+  if not 0 <= a < b <= n_total:
+    raise data_lib.DataError(
+      f'config.split.{field}: {text!r} is not within the {n_total} images of the dataset'
+    )
+  return range(a, b)
+
+
 def make_split(
-  dataset: str, n_total: int, num_members: int, num_nonmembers: int, seed: int
+  dataset: str,
+  n_total: int,
+  num_members: int,
+  num_nonmembers: int,
+  seed: int,
+  member_range: str = '',
+  nonmember_range: str = '',
 ) -> SplitManifest:
-  """Random disjoint member / non-member sets from a seeded permutation of ``range(n_total)``."""
+  """Random disjoint member / non-member sets from a seeded permutation of ``range(n_total)``.
+
+  With ``member_range`` and ``nonmember_range`` ('start:stop', both or neither) the sets are drawn
+  (seeded) from those index ranges: a public target trained on a fixed part of the dataset (e.g.
+  FFHQ's first 60,000 images) has its members there and its non-members only outside it.
+  """
   if num_members < 1 or num_nonmembers < 1:
     raise data_lib.DataError('config.split: num_members and num_nonmembers must be >= 1')
+  if bool(member_range) != bool(nonmember_range):
+    raise data_lib.DataError('config.split: give both member_range and nonmember_range, or neither')
+  if member_range:
+    rm = parse_range(member_range, n_total, 'member_range')
+    rn = parse_range(nonmember_range, n_total, 'nonmember_range')
+    if set(rm) & set(rn):
+      raise data_lib.DataError('config.split: member_range and nonmember_range overlap')
+    for count, r, field in (
+      (num_members, rm, 'num_members'),
+      (num_nonmembers, rn, 'num_nonmembers'),
+    ):
+      if count > len(r):
+        raise data_lib.DataError(f'config.split.{field}: {count} exceeds its range of {len(r)}')
+    rng = np.random.default_rng(seed)
+    members = np.sort(rng.choice(np.asarray(rm), num_members, replace=False))
+    nonmembers = np.sort(rng.choice(np.asarray(rn), num_nonmembers, replace=False))
+    return SplitManifest(
+      dataset, members, nonmembers, seed, ranges=f'{member_range}|{nonmember_range}'
+    )
   if num_members + num_nonmembers > n_total:
     raise data_lib.DataError(
       f'config.split: {num_members} members + {num_nonmembers} '
@@ -150,11 +196,17 @@ def load(path: str, dataset: str = '') -> SplitManifest:
       d.get('seed'),
       d.get('members_sha256', ''),
       d.get('nonmembers_sha256', ''),
+      d.get('ranges', ''),
     )
   except data_lib.DataError as e:
     raise data_lib.DataError(f'{path}: {e}') from e
   except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
     raise data_lib.DataError(f'{path}: not a valid split manifest ({e!r})') from e
+
+
+def _ranges(split_cfg) -> str:
+  m, n = split_cfg.get('member_range', ''), split_cfg.get('nonmember_range', '')
+  return f'{m}|{n}' if m or n else ''
 
 
 def resolve(
@@ -172,8 +224,15 @@ def resolve(
   elif epath.Path(path).exists():
     manifest = load(path)
     where = path
-    want = (source.name, split_cfg.num_members, split_cfg.num_nonmembers, split_cfg.seed)
-    have = (manifest.dataset, len(manifest.members), len(manifest.nonmembers), manifest.seed)
+    ranges = _ranges(split_cfg)
+    want = (source.name, split_cfg.num_members, split_cfg.num_nonmembers, split_cfg.seed, ranges)
+    have = (
+      manifest.dataset,
+      len(manifest.members),
+      len(manifest.nonmembers),
+      manifest.seed,
+      manifest.ranges,
+    )
     if want != have:
       raise data_lib.DataError(
         f'{path}: the workdir split (dataset, members, non-members, seed) = {have} differs '
@@ -181,7 +240,13 @@ def resolve(
       )
   else:
     manifest = make_split(
-      source.name, len(source), split_cfg.num_members, split_cfg.num_nonmembers, split_cfg.seed
+      source.name,
+      len(source),
+      split_cfg.num_members,
+      split_cfg.num_nonmembers,
+      split_cfg.seed,
+      split_cfg.get('member_range', ''),
+      split_cfg.get('nonmember_range', ''),
     )
     where = 'config.split'
   manifest.check_range(len(source), where)

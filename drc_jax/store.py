@@ -45,14 +45,23 @@ class AuditConfigMismatch(errors.WorkdirError):
   """The workdir holds scores of another config or target."""
 
 
-# DRC fields added after workdirs were made: left out of the fingerprint at these values (which
+# Fields added after workdirs were made: left out of the fingerprint at these values (which
 # reproduce the earlier behaviour), so those workdirs still resume and report.
-_LATER_DRC_DEFAULTS = {
-  'saliency': 'foreground',
-  'saliency_encoder': '',
-  'compare_encoder': '',
-  'face_detector': '',
+_LATER_DEFAULTS = {
+  'drc': {
+    'saliency': 'foreground',
+    'saliency_encoder': '',
+    'compare_encoder': '',
+    'face_detector': '',
+  },
+  'split': {'member_range': '', 'nonmember_range': ''},
 }
+
+
+def without_later_defaults(section: str, values: dict) -> dict:
+  """``values`` of a config section less the fields added later, where they hold the default."""
+  later = _LATER_DEFAULTS.get(section, {})
+  return {k: v for k, v in values.items() if later.get(k, object()) != v}
 
 
 def _encoder_digests(config) -> dict[str, str]:
@@ -74,7 +83,7 @@ def fingerprint(config, target) -> dict:
   the audited target (checkpoint step, SHA-256 of its EMA weights) and DRC's encoders."""
   c = config.to_dict()
   audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
-  drc = {k: v for k, v in c['drc'].items() if _LATER_DRC_DEFAULTS.get(k, object()) != v}
+  drc = without_later_defaults('drc', c['drc'])
   identity = {'step': target.step, 'ema_sha256': target.ema_sha256}
   digests = _encoder_digests(config)
   if digests:
@@ -84,7 +93,7 @@ def fingerprint(config, target) -> dict:
       {
         'seed': c['seed'],
         'data': c['data'],
-        'split': c['split'],
+        'split': without_later_defaults('split', c['split']),
         'diffusion': c['diffusion'],
         'model': c['model'],
         'drc': drc,

@@ -224,6 +224,54 @@ def _load_weights_dir(path: epath.Path) -> Target:
   return Target.create(model, params, checkpoints.schedule_from(diffusion), step)
 
 
+# Randomly initialised targets for smoke runs (``:runlocal``): 'random:<name>' in place of a path.
+RANDOM_PREFIX = 'random:'
+
+
+def random_target(name: str, seed: int = 0) -> Target:
+  """A seeded random target built in memory: 'ldm-tiny' is a latent diffusion target (a two-level
+  VQ autoencoder, factor 4, on 32x32x3 images; a multi-head UNet on its 8x8x3 latents; the CompVis
+  LDM schedule). Its scores mean nothing; it runs every latent code path."""
+  if name != 'ldm-tiny':
+    raise checkpoints.CheckpointError(f'{RANDOM_PREFIX}{name}: unknown random target (ldm-tiny)')
+  vq_cfg = vq_lib.VQConfig(
+    block_out_channels=(32, 64, 64),
+    down_block_types=('DownEncoderBlock2D',) * 3,
+    up_block_types=('UpDecoderBlock2D',) * 3,
+    latent_channels=3,
+    vq_embed_dim=3,
+    num_vq_embeddings=64,
+    norm_num_groups=8,
+  )
+  unet_cfg = model_lib.UNetConfig(
+    resolution=8,
+    in_channels=3,
+    out_channels=3,
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_res=(4,),
+    dropout=0.0,
+    norm_groups=8,
+    attn_head_dim=16,
+  )
+  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=seed)
+  autoencoder, vq_params = vq_lib.Autoencoder.create(vq_cfg, seed=seed + 1)
+  schedule = schedule_lib.NoiseSchedule.create(
+    'scaled_linear', 1000, beta_start=0.0015, beta_end=0.0195
+  )
+  latent = {
+    'autoencoder': '',
+    'latent_shape': [8, 8, 3],
+    'image_shape': [32, 32, 3],
+    'downsampling_factor': 4,
+    'scaling_factor': 1.0,
+  }
+  return LatentTarget.create_latent(
+    Target.create(model, params, schedule), autoencoder, vq_params, latent
+  )
+
+
 def load_target(path) -> Target:
   """Loads a target model for auditing.
 
@@ -244,6 +292,8 @@ def load_target(path) -> Target:
   """
   from drc_jax import shipped  # pylint: disable=g-import-not-at-top
 
+  if str(path).startswith(RANDOM_PREFIX):
+    return random_target(str(path)[len(RANDOM_PREFIX) :])
   path = epath.Path(shipped.resolve(path))
   if shipped.is_weights_dir(path):
     return _load_weights_dir(path)
