@@ -18,6 +18,12 @@ A latent diffusion target comes from a diffusers ``LDMPipeline`` folder (``vqvae
 
   python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
 
+or from an original CompVis latent-diffusion ``.ckpt`` and its training config (the same networks;
+see ``drc_jax.convert.compvis_ldm``):
+
+  python -m drc_jax.convert --format=compvis-ldm --src=models/ldm/ffhq256/model.ckpt \
+      --config=models/ldm/ffhq256/config.yaml --workdir=runs/ffhq_ldm
+
 Every parameter of the model must come from exactly one source tensor of the expected shape, and
 every source tensor must be used: a missing, unexpected, misshapen or non-finite tensor is a
 ``ConversionError`` naming the key, raised before anything is written. Safetensors files are read
@@ -41,6 +47,7 @@ from drc_jax.convert.common import (
   read_checkpoint,
   write_target,
 )
+from drc_jax.convert.compvis_ldm import convert_compvis_ldm
 from drc_jax.convert.diffusers import convert_diffusers, diffusers_config
 from drc_jax.convert.diffusers_ldm import convert_diffusers_ldm
 from drc_jax.convert.pytorch_ddpm import (
@@ -50,7 +57,8 @@ from drc_jax.convert.pytorch_ddpm import (
 )
 from drc_jax.models import unet as model_lib
 
-TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm')
+TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm', 'compvis-ldm')
+LATENT_FORMATS = ('diffusers-ldm', 'compvis-ldm')
 # Encoder formats: format -> module under drc_jax.convert with
 # ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
 ENCODER_FORMATS: dict[str, str] = {
@@ -71,6 +79,7 @@ __all__ = [
   'convert',
   'convert_encoder',
   'convert_diffusers',
+  'convert_compvis_ldm',
   'convert_diffusers_ldm',
   'convert_pytorch_ddpm',
   'diffusers_config',
@@ -86,28 +95,37 @@ def convert(
   src,
   workdir,
   *,
-  weights: str = 'ema',
+  weights: str | None = None,
   resolution: int | None = None,
   diffusion: dict[str, Any] | None = None,
   scaling_factor: float | None = None,
+  config=None,
 ) -> Converted:
   """Converts ``src`` (format ``fmt``, one of ``TARGET_FORMATS``) into the target ``workdir``.
 
-  ``resolution`` is the image side (for 'diffusers-ldm' too, where the latents are smaller);
-  ``scaling_factor`` applies to 'diffusers-ldm' only.
+  ``weights`` ('ema' or 'net') applies to 'pytorch-ddpm' (default 'ema') and 'compvis-ldm'
+  (default: EMA when the checkpoint has it); ``resolution`` is the image side (for latent targets
+  too, where the latents are smaller); ``scaling_factor`` applies to latent targets
+  (``LATENT_FORMATS``) and ``config`` (the training config) to 'compvis-ldm' only.
 
   Returns:
     The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``
     and ``drc_jax.load_target``).
   """
-  if scaling_factor is not None and fmt != 'diffusers-ldm':
-    raise ConversionError(f'scaling_factor applies to latent targets (diffusers-ldm), not {fmt!r}')
+  if scaling_factor is not None and fmt not in LATENT_FORMATS:
+    raise ConversionError(f'scaling_factor applies to latent targets {LATENT_FORMATS}, not {fmt!r}')
+  if config is not None and fmt != 'compvis-ldm':
+    raise ConversionError(f'config applies to compvis-ldm, not {fmt!r}')
+  if weights is not None and fmt not in ('pytorch-ddpm', 'compvis-ldm'):
+    raise ConversionError(f'weights applies to pytorch-ddpm and compvis-ldm, not {fmt!r}')
   if fmt == 'pytorch-ddpm':
-    converted = convert_pytorch_ddpm(src, weights, resolution, diffusion)
+    converted = convert_pytorch_ddpm(src, weights or 'ema', resolution, diffusion)
   elif fmt == 'diffusers':
     converted = convert_diffusers(src, resolution, diffusion)
   elif fmt == 'diffusers-ldm':
     converted = convert_diffusers_ldm(src, resolution, diffusion, scaling_factor)
+  elif fmt == 'compvis-ldm':
+    converted = convert_compvis_ldm(src, config, resolution, diffusion, scaling_factor, weights)
   else:
     raise ConversionError(f'unknown format {fmt!r}; expected one of {FORMATS}')
   write_target(workdir, converted)

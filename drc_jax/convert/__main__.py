@@ -3,6 +3,7 @@
 python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/secmi_cifar10
 python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
 python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
+python -m drc_jax.convert --format=compvis-ldm --src=ffhq256/model.ckpt --workdir=runs/ffhq_ldm
 python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
 python -m drc_jax.convert --format=facenet --src=20180402-114759-vggface2.pt --out=enc/facenet
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from drc_jax import errors
-from drc_jax.convert import ENCODER_FORMATS, FORMATS, convert, convert_encoder
+from drc_jax.convert import ENCODER_FORMATS, FORMATS, LATENT_FORMATS, convert, convert_encoder
 
 
 def _define_flags() -> None:
@@ -23,7 +24,7 @@ def _define_flags() -> None:
     None,
     'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
     'folder (config.json + weights), pipeline folder or weights file; diffusers-ldm: '
-    'LDMPipeline folder (vqvae/, unet/, scheduler/); facenet: '
+    'LDMPipeline folder (vqvae/, unet/, scheduler/); compvis-ldm: latent-diffusion .ckpt; facenet: '
     'InceptionResnetV1 state dict (.pt/.pth/.safetensors).',
   )
   flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')
@@ -32,7 +33,8 @@ def _define_flags() -> None:
     'weights',
     'ema',
     ['ema', 'net'],
-    'pytorch-ddpm: which state dict of a training checkpoint to convert.',
+    'pytorch-ddpm, compvis-ldm: which weights of a training checkpoint to convert (default: '
+    'ema; compvis-ldm: ema when the checkpoint holds model_ema.*).',
   )
   flags.DEFINE_integer(
     'resolution', None, 'Image side (default: 32 for pytorch-ddpm, sample_size for diffusers).'
@@ -43,7 +45,13 @@ def _define_flags() -> None:
   flags.DEFINE_float(
     'scaling_factor',
     None,
-    'diffusers-ldm: latent scaling factor (default: vqvae/config.json, else 1.0).',
+    'Latent targets: scaling factor (diffusers-ldm default: vqvae/config.json, else 1.0; '
+    'compvis-ldm: the scale_factor buffer, else the config, else 1.0).',
+  )
+  flags.DEFINE_string(
+    'config',
+    None,
+    'compvis-ldm: the training config, YAML or JSON (default: config.yaml beside --src).',
   )
   flags.DEFINE_integer(
     'heads', None, 'timm-vit, open-clip: attention heads (not stored; default width / 64).'
@@ -73,10 +81,12 @@ def main(argv):
     raise app.UsageError('--heads and --activation apply to encoder formats only')
   if f.workdir is None or f.out is not None:
     raise app.UsageError(f'--format={f.format} writes a target: give --workdir=DIR, not --out')
-  if f.format != 'pytorch-ddpm' and f['weights'].present:
-    raise app.UsageError('--weights applies to --format=pytorch-ddpm only')
-  if f.format != 'diffusers-ldm' and f.scaling_factor is not None:
-    raise app.UsageError('--scaling_factor applies to --format=diffusers-ldm only')
+  if f.format not in ('pytorch-ddpm', 'compvis-ldm') and f['weights'].present:
+    raise app.UsageError('--weights applies to --format=pytorch-ddpm and compvis-ldm only')
+  if f.format not in LATENT_FORMATS and f.scaling_factor is not None:
+    raise app.UsageError(f'--scaling_factor applies to --format={"/".join(LATENT_FORMATS)} only')
+  if f.format != 'compvis-ldm' and f.config is not None:
+    raise app.UsageError('--config applies to --format=compvis-ldm only')
   overrides = {
     k: getattr(f, k)
     for k in ('num_timesteps', 'beta_start', 'beta_end')
@@ -87,10 +97,11 @@ def main(argv):
       f.format,
       f.src,
       f.workdir,
-      weights=f.weights,
+      weights=f.weights if f['weights'].present else None,
       resolution=f.resolution,
       diffusion=overrides,
       scaling_factor=f.scaling_factor,
+      config=f.config,
     ),
     f.verbose,
   )

@@ -2,8 +2,8 @@
 params tree from a state dict (every parameter from exactly one source tensor of the expected
 shape, every source tensor used), schedule settings, and writing a target workdir.
 
-Safetensors files are read without torch; pickled files (``.pt``/``.pth``/``.bin``) only with
-``torch.load(..., weights_only=True)``, which refuses pickles that would run code.
+Safetensors files are read without torch; pickled files (``.pt``/``.pth``/``.bin``/``.ckpt``)
+only with ``torch.load(..., weights_only=True)``, which refuses pickles that would run code.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_DIFFUSION = {
   'beta_start': 1e-4,
   'beta_end': 0.02,
 }
-_PICKLE_SUFFIXES = ('.pt', '.pth', '.bin')
+_PICKLE_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
 _SAFETENSORS_SUFFIX = '.safetensors'
 
 
@@ -81,7 +81,7 @@ def read_checkpoint(path) -> Any:
 
   Args:
     path: a ``.safetensors`` file (read with ``safetensors.numpy``, no torch) or a pickled
-      PyTorch file ``.pt``/``.pth``/``.bin`` (``torch.load(weights_only=True)`` on CPU).
+      PyTorch file ``.pt``/``.pth``/``.bin``/``.ckpt`` (``torch.load(weights_only=True)`` on CPU).
 
   Returns:
     The loaded object: a dict of numpy arrays for safetensors; for pickles whatever was saved
@@ -112,10 +112,11 @@ def read_checkpoint(path) -> Any:
         weights_only=True,
       )
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... on refused pickles
+      refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+      detail = f'it pickles {refused.group(1)}' if refused else str(e)[:300]
       raise ConversionError(
         f'{path}: cannot load with torch.load(weights_only=True): the file is '
-        f'corrupt or holds objects other than tensors and containers '
-        f'({str(e)[:300]})'
+        f'corrupt or holds objects other than tensors and containers ({detail})'
       ) from e
   raise ConversionError(
     f'{path}: unsupported checkpoint extension (expected '
@@ -160,7 +161,7 @@ class Source:
 
   key: str
   # 'conv': OIHW -> HWIO; 'linear': [out, in] -> [in, out]; 'conv1x1': [out, in, 1, 1] -> [in, out];
-  # 'vector': as is.
+  # 'conv1d1': [out, in, 1] (a 1-D convolution of width 1) -> [in, out]; 'vector': as is.
   kind: str
 
 
@@ -173,6 +174,8 @@ def source_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[1], shape[0])
   if kind == 'conv1x1':
     return (shape[1], shape[0], 1, 1)
+  if kind == 'conv1d1':
+    return (shape[1], shape[0], 1)
   return shape
 
 
@@ -183,6 +186,8 @@ def convert_tensor(kind: str, x: np.ndarray) -> np.ndarray:
     x = x.T
   elif kind == 'conv1x1':
     x = x[:, :, 0, 0].T
+  elif kind == 'conv1d1':
+    x = x[:, :, 0].T
   return np.ascontiguousarray(x, dtype=np.float32)
 
 
