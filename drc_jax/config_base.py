@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000  # T of the target model
-  c.diffusion.beta_schedule = 'linear'  # 'linear' or 'cosine'
+  c.diffusion.beta_schedule = 'linear'  # 'linear', 'scaled_linear' (LDM) or 'cosine'
   c.diffusion.beta_start = 1e-4  # first linear beta
   c.diffusion.beta_end = 0.02  # last linear beta
 
