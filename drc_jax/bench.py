@@ -103,6 +103,41 @@ def run_bench(
   }
 
 
+def run_drc_bench(config, batch: int, repeats: int) -> dict:
+  """Images/s of the config's whole DRC (K restorations per image, degrade, compare) at ``batch``:
+  ``--config.drc.restorations=scan|batch`` measures the K restorations in turn or as one batch."""
+  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
+  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
+  schedule = schedule_lib.make_schedule(config.diffusion)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch, '--batch')
+  params = parallel.replicate(mesh, params)
+  res, ch = config.data.resolution, config.data.channels
+  images = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, ch)).astype(np.float32)
+  images = parallel.shard_batch(mesh, images)
+  key_data = parallel.shard_batch(mesh, drc_lib.image_keys(0, 0, np.arange(batch)))
+  scorer = drc_lib.make_drc(config.drc, model, schedule)
+  fn = jax.jit(scorer.similarities, **parallel.shardings(mesh, 'rdd', 'd'))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(params, key_data, images))
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(fn(params, key_data, images))
+  dt = (time.perf_counter() - t0) / repeats
+  return {
+    'mode': 'drc',
+    'restorations': config.drc.restorations,
+    'num_restorations': int(config.drc.num_restorations),
+    'batch': batch,
+    'nfe_per_image': scorer.nfe,
+    'seconds': round(dt, 3),
+    'compile_s': round(compile_s - dt, 2),
+    'images_per_s': round(batch / dt, 4),
+    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
 def run_encoder_bench(config, batch: int, repeats: int) -> dict:
   """What DRC's encoders (``drc.saliency_encoder``, ``drc.compare_encoder``) cost per image: calls
   and seconds, timed as the audit runs them (inside one jitted program, on [-1, 1] images of the
@@ -189,6 +224,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
   flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
   flags.DEFINE_bool('encoders', False, "Also time DRC's encoders (config.drc.*_encoder) per image.")
+  flags.DEFINE_bool('drc', False, "Time the config's whole DRC (K restorations) instead.")
   flags.DEFINE_bool(
     'train_step', False, 'Time one training step (config.train.batch_size) instead.'
   )
@@ -199,6 +235,9 @@ def main(argv):
   f = flags.FLAGS
   if f.train_step:
     print(json.dumps(run_train_bench(f.config, f.repeats)))
+    return
+  if f.drc:
+    print(json.dumps(run_drc_bench(f.config, f.batch, f.repeats)))
     return
   out = run_bench(
     f.config,

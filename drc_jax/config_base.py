@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.drc.jump_length = 10  # RePaint jump length
   c.drc.jump_n_sample = 10  # RePaint resamples per jump
   c.drc.num_restorations = 4  # K restorations per image (different keys), one similarity each
+  # how the K restorations run: 'scan' (K programs of the batch in turn) or 'batch' (one batch of
+  # K x B images; more work per call, K times the memory)
+  c.drc.restorations = 'scan'
   c.drc.comparator = 'masked_mse'  # 'masked_mse', 'psnr', 'ssim', 'ssim_region', 'cosine'
   c.drc.compare_encoder = ''  # 'cosine': encoder directory (CLIP, face-ID, DINO)
   c.drc.vote_quantile = 0.5  # votes: similarity above this quantile of non-member sims (agree plot)

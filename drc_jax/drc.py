@@ -113,26 +113,34 @@ def make_drc(cfg, model, schedule, encoders=None) -> DrcScorer:
   def degradation(key_data, images, k, aux=None, side=None):
     return keys_and_degradation(key_data, images, k, saliency_of(aux, images), side)[1]
 
+  batched = cfg.get('restorations', 'scan') == 'batch'
+
+  def over_k(fn):
+    """[K, ...] results of ``fn(k)`` for k < K: a scan (K programs of batch B in turn) or, with
+    ``drc.restorations='batch'``, one batch of K x B restorations (vmap over k)."""
+    if batched:
+      return jax.vmap(fn)(jnp.arange(k_total))
+    return jax.lax.scan(lambda _, k: (None, fn(k)), None, jnp.arange(k_total))[1]
+
   def sims(params, key_data, images, aux=None, side=None):
     saliency, fx = saliency_of(aux, images), features(aux, images)
     z = latents_of(params, images)
 
-    def body(_, k):
+    def sim_k(k):
       d, restored = one(params, key_data, images, z, k, saliency, side)
-      return None, similarity(aux, fx, images, restored, d)
+      return similarity(aux, fx, images, restored, d)
 
-    _, s = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B]
-    return s.T
+    return over_k(sim_k).T  # [K, B] -> [B, K]
 
   def evidence(params, key_data, images, aux=None, side=None):
     saliency = saliency_of(aux, images)
     z = latents_of(params, images)
 
-    def body(_, k):
+    def evidence_k(k):
       d, restored = one(params, key_data, images, z, k, saliency, side)
-      return None, (d.degraded_image(images.shape[-1]), restored)
+      return d.degraded_image(images.shape[-1]), restored
 
-    _, (degraded, restored) = jax.lax.scan(body, None, jnp.arange(k_total))  # [K, B, H, W, C]
+    degraded, restored = over_k(evidence_k)  # [K, B, H, W, C]
     return jnp.moveaxis(degraded, 0, 1), jnp.moveaxis(restored, 0, 1)  # [B, K, H, W, C]
 
   aux = {role: encoders[role].params for role in calls} or None

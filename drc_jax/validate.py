@@ -97,6 +97,10 @@ def check(config) -> None:
     r.comparator in COMPARATORS, f'config.drc.comparator: {r.comparator!r} not in {COMPARATORS}'
   )
   _require(r.saliency in SALIENCY, f'config.drc.saliency: {r.saliency!r} not in {SALIENCY}')
+  _require(
+    r.restorations in ('scan', 'batch'),
+    f"config.drc.restorations: {r.restorations!r} not in ('scan', 'batch')",
+  )
   check_drc_encoders(config)
   _require(r.num_restorations >= 1, 'config.drc.num_restorations must be >= 1')
   _require(r.eta >= 0.0, f'config.drc.eta: {r.eta} < 0')

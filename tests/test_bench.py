@@ -2,7 +2,7 @@
 
 from conftest import load_config
 
-from drc_jax import bench
+from drc_jax import bench, schedule
 
 
 def test_bench_reports_figures_and_work():
@@ -31,3 +31,15 @@ def test_encoder_bench_reports_calls_and_time():
   assert out['saliency']['calls_per_image'] == 1 and out['compare']['calls_per_image'] == 1 + k
   for role in ('saliency', 'compare'):
     assert out[role]['seconds_per_image'] > 0 and out[role]['params_m'] > 0
+
+
+def test_drc_bench_both_ways():
+  c = load_config('fashion_mnist', 'runlocal')
+  for how in ('scan', 'batch'):
+    with c.unlocked():
+      c.drc.restorations = how
+    out = bench.run_drc_bench(c, batch=8, repeats=1)
+    assert out['restorations'] == how and out['images_per_s'] > 0
+    calls = schedule.repaint_counts(schedule.repaint_jumps(c.drc.steps, 2, 2))[0]
+    assert (c.drc.restorer, c.drc.jump_length, c.drc.jump_n_sample) == ('repaint', 2, 2)
+    assert out['nfe_per_image'] == c.drc.num_restorations * calls

@@ -255,3 +255,18 @@ def test_ddim_from_t_start_starts_the_hole_from_fresh_noise():
   g = np.sqrt(a) * s**2 / (a * s**2 + 1 - a)
   assert abs(vals.mean() - (mu - g * np.sqrt(a) * mu)) < 0.02, vals.mean()
   assert abs(vals.std() - g) < 0.02, (vals.std(), g)  # unit noise; the grey start gave g*sqrt(1-a)
+
+
+def test_batched_restorations_equal_the_scan_over_k():
+  """drc.restorations='batch' (one batch of K x B) restores what the scan over K restores."""
+  model, params = _tiny_unet()
+  x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (3, 8, 8, 1)), jnp.float32)
+  keys = drc_lib.image_keys(0, 2, np.arange(3))
+  out = {}
+  for how in ('scan', 'batch'):
+    cfg = _drc_cfg(restorer='repaint', steps=6, jump_length=2, jump_n_sample=2, mask='random_box')
+    cfg.num_restorations, cfg.restorations = 3, how
+    scorer = drc_lib.make_drc(cfg, model, SCHED)
+    out[how] = np.asarray(jax.jit(scorer.similarities)(params, keys, x))
+  assert out['scan'].shape == (3, 3)
+  np.testing.assert_allclose(out['batch'], out['scan'], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One training step of the embedded-default UNet (16x16x1, ch 32, (1,2,2), batch 64): drc_jax's
+# jitted step (python -m drc_jax.bench --train_step) and the same step in PyTorch (a diffusers
+# UNet2DModel of the same layout, launch/torch_train_step.py, in the peer's environment), one after
+# the other on this machine; prints both JSON lines and the speed ratio.
+#
+#   bash launch/bench_train_vs_peer.sh
+#
+# Variables: BATCH (64), REPEATS (5), PEER (the peer's run.sh, default ../shared/peer/run.sh),
+# PEER_VENV (default ~/.cache/drc-peer-venv, made by the peer's run.sh on first use), DRY_RUN=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+batch=${BATCH:-64}; repeats=${REPEATS:-5}
+peer=${PEER:-../shared/peer/run.sh}
+peer_dir=$(cd "$(dirname "$peer")" && pwd)
+venv=${PEER_VENV:-$HOME/.cache/drc-peer-venv}
+ours=(.venv/bin/python -m drc_jax.bench --config=configs/fashion_mnist.py --train_step
+      --repeats="$repeats" --config.train.batch_size="$batch")
+theirs=("$venv/bin/python" launch/torch_train_step.py --peer_dir="$peer_dir" --batch "$batch"
+        --repeats "$repeats")
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  echo "${ours[*]}"; echo "${theirs[*]}"; exit 0
+fi
+if [[ ! -x $venv/bin/python ]]; then  # the peer's run.sh makes its environment on first use
+  bash "$peer" --help >/dev/null
+fi
+a=$("${ours[@]}" 2>/dev/null | tail -1)
+b=$("${theirs[@]}" 2>/dev/null | tail -1)
+echo "drc_jax: $a"
+echo "torch:   $b"
+python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); \
+print(f'train step speed ratio drc_jax/torch = {b[\"seconds_per_step\"]/a[\"seconds_per_step\"]:.2f} '\
+f'({a[\"seconds_per_step\"]} s vs {b[\"seconds_per_step\"]} s at batch {a[\"batch\"]})')" "$a" "$b"
