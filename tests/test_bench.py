@@ -43,3 +43,21 @@ def test_drc_bench_both_ways():
     calls = schedule.repaint_counts(schedule.repaint_jumps(c.drc.steps, 2, 2))[0]
     assert (c.drc.restorer, c.drc.jump_length, c.drc.jump_n_sample) == ('repaint', 2, 2)
     assert out['nfe_per_image'] == c.drc.num_restorations * calls
+
+
+def test_train_step_comparison_script_runs_the_same_step_both_sides():
+  """launch/bench_train_vs_peer.sh: drc_jax's train-step bench and the PyTorch step, same batch."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    ['bash', 'launch/bench_train_vs_peer.sh'],
+    cwd=repo,
+    env=dict(os.environ, DRY_RUN='1', BATCH='32'),
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.splitlines()
+  assert '--train_step' in out[0] and '--config.train.batch_size=32' in out[0]
+  assert 'launch/torch_train_step.py' in out[1] and '--batch 32' in out[1]
