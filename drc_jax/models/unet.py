@@ -142,36 +142,6 @@ def _dense(cin, cout, rngs, dtype, scale=1.0):
   )
 
 
-class GroupNorm(nnx.Module):
-  """GroupNorm over [B, H, W, C] with nnx.GroupNorm's parameters (``scale``, ``bias``), computed
-  for this backend: per-channel sums over the image (a reduction along the contiguous spatial
-  rows), the group statistics from those [B, C] sums (one pass, E[x^2] - E[x]^2 in float32, as
-  flax's fast variance), then one multiply-add per element with a per-channel scale and shift.
-  Measured on the CPU it takes a third of nnx.GroupNorm's time at the UNet's large activations
-  (launch/profile_unet.py); it agrees with it to float32 rounding."""
-
-  def __init__(self, ch: int, num_groups: int, epsilon: float, dtype, rngs: nnx.Rngs):
-    del rngs
-    self.num_groups, self.epsilon, self.dtype = num_groups, epsilon, dtype
-    self.scale = nnx.Param(jnp.ones((ch,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((ch,), jnp.float32))
-
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    g = self.num_groups
-    xf = x.astype(jnp.float32)
-    sums = jnp.sum(xf, axis=(1, 2))  # [B, C]
-    squares = jnp.sum(xf * xf, axis=(1, 2))
-    n = h * w * (c // g)
-    mean = jnp.sum(sums.reshape(b, g, c // g), axis=-1) / n  # [B, G]
-    var = jnp.maximum(jnp.sum(squares.reshape(b, g, c // g), axis=-1) / n - mean * mean, 0.0)
-    inv = jax.lax.rsqrt(var + self.epsilon)
-    a = jnp.repeat(inv, c // g, axis=1) * self.scale[...][None, :]  # [B, C]
-    shift = self.bias[...][None, :] - jnp.repeat(mean, c // g, axis=1) * a
-    y = xf * a[:, None, None, :] + shift[:, None, None, :]
-    return y.astype(self.dtype or x.dtype)
-
-
 def multihead_attention(q, k, v, num_heads: int) -> jnp.ndarray:
   """Softmax attention of q, k, v [B, N, C] split into ``num_heads`` heads of C // num_heads
   channels (head-major: channel h * d + j is channel j of head h, as diffusers and torch's
@@ -190,7 +160,7 @@ class AttnBlock(nnx.Module):
 
   def __init__(self, ch: int, cfg: UNetConfig, dtype, rngs: nnx.Rngs):
     self.num_heads = ch // cfg.attn_head_dim if cfg.attn_head_dim else 1
-    self.norm = GroupNorm(
+    self.norm = nnx.GroupNorm(
       ch, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
     )
     self.proj_q = _dense(ch, ch, rngs, dtype)
@@ -217,12 +187,12 @@ class ResBlock(nnx.Module):
   def __init__(
     self, cin: int, cout: int, tdim: int, attn: bool, cfg: UNetConfig, dtype, rngs: nnx.Rngs
   ):
-    self.norm1 = GroupNorm(
+    self.norm1 = nnx.GroupNorm(
       cin, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
     )
     self.conv1 = _conv(cin, cout, 3, rngs, dtype)
     self.temb_proj = _dense(tdim, cout, rngs, dtype)
-    self.norm2 = GroupNorm(
+    self.norm2 = nnx.GroupNorm(
       cout, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
     )
     self.dropout = nnx.Dropout(cfg.dropout)
@@ -311,7 +281,7 @@ class UNet(nnx.Module):
         res *= 2
     assert not chs
     self.upblocks = nnx.List(up)
-    self.tail_norm = GroupNorm(
+    self.tail_norm = nnx.GroupNorm(
       now, num_groups=cfg.norm_groups, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs
     )
     self.tail_conv = _conv(now, cfg.out_channels, 3, rngs, dtype, scale=1e-10)
