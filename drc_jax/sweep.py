@@ -292,19 +292,15 @@ def restore_all(
   return {n: np.concatenate(v) for n, v in out.items()}, scorer.restorer.nfe
 
 
-def run(
-  config,
-  target_path: str,
-  out_dir: str,
-  *,
-  heldout_members: int,
-  heldout_nonmembers: int,
-  tolerance: float,
-  batch_size: int,
-  grid=None,
-) -> dict[str, Any]:
-  """Runs the sweep; writes sweep.json, sweep.md and sweep.png into ``out_dir``."""
-  grid = GRID if grid is None else grid
+def image_set(
+  config, target_path: str, out_dir: str, heldout_members: int, heldout_nonmembers: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(target, images, split indices, is_member, heldout): the images a sweep scores.
+
+  Every image of the audit's calibration part (``metrics.calibration_split``) and at most
+  ``heldout_members`` / ``heldout_nonmembers`` random held-out ones (0 = all); checks that the
+  target was trained on the config's members.
+  """
   source = data_lib.make_source(config.data)
   target = target_lib.load_target(target_path)
   split = splits_lib.resolve(config.split, source, out_dir, write=False)
@@ -343,6 +339,25 @@ def run(
     int((~heldout & (is_member == 1)).sum()),
     int(heldout.sum()),
     int((heldout & (is_member == 1)).sum()),
+  )
+  return target, images, indices, is_member, heldout
+
+
+def run(
+  config,
+  target_path: str,
+  out_dir: str,
+  *,
+  heldout_members: int,
+  heldout_nonmembers: int,
+  tolerance: float,
+  batch_size: int,
+  grid=None,
+) -> dict[str, Any]:
+  """Runs the sweep; writes sweep.json, sweep.md and sweep.png into ``out_dir``."""
+  grid = GRID if grid is None else grid
+  target, images, indices, is_member, heldout = image_set(
+    config, target_path, out_dir, heldout_members, heldout_nonmembers
   )
   rows: list[Row] = []
   timings = {}
@@ -480,6 +495,12 @@ def _define_flags() -> None:
     'Instead of the sweep: a workdir whose '
     'checkpoints --steps are audited (AUC against training steps).',
   )
+  flags.DEFINE_bool(
+    'frontier',
+    False,
+    "Instead of the sweep: DRC's cost frontier (drc_jax/frontier.py), the config's protocol "
+    "from the paper's RePaint setting down.",
+  )
   flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
   flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
   flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
@@ -502,6 +523,24 @@ def main(argv):
       batch_size=F.batch_size,
     )
     print(epath.Path(F.out, 'steps_curve.md').read_text())
+    return
+  if F.frontier:
+    from drc_jax import frontier as frontier_lib  # pylint: disable=g-import-not-at-top (imports sweep)
+
+    grid = frontier_lib.GRID
+    if F.only:
+      grid = [grid[int(i)] for i in F.only.split(',')]
+    frontier_lib.run(
+      config,
+      F.target or config.audit.checkpoint,
+      F.out,
+      heldout_members=F.heldout_members,
+      heldout_nonmembers=F.heldout_nonmembers,
+      tolerance=F.tolerance,
+      batch_size=F.batch_size,
+      grid=grid,
+    )
+    print(epath.Path(F.out, 'frontier.md').read_text())
     return
   grid = GRID
   if F.only:

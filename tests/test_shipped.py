@@ -1,4 +1,5 @@
-"""Shipped targets (safetensors + recipe + split), the target's sample check, and the DRC sweep."""
+"""Shipped targets (safetensors + recipe + split), the target's sample check, the DRC sweep and
+its cost frontier."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 from conftest import load_config
 
 from drc_jax import audit as A
-from drc_jax import checkpoints, errors, pipeline, shipped, splits, store, sweep
+from drc_jax import checkpoints, errors, frontier, pipeline, shipped, splits, store, sweep
 from drc_jax import samples as S
 from drc_jax import target as T
 
@@ -174,6 +175,56 @@ def test_sweep_end_to_end_on_a_tiny_target(exported, tmp_path):
   assert {r['k'] for r in doc['rows']} == {1, 2}
   assert doc['chosen']['model_calls'] <= doc['best']['model_calls']
   assert (tmp_path / 'sweep.md').exists() and (tmp_path / 'sweep.png').exists()
+
+
+def test_frontier_chooses_on_calibration_against_the_paper_setting():
+  P = frontier.Point
+  pts = [
+    P('paper', 1, 2410, 3.0, 0.90, 0.80, 0.0, {}),
+    P('mid', 1, 200, 0.3, 0.895, 0.50, 0.0, {}),  # within 0.01 on calibration: chosen
+    P('cheap', 1, 20, 0.03, 0.85, 0.99, 0.0, {}),  # best held-out, but not on calibration
+  ]
+  assert frontier.choose(pts, pts[0], 0.01).setting == 'mid'
+  assert frontier.choose(pts, pts[0], 0.1).setting == 'cheap'
+  # K points: the mean of the first K similarities, cost and time in proportion to K.
+  sims = np.array([[0.0, -4.0], [-1.0, -1.0], [-2.0, 0.0], [-3.0, -3.0]])
+  is_member = np.array([1, 1, 0, 0], np.int8)
+  heldout = np.array([False, True, False, True])
+  k1, k2 = frontier.points('s', {}, 90, sims, 0.5, is_member, heldout)
+  assert (k1.k, k1.model_calls, k1.seconds_per_image) == (1, 90, 0.25)
+  assert (k2.k, k2.model_calls, k2.seconds_per_image) == (2, 180, 0.5)
+  assert k1.auc_calibration == 1.0 and k2.auc_calibration == 0.0  # -2 vs -1, then -2 vs -1 swap
+  assert k1.auc_heldout == k2.auc_heldout == 1.0
+
+
+def test_frontier_end_to_end_on_a_tiny_target(exported, tmp_path):
+  _, out = exported
+  grid = [
+    ('4 steps, jumps 2 x 2', frontier._repaint(4, 2, 2), 1),
+    ('2 steps, no jumps', frontier._repaint(2, 1, 1), 2),
+  ]
+  doc = frontier.run(
+    _config(),
+    str(out),
+    str(tmp_path),
+    heldout_members=4,
+    heldout_nonmembers=8,
+    tolerance=0.01,
+    batch_size=16,
+    grid=grid,
+  )
+  assert doc['n_heldout'] == {'members': 4, 'nonmembers': 8}
+  assert [(p['setting'], p['k'], p['model_calls']) for p in doc['points']] == [
+    ('4 steps, jumps 2 x 2', 1, 6),
+    ('2 steps, no jumps', 1, 2),
+    ('2 steps, no jumps', 2, 4),
+  ]
+  assert doc['reference']['setting'] == '4 steps, jumps 2 x 2'
+  assert doc['chosen']['model_calls'] <= 6
+  assert doc['speedup_model_calls'] == 6 / doc['chosen']['model_calls']
+  table = (tmp_path / 'frontier.md').read_text()
+  assert '(reference)' in table or '**(chosen)**' in table
+  assert (tmp_path / 'frontier.png').exists() and (tmp_path / 'frontier.json').exists()
 
 
 def test_noise_samples_are_flagged_against_real_images(fmnist_local):

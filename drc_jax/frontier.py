@@ -1,0 +1,234 @@
+"""DRC's cost frontier: AUC against model calls per image, from the paper's RePaint setting down.
+
+A benchmark, not a test (``python -m drc_jax.sweep --frontier --out=runs/frontier``). The config's
+DRC protocol (its mask, comparator and mean over K) is kept; only the restoration's cost changes:
+RePaint from the paper's 250 respaced steps with jumps of 10 x 10 (2,410 model calls per
+restoration) down to 10 steps without jumps, each with K = 1, 2, ... restorations. The images and
+their calibration/held-out parts are the sweep's (``sweep.image_set``), and nothing is chosen on
+what is reported:
+
+* the reference is the paper setting's AUC on the calibration part;
+* the CHOSEN setting is the cheapest (fewest model calls per image) whose calibration AUC is within
+  ``tolerance`` of that reference;
+* the table reports every row's held-out AUC and TPR at 1% FPR next to its calibration AUC, and the
+  chosen setting's speed-up over the paper setting in model calls and in measured seconds.
+
+Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` (held-out AUC against calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from drc_jax import fileio, plots
+from drc_jax import metrics as metrics_lib
+from drc_jax import sweep as sweep_lib
+
+
+def _repaint(steps: int, jump_length: int, jump_n_sample: int) -> dict[str, Any]:
+  return dict(restorer='repaint', steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+
+
+# (label, RePaint overrides, K_max), costliest first; the first row is the paper's setting.
+GRID: list[tuple[str, dict[str, Any], int]] = [
+  ('250 steps, jumps 10 x 10 (the paper)', _repaint(250, 10, 10), 1),
+  ('100 steps, jumps 10 x 10', _repaint(100, 10, 10), 1),
+  ('250 steps, jumps 10 x 2', _repaint(250, 10, 2), 1),
+  ('100 steps, jumps 10 x 2', _repaint(100, 10, 2), 2),
+  ('100 steps, no jumps', _repaint(100, 1, 1), 2),
+  ('50 steps, jumps 10 x 2', _repaint(50, 10, 2), 2),
+  ('50 steps, no jumps', _repaint(50, 1, 1), 2),
+  ('25 steps, jumps 5 x 2', _repaint(25, 5, 2), 2),
+  ('25 steps, no jumps', _repaint(25, 1, 1), 2),
+  ('10 steps, no jumps', _repaint(10, 1, 1), 2),
+]
+
+
+@dataclasses.dataclass
+class Point:
+  setting: str
+  k: int
+  model_calls: int  # per image: K x calls per restoration
+  seconds_per_image: float  # measured: the setting's restoration time x K / K_max, per image
+  auc_calibration: float
+  auc_heldout: float
+  tpr_1pct_heldout: float
+  overrides: dict
+
+
+def points(
+  label: str,
+  overrides: dict,
+  nfe: int,
+  sims: np.ndarray,
+  seconds_per_image: float,
+  is_member: np.ndarray,
+  heldout: np.ndarray,
+) -> list[Point]:
+  """One point per K = 1, 2, 4, ... <= K_max: the mean of the first K similarities [N, K_max]."""
+  out = []
+  k_max = sims.shape[1]
+  hm, hn = heldout[is_member == 1], heldout[is_member == 0]
+  for k in range(1, k_max + 1):
+    if k & (k - 1):
+      continue
+    score = sims[:, :k].mean(axis=1)
+    m, n = score[is_member == 1], score[is_member == 0]
+    fpr, tpr, _ = metrics_lib.roc_curve(m[hm], n[hn])
+    out.append(
+      Point(
+        label,
+        k,
+        k * nfe,
+        seconds_per_image * k / k_max,
+        metrics_lib.auc(m[~hm], n[~hn]),
+        metrics_lib.auc(m[hm], n[hn]),
+        metrics_lib.tpr_at_fpr(fpr, tpr, 0.01),
+        overrides,
+      )
+    )
+  return out
+
+
+def choose(pts: list[Point], reference: Point, tolerance: float) -> Point:
+  """The cheapest point within ``tolerance`` of ``reference`` by CALIBRATION AUC (ties: the higher
+  calibration AUC). Held-out figures play no part."""
+  ok = [p for p in pts if p.auc_calibration >= reference.auc_calibration - tolerance]
+  return min(ok, key=lambda p: (p.model_calls, -p.auc_calibration))
+
+
+def run(
+  config,
+  target_path: str,
+  out_dir: str,
+  *,
+  heldout_members: int,
+  heldout_nonmembers: int,
+  tolerance: float,
+  batch_size: int,
+  grid=None,
+) -> dict[str, Any]:
+  """Measures the frontier; writes frontier.json, frontier.md and frontier.png into ``out_dir``."""
+  grid = GRID if grid is None else grid
+  target, images, indices, is_member, heldout = sweep_lib.image_set(
+    config, target_path, out_dir, heldout_members, heldout_nonmembers
+  )
+  comparator = config.drc.comparator
+  pts: list[Point] = []
+  for label, overrides, k_max in grid:
+    t0 = time.time()
+    sims, nfe = sweep_lib.restore_all(config, target, images, indices, overrides, k_max, batch_size)
+    seconds = time.time() - t0
+    if comparator not in sims:
+      raise ValueError(f'drc.comparator={comparator!r}: the frontier supports {sorted(sims)}')
+    new = points(label, overrides, nfe, sims[comparator], seconds / len(images), is_member, heldout)
+    pts += new
+    logging.info(
+      'frontier: %-40s %5d calls/restoration, %.0f s; calibration AUC %s',
+      label,
+      nfe,
+      seconds,
+      ', '.join(f'K={p.k} {p.auc_calibration:.3f}' for p in new),
+    )
+  reference = pts[0]
+  chosen = choose(pts, reference, tolerance)
+  doc = {
+    'target': target_path,
+    'step': target.step,
+    'protocol': {
+      'mask': config.drc.mask,
+      'mask_ratio': config.drc.mask_ratio,
+      'comparator': comparator,
+      'aggregation': 'mean over K',
+    },
+    'tolerance': tolerance,
+    'n_calibration': {
+      'members': int((~heldout & (is_member == 1)).sum()),
+      'nonmembers': int((~heldout & (is_member == 0)).sum()),
+    },
+    'n_heldout': {
+      'members': int((heldout & (is_member == 1)).sum()),
+      'nonmembers': int((heldout & (is_member == 0)).sum()),
+    },
+    'reference': dataclasses.asdict(reference),
+    'chosen': dataclasses.asdict(chosen),
+    'speedup_model_calls': reference.model_calls / chosen.model_calls,
+    'speedup_seconds': reference.seconds_per_image / chosen.seconds_per_image,
+    'points': [dataclasses.asdict(p) for p in pts],
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  fileio.atomic_write_text(os.path.join(out_dir, 'frontier.json'), json.dumps(doc, indent=1))
+  fileio.atomic_write_text(os.path.join(out_dir, 'frontier.md'), format_table(doc))
+  plot(pts, reference, chosen, os.path.join(out_dir, 'frontier.png'))
+  return doc
+
+
+def format_table(doc: dict[str, Any]) -> str:
+  """Markdown: every point, costliest first, then the reference and the choice."""
+  lines = [
+    '| RePaint setting | K | model calls / image | s / image | AUC calibration | '
+    'AUC held-out | TPR@1%FPR held-out |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  ref, chosen = doc['reference'], doc['chosen']
+  for p in sorted(doc['points'], key=lambda p: -p['model_calls']):
+    mark = ' **(chosen)**' if p == chosen else (' (reference)' if p == ref else '')
+    lines.append(
+      f'| {p["setting"]}{mark} | {p["k"]} | {p["model_calls"]:,} | '
+      f'{p["seconds_per_image"]:.3f} | {p["auc_calibration"]:.3f} | {p["auc_heldout"]:.3f} | '
+      f'{100 * p["tpr_1pct_heldout"]:.1f}% |'
+    )
+  cal, held = doc['n_calibration'], doc['n_heldout']
+  lines += [
+    '',
+    f'Calibration part: {cal["members"]} members, {cal["nonmembers"]} non-members; held-out: '
+    f'{held["members"]} members, {held["nonmembers"]} non-members.',
+    f'Chosen (the cheapest within {doc["tolerance"]} calibration AUC of the paper setting): '
+    f'{chosen["setting"]}, K={chosen["k"]}, {chosen["model_calls"]:,} calls per image '
+    f'(held-out AUC {chosen["auc_heldout"]:.3f} against {ref["auc_heldout"]:.3f}); '
+    f'{doc["speedup_model_calls"]:.1f}x fewer model calls, {doc["speedup_seconds"]:.1f}x '
+    'less time per image.',
+  ]
+  return '\n'.join(lines) + '\n'
+
+
+def plot(pts: list[Point], reference: Point, chosen: Point, path: str) -> str:
+  fig = plots.new_figure(7.0, 4.5)
+  ax = fig.subplots()
+  for k in sorted({p.k for p in pts}):
+    sel = sorted((p for p in pts if p.k == k), key=lambda p: p.model_calls)
+    ax.plot([p.model_calls for p in sel], [p.auc_heldout for p in sel], 'o-', label=f'K = {k}')
+  ax.scatter(
+    [reference.model_calls],
+    [reference.auc_heldout],
+    s=120,
+    marker='s',
+    facecolors='none',
+    edgecolors='black',
+    zorder=5,
+    label='the paper setting',
+  )
+  ax.scatter(
+    [chosen.model_calls],
+    [chosen.auc_heldout],
+    s=160,
+    marker='*',
+    color='red',
+    zorder=6,
+    label='chosen (on calibration)',
+  )
+  ax.axhline(0.5, color='black', lw=0.8, ls=':', label='chance')
+  ax.set_xscale('log')
+  ax.set_xlabel('model calls per image')
+  ax.set_ylabel('AUC (held-out)')
+  ax.set_title("DRC's cost frontier (RePaint)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize='small')
+  return plots.save_figure(fig, path)
