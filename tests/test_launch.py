@@ -133,7 +133,18 @@ def _calls(calls: pathlib.Path) -> list[dict]:
   return out
 
 
-@pytest.mark.parametrize('script', ['local.sh', 'tpu_vm.sh', 'slurm.sh', 'slurm.sbatch'])
+@pytest.mark.parametrize(
+  'script',
+  [
+    'local.sh',
+    'tpu_vm.sh',
+    'slurm.sh',
+    'slurm.sbatch',
+    'bench_vs_peer.sh',
+    'bench_train_vs_peer.sh',
+    'bench_gpu.sh',
+  ],
+)
 def test_scripts_parse(script):
   r = subprocess.run(
     ['bash', '-n', str(LAUNCH / script)], capture_output=True, text=True, check=False
@@ -370,3 +381,38 @@ def test_sbatch_script_alone_checks_variables_and_dry_runs():
     'drc_jax.main --config=configs/celeba.py '
     '--workdir=/shared/runs/celeba --mode=report'
   )
+
+
+def test_gpu_bench_peaks_and_table():
+  """launch/bench_gpu.py's peak lookup and table (the run itself needs a GPU to mean anything)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.spec_from_file_location('bench_gpu', LAUNCH / 'bench_gpu.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
+  assert mod.peak_tflops('NVIDIA H200', 'float32') == 494.7
+  assert mod.peak_tflops('cpu', 'float32') is None
+  row = dict(
+    dtype='bfloat16',
+    batch=64,
+    forward_images_per_s=5000.0,
+    tflops=98.94,
+    fraction_of_peak=0.1,
+    repaint_images_per_s=60.0,
+  )
+  doc = {
+    'device': 'NVIDIA H100 80GB HBM3',
+    'jax': '0.x',
+    'backend': 'gpu',
+    'repaint': {'steps': 50, 'jump_length': 10, 'jump_n_sample': 2},
+    'drc_jax': [row, dict(row, batch=256, fraction_of_peak=None)],
+    'peer': [
+      {'dtype': 'bfloat16', 'batch': 64, 'images_per_s': 20.0},
+      {'dtype': 'bfloat16', 'batch': 256, 'error': 'CUDA out of memory'},
+    ],
+  }
+  table = mod.format_table(doc)
+  assert '| bfloat16 | 64 | 5000.0 | 98.94 | 10.0% | 60.00 | 20.00 | 3.00x |' in table
+  assert '| bfloat16 | 256 | 5000.0 | 98.94 | n/a | 60.00 | n/a | n/a |' in table
+  assert 'diffusers failed at bfloat16, batch 256: CUDA out of memory' in table

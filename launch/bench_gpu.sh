@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The README's GPU figures in one prepared run (launch/bench_gpu.py: the paper UNet's forward and
+# RePaint at batch 64 and 256 in float32 and bfloat16, the fraction of the GPU's dense peak, and
+# diffusers' RePaintPipeline on the same GPU and UNet). Made for a lent GPU machine whose image has
+# JAX with CUDA, flax, optax and torch but no network, and lacks ml-collections and diffusers:
+#
+#   bash launch/bench_gpu.sh --prepare   # here, once: wheels into .whl/, the peer's UNet builder
+#                                        # into .peer/ (both git-ignored)
+#   bash launch/bench_gpu.sh             # there (carry .whl and .peer): figures into $OUT (else
+#                                        # runs/gpu), table on stdout; under 10 minutes on an H100
+#   QUICK=1 bash launch/bench_gpu.sh     # tiny batches and steps on any backend: checks the script
+set -euo pipefail
+cd "$(dirname "$0")/.."
+peer=${PEER:-../shared/peer}
+if [[ ${1:-} == --prepare ]]; then
+  rm -rf .whl .peer
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux2014_x86_64 -d .whl \
+    ml-collections==1.1.0 diffusers==0.42.1 importlib_metadata==8.7.0 zipp==3.23.0
+  mkdir -p .peer && cp "$peer/diffusers_repaint_bench.py" .peer/
+  ls .whl .peer
+  exit 0
+fi
+py=${PYTHON:-python3}
+if [[ -d .whl ]]; then  # what the GPU image lacks, installed beside it (not over it)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/drc-site .whl/*.whl
+  export PYTHONPATH=/tmp/drc-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+out=${OUT:-runs/gpu}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+peer_dir=.peer
+[[ -f $peer_dir/diffusers_repaint_bench.py ]] || peer_dir=$peer
+args=(--out="$out" --peer_dir="$peer_dir")
+[[ ${QUICK:-0} == 1 ]] && args+=(--quick)
+"$py" launch/bench_gpu.py "${args[@]}"
