@@ -43,6 +43,9 @@ class Attack:
   scores: Callable
   aux: Any = None  # host params pytree placed beside the model's (replicated)
   encoder_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+  # DRC: ``evidence(params, key_data, images, aux, side) -> (degraded, restored)`` [B, K, ...],
+  # from the same scorer as ``scores``; None for the other attacks.
+  evidence: Callable | None = None
 
 
 def _t(b, t):
@@ -72,7 +75,9 @@ def register(name: str):
 @register('drc')
 def drc(config, model, schedule, encoders=None) -> Attack:
   scorer = drc_lib.make_drc(config.drc, model, schedule, encoders)
-  return Attack('drc', scorer.nfe, scorer.similarities, scorer.aux, scorer.encoder_calls)
+  return Attack(
+    'drc', scorer.nfe, scorer.similarities, scorer.aux, scorer.encoder_calls, scorer.evidence
+  )
 
 
 @register('loss')

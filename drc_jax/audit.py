@@ -22,7 +22,6 @@ from etils import epath
 from drc_jax import attacks as attacks_lib
 from drc_jax import checkpoints, parallel, progress, results, shipped, store, validate
 from drc_jax import data as data_lib
-from drc_jax import drc as drc_lib
 from drc_jax import encoders as encoders_lib
 from drc_jax import samples as samples_lib
 from drc_jax import splits as splits_lib
@@ -119,9 +118,8 @@ def make_scorer(config, workdir: str) -> Scorer:
     attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rrddd', 'd')
   )
   evidence_fn = None
-  if 'drc' in attacks:
-    drc = drc_lib.make_drc(config.drc, target.model, target.schedule, encoders)
-    evidence_fn = jax.jit(drc.evidence, **parallel.shardings(mesh, 'rddrd', 'dd'))
+  if 'drc' in attacks:  # the DRC attack's own scorer: the same restorations as its scores
+    evidence_fn = jax.jit(attacks['drc'].evidence, **parallel.shardings(mesh, 'rddrd', 'dd'))
   sample_fn = jax.jit(samples_lib.make_sampler(target.model, target.schedule))
   side_fn = make_side_fn(config, names)
   return Scorer(target, mesh, names, attacks, score_fn, evidence_fn, sample_fn, aux, side_fn)

@@ -2,16 +2,25 @@
 
   python launch/profile_unet.py                         # embedded-default UNet, batch 16, forward
   python launch/profile_unet.py --batch=64 --train_step  # the training step instead
+  python launch/profile_unet.py --ablate [--train_step]   # cost of each part, by removing it
 
 Runs the jitted forward (or train step) a few times under ``jax.profiler.trace`` with a Perfetto
 trace, reads the trace's XLA operation events and prints the time per operation kind (convolution,
 fusion, dot, reduce, copy/transpose, ...) and the ten costliest operations, as a markdown table.
+
+The trace does not see every operation: with XLA:CPU's Eigen convolutions (drc_jax's default on
+jaxlib 0.10) the convolution work runs on Eigen's thread pool outside the traced thunks, so the
+traced total falls short of the wall time. ``--ablate`` answers the same question another way: it
+times, interleaved in one process, the program with one part removed at a time (GroupNorm, the
+attention blocks, SiLU, and dropout in the train step) and reports what each removal saves; the
+rest is the convolutions and what they feed.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import glob
 import gzip
 import json
@@ -22,6 +31,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from drc_jax import config_base
 from drc_jax.models import unet as model_lib
@@ -94,6 +104,58 @@ def _program(config, batch: int, train_step: bool):
   return run, text
 
 
+class _Identity(nnx.Module):
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __call__(self, x):
+    return x
+
+
+def _ablated_program(config, batch: int, train_step: bool, remove: str):
+  """The program with ``remove`` ('', 'groupnorm', 'attention', 'silu', 'dropout') taken out."""
+  saved = (model_lib.nnx.GroupNorm, model_lib.AttnBlock.__call__, model_lib.nnx.silu)
+  config = copy.deepcopy(config)
+  try:
+    if remove == 'groupnorm':
+      model_lib.nnx.GroupNorm = _Identity
+    elif remove == 'attention':
+      model_lib.AttnBlock.__call__ = lambda self, x: x
+    elif remove == 'silu':
+      model_lib.nnx.silu = lambda x: x
+    elif remove == 'dropout':
+      with config.unlocked():
+        config.model.dropout = 0.0
+    run, _ = _program(config, batch, train_step)
+    for _ in range(2):  # trace and compile while the part is removed
+      jax.block_until_ready(run())
+  finally:
+    model_lib.nnx.GroupNorm, model_lib.AttnBlock.__call__, model_lib.nnx.silu = saved
+  return run
+
+
+def ablate(config, batch: int, train_step: bool, repeats: int, rounds: int = 8) -> None:
+  parts = ['', 'groupnorm', 'attention', 'silu'] + (['dropout'] if train_step else [])
+  runs = {}
+  for part in parts:
+    runs[part] = _ablated_program(config, batch, train_step, part)
+  times = {part: [] for part in parts}
+  for _ in range(rounds):  # interleaved, so drifts of a shared machine hit every variant alike
+    for part in parts:
+      t0 = time.perf_counter()
+      for _ in range(repeats):
+        jax.block_until_ready(runs[part]())
+      times[part].append((time.perf_counter() - t0) / repeats)
+  med = {part: float(np.median(v)) for part, v in times.items()}
+  full = med['']
+  what = 'train step' if train_step else 'forward'
+  print(f'UNet {what}, batch {batch}: {full * 1e3:.1f} ms per call (median of {rounds} rounds)\n')
+  print('| removed | ms per call | saves | share |\n|---|---|---|---|')
+  for part in parts[1:]:
+    saves = full - med[part]
+    print(f'| {part} | {med[part] * 1e3:.1f} | {saves * 1e3:.1f} ms | {saves / full:.0%} |')
+
+
 def _kind(name: str, contents: dict[str, str]) -> str:
   if name in contents:
     return contents[name]
@@ -112,8 +174,12 @@ def main():
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--train_step', action='store_true')
+  p.add_argument('--ablate', action='store_true', help='Time the program without each part.')
   args = p.parse_args()
   config = _load_config(args.config)
+  if args.ablate:
+    ablate(config, args.batch, args.train_step, args.repeats)
+    return
   run, hlo_text = _program(config, args.batch, args.train_step)
   contents = _fusion_contents(hlo_text)
   for _ in range(2):  # compile (twice: a donated first state may differ in placement)

@@ -11,6 +11,7 @@ from conftest import load_config
 
 from drc_jax import audit as A
 from drc_jax import checkpoints, errors, frontier, pipeline, shipped, splits, store, sweep
+from drc_jax import metrics as metrics_lib
 from drc_jax import samples as S
 from drc_jax import target as T
 
@@ -195,6 +196,20 @@ def test_frontier_chooses_on_calibration_against_the_paper_setting():
   assert (k2.k, k2.model_calls, k2.seconds_per_image) == (2, 180, 0.5)
   assert k1.auc_calibration == 1.0 and k2.auc_calibration == 0.0  # -2 vs -1, then -2 vs -1 swap
   assert k1.auc_heldout == k2.auc_heldout == 1.0
+  # The paired difference from the reference on the held-out part, with its bootstrap interval.
+  rng = np.random.default_rng(0)
+  is_member = np.repeat(np.array([1, 0], np.int8), 40)
+  heldout = np.tile([False, True], 40)
+  ref = rng.normal(size=80) + 0.5 * is_member
+  d, ci = frontier.paired_delta(ref, ref, is_member, heldout)
+  assert d == 0.0 and ci == (0.0, 0.0)
+  better = ref + 3.0 * is_member
+  d, (lo, hi) = frontier.paired_delta(better, ref, is_member, heldout)
+  held = heldout & (is_member == 1), heldout & (is_member == 0)
+  want = metrics_lib.auc(better[held[0]], better[held[1]]) - metrics_lib.auc(
+    ref[held[0]], ref[held[1]]
+  )
+  assert d == pytest.approx(want) and 0.0 < lo <= d <= hi
 
 
 def test_frontier_end_to_end_on_a_tiny_target(exported, tmp_path):
@@ -220,6 +235,11 @@ def test_frontier_end_to_end_on_a_tiny_target(exported, tmp_path):
     ('2 steps, no jumps', 2, 4),
   ]
   assert doc['reference']['setting'] == '4 steps, jumps 2 x 2'
+  assert doc['reference']['delta_heldout'] == 0.0
+  saved = np.load(tmp_path / 'frontier_sims.npz')
+  assert saved['sims_0'].shape == (len(saved['indices']), 1)
+  assert saved['sims_1'].shape == (len(saved['indices']), 2)
+  assert int(saved['heldout'].sum()) == 12
   assert doc['chosen']['model_calls'] <= 6
   assert doc['speedup_model_calls'] == 6 / doc['chosen']['model_calls']
   table = (tmp_path / 'frontier.md').read_text()
