@@ -21,7 +21,9 @@ if [[ ${1:-} == --prepare ]]; then
   ls .whl .peer
   exit 0
 fi
-py=${PYTHON:-python3}
+py=${PYTHON:-}  # this checkout's .venv where there is one (here), else the image's python3 (there)
+[[ -z $py && -x .venv/bin/python ]] && py=.venv/bin/python
+py=${py:-python3}
 if [[ -d .whl ]]; then  # what the GPU image lacks, installed beside it (not over it)
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/drc-site .whl/*.whl

@@ -36,10 +36,12 @@ def main():
   from diffusers_repaint_bench import build_unet  # pylint: disable=import-outside-toplevel
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  dtype = getattr(torch, a.dtype)
   torch.manual_seed(0)
   # The paper UNet (configs/cifar10.py): ch 128, (1, 2, 2, 2), 2 blocks, attention at 16, 32x32x3.
-  unet = build_unet(128, [1, 2, 2, 2], 32, 3, {16}, 2).to(device=device, dtype=dtype)
+  # bfloat16 as drc_jax's model.dtype: float32 weights and pipeline, the UNet's convolutions and
+  # matmuls in bfloat16 (torch.autocast; a bfloat16 UNet stops RePaintPipeline's numpy output).
+  unet = build_unet(128, [1, 2, 2, 2], 32, 3, {16}, 2).to(device=device)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=a.dtype == 'bfloat16')
   calls = {'n': 0}
   forward = unet.forward
 
@@ -52,12 +54,12 @@ def main():
     unet=unet, scheduler=RePaintScheduler(num_train_timesteps=1000, beta_schedule='linear')
   )
   pipe.set_progress_bar_config(disable=True)
-  img = (torch.rand(a.batch, 3, 32, 32) * 2 - 1).to(device=device, dtype=dtype)
-  mask = torch.ones(a.batch, 1, 32, 32, device=device, dtype=dtype)
+  img = (torch.rand(a.batch, 3, 32, 32) * 2 - 1).to(device=device)
+  mask = torch.ones(a.batch, 1, 32, 32, device=device)
   mask[:, :, 8:24, 8:24] = 0
 
   def run():
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
       pipe(
         image=img,
         mask_image=mask,
