@@ -81,25 +81,11 @@ def points(
   """One point per K = 1, 2, 4, ... <= K_max: the mean of the first K similarities [N, K_max]."""
   out = []
   k_max = sims.shape[1]
-  hm, hn = heldout[is_member == 1], heldout[is_member == 0]
   for k in range(1, k_max + 1):
     if k & (k - 1):
       continue
-    score = sims[:, :k].mean(axis=1)
-    m, n = score[is_member == 1], score[is_member == 0]
-    fpr, tpr, _ = metrics_lib.roc_curve(m[hm], n[hn])
-    out.append(
-      Point(
-        label,
-        k,
-        k * nfe,
-        seconds_per_image * k / k_max,
-        metrics_lib.auc(m[~hm], n[~hn]),
-        metrics_lib.auc(m[hm], n[hn]),
-        metrics_lib.tpr_at_fpr(fpr, tpr, 0.01),
-        overrides,
-      )
-    )
+    figures = sweep_lib.split_figures(sims[:, :k].mean(axis=1), is_member, heldout)
+    out.append(Point(label, k, k * nfe, seconds_per_image * k / k_max, *figures, overrides))
   return out
 
 
@@ -238,7 +224,8 @@ def format_table(doc: dict[str, Any]) -> str:
     '',
     f'Calibration part: {cal["members"]} members, {cal["nonmembers"]} non-members; held-out: '
     f'{held["members"]} members, {held["nonmembers"]} non-members.',
-    f'Chosen (the cheapest within {doc["tolerance"]} calibration AUC of the paper setting): '
+    f'Chosen (the cheapest within {doc["tolerance"]} calibration AUC of the reference, '
+    f'{ref["setting"]}): '
     f'{chosen["setting"]}, K={chosen["k"]}, {chosen["model_calls"]:,} calls per image '
     f'(held-out AUC {chosen["auc_heldout"]:.3f} against {ref["auc_heldout"]:.3f}); '
     f'{doc["speedup_model_calls"]:.1f}x fewer model calls, {doc["speedup_seconds"]:.1f}x '
@@ -272,11 +259,5 @@ def plot(pts: list[Point], reference: Point, chosen: Point, path: str) -> str:
     zorder=6,
     label='chosen (on calibration)',
   )
-  ax.axhline(0.5, color='black', lw=0.8, ls=':', label='chance')
-  ax.set_xscale('log')
-  ax.set_xlabel('model calls per image')
-  ax.set_ylabel('AUC (held-out)')
-  ax.set_title("DRC's cost frontier (RePaint)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize='small')
+  plots.auc_against_calls_axes(ax, "DRC's cost frontier (RePaint)")
   return plots.save_figure(fig, path)

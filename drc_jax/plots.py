@@ -45,6 +45,17 @@ def save_figure(fig, path: str) -> str:
   return path
 
 
+def auc_against_calls_axes(ax, title: str) -> None:
+  """The axes of a held-out AUC against model calls per image plot (log x, a chance line)."""
+  ax.axhline(0.5, color='black', lw=0.8, ls=':', label='chance')
+  ax.set_xscale('log')
+  ax.set_xlabel('model calls per image')
+  ax.set_ylabel('AUC (held-out)')
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize='small')
+
+
 def attack_names(table: Mapping[str, np.ndarray]) -> list[str]:
   """The attacks of a score table, in key order: ``score/drc`` -> ``drc``."""
   return [key[len(SCORE_PREFIX) :] for key in table if key.startswith(SCORE_PREFIX)]

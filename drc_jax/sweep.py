@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -230,23 +231,25 @@ def score_rows(
         score = aggregate(s_k, how, comp, thr)
         if score is None:
           continue
-        m, n = score[is_member == 1], score[is_member == 0]
-        hm, hn = heldout[is_member == 1], heldout[is_member == 0]
-        fpr, tpr, _ = metrics_lib.roc_curve(m[hm], n[hn])
         rows.append(
-          Row(
-            label,
-            comp,
-            how,
-            k,
-            k * nfe,
-            metrics_lib.auc(m[~hm], n[~hn]),
-            metrics_lib.auc(m[hm], n[hn]),
-            metrics_lib.tpr_at_fpr(fpr, tpr, 0.01),
-            overrides,
-          )
+          Row(label, comp, how, k, k * nfe, *split_figures(score, is_member, heldout), overrides)
         )
   return rows
+
+
+def split_figures(
+  score: np.ndarray, is_member: np.ndarray, heldout: np.ndarray
+) -> tuple[float, float, float]:
+  """(AUC on the calibration part, AUC on the held-out part, held-out TPR at 1% FPR) of one
+  score per image."""
+  m, n = score[is_member == 1], score[is_member == 0]
+  hm, hn = heldout[is_member == 1], heldout[is_member == 0]
+  fpr, tpr, _ = metrics_lib.roc_curve(m[hm], n[hn])
+  return (
+    metrics_lib.auc(m[~hm], n[~hn]),
+    metrics_lib.auc(m[hm], n[hn]),
+    metrics_lib.tpr_at_fpr(fpr, tpr, 0.01),
+  )
 
 
 def select(rows: list[Row], tolerance: float) -> tuple[Row, Row]:
@@ -442,7 +445,6 @@ def format_table(rows: list[Row], best: Row, chosen: Row) -> str:
 
 
 def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
-
   fig = plots.new_figure(7.0, 4.5)
   ax = fig.subplots()
   ax.scatter(
@@ -469,13 +471,7 @@ def plot(rows: list[Row], best: Row, chosen: Row, path: str) -> str:
     zorder=5,
     label='chosen',
   )
-  ax.axhline(0.5, color='black', lw=0.8, ls=':', label='chance')
-  ax.set_xscale('log')
-  ax.set_xlabel('model calls per image')
-  ax.set_ylabel('AUC (held-out)')
-  ax.set_title('DRC: AUC against cost')
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize='small')
+  plots.auc_against_calls_axes(ax, 'DRC: AUC against cost')
   return plots.save_figure(fig, path)
 
 
@@ -527,25 +523,13 @@ def main(argv):
   if F.frontier:
     from drc_jax import frontier as frontier_lib  # pylint: disable=g-import-not-at-top (imports sweep)
 
-    grid = frontier_lib.GRID
-    if F.only:
-      grid = [grid[int(i)] for i in F.only.split(',')]
-    frontier_lib.run(
-      config,
-      F.target or config.audit.checkpoint,
-      F.out,
-      heldout_members=F.heldout_members,
-      heldout_nonmembers=F.heldout_nonmembers,
-      tolerance=F.tolerance,
-      batch_size=F.batch_size,
-      grid=grid,
-    )
-    print(epath.Path(F.out, 'frontier.md').read_text())
-    return
-  grid = GRID
+    module, table = frontier_lib, 'frontier.md'
+  else:
+    module, table = sys.modules[__name__], 'sweep.md'
+  grid = module.GRID
   if F.only:
-    grid = [GRID[int(i)] for i in F.only.split(',')]
-  doc = run(
+    grid = [grid[int(i)] for i in F.only.split(',')]
+  doc = module.run(
     config,
     F.target or config.audit.checkpoint,
     F.out,
@@ -555,8 +539,9 @@ def main(argv):
     batch_size=F.batch_size,
     grid=grid,
   )
-  print(epath.Path(F.out, 'sweep.md').read_text())
-  print(json.dumps({'chosen': doc['chosen'], 'best': doc['best']}, indent=1))
+  print(epath.Path(F.out, table).read_text())
+  if not F.frontier:
+    print(json.dumps({'chosen': doc['chosen'], 'best': doc['best']}, indent=1))
 
 
 if __name__ == '__main__':
