@@ -29,6 +29,22 @@ from drc_jax import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
 
 
+def _random_setup(config, batch: int):
+  """The config's UNet with random weights (replicated), its schedule, the mesh, and a sharded
+  batch of uniform random images with their per-image key data."""
+  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
+  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
+  schedule = schedule_lib.make_schedule(config.diffusion)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch, '--batch')
+  params = parallel.replicate(mesh, params)
+  res, ch = config.data.resolution, config.data.channels
+  images = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, ch)).astype(np.float32)
+  images = parallel.shard_batch(mesh, images)
+  key_data = parallel.shard_batch(mesh, drc_lib.image_keys(0, 0, np.arange(batch)))
+  return model, params, schedule, mesh, images, key_data
+
+
 def run_bench(
   config,
   restorer: str,
@@ -40,16 +56,7 @@ def run_bench(
   forward_only: bool,
 ) -> dict:
   """Builds the config's UNet (random weights), restores a batch, returns the figures."""
-  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
-  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
-  schedule = schedule_lib.make_schedule(config.diffusion)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch, '--batch')
-  params = parallel.replicate(mesh, params)
-  res, ch = config.data.resolution, config.data.channels
-  rng = np.random.default_rng(0)
-  images = parallel.shard_batch(mesh, rng.uniform(-1, 1, (batch, res, res, ch)).astype(np.float32))
-  key_data = parallel.shard_batch(mesh, drc_lib.image_keys(0, 0, np.arange(batch)))
+  model, params, schedule, mesh, images, key_data = _random_setup(config, batch)
 
   drc_cfg = config.drc.copy_and_resolve_references()
   with drc_cfg.unlocked():
@@ -84,8 +91,8 @@ def run_bench(
     'devices': jax.device_count(),
     'restorer': 'forward' if forward_only else restorer,
     'batch': batch,
-    'res': res,
-    'channels': ch,
+    'res': config.data.resolution,
+    'channels': config.data.channels,
     'ch': m.ch,
     'ch_mult': list(m.ch_mult),
     'num_res_blocks': m.num_res_blocks,
@@ -106,16 +113,7 @@ def run_bench(
 def run_drc_bench(config, batch: int, repeats: int) -> dict:
   """Images/s of the config's whole DRC (K restorations per image, degrade, compare) at ``batch``:
   ``--config.drc.restorations=scan|batch`` measures the K restorations in turn or as one batch."""
-  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
-  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
-  schedule = schedule_lib.make_schedule(config.diffusion)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch, '--batch')
-  params = parallel.replicate(mesh, params)
-  res, ch = config.data.resolution, config.data.channels
-  images = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, ch)).astype(np.float32)
-  images = parallel.shard_batch(mesh, images)
-  key_data = parallel.shard_batch(mesh, drc_lib.image_keys(0, 0, np.arange(batch)))
+  model, params, schedule, mesh, images, key_data = _random_setup(config, batch)
   scorer = drc_lib.make_drc(config.drc, model, schedule)
   fn = jax.jit(scorer.similarities, **parallel.shardings(mesh, 'rdd', 'd'))
   t0 = time.perf_counter()
