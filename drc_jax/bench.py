@@ -2,7 +2,7 @@
 
   python -m drc_jax.bench                                   # RePaint, embedded-default UNet
   python -m drc_jax.bench --config=configs/cifar10.py --batch=64 --steps=50
-  python -m drc_jax.bench --forward_only                    # the UNet forward alone
+  python -m drc_jax.bench --forward_only                    # the UNet forward alone (+ GFLOP/s)
 
 The defaults (RePaint, 50 respaced steps, jump length 10, 2 samples per jump, batch 16) are those
 of ``../shared/peer/run.sh`` (diffusers' RePaintPipeline in PyTorch), so the two run identical work
@@ -69,6 +69,8 @@ def run_bench(
     t = parallel.shard_batch(mesh, np.full((batch,), 500, np.int32))
     run = lambda: fwd(params, images, t)
     nfe = 1
+    cost = fwd.lower(params, images, t).cost_analysis() or {}  # XLA's FLOP count of the forward
+    gflop = cost.get('flops', float('nan')) / 1e9
   else:
     r = restore_lib.make_restorer(drc_cfg, model, schedule)
     restore = jax.jit(r.restore, **parallel.shardings(mesh, 'rddd', 'd'))
@@ -85,7 +87,7 @@ def run_bench(
     jax.block_until_ready(run())
   dt = (time.perf_counter() - t0) / repeats
   m = config.model
-  return {
+  out = {
     'drc_jax': jax.__version__,
     'backend': jax.default_backend(),
     'devices': jax.device_count(),
@@ -108,6 +110,10 @@ def run_bench(
     'model_calls_per_s': round(nfe / dt, 3),  # batched
     'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
+  if forward_only:
+    out['gflop_per_call'] = round(gflop, 3)
+    out['gflop_per_s'] = round(gflop / dt, 2)
+  return out
 
 
 def run_drc_bench(config, batch: int, repeats: int) -> dict:

@@ -4,13 +4,13 @@
   python launch/bench_gpu.py --quick --out=DIR    # a few seconds on any backend: checks the script
 
 For the paper UNet (configs/cifar10.py: 35.7M parameters, 32x32x3) at batch 64 and 256, in float32
-and bfloat16 (``config.model.dtype``): the jitted forward's images/s and achieved TFLOP/s (FLOPs
-from XLA's cost analysis of the compiled program), the fraction of the device's dense peak for
-that dtype (float32 against the TF32 peak: JAX's default precision lets XLA use TF32 on the GPU),
-and RePaint's images/s (50 respaced steps, jumps 10 x 2: 90 model calls per image, as
-../shared/peer). Then diffusers' RePaintPipeline on the same device and UNet layout
-(``launch/torch_repaint.py``, when torch and diffusers import). Writes ``gpu_bench.json`` and
-``gpu_bench.md`` into ``--out`` and prints the table.
+and bfloat16 (``config.model.dtype``): the jitted forward's images/s and achieved TFLOP/s
+(``python -m drc_jax.bench --forward_only``: FLOPs from XLA's cost analysis of the program), the
+fraction of the device's dense peak for that dtype (float32 against the TF32 peak: JAX's default
+precision lets XLA use TF32 on the GPU), and RePaint's images/s (50 respaced steps, jumps 10 x 2:
+90 model calls per image, as ../shared/peer). Then diffusers' RePaintPipeline on the same device
+and UNet layout (``launch/torch_repaint.py``, when torch and diffusers import). Writes
+``gpu_bench.json`` and ``gpu_bench.md`` into ``--out`` and prints the table.
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
-import numpy as np
 
 from drc_jax import bench, config_base
-from drc_jax.models import unet as model_lib
 
 # Dense peak TFLOP/s (no sparsity) by device name: bfloat16 and TF32 tensor cores, from NVIDIA's
 # data sheets (SXM parts; the H200 has the H100's compute).
@@ -52,35 +49,6 @@ def load_config(dtype: str):
   return config
 
 
-def forward_figures(config, batch: int, repeats: int) -> dict:
-  """The jitted UNet forward at ``batch``: seconds per call, images/s, FLOPs and TFLOP/s."""
-  unet_cfg = model_lib.unet_config_from(config.model, config.data.resolution, config.data.channels)
-  model, params = model_lib.DiffusionModel.create(unet_cfg, seed=0)
-  res, ch = config.data.resolution, config.data.channels
-  x = jax.device_put(
-    np.random.default_rng(0).uniform(-1, 1, (batch, res, res, ch)).astype(np.float32)
-  )
-  t = jax.device_put(np.full((batch,), 500, np.int32))
-  fn = jax.jit(model.apply)
-  compiled = fn.lower(params, x, t).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get('flops', float('nan')))
-  jax.block_until_ready(compiled(params, x, t))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, x, t))
-    times.append(time.perf_counter() - t0)
-  dt = float(np.median(times))
-  return {
-    'seconds_per_call': dt,
-    'images_per_s': batch / dt,
-    'gflop_per_call': flops / 1e9,
-    'tflops': flops / dt / 1e12,
-  }
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--out', required=True)
@@ -96,7 +64,8 @@ def main():
   for dtype in ('float32', 'bfloat16'):
     config = load_config(dtype)
     for batch in batches:
-      fwd = forward_figures(config, batch, repeats=3 if quick else 20)
+      fwd = bench.run_bench(config, 'repaint', batch, 0, 0, 0, 3 if quick else 20, True)
+      tflops = fwd['gflop_per_s'] / 1e3
       rep = bench.run_bench(
         config, 'repaint', batch, steps, jump_length, jump_n_sample, 1 if quick else 2, False
       )
@@ -107,11 +76,11 @@ def main():
           'dtype': dtype,
           'batch': batch,
           'forward_images_per_s': fwd['images_per_s'],
-          'forward_ms': 1e3 * fwd['seconds_per_call'],
+          'forward_ms': 1e3 * batch / fwd['images_per_s'],
           'gflop_per_call': fwd['gflop_per_call'],
-          'tflops': fwd['tflops'],
+          'tflops': tflops,
           'peak_tflops': peak,
-          'fraction_of_peak': fwd['tflops'] / peak if peak else None,
+          'fraction_of_peak': tflops / peak if peak else None,
           'repaint_images_per_s': rep['images_per_s'],
           'repaint_nfe_per_image': rep['nfe_per_image'],
           'params_m': rep['params_m'],

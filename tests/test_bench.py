@@ -16,6 +16,11 @@ def test_bench_reports_figures_and_work():
   assert (out['res'], out['channels'], out['ch'], out['ch_mult']) == (16, 1, 16, [1, 2])
   fwd = bench.run_bench(c, 'repaint', 8, 6, 2, 2, 1, forward_only=True)
   assert fwd['restorer'] == 'forward' and fwd['nfe_per_image'] == 1
+  # XLA's FLOP count of the forward: proportional to the batch, and a rate from the measured time
+  fwd16 = bench.run_bench(c, 'repaint', 16, 6, 2, 2, 1, forward_only=True)
+  assert fwd['gflop_per_call'] > 0 and fwd['gflop_per_s'] > 0
+  assert abs(fwd16['gflop_per_call'] / fwd['gflop_per_call'] - 2.0) < 0.01
+  assert 'gflop_per_call' not in out  # a restoration reports model calls, not one program's FLOPs
 
 
 def test_train_step_bench():
