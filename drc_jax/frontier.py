@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from drc_jax import fileio, plots
+from drc_jax import compare as compare_lib
+from drc_jax import errors, fileio, plots
 from drc_jax import metrics as metrics_lib
 from drc_jax import sweep as sweep_lib
 
@@ -133,18 +134,21 @@ def run(
 ) -> dict[str, Any]:
   """Measures the frontier; writes frontier.json, frontier.md and frontier.png into ``out_dir``."""
   grid = GRID if grid is None else grid
+  comparator = config.drc.comparator
+  if comparator not in compare_lib.COMPARATORS:  # checked before any restoration is spent
+    raise errors.UserError(
+      f'drc.comparator={comparator!r}: the frontier compares pixels, one of '
+      f'{sorted(compare_lib.COMPARATORS)}; set --config.drc.comparator to one of them'
+    )
   target, images, indices, is_member, heldout = sweep_lib.image_set(
     config, target_path, out_dir, heldout_members, heldout_nonmembers
   )
-  comparator = config.drc.comparator
   pts: list[Point] = []
   sims_of: dict[str, np.ndarray] = {}
   for label, overrides, k_max in grid:
     t0 = time.time()
     sims, nfe = sweep_lib.restore_all(config, target, images, indices, overrides, k_max, batch_size)
     seconds = time.time() - t0
-    if comparator not in sims:
-      raise ValueError(f'drc.comparator={comparator!r}: the frontier supports {sorted(sims)}')
     sims_of[label] = sims[comparator]
     new = points(label, overrides, nfe, sims[comparator], seconds / len(images), is_member, heldout)
     pts += new

@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from drc_jax import checkpoints, fileio, plots, shipped, streams
+from drc_jax import checkpoints, errors, fileio, plots, shipped, streams
 from drc_jax import compare as compare_lib
 from drc_jax import data as data_lib
 from drc_jax import drc as drc_lib
@@ -500,14 +500,19 @@ def _define_flags() -> None:
   flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
   flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
   flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
+  flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error.')
 
 
 def main(argv):
   del argv
+  if flags.FLAGS.config is None:
+    raise app.UsageError('--config is required')
+  errors.run_reporting_user_errors(_run_cli, flags.FLAGS.verbose)
+
+
+def _run_cli() -> None:
   F = flags.FLAGS  # pylint: disable=invalid-name
   config = F.config
-  if config is None:
-    raise app.UsageError('--config is required')
   if F.steps_curve:
     steps_curve_lib.steps_curve(
       config,

@@ -212,6 +212,22 @@ def test_frontier_chooses_on_calibration_against_the_paper_setting():
   assert d == pytest.approx(want) and 0.0 < lo <= d <= hi
 
 
+def test_frontier_refuses_an_encoder_comparator_before_restoring(tmp_path):
+  c = _config()
+  c.drc.comparator = 'cosine'
+  with pytest.raises(errors.UserError, match=r"drc.comparator='cosine'.*masked_mse"):
+    frontier.run(
+      c,
+      str(tmp_path / 'no-target-needed'),
+      str(tmp_path),
+      heldout_members=4,
+      heldout_nonmembers=8,
+      tolerance=0.01,
+      batch_size=16,
+    )
+  assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_frontier_end_to_end_on_a_tiny_target(exported, tmp_path):
   _, out = exported
   grid = [
