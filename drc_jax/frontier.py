@@ -40,6 +40,8 @@ def _repaint(steps: int, jump_length: int, jump_n_sample: int) -> dict[str, Any]
   return dict(restorer='repaint', steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
 
 
+PARTS = ('calibration', 'held-out')  # the part a choice is made on, the part reported
+
 # (label, RePaint overrides, K_max), costliest first; the first row is the paper's setting.
 GRID: list[tuple[str, dict[str, Any], int]] = [
   ('250 steps, jumps 10 x 10 (the paper)', _repaint(250, 10, 10), 1),
@@ -121,6 +123,48 @@ def choose(pts: list[Point], reference: Point, tolerance: float) -> Point:
   return min(ok, key=lambda p: (p.model_calls, -p.auc_calibration))
 
 
+def figures(
+  grid,
+  sims_of: dict[str, np.ndarray],
+  nfe_of: dict[str, int],
+  seconds_of: dict[str, float],
+  is_member: np.ndarray,
+  heldout: np.ndarray,
+  tolerance: float,
+) -> dict[str, Any]:
+  """The frontier's figures from per-image similarities (label -> [N, K_max]): every point, the
+  reference (the grid's first setting, K = 1), the choice made on the ``~heldout`` part alone and
+  each point's paired difference from the reference on the ``heldout`` part."""
+  pts: list[Point] = []
+  for label, overrides, _ in grid:
+    pts += points(
+      label, overrides, nfe_of[label], sims_of[label], seconds_of[label], is_member, heldout
+    )
+  reference = pts[0]
+  ref_score = sims_of[reference.setting][:, : reference.k].mean(axis=1)
+  for p in pts:
+    p.delta_heldout, p.delta_heldout_ci = paired_delta(
+      sims_of[p.setting][:, : p.k].mean(axis=1), ref_score, is_member, heldout
+    )
+  chosen = choose(pts, reference, tolerance)
+  return {
+    'tolerance': tolerance,
+    'n_calibration': {
+      'members': int((~heldout & (is_member == 1)).sum()),
+      'nonmembers': int((~heldout & (is_member == 0)).sum()),
+    },
+    'n_heldout': {
+      'members': int((heldout & (is_member == 1)).sum()),
+      'nonmembers': int((heldout & (is_member == 0)).sum()),
+    },
+    'reference': dataclasses.asdict(reference),
+    'chosen': dataclasses.asdict(chosen),
+    'speedup_model_calls': reference.model_calls / chosen.model_calls,
+    'speedup_seconds': reference.seconds_per_image / chosen.seconds_per_image,
+    'points': [dataclasses.asdict(p) for p in pts],
+  }
+
+
 def run(
   config,
   target_path: str,
@@ -143,15 +187,15 @@ def run(
   target, images, indices, is_member, heldout = sweep_lib.image_set(
     config, target_path, out_dir, heldout_members, heldout_nonmembers
   )
-  pts: list[Point] = []
   sims_of: dict[str, np.ndarray] = {}
+  nfe_of: dict[str, int] = {}
+  seconds_of: dict[str, float] = {}
   for label, overrides, k_max in grid:
     t0 = time.time()
     sims, nfe = sweep_lib.restore_all(config, target, images, indices, overrides, k_max, batch_size)
     seconds = time.time() - t0
-    sims_of[label] = sims[comparator]
-    new = points(label, overrides, nfe, sims[comparator], seconds / len(images), is_member, heldout)
-    pts += new
+    sims_of[label], nfe_of[label], seconds_of[label] = sims[comparator], nfe, seconds / len(images)
+    new = points(label, overrides, nfe, sims_of[label], seconds_of[label], is_member, heldout)
     logging.info(
       'frontier: %-40s %5d calls/restoration, %.0f s; calibration AUC %s',
       label,
@@ -159,36 +203,17 @@ def run(
       seconds,
       ', '.join(f'K={p.k} {p.auc_calibration:.3f}' for p in new),
     )
-  reference = pts[0]
-  ref_score = sims_of[reference.setting][:, : reference.k].mean(axis=1)
-  for p in pts:
-    p.delta_heldout, p.delta_heldout_ci = paired_delta(
-      sims_of[p.setting][:, : p.k].mean(axis=1), ref_score, is_member, heldout
-    )
-  chosen = choose(pts, reference, tolerance)
+  protocol = {
+    'mask': config.drc.mask,
+    'mask_ratio': config.drc.mask_ratio,
+    'comparator': comparator,
+    'aggregation': 'mean over K',
+  }
   doc = {
     'target': target_path,
     'step': target.step,
-    'protocol': {
-      'mask': config.drc.mask,
-      'mask_ratio': config.drc.mask_ratio,
-      'comparator': comparator,
-      'aggregation': 'mean over K',
-    },
-    'tolerance': tolerance,
-    'n_calibration': {
-      'members': int((~heldout & (is_member == 1)).sum()),
-      'nonmembers': int((~heldout & (is_member == 0)).sum()),
-    },
-    'n_heldout': {
-      'members': int((heldout & (is_member == 1)).sum()),
-      'nonmembers': int((heldout & (is_member == 0)).sum()),
-    },
-    'reference': dataclasses.asdict(reference),
-    'chosen': dataclasses.asdict(chosen),
-    'speedup_model_calls': reference.model_calls / chosen.model_calls,
-    'speedup_seconds': reference.seconds_per_image / chosen.seconds_per_image,
-    'points': [dataclasses.asdict(p) for p in pts],
+    'protocol': protocol,
+    **figures(grid, sims_of, nfe_of, seconds_of, is_member, heldout, tolerance),
   }
   os.makedirs(out_dir, exist_ok=True)
   # The per-image similarities, so that any other reading of the frontier needs no re-run.
@@ -201,17 +226,84 @@ def run(
       settings=np.array([label for label, _, _ in grid]),
       **{f'sims_{i}': sims_of[label] for i, (label, _, _) in enumerate(grid)},
     )
-  fileio.atomic_write_text(os.path.join(out_dir, 'frontier.json'), json.dumps(doc, indent=1))
-  fileio.atomic_write_text(os.path.join(out_dir, 'frontier.md'), format_table(doc))
-  plot(pts, reference, chosen, os.path.join(out_dir, 'frontier.png'))
+  write(doc, out_dir, 'frontier')
+  return doc
+
+
+def write(doc: dict[str, Any], out_dir: str, stem: str) -> None:
+  """``stem``.json, .md (the table) and .png (held-out AUC against calls) in ``out_dir``."""
+  os.makedirs(out_dir, exist_ok=True)
+  fileio.atomic_write_text(os.path.join(out_dir, f'{stem}.json'), json.dumps(doc, indent=1))
+  fileio.atomic_write_text(os.path.join(out_dir, f'{stem}.md'), format_table(doc))
+  plot(doc, os.path.join(out_dir, f'{stem}.png'))
+
+
+def _saved(run_dir: str) -> tuple[dict[str, Any], Any]:
+  """(frontier.json, frontier_sims.npz) of a frontier run's output directory."""
+  json_path = os.path.join(run_dir, 'frontier.json')
+  npz_path = os.path.join(run_dir, 'frontier_sims.npz')
+  for path in (json_path, npz_path):
+    if not os.path.exists(path):
+      raise errors.UserError(f'{path}: not found (a frontier run writes it; --out of that run)')
+  with open(json_path) as f:
+    return json.load(f), np.load(npz_path)
+
+
+def reread(run_dir: str, heldout: np.ndarray, parts: tuple[str, str]) -> dict[str, Any]:
+  """An earlier run's frontier (its frontier.json and frontier_sims.npz) read with another
+  partition of the same images: the choice is made on ``~heldout`` alone and every figure reported
+  on ``heldout``; ``parts`` names the two parts in the table. No restoration runs; the grid,
+  costs and timings are the run's."""
+  old, saved = _saved(run_dir)
+  npz_path = os.path.join(run_dir, 'frontier_sims.npz')
+  if heldout.shape != saved['heldout'].shape:
+    raise errors.UserError(
+      f'{npz_path}: {len(saved["heldout"])} images, the new partition has {len(heldout)}'
+    )
+  grid, sims_of, nfe_of, seconds_of = [], {}, {}, {}
+  for i, label in enumerate(str(x) for x in saved['settings']):
+    pts = sorted((p for p in old['points'] if p['setting'] == label), key=lambda p: p['k'])
+    sims_of[label] = saved[f'sims_{i}']
+    k_max = sims_of[label].shape[1]
+    nfe_of[label] = pts[0]['model_calls'] // pts[0]['k']
+    seconds_of[label] = pts[0]['seconds_per_image'] * k_max / pts[0]['k']
+    grid.append((label, pts[0]['overrides'], k_max))
+  new = figures(
+    grid, sims_of, nfe_of, seconds_of, saved['is_member'], heldout, float(old['tolerance'])
+  )
+  doc = {'target': old['target'], 'step': old['step'], 'protocol': old['protocol'], **new}
+  return {**doc, 'parts': list(parts)}
+
+
+def reread_fresh(config, run_dir: str, out_dir: str, seen: tuple[int, int]) -> dict[str, Any]:
+  """The frontier of the run in ``run_dir`` with the choice made on every image an earlier run of
+  the same config scored (its calibration part and the held-out images that
+  ``--heldout_members/--heldout_nonmembers = seen`` drew), and every figure reported on the
+  held-out images that earlier run never scored. Writes frontier_fresh.{json,md,png}."""
+  _, saved = _saved(run_dir)
+  _, _, earlier, _, earlier_heldout = sweep_lib.image_indices(config, out_dir, *seen)
+  calibration = saved['indices'][~saved['heldout']]
+  if not np.array_equal(np.sort(calibration), np.sort(earlier[~earlier_heldout])):
+    raise errors.UserError(
+      f'{run_dir}: its calibration images are not those of this config; re-read it with the '
+      'config (and overrides) of its run'
+    )
+  fresh = saved['heldout'] & ~np.isin(saved['indices'], earlier[earlier_heldout])
+  for name, flag in (('members', 1), ('non-members', 0)):
+    if not (fresh & (saved['is_member'] == flag)).any():
+      raise errors.UserError(f'{run_dir}: no held-out {name} that the earlier run did not score')
+  doc = reread(run_dir, fresh, ('selection', 'fresh held-out'))
+  doc['seen'] = {'heldout_members': seen[0], 'heldout_nonmembers': seen[1]}
+  write(doc, out_dir, 'frontier_fresh')
   return doc
 
 
 def format_table(doc: dict[str, Any]) -> str:
   """Markdown: every point, costliest first, then the reference and the choice."""
+  sel, rep = doc.get('parts', PARTS)
   lines = [
-    '| RePaint setting | K | model calls / image | s / image | AUC calibration | '
-    'AUC held-out | held-out AUC - paper [95% CI] | TPR@1%FPR held-out |',
+    f'| RePaint setting | K | model calls / image | s / image | AUC {sel} | '
+    f'AUC {rep} | {rep} AUC - paper [95% CI] | TPR@1%FPR {rep} |',
     '|---|---|---|---|---|---|---|---|',
   ]
   ref, chosen = doc['reference'], doc['chosen']
@@ -226,27 +318,29 @@ def format_table(doc: dict[str, Any]) -> str:
   cal, held = doc['n_calibration'], doc['n_heldout']
   lines += [
     '',
-    f'Calibration part: {cal["members"]} members, {cal["nonmembers"]} non-members; held-out: '
-    f'{held["members"]} members, {held["nonmembers"]} non-members.',
-    f'Chosen (the cheapest within {doc["tolerance"]} calibration AUC of the reference, '
+    f'{sel[:1].upper() + sel[1:]} part: {cal["members"]} members, {cal["nonmembers"]} '
+    f'non-members; {rep} part: {held["members"]} members, {held["nonmembers"]} non-members.',
+    f'Chosen (the cheapest within {doc["tolerance"]} {sel} AUC of the reference, '
     f'{ref["setting"]}): '
     f'{chosen["setting"]}, K={chosen["k"]}, {chosen["model_calls"]:,} calls per image '
-    f'(held-out AUC {chosen["auc_heldout"]:.3f} against {ref["auc_heldout"]:.3f}); '
+    f'({rep} AUC {chosen["auc_heldout"]:.3f} against {ref["auc_heldout"]:.3f}); '
     f'{doc["speedup_model_calls"]:.1f}x fewer model calls, {doc["speedup_seconds"]:.1f}x '
     'less time per image.',
   ]
   return '\n'.join(lines) + '\n'
 
 
-def plot(pts: list[Point], reference: Point, chosen: Point, path: str) -> str:
+def plot(doc: dict[str, Any], path: str) -> str:
+  pts, reference, chosen = doc['points'], doc['reference'], doc['chosen']
   fig = plots.new_figure(7.0, 4.5)
   ax = fig.subplots()
-  for k in sorted({p.k for p in pts}):
-    sel = sorted((p for p in pts if p.k == k), key=lambda p: p.model_calls)
-    ax.plot([p.model_calls for p in sel], [p.auc_heldout for p in sel], 'o-', label=f'K = {k}')
+  for k in sorted({p['k'] for p in pts}):
+    sel = sorted((p for p in pts if p['k'] == k), key=lambda p: p['model_calls'])
+    calls, aucs = [p['model_calls'] for p in sel], [p['auc_heldout'] for p in sel]
+    ax.plot(calls, aucs, 'o-', label=f'K = {k}')
   ax.scatter(
-    [reference.model_calls],
-    [reference.auc_heldout],
+    [reference['model_calls']],
+    [reference['auc_heldout']],
     s=120,
     marker='s',
     facecolors='none',
@@ -255,13 +349,13 @@ def plot(pts: list[Point], reference: Point, chosen: Point, path: str) -> str:
     label='the paper setting',
   )
   ax.scatter(
-    [chosen.model_calls],
-    [chosen.auc_heldout],
+    [chosen['model_calls']],
+    [chosen['auc_heldout']],
     s=160,
     marker='*',
     color='red',
     zorder=6,
-    label='chosen (on calibration)',
+    label=f'chosen (on the {doc.get("parts", PARTS)[0]} part)',
   )
   plots.auc_against_calls_axes(ax, "DRC's cost frontier (RePaint)")
   return plots.save_figure(fig, path)

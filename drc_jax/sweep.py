@@ -295,24 +295,14 @@ def restore_all(
   return {n: np.concatenate(v) for n, v in out.items()}, scorer.restorer.nfe
 
 
-def image_set(
-  config, target_path: str, out_dir: str, heldout_members: int, heldout_nonmembers: int
-) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(target, images, split indices, is_member, heldout): the images a sweep scores.
-
-  Every image of the audit's calibration part (``metrics.calibration_split``) and at most
-  ``heldout_members`` / ``heldout_nonmembers`` random held-out ones (0 = all); checks that the
-  target was trained on the config's members.
-  """
+def image_indices(
+  config, split_dir: str, heldout_members: int, heldout_nonmembers: int
+) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
+  """(source, split, dataset indices, is_member, heldout) of the images a sweep scores: every image
+  of the audit's calibration part (``metrics.calibration_split``) and at most ``heldout_members`` /
+  ``heldout_nonmembers`` random held-out ones (0 = all). A function of the config alone."""
   source = data_lib.make_source(config.data)
-  target = target_lib.load_target(target_path)
-  split = splits_lib.resolve(config.split, source, out_dir, write=False)
-  workdir = checkpoints.workdir_of(shipped.resolve(target_path))
-  splits_lib.check_trained_on(
-    checkpoints.trained_on(workdir),
-    splits_lib.training_data(config.data, source, split),
-    str(workdir / checkpoints.MODEL_JSON),
-  )
+  split = splits_lib.resolve(config.split, source, split_dir, write=False)
   mem_held, non_held = metrics_lib.calibration_split(
     len(split.members),
     len(split.nonmembers),
@@ -334,6 +324,24 @@ def image_set(
   indices = np.concatenate([split.members[keep_m], split.nonmembers[keep_n]])
   is_member = np.concatenate([np.ones(keep_m.sum(), np.int8), np.zeros(keep_n.sum(), np.int8)])
   heldout = np.concatenate([mem_held[keep_m], non_held[keep_n]])
+  return source, split, indices, is_member, heldout
+
+
+def image_set(
+  config, target_path: str, out_dir: str, heldout_members: int, heldout_nonmembers: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(target, images, split indices, is_member, heldout): the images a sweep scores
+  (``image_indices``), loaded; checks that the target was trained on the config's members."""
+  source, split, indices, is_member, heldout = image_indices(
+    config, out_dir, heldout_members, heldout_nonmembers
+  )
+  target = target_lib.load_target(target_path)
+  workdir = checkpoints.workdir_of(shipped.resolve(target_path))
+  splits_lib.check_trained_on(
+    checkpoints.trained_on(workdir),
+    splits_lib.training_data(config.data, source, split),
+    str(workdir / checkpoints.MODEL_JSON),
+  )
   images, _, _ = data_lib.load_images(source, indices, config.data)
   logging.info(
     'sweep on %d images: %d calibration (%d members), %d held-out (%d members)',
@@ -497,6 +505,14 @@ def _define_flags() -> None:
     "Instead of the sweep: DRC's cost frontier (drc_jax/frontier.py), the config's protocol "
     "from the paper's RePaint setting down.",
   )
+  flags.DEFINE_string(
+    'fresh_after',
+    '',
+    '--frontier: no restoration; re-read the saved scores of the run in --frontier_run choosing on '
+    "every image an earlier run with --heldout_members,--heldout_nonmembers = 'M,N' scored, and "
+    'reporting on the held-out images it never scored.',
+  )
+  flags.DEFINE_string('frontier_run', '', '--fresh_after: the --out of the run to re-read.')
   flags.DEFINE_string('steps', '', 'Comma list of checkpoint steps for --steps_curve.')
   flags.DEFINE_integer('drc_members', 128, '--steps_curve: members DRC scores.')
   flags.DEFINE_integer('drc_nonmembers', 256, '--steps_curve: non-members DRC scores.')
@@ -528,6 +544,14 @@ def _run_cli() -> None:
   if F.frontier:
     from drc_jax import frontier as frontier_lib  # pylint: disable=g-import-not-at-top (imports sweep)
 
+    if F.fresh_after:
+      seen = tuple(v.strip() for v in F.fresh_after.split(','))
+      if len(seen) != 2 or not all(v.isdigit() for v in seen):
+        raise errors.UserError(f'--fresh_after={F.fresh_after!r}: expected M,N (two integers)')
+      seen = (int(seen[0]), int(seen[1]))
+      frontier_lib.reread_fresh(config, F.frontier_run or F.out, F.out, seen)
+      print(epath.Path(F.out, 'frontier_fresh.md').read_text())
+      return
     module, table = frontier_lib, 'frontier.md'
   else:
     module, table = sys.modules[__name__], 'sweep.md'

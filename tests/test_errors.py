@@ -97,6 +97,29 @@ def test_convert_prints_one_line(tmp_path):
   ]
 
 
+@pytest.mark.parametrize(
+  'args, expected',
+  [
+    (['--fresh_after=96'], "error: --fresh_after='96': expected M,N (two integers)"),
+    (
+      ['--fresh_after=96,96', '--frontier_run={missing}'],
+      'error: {missing}/frontier.json: not found',
+    ),
+  ],
+)
+def test_frontier_rereading_errors_are_one_line(tmp_path, args, expected):
+  missing = str(tmp_path / 'no-run')
+  r = _run(
+    'drc_jax.sweep',
+    f'--config={REPO}/configs/fashion_mnist.py',
+    '--frontier',
+    f'--out={tmp_path / "out"}',
+    *[a.format(missing=missing) for a in args],
+  )
+  assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  assert _error_lines(r)[0].startswith(expected.format(missing=missing)), r.stderr[-2000:]
+
+
 def test_programming_errors_keep_their_traceback():
   def bug():
     raise RuntimeError('a bug')

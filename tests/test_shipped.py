@@ -261,6 +261,26 @@ def test_frontier_end_to_end_on_a_tiny_target(exported, tmp_path):
   table = (tmp_path / 'frontier.md').read_text()
   assert '(reference)' in table or '**(chosen)**' in table
   assert (tmp_path / 'frontier.png').exists() and (tmp_path / 'frontier.json').exists()
+  # Re-reading the saved scores with the run's own partition gives the run's figures exactly.
+  again = frontier.reread(str(tmp_path), saved['heldout'], frontier.PARTS)
+  assert json.dumps(again['points']) == json.dumps(doc['points'])
+  # Fresh reading: choose on every image an earlier (2, 4) run scored, report on the others.
+  _, _, earlier, _, earlier_held = sweep.image_indices(_config(), str(tmp_path), 2, 4)
+  seen = np.isin(saved['indices'], earlier[earlier_held]) | ~saved['heldout']
+  fresh = frontier.reread_fresh(_config(), str(tmp_path), str(tmp_path), (2, 4))
+  member = saved['is_member'] == 1
+  assert fresh['n_heldout'] == {
+    'members': int((~seen & member).sum()),
+    'nonmembers': int((~seen & ~member).sum()),
+  }
+  assert fresh['n_calibration']['members'] == int((seen & member).sum())
+  assert fresh['n_heldout']['members'] >= 2  # 4 drawn before, 2 now: at least 2 are fresh
+  assert '| AUC selection | AUC fresh held-out |' in (tmp_path / 'frontier_fresh.md').read_text()
+  assert (tmp_path / 'frontier_fresh.png').exists()
+  other = _config()
+  other.seed = 1  # another calibration part: the saved run is not this config's
+  with pytest.raises(errors.UserError, match='calibration images are not those of this config'):
+    frontier.reread_fresh(other, str(tmp_path), str(tmp_path / 'other'), (2, 4))
 
 
 def test_noise_samples_are_flagged_against_real_images(fmnist_local):
