@@ -29,6 +29,30 @@ from drc_jax import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
 
 
+def _page_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _allocator() -> str:
+  """'tcmalloc' when this process has it loaded (launch/local.sh preloads it), else 'default'."""
+  try:
+    with open('/proc/self/maps') as f:
+      return 'tcmalloc' if 'libtcmalloc' in f.read() else 'default'
+  except OSError:
+    return 'unknown'
+
+
+def _host_figures(faults0: int, repeats: int) -> dict:
+  """The host's side of a timing: the malloc in use, page faults per timed run (glibc's malloc
+  gives freed temporaries back to the kernel, so each run faults them in again; README "Speed")
+  and the peak RSS."""
+  return {
+    'allocator': _allocator(),
+    'page_faults_per_run': round((_page_faults() - faults0) / repeats),
+    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }
+
+
 def _random_setup(config, batch: int):
   """The config's UNet with random weights (replicated), its schedule, the mesh, and a sharded
   batch of uniform random images with their per-image key data."""
@@ -82,6 +106,7 @@ def run_bench(
   t0 = time.perf_counter()
   jax.block_until_ready(run())
   compile_s = time.perf_counter() - t0
+  faults0 = _page_faults()
   t0 = time.perf_counter()
   for _ in range(repeats):
     jax.block_until_ready(run())
@@ -108,7 +133,7 @@ def run_bench(
     'compile_s': round(compile_s - dt, 2),
     'images_per_s': round(batch / dt, 4),
     'model_calls_per_s': round(nfe / dt, 3),  # batched
-    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    **_host_figures(faults0, repeats),
   }
   if forward_only:
     out['gflop_per_call'] = round(gflop, 3)
@@ -125,6 +150,7 @@ def run_drc_bench(config, batch: int, repeats: int) -> dict:
   t0 = time.perf_counter()
   jax.block_until_ready(fn(params, key_data, images))
   compile_s = time.perf_counter() - t0
+  faults0 = _page_faults()
   t0 = time.perf_counter()
   for _ in range(repeats):
     jax.block_until_ready(fn(params, key_data, images))
@@ -138,7 +164,7 @@ def run_drc_bench(config, batch: int, repeats: int) -> dict:
     'seconds': round(dt, 3),
     'compile_s': round(compile_s - dt, 2),
     'images_per_s': round(batch / dt, 4),
-    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    **_host_figures(faults0, repeats),
   }
 
 
@@ -195,6 +221,7 @@ def run_train_bench(config, repeats: int) -> dict:
   state, m = step(state, images, valid, key)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
+  faults0 = _page_faults()
   t0 = time.perf_counter()
   for _ in range(repeats):
     state, m = step(state, images, valid, key)
@@ -211,7 +238,7 @@ def run_train_bench(config, repeats: int) -> dict:
     'seconds_per_step': round(dt, 3),
     'steps_per_s': round(1 / dt, 3),
     'compile_s': round(compile_s - dt, 2),
-    'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    **_host_figures(faults0, repeats),
   }
 
 

@@ -6,9 +6,11 @@
 #   MODEL=paper BATCH=4 STEPS=10 bash launch/bench_vs_peer.sh   # the 35.7M paper UNet at 32x32x3
 #
 # Variables: MODEL (default|paper), BATCH (16), STEPS (50), JUMP_LENGTH (10), JUMP_N_SAMPLE (2),
-# REPEATS (2), PEER (path of the peer's run.sh, default ../shared/peer/run.sh), DRY_RUN=1.
+# REPEATS (2), PEER (path of the peer's run.sh, default ../shared/peer/run.sh), DRY_RUN=1;
+# DRC_JAX_TCMALLOC=0 runs drc_jax on glibc's malloc, PEER_TCMALLOC=1 the peer on tcmalloc too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/tcmalloc.sh
 model=${MODEL:-default}
 batch=${BATCH:-16}; steps=${STEPS:-50}; jl=${JUMP_LENGTH:-10}; jn=${JUMP_N_SAMPLE:-2}
 repeats=${REPEATS:-2}
@@ -29,8 +31,9 @@ theirs=(bash "$peer" "${peer_layout[@]}" --batch "$batch" --steps "$steps" --jum
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   echo "${ours[*]}"; echo "${theirs[*]}"; exit 0
 fi
-a=$("${ours[@]}" 2>/dev/null | tail -1)
-b=$("${theirs[@]}" 2>/dev/null | tail -1)
+# drc_jax on tcmalloc as launch/local.sh runs it; the peer on glibc's malloc unless PEER_TCMALLOC=1
+a=$(drc_jax_preload_tcmalloc; "${ours[@]}" 2>/dev/null | tail -1)
+b=$([[ ${PEER_TCMALLOC:-0} == 1 ]] && drc_jax_preload_tcmalloc; "${theirs[@]}" 2>/dev/null | tail -1)
 echo "drc_jax: $a"
 echo "peer:    $b"
 python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); \

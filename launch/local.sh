@@ -8,19 +8,25 @@
 #   bash launch/local.sh setup                       # set up only
 #
 # Environment: VENV (default .venv in the repo), EXTRAS (pip extras, default: 'test' for main and
-# bench, 'test,torch,reference' for test), DRC_JAX_SKIP_APT=1 to skip the apt step.
+# bench, 'test,torch,reference' for test), DRC_JAX_SKIP_APT=1 to skip the apt step,
+# DRC_JAX_TCMALLOC=0 to run on glibc's malloc instead of tcmalloc (launch/tcmalloc.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/tcmalloc.sh
 job=${1:-main}
 shift || true
 venv=${VENV:-.venv}
 
-if [[ ${DRC_JAX_SKIP_APT:-0} != 1 && ! -d /usr/share/datasets/fashion-mnist ]]; then
-  echo "[setup] installing Debian package dataset-fashion-mnist (real images, offline)" >&2
+# Debian packages: real images offline (dataset-fashion-mnist) and tcmalloc (libtcmalloc-minimal4:
+# XLA:CPU programs run about 20% faster on it than on glibc's malloc, launch/tcmalloc.sh).
+if [[ ${DRC_JAX_SKIP_APT:-0} != 1 ]] && { [[ ! -d /usr/share/datasets/fashion-mnist ]] \
+   || ! TCMALLOC_LIB='' drc_jax_tcmalloc_path >/dev/null; }; then
+  echo "[setup] installing Debian packages dataset-fashion-mnist, libtcmalloc-minimal4" >&2
   sudo=""
   [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist \
+    libtcmalloc-minimal4 >/dev/null
 fi
 
 case $job in
@@ -40,6 +46,7 @@ if [[ ! -x $venv/bin/python || ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 
+[[ $job == lint || $job == setup ]] || drc_jax_preload_tcmalloc
 case $job in
   setup) ;;
   main) exec "$venv/bin/python" -m drc_jax.main "$@" ;;

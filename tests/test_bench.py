@@ -27,6 +27,8 @@ def test_train_step_bench():
   c = load_config('fashion_mnist', 'runlocal')
   out = bench.run_train_bench(c, repeats=1)
   assert out['steps_per_s'] > 0 and out['batch'] == c.train.batch_size
+  # the host's side: which malloc (the launchers preload tcmalloc) and the page faults of a step
+  assert out['allocator'] in ('tcmalloc', 'default') and out['page_faults_per_run'] >= 0
 
 
 def test_encoder_bench_reports_calls_and_time():

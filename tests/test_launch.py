@@ -10,6 +10,7 @@ drc_jax.main would receive on a worker.
 import os
 import pathlib
 import subprocess
+import sys
 import time
 
 import pytest
@@ -416,3 +417,47 @@ def test_gpu_bench_peaks_and_table():
   assert '| bfloat16 | 64 | 5000.0 | 98.94 | 10.0% | 60.00 | 20.00 | 3.00x |' in table
   assert '| bfloat16 | 256 | 5000.0 | 98.94 | n/a | 60.00 | n/a | n/a |' in table
   assert 'diffusers failed at bfloat16, batch 256: CUDA out of memory' in table
+
+
+def _preload(tmp_path, env, script='drc_jax_preload_tcmalloc; echo "[${LD_PRELOAD:-}]"'):
+  r = subprocess.run(
+    ['bash', '-c', f'set -euo pipefail; source {LAUNCH / "tcmalloc.sh"}; {script}'],
+    capture_output=True,
+    text=True,
+    env={'PATH': os.environ['PATH'], **env},
+    check=False,
+  )
+  assert r.returncode == 0, r.stderr
+  return r.stdout.strip(), r.stderr
+
+
+def test_tcmalloc_preload(tmp_path):
+  lib = tmp_path / 'libtcmalloc_minimal.so.4'
+  lib.write_bytes(b'')
+  assert _preload(tmp_path, {'TCMALLOC_LIB': str(lib)})[0] == f'[{lib}]'
+  # after what is already preloaded; never twice; off with DRC_JAX_TCMALLOC=0
+  out, _ = _preload(tmp_path, {'TCMALLOC_LIB': str(lib), 'LD_PRELOAD': '/x/libother.so'})
+  assert out == f'[{lib} /x/libother.so]'
+  out, _ = _preload(tmp_path, {'TCMALLOC_LIB': '/y/z', 'LD_PRELOAD': f'{lib}'})
+  assert out == f'[{lib}]'
+  assert _preload(tmp_path, {'TCMALLOC_LIB': str(lib), 'DRC_JAX_TCMALLOC': '0'})[0] == '[]'
+  out, err = _preload(tmp_path, {'TCMALLOC_LIB': str(tmp_path / 'missing.so')})
+  assert out == '[]' and 'missing.so does not exist' in err
+
+
+def test_tcmalloc_is_what_the_launchers_run_drc_jax_on(tmp_path):
+  """With the Debian package installed (launch/local.sh installs it), a preloaded process runs on
+  tcmalloc, and bench reports it."""
+  found = subprocess.run(
+    ['bash', '-c', f'source {LAUNCH / "tcmalloc.sh"}; drc_jax_tcmalloc_path'],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if found.returncode != 0:
+    pytest.skip('libtcmalloc-minimal4 is not installed (launch/local.sh setup installs it)')
+  py = f'{sys.executable} -c "from drc_jax import bench; print(bench._allocator())"'
+  env = {'PYTHONPATH': str(LAUNCH.parent), 'JAX_PLATFORMS': 'cpu'}
+  run = f'drc_jax_preload_tcmalloc; {py}'
+  assert _preload(tmp_path, env, run)[0] == 'tcmalloc'
+  assert _preload(tmp_path, {**env, 'DRC_JAX_TCMALLOC': '0'}, run)[0] == 'default'
