@@ -57,9 +57,12 @@ SLURM_ENV = {
 EXTRA = ['--mode=audit', '--config.audit.batch_size=256']
 
 # Records one call: working directory, the two multi-host variables, then argv; NUL-separated.
+# Written under another name, then renamed: a test polling for a detached job's call never reads a
+# half-written one.
 STUB_PYTHON = r"""#!/usr/bin/env bash
-printf '%s\0' "$PWD" "${DRC_JAX_DISTRIBUTED-}" "${JAX_LOCAL_DEVICE_IDS-}" "$@" \
-  > "$(mktemp "$STUB_CALLS/call.XXXXXX")"
+f=$(mktemp "$STUB_CALLS/partial.XXXXXX")
+printf '%s\0' "$PWD" "${DRC_JAX_DISTRIBUTED-}" "${JAX_LOCAL_DEVICE_IDS-}" "$@" > "$f"
+mv "$f" "${f/partial./call.}"
 """
 FAIL_STUB = '#!/usr/bin/env bash\ntouch "$STUB_CALLS/called-$(basename "$0")"\nexit 97\n'
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
@@ -456,7 +459,7 @@ def test_tcmalloc_is_what_the_launchers_run_drc_jax_on(tmp_path):
   )
   if found.returncode != 0:
     pytest.skip('libtcmalloc-minimal4 is not installed (launch/local.sh setup installs it)')
-  py = f'{sys.executable} -c "from drc_jax import bench; print(bench._allocator())"'
+  py = f'{sys.executable} -c "from drc_jax import parallel; print(parallel.host_allocator())"'
   env = {'PYTHONPATH': str(LAUNCH.parent), 'JAX_PLATFORMS': 'cpu'}
   run = f'drc_jax_preload_tcmalloc; {py}'
   assert _preload(tmp_path, env, run)[0] == 'tcmalloc'
