@@ -33,21 +33,12 @@ def _page_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _allocator() -> str:
-  """'tcmalloc' when this process has it loaded (launch/local.sh preloads it), else 'default'."""
-  try:
-    with open('/proc/self/maps') as f:
-      return 'tcmalloc' if 'libtcmalloc' in f.read() else 'default'
-  except OSError:
-    return 'unknown'
-
-
 def _host_figures(faults0: int, repeats: int) -> dict:
   """The host's side of a timing: the malloc in use, page faults per timed run (glibc's malloc
   gives freed temporaries back to the kernel, so each run faults them in again; README "Speed")
   and the peak RSS."""
   return {
-    'allocator': _allocator(),
+    'allocator': parallel.host_allocator(),
     'page_faults_per_run': round((_page_faults() - faults0) / repeats),
     'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
@@ -202,8 +193,12 @@ def run_encoder_bench(config, batch: int, repeats: int) -> dict:
   return out
 
 
+TRAIN_WARMUP = 2  # steps after the compile run, not timed (the allocator's pools settle)
+
+
 def run_train_bench(config, repeats: int) -> dict:
-  """Train steps per second of the config's UNet at config.train.batch_size (random images)."""
+  """Seconds per train step of the config's UNet at config.train.batch_size (random images): the
+  median of ``repeats`` steps, each timed alone, after the compile run and TRAIN_WARMUP steps."""
   from drc_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   _, model, params, schedule, tx = train_lib.build(config)
@@ -221,12 +216,17 @@ def run_train_bench(config, repeats: int) -> dict:
   state, m = step(state, images, valid, key)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
-  faults0 = _page_faults()
-  t0 = time.perf_counter()
-  for _ in range(repeats):
+  for _ in range(TRAIN_WARMUP):
     state, m = step(state, images, valid, key)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / repeats
+  faults0 = _page_faults()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, m = step(state, images, valid, key)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  dt = float(np.median(times))
   return {
     'mode': 'train_step',
     'backend': jax.default_backend(),
@@ -236,6 +236,8 @@ def run_train_bench(config, repeats: int) -> dict:
     'channels': ch,
     'params_m': round(model_lib.count_params(params) / 1e6, 3),
     'seconds_per_step': round(dt, 3),
+    'seconds_per_step_min': round(min(times), 3),
+    'timed_steps': repeats,
     'steps_per_s': round(1 / dt, 3),
     'compile_s': round(compile_s - dt, 2),
     **_host_figures(faults0, repeats),
@@ -252,7 +254,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer('steps', 50, 'Reverse steps (RePaint: respaced steps).')
   flags.DEFINE_integer('jump_length', 10, 'RePaint jump length.')
   flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
-  flags.DEFINE_integer('repeats', 2, 'Timed repetitions after the compile run.')
+  flags.DEFINE_integer(
+    'repeats', 2, 'Timed repetitions after the compile run (--train_step: steps, default 20).'
+  )
   flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
   flags.DEFINE_bool('encoders', False, "Also time DRC's encoders (config.drc.*_encoder) per image.")
   flags.DEFINE_bool('drc', False, "Time the config's whole DRC (K restorations) instead.")
@@ -265,7 +269,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.train_step:
-    print(json.dumps(run_train_bench(f.config, f.repeats)))
+    print(json.dumps(run_train_bench(f.config, f.repeats if f['repeats'].present else 20)))
     return
   if f.drc:
     print(json.dumps(run_drc_bench(f.config, f.batch, f.repeats)))

@@ -71,6 +71,11 @@ def main(argv):
     jax.device_count(),
     jax.default_backend(),
   )
+  if jax.default_backend() == 'cpu' and parallel.host_allocator() == 'default':
+    logging.info(
+      "malloc: the system's; XLA:CPU runs about 20%% faster on tcmalloc "
+      '(launch/local.sh preloads it; launch/tcmalloc.sh)'
+    )
   errors.run_reporting_user_errors(
     lambda: pipeline.run(
       config, workdir, flags.FLAGS.mode or config.mode, overwrite=flags.FLAGS.overwrite

@@ -42,6 +42,16 @@ def initialize() -> None:
   _initialized = True
 
 
+def host_allocator() -> str:
+  """'tcmalloc' when this process has it loaded (the launchers preload it: launch/tcmalloc.sh),
+  else 'default'. On glibc's malloc every XLA:CPU run faults its temporaries in again."""
+  try:
+    with open('/proc/self/maps') as f:
+      return 'tcmalloc' if 'libtcmalloc' in f.read() else 'default'
+  except OSError:
+    return 'unknown'
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D ('data',) mesh over ``devices`` (default: every device of every process)."""
   return Mesh(np.asarray(jax.devices() if devices is None else devices), ('data',))

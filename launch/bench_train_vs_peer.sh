@@ -6,13 +6,13 @@
 #
 #   bash launch/bench_train_vs_peer.sh
 #
-# Variables: BATCH (64), REPEATS (5), PEER (the peer's run.sh, default ../shared/peer/run.sh),
+# Variables: BATCH (64), REPEATS (20 timed steps, median), PEER (the peer's run.sh, default ../shared/peer/run.sh),
 # PEER_VENV (default ~/.cache/drc-peer-venv, made by the peer's run.sh on first use), DRY_RUN=1;
 # DRC_JAX_TCMALLOC=0 runs drc_jax on glibc's malloc, PEER_TCMALLOC=1 the peer on tcmalloc too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/tcmalloc.sh
-batch=${BATCH:-64}; repeats=${REPEATS:-5}
+batch=${BATCH:-64}; repeats=${REPEATS:-20}
 peer=${PEER:-../shared/peer/run.sh}
 peer_dir=$(cd "$(dirname "$peer")" && pwd)
 venv=${PEER_VENV:-$HOME/.cache/drc-peer-venv}

@@ -9,10 +9,13 @@ Run it with ``bash launch/bench_train_vs_peer.sh`` (it uses the peer's virtual e
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 import torch
+
+WARMUP = 2  # steps before the timed ones, as drc_jax.bench --train_step (TRAIN_WARMUP)
 
 
 def main():
@@ -26,7 +29,7 @@ def main():
   p.add_argument('--channels', type=int, default=1)
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--dropout', type=float, default=0.1)
-  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--repeats', type=int, default=20)
   a = p.parse_args()
   sys.path.insert(0, a.peer_dir)
   from diffusers_repaint_bench import build_unet  # pylint: disable=import-outside-toplevel
@@ -64,11 +67,14 @@ def main():
       torch._foreach_lerp_(ema, list(unet.parameters()), 1 - 0.999)
     return float(loss)
 
-  step()  # warm-up
-  t0 = time.perf_counter()
-  for _ in range(a.repeats):
+  for _ in range(WARMUP):
     step()
-  dt = (time.perf_counter() - t0) / a.repeats
+  times = []
+  for _ in range(a.repeats):  # each step timed alone; the median, as drc_jax.bench --train_step
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
   print(
     json.dumps(
       {
@@ -78,6 +84,8 @@ def main():
         'params_m': round(sum(q.numel() for q in unet.parameters()) / 1e6, 3),
         'seconds_per_step': round(dt, 4),
         'steps_per_s': round(1 / dt, 3),
+        'seconds_per_step_min': round(min(times), 4),
+        'timed_steps': a.repeats,
         'pid': os.getpid(),
       }
     )
