@@ -18,7 +18,7 @@ shift || true
 venv=${VENV:-.venv}
 
 # Debian packages: real images offline (dataset-fashion-mnist) and tcmalloc (libtcmalloc-minimal4:
-# XLA:CPU programs run about 20% faster on it than on glibc's malloc, launch/tcmalloc.sh).
+# a train step runs about 1.3x faster on it than on glibc's malloc, launch/tcmalloc.sh).
 if [[ ${DRC_JAX_SKIP_APT:-0} != 1 ]] && { [[ ! -d /usr/share/datasets/fashion-mnist ]] \
    || ! TCMALLOC_LIB='' drc_jax_tcmalloc_path >/dev/null; }; then
   echo "[setup] installing Debian packages dataset-fashion-mnist, libtcmalloc-minimal4" >&2

@@ -3,7 +3,7 @@
 # glibc's malloc gives large freed blocks back to the kernel, so every run of a jitted XLA:CPU
 # program faults its temporaries in again, page by page: about 43,000 page faults (178 MB) and
 # 0.1 s of kernel time per train step of the default UNet. tcmalloc keeps freed memory for reuse:
-# about 100 faults per step and the train step 20% faster (README "Speed"). The Debian package is
+# about 100 faults per step and the train step about 1.3x faster (README "Speed"). The Debian package is
 # libtcmalloc-minimal4 (launch/local.sh installs it). Where the library is absent nothing changes.
 #
 # Variables: DRC_JAX_TCMALLOC=0 turns it off; TCMALLOC_LIB names the library (default: the
