@@ -149,14 +149,7 @@ def figures(
   chosen = choose(pts, reference, tolerance)
   return {
     'tolerance': tolerance,
-    'n_calibration': {
-      'members': int((~heldout & (is_member == 1)).sum()),
-      'nonmembers': int((~heldout & (is_member == 0)).sum()),
-    },
-    'n_heldout': {
-      'members': int((heldout & (is_member == 1)).sum()),
-      'nonmembers': int((heldout & (is_member == 0)).sum()),
-    },
+    **sweep_lib.part_counts(is_member, heldout),
     'reference': dataclasses.asdict(reference),
     'chosen': dataclasses.asdict(chosen),
     'speedup_model_calls': reference.model_calls / chosen.model_calls,
@@ -254,11 +247,15 @@ def reread(run_dir: str, heldout: np.ndarray, parts: tuple[str, str]) -> dict[st
   partition of the same images: the choice is made on ``~heldout`` alone and every figure reported
   on ``heldout``; ``parts`` names the two parts in the table. No restoration runs; the grid,
   costs and timings are the run's."""
-  old, saved = _saved(run_dir)
-  npz_path = os.path.join(run_dir, 'frontier_sims.npz')
+  return _reread(run_dir, *_saved(run_dir), heldout, parts)
+
+
+def _reread(run_dir: str, old: dict[str, Any], saved, heldout, parts) -> dict[str, Any]:
+  """``reread`` of a run already loaded (``_saved``)."""
   if heldout.shape != saved['heldout'].shape:
     raise errors.UserError(
-      f'{npz_path}: {len(saved["heldout"])} images, the new partition has {len(heldout)}'
+      f'{os.path.join(run_dir, "frontier_sims.npz")}: {len(saved["heldout"])} images, the new '
+      f'partition has {len(heldout)}'
     )
   grid, sims_of, nfe_of, seconds_of = [], {}, {}, {}
   for i, label in enumerate(str(x) for x in saved['settings']):
@@ -280,7 +277,7 @@ def reread_fresh(config, run_dir: str, out_dir: str, seen: tuple[int, int]) -> d
   the same config scored (its calibration part and the held-out images that
   ``--heldout_members/--heldout_nonmembers = seen`` drew), and every figure reported on the
   held-out images that earlier run never scored. Writes frontier_fresh.{json,md,png}."""
-  _, saved = _saved(run_dir)
+  old, saved = _saved(run_dir)
   _, _, earlier, _, earlier_heldout = sweep_lib.image_indices(config, out_dir, *seen)
   calibration = saved['indices'][~saved['heldout']]
   if not np.array_equal(np.sort(calibration), np.sort(earlier[~earlier_heldout])):
@@ -292,7 +289,7 @@ def reread_fresh(config, run_dir: str, out_dir: str, seen: tuple[int, int]) -> d
   for name, flag in (('members', 1), ('non-members', 0)):
     if not (fresh & (saved['is_member'] == flag)).any():
       raise errors.UserError(f'{run_dir}: no held-out {name} that the earlier run did not score')
-  doc = reread(run_dir, fresh, ('selection', 'fresh held-out'))
+  doc = _reread(run_dir, old, saved, fresh, ('selection', 'fresh held-out'))
   doc['seen'] = {'heldout_members': seen[0], 'heldout_nonmembers': seen[1]}
   write(doc, out_dir, 'frontier_fresh')
   return doc

@@ -252,6 +252,21 @@ def split_figures(
   )
 
 
+def part_counts(is_member: np.ndarray, heldout: np.ndarray) -> dict[str, dict[str, int]]:
+  """Members and non-members in the calibration (``~heldout``) and held-out parts."""
+  member = is_member == 1
+  return {
+    'n_calibration': {
+      'members': int((~heldout & member).sum()),
+      'nonmembers': int((~heldout & ~member).sum()),
+    },
+    'n_heldout': {
+      'members': int((heldout & member).sum()),
+      'nonmembers': int((heldout & ~member).sum()),
+    },
+  }
+
+
 def select(rows: list[Row], tolerance: float) -> tuple[Row, Row]:
   """(best by calibration AUC, cheapest within ``tolerance`` of it by calibration AUC).
 
@@ -394,14 +409,7 @@ def run(
     'target': target_path,
     'step': target.step,
     'tolerance': tolerance,
-    'n_calibration': {
-      'members': int((~heldout & (is_member == 1)).sum()),
-      'nonmembers': int((~heldout & (is_member == 0)).sum()),
-    },
-    'n_heldout': {
-      'members': int((heldout & (is_member == 1)).sum()),
-      'nonmembers': int((heldout & (is_member == 0)).sum()),
-    },
+    **part_counts(is_member, heldout),
     'best': dataclasses.asdict(best),
     'chosen': dataclasses.asdict(chosen),
     'seconds_per_setting': timings,
