@@ -194,6 +194,7 @@ def run_encoder_bench(config, batch: int, repeats: int) -> dict:
 
 
 TRAIN_WARMUP = 2  # steps after the compile run, not timed (the allocator's pools settle)
+TRAIN_REPEATS = 20  # timed steps of --train_step when --repeats is not given
 
 
 def run_train_bench(config, repeats: int) -> dict:
@@ -255,7 +256,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer('jump_length', 10, 'RePaint jump length.')
   flags.DEFINE_integer('jump_n_sample', 2, 'RePaint samples per jump.')
   flags.DEFINE_integer(
-    'repeats', 2, 'Timed repetitions after the compile run (--train_step: steps, default 20).'
+    'repeats',
+    2,
+    f'Timed repetitions after the compile run (--train_step: steps, default {TRAIN_REPEATS}).',
   )
   flags.DEFINE_bool('forward_only', False, 'Time the UNet forward alone (one call per image).')
   flags.DEFINE_bool('encoders', False, "Also time DRC's encoders (config.drc.*_encoder) per image.")
@@ -269,7 +272,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.train_step:
-    print(json.dumps(run_train_bench(f.config, f.repeats if f['repeats'].present else 20)))
+    repeats = f.repeats if f['repeats'].present else TRAIN_REPEATS
+    print(json.dumps(run_train_bench(f.config, repeats)))
     return
   if f.drc:
     print(json.dumps(run_drc_bench(f.config, f.batch, f.repeats)))

@@ -6,8 +6,9 @@
 #
 #   bash launch/bench_train_vs_peer.sh
 #
-# Variables: BATCH (64), REPEATS (20 timed steps, median), PEER (the peer's run.sh, default ../shared/peer/run.sh),
-# PEER_VENV (default ~/.cache/drc-peer-venv, made by the peer's run.sh on first use), DRY_RUN=1;
+# Variables: BATCH (64), REPEATS (20 timed steps, median), PEER (the peer's run.sh, default
+# ../shared/peer/run.sh), PEER_VENV (default ~/.cache/drc-peer-venv, made by the peer's run.sh on
+# first use), DRY_RUN=1;
 # DRC_JAX_TCMALLOC=0 runs drc_jax on glibc's malloc, PEER_TCMALLOC=1 the peer on tcmalloc too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,8 @@ if [[ ! -x $venv/bin/python ]]; then  # the peer's run.sh makes its environment 
 fi
 # drc_jax on tcmalloc as launch/local.sh runs it; the peer on glibc's malloc unless PEER_TCMALLOC=1
 a=$(drc_jax_preload_tcmalloc; "${ours[@]}" 2>/dev/null | tail -1)
-b=$([[ ${PEER_TCMALLOC:-0} == 1 ]] && drc_jax_preload_tcmalloc; "${theirs[@]}" 2>/dev/null | tail -1)
+b=$([[ ${PEER_TCMALLOC:-0} == 1 ]] && drc_jax_preload_tcmalloc
+  "${theirs[@]}" 2>/dev/null | tail -1)
 echo "drc_jax: $a"
 echo "torch:   $b"
 python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); \

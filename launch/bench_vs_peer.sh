@@ -33,7 +33,8 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
 fi
 # drc_jax on tcmalloc as launch/local.sh runs it; the peer on glibc's malloc unless PEER_TCMALLOC=1
 a=$(drc_jax_preload_tcmalloc; "${ours[@]}" 2>/dev/null | tail -1)
-b=$([[ ${PEER_TCMALLOC:-0} == 1 ]] && drc_jax_preload_tcmalloc; "${theirs[@]}" 2>/dev/null | tail -1)
+b=$([[ ${PEER_TCMALLOC:-0} == 1 ]] && drc_jax_preload_tcmalloc
+  "${theirs[@]}" 2>/dev/null | tail -1)
 echo "drc_jax: $a"
 echo "peer:    $b"
 python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); \

@@ -15,7 +15,9 @@ import time
 
 import torch
 
-WARMUP = 2  # steps before the timed ones, as drc_jax.bench --train_step (TRAIN_WARMUP)
+# untimed steps before the timed ones (drc_jax.bench --train_step: its compiling step and
+# TRAIN_WARMUP = 2 more)
+WARMUP = 2
 
 
 def main():
