@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 
 
 def get_config(name: str, arg: str | None) -> ml_collections.ConfigDict:

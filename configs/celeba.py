@@ -26,7 +26,7 @@ Variants (combine with commas, e.g. ``:runlocal,res=64``):
   ``runlocal``, random encoders stand in (a smoke run, not a measurement).
 """
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 
 
 def get_config(arg=None):

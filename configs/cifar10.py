@@ -30,7 +30,7 @@ and CLIP cosine (``--config.drc.compare_encoder=DIR``; README, "Encoders"); with
 tiny random encoders stand in.
 """
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Variants: ``:paper`` as for cifar10; ``:runlocal`` shrinks to a CPU smoke run of
 UNet, 32 + 32 images).
 """
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 
 
 def get_config(arg=None):

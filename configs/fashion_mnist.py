@@ -15,14 +15,14 @@ workdir). Choices, made on principle and not tuned on any audit result:
 * A 1.1M-parameter DDPM UNet (ch 32, ch_mult (1, 2, 2), one block per level, attention at 8x8)
   on 16x16 grayscale images, T = 1,000 linear betas: the paper recipe, shrunk.
 * Attack hyper-parameters are the papers' (t = 200 for Loss and PIA, SecMI t = 100, k = 10).
-* DRC's protocol is the one ``python -m drc_jax.sweep`` selected on the calibration part of this
-  split (the cheapest setting within 0.01 AUC of the best; README, "DRC's protocol").
+* DRC's protocol is the one ``python -m drc_jax.analysis sweep`` selected on the calibration
+  part of this split (the cheapest setting within 0.01 AUC of the best; README, "DRC's protocol").
 
 Variants: ``:runlocal`` shrinks to a CPU smoke run of seconds (training a tiny target);
 ``:retrain`` audits the target trained in the workdir instead of the shipped one.
 """
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 
 
 def get_config(arg=None):
@@ -47,11 +47,12 @@ def get_config(arg=None):
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 8
 
-  # DRC: the setting `python -m drc_jax.sweep` selected on the calibration part (README, "DRC's
-  # protocol"): RePaint over 50 respaced steps with jumps of 10 x 2, random 4x4 patches covering
-  # 25% of the image removed, K = 2 restorations, mean masked MSE (180 model calls per image).
-  # Only what differs from the base config is set here (the base: fashion_mnist 'train', dropout
-  # 0.1, 50 steps, jump length 10, patch size 4, masked MSE, audit batch 64).
+  # DRC: the setting `python -m drc_jax.analysis sweep` selected on the calibration part
+  # (docs/method.md, "DRC's protocol"): RePaint over 50 respaced steps with jumps of 10 x 2,
+  # random 4x4 patches covering 25% of the image removed, K = 2 restorations, mean masked MSE
+  # (180 model calls per image). Only what differs from the base config is set here (the base:
+  # fashion_mnist 'train', dropout 0.1, 50 steps, jump length 10, patch size 4, masked MSE, audit
+  # batch 64).
   c.drc.restorer = 'repaint'
   c.drc.jump_n_sample = 2
   c.drc.mask = 'random_patches'

@@ -23,7 +23,7 @@ Variants: ``:runlocal`` audits a tiny random latent target (``random:ldm-tiny``:
 of every latent code path, not a measurement. ``:paper`` (with ``runlocal``: random encoders).
 """
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 
 
 def get_config(arg=None):

@@ -1,32 +1,54 @@
-"""drc_jax: Degrade, Restore, Compare membership audits of diffusion models in JAX."""
+"""drc_jax: Degrade, Restore, Compare membership audits of diffusion models in JAX.
 
-import os
+The public API (everything else is internal and may change between releases):
+
+  auditor = drc_jax.Auditor('shipped:fashion_mnist')   # a target: path, workdir or shipped name
+  result = auditor.score(images)                        # per-attack scores, decisions, evidence
+
+  drc_jax.load_target(path)     # a target model as a jitted epsilon predictor
+  drc_jax.load_encoder(path)    # an image encoder (ViT / DINO, CLIP, face-ID)
+  drc_jax.ATTACKS               # the attack registry: name -> factory
+  drc_jax.UserError             # the base of every error in what a user gives
+
+Importing drc_jax is cheap and changes nothing global: the names above load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = '0.2.0'
+
+# name -> (module, attribute): imported on first access (module __getattr__, PEP 562).
+_API = {
+  'Auditor': ('drc_jax.api', 'Auditor'),
+  'AuditResult': ('drc_jax.api', 'AuditResult'),
+  'load_target': ('drc_jax.targets.load', 'load_target'),
+  'load_encoder': ('drc_jax.targets.encoders', 'load_encoder'),
+  'ATTACKS': ('drc_jax.attacks.registry', 'ATTACKS'),
+  'UserError': ('drc_jax.core.errors', 'UserError'),
+}
+
+__all__ = ['__version__', *_API]
+
+if TYPE_CHECKING:
+  from drc_jax.api import Auditor as Auditor
+  from drc_jax.api import AuditResult as AuditResult
+  from drc_jax.attacks.registry import ATTACKS as ATTACKS
+  from drc_jax.core.errors import UserError as UserError
+  from drc_jax.targets.encoders import load_encoder as load_encoder
+  from drc_jax.targets.load import load_target as load_target
 
 
-def _cpu_defaults() -> None:
-  """XLA:CPU runs convolutions through its YNNPACK fusions on one thread; with them off, Eigen's
-  convolutions use every core (1.7x on a 3x3 convolution of the default UNet on 2 cores,
-  launch/profile_unet.py and README "Speed"). Set before JAX starts its CPU backend, only for
-  the jaxlib release it was measured on (an unknown XLA flag stops XLA), and never over a
-  user's own setting; DRC_JAX_XLA_DEFAULTS=0 turns it off."""
-  if os.environ.get('DRC_JAX_XLA_DEFAULTS', '1') == '0':
-    return
-  flags = os.environ.get('XLA_FLAGS', '')
-  if 'ynn_fusion_type' in flags:
-    return
-  try:
-    from importlib.metadata import version  # pylint: disable=g-import-not-at-top
-
-    major_minor = tuple(int(v) for v in version('jaxlib').split('.')[:2])
-  except Exception:  # pylint: disable=broad-except  (no jaxlib metadata: leave XLA as it is)
-    return
-  if major_minor == (0, 10):  # the releases this default was measured on
-    os.environ['XLA_FLAGS'] = (flags + ' --xla_cpu_experimental_ynn_fusion_type=').strip()
+def __getattr__(name: str) -> Any:
+  if name not in _API:
+    raise AttributeError(f'module drc_jax has no attribute {name!r}')
+  module, attr = _API[name]
+  value = getattr(importlib.import_module(module), attr)
+  globals()[name] = value
+  return value
 
 
-_cpu_defaults()
-
-from drc_jax.encoders import load_encoder  # noqa: E402
-from drc_jax.target import load_target  # noqa: E402
-
-__all__ = ['load_encoder', 'load_target']
+def __dir__() -> list[str]:
+  return sorted(__all__)

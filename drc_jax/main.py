@@ -12,7 +12,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drc_jax import config_base, errors, parallel, pipeline
+from drc_jax.audit import modes as pipeline
+from drc_jax.core import config_base, errors, parallel
 
 config_flags.DEFINE_config_file(
   'config', config_base.DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
@@ -56,6 +57,7 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  parallel.set_cpu_defaults()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize()
   config = flags.FLAGS.config
@@ -84,5 +86,10 @@ def main(argv):
   )
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console script ``drc-audit`` (the same flags as ``python -m drc_jax.main``)."""
   app.run(main, flags_parser=errors.flags_parser)
+
+
+if __name__ == '__main__':
+  run()

@@ -5,7 +5,8 @@
 
 For the paper UNet (configs/cifar10.py: 35.7M parameters, 32x32x3) at batch 64 and 256, in float32
 and bfloat16 (``config.model.dtype``): the jitted forward's images/s and achieved TFLOP/s
-(``python -m drc_jax.bench --forward_only``: FLOPs from XLA's cost analysis of the program), the
+(``python -m drc_jax.analysis bench --forward_only``: FLOPs from XLA's cost analysis of the
+program), the
 fraction of the device's dense peak for that dtype (float32 against the TF32 peak: JAX's default
 precision lets XLA use TF32 on the GPU), and RePaint's images/s (50 respaced steps, jumps 10 x 2:
 90 model calls per image, as ../shared/peer). Then diffusers' RePaintPipeline on the same device
@@ -23,7 +24,8 @@ import sys
 
 import jax
 
-from drc_jax import bench, config_base
+from drc_jax.analysis import bench
+from drc_jax.core import config_base
 
 # Dense peak TFLOP/s (no sparsity) by device name: bfloat16 and TF32 tensor cores, from NVIDIA's
 # data sheets (SXM parts; the H200 has the H100's compute).

@@ -9,7 +9,7 @@ Prints one JSON line per batch size with, for ``encode`` (256x256x3 -> 64x64x3),
 median seconds per call over ``--repeats`` timed calls after the compile, images per second and
 the GFLOPs XLA counts per call; then parameter bytes and the peak RSS of the process. Weights are
 random unless --workdir is given: speed does not depend on them. One device (the first); the
-audit's sharded programs are measured by ``python -m drc_jax.bench``.
+audit's sharded programs are measured by ``python -m drc_jax.analysis bench``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from drc_jax import load_target  # noqa: E402  (the repository root goes on sys.path first)
+from drc_jax.convert import diffusers as diffusers_lib  # noqa: E402
+from drc_jax.convert import diffusers_ldm  # noqa: E402
 from drc_jax.models import unet as unet_lib  # noqa: E402
 from drc_jax.models import vq as vq_lib  # noqa: E402
 
@@ -37,33 +39,9 @@ flags.DEFINE_list('batches', ['1', '4'], 'Batch sizes to time.')
 flags.DEFINE_integer('repeats', 2, 'Timed calls after the compile call (the median is printed).')
 
 # configs/latent-diffusion/ffhq-ldm-vq-4.yaml of CompVis/latent-diffusion, as the diffusers import
-# reads it (tests/test_ldm.py checks these layouts against diffusers).
-FFHQ_UNET = unet_lib.UNetConfig(
-  resolution=64,
-  in_channels=3,
-  out_channels=3,
-  ch=224,
-  ch_mult=(1, 2, 3, 4),
-  num_res_blocks=2,
-  attn_res=(32, 16, 8),
-  dropout=0.0,
-  norm_groups=32,
-  norm_eps=1e-5,
-  time_embed_layout='cos_sin',
-  time_freq_shift=0,
-  downsample_padding='symmetric',
-  attn_head_dim=32,
-)
-FFHQ_VQ = vq_lib.VQConfig(
-  block_out_channels=(128, 256, 512),
-  down_block_types=('DownEncoderBlock2D',) * 3,
-  up_block_types=('UpDecoderBlock2D',) * 3,
-  layers_per_block=2,
-  latent_channels=3,
-  num_vq_embeddings=8192,
-  vq_embed_dim=3,
-  norm_num_groups=32,
-)
+# reads it (diffusers_ldm.FFHQ_LDM_VQ4; tests/convert/test_ldm.py checks it against diffusers).
+FFHQ_UNET = diffusers_lib.diffusers_config(diffusers_ldm.FFHQ_LDM_VQ4['unet'])
+FFHQ_VQ = diffusers_ldm.vq_config(diffusers_ldm.FFHQ_LDM_VQ4['vq'])[0]
 
 
 def _nbytes(tree) -> int:

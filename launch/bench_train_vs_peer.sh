@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One training step of the embedded-default UNet (16x16x1, ch 32, (1,2,2), batch 64): drc_jax's
-# jitted step (python -m drc_jax.bench --train_step) and the same step in PyTorch (a diffusers
+# jitted step (python -m drc_jax.analysis bench --train_step) and the same step in PyTorch (a diffusers
 # UNet2DModel of the same layout, launch/torch_train_step.py, in the peer's environment), one after
 # the other on this machine; prints both JSON lines and the speed ratio.
 #
@@ -17,7 +17,7 @@ batch=${BATCH:-64}; repeats=${REPEATS:-20}
 peer=${PEER:-../shared/peer/run.sh}
 peer_dir=$(cd "$(dirname "$peer")" && pwd)
 venv=${PEER_VENV:-$HOME/.cache/drc-peer-venv}
-ours=(.venv/bin/python -m drc_jax.bench --config=configs/fashion_mnist.py --train_step
+ours=(.venv/bin/python -m drc_jax.analysis bench --config=configs/fashion_mnist.py --train_step
       --repeats="$repeats" --config.train.batch_size="$batch")
 theirs=("$venv/bin/python" launch/torch_train_step.py --peer_dir="$peer_dir" --batch "$batch"
         --repeats "$repeats")

@@ -24,7 +24,7 @@ case $model in
     peer_layout=(--ch 128 --ch-mult 1,2,2,2 --num-res-blocks 2 --attn-res 16 --res 32 --channels 3) ;;
   *) echo "MODEL must be default or paper" >&2; exit 2 ;;
 esac
-ours=(.venv/bin/python -m drc_jax.bench --config="$cfg" --batch="$batch" --steps="$steps"
+ours=(.venv/bin/python -m drc_jax.analysis bench --config="$cfg" --batch="$batch" --steps="$steps"
       --jump_length="$jl" --jump_n_sample="$jn" --repeats="$repeats")
 theirs=(bash "$peer" "${peer_layout[@]}" --batch "$batch" --steps "$steps" --jump-length "$jl"
         --jump-n-sample "$jn" --repeats "$repeats")

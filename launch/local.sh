@@ -3,7 +3,7 @@
 #
 #   bash launch/local.sh main [drc_jax.main flags]   # the embedded default (or any config)
 #   bash launch/local.sh test [pytest args]          # the test suite
-#   bash launch/local.sh bench [drc_jax.bench flags] # restoration benchmark
+#   bash launch/local.sh bench [analysis bench flags] # restoration benchmark
 #   bash launch/local.sh lint                        # ruff check + ruff format --check
 #   bash launch/local.sh setup                       # set up only
 #
@@ -52,6 +52,6 @@ case $job in
   main) exec "$venv/bin/python" -m drc_jax.main "$@" ;;
   test) exec "$venv/bin/python" -m pytest -q "$@" ;;
   lint) "$venv/bin/ruff" check . && exec "$venv/bin/ruff" format --check . ;;
-  bench) exec "$venv/bin/python" -m drc_jax.bench "$@" ;;
+  bench) exec "$venv/bin/python" -m drc_jax.analysis bench "$@" ;;
   *) echo "unknown job '$job' (main, test, lint, bench, setup)" >&2; exit 2 ;;
 esac

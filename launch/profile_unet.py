@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from drc_jax import config_base
+from drc_jax.core import config_base
 from drc_jax.models import unet as model_lib
 
 
@@ -84,12 +84,12 @@ def _program(config, batch: int, train_step: bool):
     t = np.full((batch,), 500, np.int32)
     fn = jax.jit(model.apply)
     return (lambda: fn(params, x, t)), fn.lower(params, x, t).compile().as_text()
-  from drc_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from drc_jax.targets import train as train_lib  # pylint: disable=g-import-not-at-top
 
   with config.unlocked():
     config.train.batch_size = batch
   _, model, params, schedule, tx = train_lib.build(config)
-  from drc_jax import parallel  # pylint: disable=g-import-not-at-top
+  from drc_jax.core import parallel  # pylint: disable=g-import-not-at-top
 
   step = train_lib.make_train_step(model, schedule, tx, config.train, parallel.make_mesh())
   holder = [train_lib.init_state(params, tx)]

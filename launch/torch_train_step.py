@@ -2,7 +2,8 @@
 
 A diffusers UNet2DModel built as ``../shared/peer`` builds it (the layout drc_jax's UNet computes),
 epsilon-prediction MSE at uniform t on a random batch, backward, gradient clipping at 1, Adam and
-an EMA update: what ``drc_jax.train`` does per step. Prints one JSON line with seconds per step.
+an EMA update: what ``drc_jax.targets.train`` does per step. Prints one JSON line with seconds per
+step.
 Run it with ``bash launch/bench_train_vs_peer.sh`` (it uses the peer's virtual environment).
 """
 
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-# untimed steps before the timed ones (drc_jax.bench --train_step: its compiling step and
+# untimed steps before the timed ones (drc_jax.analysis.bench --train_step: its compiling step and
 # TRAIN_WARMUP = 2 more)
 WARMUP = 2
 
@@ -72,7 +73,9 @@ def main():
   for _ in range(WARMUP):
     step()
   times = []
-  for _ in range(a.repeats):  # each step timed alone; the median, as drc_jax.bench --train_step
+  for _ in range(
+    a.repeats
+  ):  # each step timed alone; the median, as drc_jax.analysis.bench --train_step
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)

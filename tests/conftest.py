@@ -5,6 +5,10 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from drc_jax.core import config_base, parallel  # noqa: E402  (imports jax; its backend starts later)
+
+parallel.set_cpu_defaults()  # the XLA defaults the entry points set
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -22,14 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str | None = None):
-  """Loads configs/<name>.py the way --config does."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
+  """Loads configs/<name>.py[:arg] the way --config does."""
   path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return config_base.load_config(f'{path}:{arg}' if arg else path)
 
 
 @pytest.fixture

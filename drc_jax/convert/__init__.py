@@ -56,6 +56,7 @@ from drc_jax.convert.pytorch_ddpm import (
   select_pytorch_ddpm_weights,
 )
 from drc_jax.models import unet as model_lib
+from drc_jax.targets import encoders
 
 TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm', 'compvis-ldm')
 LATENT_FORMATS = ('diffusers-ldm', 'compvis-ldm')
@@ -155,8 +156,6 @@ def convert_encoder(fmt: str, src, out, **options):
   ``options`` (settings the weights do not store, e.g. ``heads``, ``activation``) go to the
   format's ``read``; one it does not take is an error naming it.
   """
-  from drc_jax import encoders  # pylint: disable=g-import-not-at-top
-
   if fmt not in ENCODER_FORMATS:
     raise ConversionError(
       f'unknown encoder format {fmt!r}; expected one of {tuple(ENCODER_FORMATS)}'

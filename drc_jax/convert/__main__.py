@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from drc_jax import errors
 from drc_jax.convert import ENCODER_FORMATS, FORMATS, LATENT_FORMATS, convert, convert_encoder
+from drc_jax.core import errors
 
 
 def _define_flags() -> None:

@@ -19,10 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from etils import epath
 
-from drc_jax import checkpoints, errors
+from drc_jax.core import errors
 from drc_jax.models import unet as model_lib
+from drc_jax.targets import checkpoints
 
 DEFAULT_DIFFUSION = {
   'num_timesteps': 1000,
@@ -96,8 +98,6 @@ def read_checkpoint(path) -> Any:
     raise ConversionError(f'{path}: checkpoint file not found')
   name = path.name.lower()
   if name.endswith(_SAFETENSORS_SUFFIX):
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-
     try:
       return safetensors.numpy.load(path.read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError on corrupt headers

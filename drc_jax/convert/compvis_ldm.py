@@ -55,7 +55,6 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from drc_jax import schedule as schedule_lib
 from drc_jax.convert import diffusers as diffusers_lib
 from drc_jax.convert import diffusers_ldm
 from drc_jax.convert.common import (
@@ -70,6 +69,7 @@ from drc_jax.convert.common import (
   state_dict,
 )
 from drc_jax.convert.compvis_config import Architecture, architecture, read_config
+from drc_jax.core import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
 from drc_jax.models import vq as vq_lib
 

@@ -6,7 +6,6 @@ settings our UNet does not compute are refused, naming the field.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,7 @@ from drc_jax.convert.common import (
   split_name,
   state_dict,
 )
+from drc_jax.core import records
 from drc_jax.models import unet as model_lib
 
 _DIFFUSERS_DEFAULTS = {
@@ -190,7 +190,7 @@ def diffusers_config(
     raise ConversionError(f'{where}: unsupported architecture ({e})') from e
 
 
-# diffusers beta_schedule -> ours (drc_jax.schedule); 'squaredcos_cap_v2' is diffusers'
+# diffusers beta_schedule -> ours (drc_jax.core.schedule); 'squaredcos_cap_v2' is diffusers'
 # betas_for_alpha_bar: schedule.cosine_betas' formula and 0.999 cap (checked in test_schedule).
 SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear', 'squaredcos_cap_v2': 'cosine'}
 
@@ -281,10 +281,7 @@ def scheduler_settings(weights: epath.Path) -> tuple[dict[str, Any], str]:
       break
   else:
     return {}, ''
-  try:
-    s = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConversionError(f'{path}: invalid JSON ({e})') from e
+  s = records.read_json(path, ConversionError)
   if s.get('prediction_type', 'epsilon') != 'epsilon':
     raise ConversionError(
       f'{path}: prediction_type={s["prediction_type"]!r}; only epsilon prediction is supported'
@@ -326,10 +323,7 @@ def convert_diffusers(
   config_path, weights_path = _diffusers_files(src)
   if not config_path.exists():
     raise ConversionError(f'{config_path}: not found (a diffusers model needs its config.json)')
-  try:
-    config = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConversionError(f'{config_path}: invalid JSON ({e})') from e
+  config = records.read_json(config_path, ConversionError)
   cfg = diffusers_config(config, resolution, str(config_path))
   where = str(weights_path)
   state = rename_deprecated_attention(state_dict(read_checkpoint(weights_path), where))

@@ -26,7 +26,6 @@ tensor of the expected shape, every tensor used, an unsupported config field ref
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from absl import logging
@@ -45,6 +44,7 @@ from drc_jax.convert.common import (
   split_name,
   state_dict,
 )
+from drc_jax.core import records
 from drc_jax.models import unet as model_lib
 from drc_jax.models import vq as vq_lib
 
@@ -70,16 +70,34 @@ VQ_DEFAULTS = {  # diffusers 0.42 VQModel.__init__
 DIFFUSERS_DEFAULT_SCALING = 0.18215
 
 
-def _read_json(path: epath.Path) -> dict[str, Any]:
-  if not path.exists():
-    raise ConversionError(f'{path}: not found')
-  try:
-    doc = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConversionError(f'{path}: invalid JSON ({e})') from e
-  if not isinstance(doc, dict):
-    raise ConversionError(f'{path}: expected a JSON object')
-  return doc
+# CompVis ffhq-ldm-vq-4 (configs/latent-diffusion/ffhq-ldm-vq-4.yaml: the paper's FFHQ target)
+# in diffusers' terms: VQ ch 128, ch_mult (1, 2, 4), 2 res blocks, no attention but the middle's,
+# z 3, an 8192 x 3 codebook; UNet on 64x64x3, model_channels 224, channel_mult (1, 2, 3, 4),
+# attention at downsampling 2, 4, 8, num_head_channels 32, 2 res blocks. The one definition the
+# tests, the CompVis conversion checks and launch/bench_ldm.py use.
+FFHQ_LDM_VQ4 = {
+  'vq': dict(
+    block_out_channels=(128, 256, 512),
+    down_block_types=('DownEncoderBlock2D',) * 3,
+    up_block_types=('UpDecoderBlock2D',) * 3,
+    layers_per_block=2,
+    latent_channels=3,
+    num_vq_embeddings=8192,
+    vq_embed_dim=3,
+    norm_num_groups=32,
+  ),
+  'unet': dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(224, 448, 672, 896),
+    down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
+    up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+    attention_head_dim=32,
+    layers_per_block=2,
+    norm_num_groups=32,
+  ),
+}
 
 
 def vq_config(config: dict[str, Any], where: str = 'vqvae/config.json') -> tuple[Any, float | None]:
@@ -156,7 +174,9 @@ def _weights(folder: epath.Path) -> epath.Path:
 
 
 def _read_autoencoder(folder: epath.Path) -> tuple[vq_lib.VQConfig, Any, float | None]:
-  cfg, scaling = vq_config(_read_json(folder / 'config.json'), str(folder / 'config.json'))
+  cfg, scaling = vq_config(
+    records.read_json(folder / 'config.json', ConversionError), str(folder / 'config.json')
+  )
   path = _weights(folder)
   where = str(path)
   state = diffusers_lib.rename_deprecated_attention(state_dict(read_checkpoint(path), where))
@@ -200,7 +220,9 @@ def convert_diffusers_ldm(
     raise ConversionError(f'--resolution={resolution} is not a multiple of the VQ factor {f}')
   unet_json = src / 'unet' / 'config.json'
   unet_cfg = diffusers_lib.diffusers_config(
-    _read_json(unet_json), None if resolution is None else resolution // f, str(unet_json)
+    records.read_json(unet_json, ConversionError),
+    None if resolution is None else resolution // f,
+    str(unet_json),
   )
   c = vq_cfg.vq_embed_dim
   if unet_cfg.in_channels != c or unet_cfg.out_channels != c:

@@ -19,7 +19,6 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from drc_jax import encoders
 from drc_jax.convert.common import (
   ConversionError,
   convert_tensor,
@@ -29,6 +28,7 @@ from drc_jax.convert.common import (
   state_dict,
 )
 from drc_jax.models import unet as unet_lib
+from drc_jax.targets import encoders
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,13 +16,16 @@ from ``a.b.weight`` (conv OIHW -> HWIO, linear [out, in] -> [in, out]), ``scale`
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+from safetensors import numpy as st_numpy
 
-from drc_jax import encoders
 from drc_jax.convert.common import (
   ConversionError,
   convert_tensor,
@@ -32,16 +35,11 @@ from drc_jax.convert.common import (
   state_dict,
 )
 from drc_jax.models import facenet as facenet_lib
+from drc_jax.models import mtcnn as mtcnn_lib
 from drc_jax.models import unet as unet_lib
+from drc_jax.targets import encoders
 
 FAMILY = 'facenet'
-PREPROCESS = encoders.Preprocess(
-  size=(160, 160),
-  # fixed_image_standardization: (pixel - 127.5) / 128 = ([0, 1] pixel - 0.5) / (128 / 255)
-  mean=(0.5, 0.5, 0.5),
-  std=(128 / 255,) * 3,
-  resize='bilinear',
-)
 _LEAF_TO_TORCH = {'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
 
 
@@ -123,4 +121,70 @@ def read(src):
     )
   state = state_dict(read_checkpoint(src), where)
   params = facenet_params(state, where)
-  return FAMILY, facenet_lib.FaceNetConfig(), params, PREPROCESS, where
+  return FAMILY, facenet_lib.FaceNetConfig(), params, facenet_lib.PREPROCESS, where
+
+
+# ----------------------------------------------------------------------------- MTCNN weights
+
+
+def facenet_pytorch_data_dir() -> epath.Path:
+  """``facenet_pytorch/data`` of the installed package, found without importing it (or torch)."""
+  spec = importlib.util.find_spec('facenet_pytorch')
+  if spec is None or not spec.submodule_search_locations:
+    raise ConversionError(
+      'the MTCNN weights come from the facenet-pytorch package, which is not installed '
+      '(pip install facenet-pytorch==2.6.0 --no-deps), or pass src= a directory holding '
+      '{pnet,rnet,onet}.pt or a .safetensors file written by export_mtcnn_safetensors'
+    )
+  return epath.Path(list(spec.submodule_search_locations)[0]) / 'data'
+
+
+def _torch_state(src) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+  """{net: PyTorch state dict} from a facenet-pytorch data directory or an exported file."""
+  path = facenet_pytorch_data_dir() if src is None else epath.Path(src)
+  if path.is_dir():
+    return {
+      n: state_dict(read_checkpoint(path / f'{n}.pt'), str(path / f'{n}.pt'))
+      for n in mtcnn_lib.NETS
+    }, (os.fspath(path))
+  if not path.name.endswith('.safetensors'):
+    raise ConversionError(
+      f'{path}: MTCNN weights are a directory holding {{pnet,rnet,onet}}.pt or a .safetensors '
+      'file written by export_mtcnn_safetensors'
+    )
+  flat = state_dict(read_checkpoint(path), str(path))
+  out = {n: {} for n in mtcnn_lib.NETS}
+  for key, value in flat.items():
+    net, _, rest = key.partition('.')
+    if net not in out or not rest:
+      raise ConversionError(f'{path}: unexpected key {key!r} (expected pnet.*, rnet.* or onet.*)')
+    out[net][rest] = value
+  return out, os.fspath(path)
+
+
+def mtcnn_params_from_facenet_pytorch(src=None):
+  """MTCNN params (``{'pnet': ..., 'rnet': ..., 'onet': ...}``) from facenet-pytorch's weights.
+
+  Args:
+    src: None (the installed facenet-pytorch package's ``data`` directory), a directory holding
+      ``pnet.pt``, ``rnet.pt`` and ``onet.pt`` (read with ``torch.load(weights_only=True)``), or a
+      ``.safetensors`` file written by ``export_mtcnn_safetensors`` (read without torch).
+
+  Returns:
+    Nested dict of float32 numpy arrays in the layout of ``build()[1]``.
+
+  Raises:
+    ConversionError: a missing file or package, or a missing, unexpected or misshapen tensor.
+  """
+  state, where = _torch_state(src)
+  _, like = mtcnn_lib.abstract()
+  return {n: assemble_torch(like[n], state[n], f'{where} ({n})') for n in mtcnn_lib.NETS}
+
+
+def export_mtcnn_safetensors(out, src=None) -> None:
+  """Writes the MTCNN weights of ``src`` (as for ``mtcnn_params_from_facenet_pytorch``) as one
+  ``.safetensors`` file in the PyTorch layout, keys prefixed ``pnet.``, ``rnet.``, ``onet.``."""
+  mtcnn_params_from_facenet_pytorch(src)  # validates before writing
+  state, _ = _torch_state(src)
+  flat = {f'{n}.{k}': np.ascontiguousarray(v) for n in mtcnn_lib.NETS for k, v in state[n].items()}
+  epath.Path(out).write_bytes(st_numpy.save(flat))

@@ -16,14 +16,13 @@ CLIP's; the config's image size; bicubic.
 
 from __future__ import annotations
 
-import json
-
 from etils import epath
 
-from drc_jax import encoders
 from drc_jax.convert import encoder_params as ep
 from drc_jax.convert.common import ConversionError
+from drc_jax.core import records
 from drc_jax.models import clip
+from drc_jax.targets import encoders
 
 FAMILY = 'clip'
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
@@ -43,16 +42,6 @@ _BLOCK = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.out_proj', 'norm2': 'l
 _BLOCK |= {'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2'}
 _VM = 'vision_model'
 _BUFFERS = ('vision_model.embeddings.position_ids', 'text_model.embeddings.position_ids')
-
-
-def _read_json(path) -> dict:
-  try:
-    doc = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConversionError(f'{path}: unreadable ({e})') from e
-  if not isinstance(doc, dict):
-    raise ConversionError(f'{path}: not a JSON object')
-  return doc
 
 
 def config_from_json(doc: dict, where: str) -> clip.CLIPConfig:
@@ -114,7 +103,7 @@ def _preprocess(cfg: clip.CLIPConfig, folder) -> encoders.Preprocess:
   path = folder / 'preprocessor_config.json'
   if not path.exists():
     return pre
-  doc = _read_json(path)
+  doc = records.read_json(path, ConversionError)
   mean, std = tuple(doc.get('image_mean', pre.mean)), tuple(doc.get('image_std', pre.std))
   if len(mean) != 3 or len(std) != 3:
     raise ConversionError(f'{path}: image_mean/image_std need 3 values, got {mean}, {std}')
@@ -131,7 +120,7 @@ def read(src):
   config_path = folder / 'config.json'
   if not config_path.exists():
     raise ConversionError(f'{config_path}: not found')
-  cfg = config_from_json(_read_json(config_path), str(config_path))
+  cfg = config_from_json(records.read_json(config_path, ConversionError), str(config_path))
   path = ep.find_weights(folder, _WEIGHT_FILES, 'hf-clip')
   state = ep.read_state(path)
   if 'visual_projection.weight' not in state and f'{_VM}.post_layernorm.weight' in state:

@@ -24,14 +24,13 @@ to a ``.safetensors`` or ``.pt`` file first.
 
 from __future__ import annotations
 
-import json
-
 from etils import epath
 
-from drc_jax import encoders
 from drc_jax.convert import encoder_params as ep
 from drc_jax.convert.common import ConversionError, describe
+from drc_jax.core import records
 from drc_jax.models import clip, vit
+from drc_jax.targets import encoders
 
 FAMILY = 'clip'
 _CONFIG = 'open_clip_config.json'
@@ -68,10 +67,7 @@ _UNSUPPORTED = {
 
 def _read_config(folder) -> dict:
   path = folder / _CONFIG
-  try:
-    doc = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConversionError(f'{path}: unreadable ({e})') from e
+  doc = records.read_json(path, ConversionError)
   if not isinstance(doc.get('model_cfg'), dict):
     raise ConversionError(f'{path}: no model_cfg object')
   vision = doc['model_cfg'].get('vision_cfg', {})

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drc_jax import encoders
+from drc_jax.models import preprocess as preprocess_lib
 from drc_jax.models import vit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,10 +79,10 @@ CONFIGS = {
 }
 
 
-def default_preprocess(config: CLIPConfig) -> encoders.Preprocess:
+def default_preprocess(config: CLIPConfig) -> preprocess_lib.Preprocess:
   """CLIP's input: its image size, CLIP's mean and std, bicubic resizing."""
   s = config.image_size
-  return encoders.Preprocess((s, s), CLIP_MEAN, CLIP_STD, 'bicubic')
+  return preprocess_lib.Preprocess((s, s), CLIP_MEAN, CLIP_STD, 'bicubic')
 
 
 class CLIPVision(nnx.Module):

@@ -21,6 +21,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from drc_jax.models import preprocess as preprocess_lib
+
+# The input facenet-pytorch expects (its ``fixed_image_standardization``).
+PREPROCESS = preprocess_lib.Preprocess(
+  size=(160, 160),
+  # fixed_image_standardization: (pixel - 127.5) / 128 = ([0, 1] pixel - 0.5) / (128 / 255)
+  mean=(0.5, 0.5, 0.5),
+  std=(128 / 255,) * 3,
+  resize='bilinear',
+)
+
 BN_EPS = 1e-3  # facenet-pytorch's BatchNorm eps (the value of the TensorFlow original)
 EMBED_DIM = 512
 

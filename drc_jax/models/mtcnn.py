@@ -2,7 +2,8 @@
 
 The networks are facenet-pytorch's (``facenet_pytorch.models.mtcnn``), NHWC instead of NCHW, with
 the same module names, so each parameter maps to its state-dict key by rule
-(``drc_jax.convert.facenet.torch_source``). ``drc_jax.faces`` runs them in the detection pipeline.
+(``drc_jax.convert.facenet.torch_source``). ``drc_jax.drc.faces`` runs them in the detection
+pipeline.
 
 * ``PNet`` (fully convolutional, any size >= 12): [B, H, W, 3] -> (box regression [B, h, w, 4],
   face probability [B, h, w, 2]) on a grid of stride 2 and cell 12.
@@ -11,23 +12,14 @@ the same module names, so each parameter maps to its state-dict key by rule
 
 Inputs are pixels standardised as ``(pixel - 127.5) * 0.0078125``.
 
-The pretrained weights ship inside the facenet-pytorch package (``facenet_pytorch/data/
-{pnet,rnet,onet}.pt``, the converted weights of the original Caffe MTCNN).
-``mtcnn_params_from_facenet_pytorch()`` reads them from the installed package at run time (no copy
-in this repository), or from a directory holding those three files, or from a ``.safetensors``
-file written by ``export_mtcnn_safetensors`` (keys ``pnet.conv1.weight``, ...: the PyTorch layout
-with the network name as prefix), which needs neither torch nor facenet-pytorch to read.
+The pretrained weights ship inside the facenet-pytorch package; ``drc_jax.convert.facenet``
+reads them (``mtcnn_params_from_facenet_pytorch``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-from etils import epath
 from flax import nnx
 
 NETS = ('pnet', 'rnet', 'onet')
@@ -140,80 +132,3 @@ def abstract():
   """(graphdef, params as ShapeDtypeStructs)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: MTCNN(nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(state)
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def facenet_pytorch_data_dir() -> epath.Path:
-  """``facenet_pytorch/data`` of the installed package, found without importing it (or torch)."""
-  from drc_jax.convert.common import ConversionError  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.find_spec('facenet_pytorch')
-  if spec is None or not spec.submodule_search_locations:
-    raise ConversionError(
-      'the MTCNN weights come from the facenet-pytorch package, which is not installed '
-      '(pip install facenet-pytorch==2.6.0 --no-deps), or pass src= a directory holding '
-      '{pnet,rnet,onet}.pt or a .safetensors file written by export_mtcnn_safetensors'
-    )
-  return epath.Path(list(spec.submodule_search_locations)[0]) / 'data'
-
-
-def _torch_state(src) -> tuple[dict[str, dict[str, np.ndarray]], str]:
-  """{net: PyTorch state dict} from a facenet-pytorch data directory or an exported file."""
-  from drc_jax.convert.common import (  # pylint: disable=g-import-not-at-top
-    ConversionError,
-    read_checkpoint,
-    state_dict,
-  )
-
-  path = facenet_pytorch_data_dir() if src is None else epath.Path(src)
-  if path.is_dir():
-    return {
-      n: state_dict(read_checkpoint(path / f'{n}.pt'), str(path / f'{n}.pt')) for n in NETS
-    }, (os.fspath(path))
-  if not path.name.endswith('.safetensors'):
-    raise ConversionError(
-      f'{path}: MTCNN weights are a directory holding {{pnet,rnet,onet}}.pt or a .safetensors '
-      'file written by export_mtcnn_safetensors'
-    )
-  flat = state_dict(read_checkpoint(path), str(path))
-  out = {n: {} for n in NETS}
-  for key, value in flat.items():
-    net, _, rest = key.partition('.')
-    if net not in out or not rest:
-      raise ConversionError(f'{path}: unexpected key {key!r} (expected pnet.*, rnet.* or onet.*)')
-    out[net][rest] = value
-  return out, os.fspath(path)
-
-
-def mtcnn_params_from_facenet_pytorch(src=None):
-  """MTCNN params (``{'pnet': ..., 'rnet': ..., 'onet': ...}``) from facenet-pytorch's weights.
-
-  Args:
-    src: None (the installed facenet-pytorch package's ``data`` directory), a directory holding
-      ``pnet.pt``, ``rnet.pt`` and ``onet.pt`` (read with ``torch.load(weights_only=True)``), or a
-      ``.safetensors`` file written by ``export_mtcnn_safetensors`` (read without torch).
-
-  Returns:
-    Nested dict of float32 numpy arrays in the layout of ``build()[1]``.
-
-  Raises:
-    ConversionError: a missing file or package, or a missing, unexpected or misshapen tensor.
-  """
-  from drc_jax.convert.facenet import assemble_torch  # pylint: disable=g-import-not-at-top
-
-  state, where = _torch_state(src)
-  _, like = abstract()
-  return {n: assemble_torch(like[n], state[n], f'{where} ({n})') for n in NETS}
-
-
-def export_mtcnn_safetensors(out, src=None) -> None:
-  """Writes the MTCNN weights of ``src`` (as for ``mtcnn_params_from_facenet_pytorch``) as one
-  ``.safetensors`` file in the PyTorch layout, keys prefixed ``pnet.``, ``rnet.``, ``onet.``."""
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-
-  mtcnn_params_from_facenet_pytorch(src)  # validates before writing
-  state, _ = _torch_state(src)
-  flat = {f'{n}.{k}': np.ascontiguousarray(v) for n in NETS for k, v in state[n].items()}
-  epath.Path(out).write_bytes(st_numpy.save(flat))

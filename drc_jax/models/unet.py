@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from drc_jax.core import records
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -93,11 +95,7 @@ class UNetConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f'unknown model config keys: {sorted(unknown)}')
-    return cls(**d)
+    return records.dataclass_from_dict(cls, d, 'model config', ValueError)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from drc_jax import encoders
+from drc_jax.models import preprocess as preprocess_lib
 
 ACTIVATIONS = ('gelu', 'quick_gelu')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,10 +72,10 @@ CONFIGS = {
 }
 
 
-def default_preprocess(config: ViTConfig) -> encoders.Preprocess:
+def default_preprocess(config: ViTConfig) -> preprocess_lib.Preprocess:
   """timm's / DINO's input: the trained size, ImageNet mean and std, bicubic resizing."""
   s = config.image_size
-  return encoders.Preprocess((s, s), IMAGENET_MEAN, IMAGENET_STD, 'bicubic')
+  return preprocess_lib.Preprocess((s, s), IMAGENET_MEAN, IMAGENET_STD, 'bicubic')
 
 
 # ----------------------------------------------------------------------------- shared pieces

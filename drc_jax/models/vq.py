@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from drc_jax.core import records
 from drc_jax.models.unet import multihead_attention
 
 DOWN_BLOCK_TYPES = {'DownEncoderBlock2D': False, 'AttnDownEncoderBlock2D': True}  # -> attention
@@ -104,11 +105,7 @@ class VQConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> VQConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f'unknown autoencoder config keys: {sorted(unknown)}')
-    return cls(**d)
+    return records.dataclass_from_dict(cls, d, 'autoencoder config', ValueError)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

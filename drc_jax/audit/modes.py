@@ -1,0 +1,122 @@
+"""One library function per mode of ``drc_jax.main``; tests drive runs through ``run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from absl import logging
+from etils import epath
+
+from drc_jax.audit import dataset_inference as dataset_lib
+from drc_jax.audit import report as report_lib
+from drc_jax.audit import samples as samples_lib
+from drc_jax.audit import scoring as audit_lib
+from drc_jax.audit import store, validate
+from drc_jax.core import parallel
+from drc_jax.targets import checkpoints
+from drc_jax.targets import train as train_lib
+
+MODES = ('train', 'audit', 'report', 'dataset', 'all')
+
+
+def default_workdir(config_path: str, config=None) -> str:
+  """``runs/<config>[-<variant>]_<source>_<dataset>``, each word once.
+
+  The config file's name (with its variant, e.g. ``celeba-runlocal,res=64`` as
+  ``celeba-runlocal-res-64``), then the data source and the dataset (a folder source: the
+  folder's name), leaving out a word already there: ``runs/fashion_mnist`` for the embedded
+  default, ``runs/cifar10_tfds``, ``runs/celeba_tfds_celeb_a``,
+  ``runs/fashion_mnist_folder_digits`` for ``--config.data.source=folder
+  --config.data.data_dir=.../digits``. So a run on other data never lands on a workdir made for
+  this one (and a workdir's target is checked against its training data anyway).
+  """
+  path, _, variant = config_path.partition(':')
+  stem = os.path.splitext(os.path.basename(path))[0]
+  words, seen = [stem], {stem}
+  if variant:
+    words[0] += '-' + re.sub(r'[^A-Za-z0-9_.]+', '-', variant).strip('-')
+  if config is not None:
+    d = config.data
+    dataset = os.path.basename(os.path.normpath(d.data_dir)) if d.source == 'folder' else d.name
+    for word in (d.source, dataset):
+      word = re.sub(r'[^A-Za-z0-9_.-]+', '-', str(word)).strip('-.')
+      if word and word not in seen:
+        words.append(word)
+        seen.add(word)
+  return os.path.join('runs', '_'.join(words))
+
+
+def _refuse_training_audited_target(workdir: str, steps: int, overwrite: bool) -> None:
+  """Training on a target whose scores are in the workdir would leave them describing weights
+  that no longer exist: refused unless ``overwrite`` (the next audit then moves them aside)."""
+  recorded = store.recorded_fingerprint(workdir)
+  if recorded is None or overwrite:
+    return
+  if (recorded.get('audit') or {}).get('checkpoint'):
+    return  # those scores are of a target elsewhere (config.audit.checkpoint)
+  step = (
+    (recorded.get('target') or {}).get('step') if isinstance(recorded.get('target'), dict) else None
+  )
+  raise store.AuditConfigMismatch(
+    f'{workdir} holds results of its target at step {step if step is not None else "?"}; '
+    f'training it to step {steps} would leave them describing weights that no longer exist. '
+    f'Use another --workdir, or pass --overwrite to train and re-audit (the old results then '
+    f'move to {workdir}/{store.SUPERSEDED_DIR}/).'
+  )
+
+
+def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None:
+  """Runs ``mode`` ('train', 'audit', 'report', 'dataset' or 'all') of ``config`` in ``workdir``.
+
+  'all' trains the target when the workdir holds none (or an unfinished one) unless
+  ``config.audit.checkpoint`` names a target or the workdir holds an imported one
+  (``python -m drc_jax.convert``), then audits and writes the report. 'dataset' tests a suspect
+  set against known non-members (``config.dataset``; scoring what the audit has not) on a target
+  already there. Returns the metrics of the audit modes, the ``dataset.json`` contents of
+  'dataset'.
+  """
+  if mode not in MODES:
+    raise validate.ConfigError(f'--mode: unknown {mode!r}; expected one of {MODES}')
+  validate.check(config)
+  imported = checkpoints.is_imported(workdir)
+  if mode == 'train' and imported:
+    raise checkpoints.CheckpointError(
+      f'{workdir} holds an imported target; it is audited, not '
+      f'trained (use --mode=audit, or another --workdir)'
+    )
+  if mode == 'train' or (mode == 'all' and not config.audit.checkpoint and not imported):
+    done = train_lib.trained_steps(workdir)
+    if done is not None and done >= config.train.steps:
+      logging.info(
+        'target in %s already trained (%d steps): reusing it (its training data is '
+        'checked by the audit)',
+        workdir,
+        done,
+      )
+    else:
+      _refuse_training_audited_target(workdir, config.train.steps, overwrite)
+      train_lib.train(config, workdir)
+  if mode == 'train':
+    return None
+  if mode == 'dataset':
+    result = dataset_lib.run(config, workdir, overwrite=overwrite)
+    if parallel.is_writer():
+      print(dataset_lib.format_summary(result))
+      print(f'report: {os.path.abspath(os.path.join(workdir, "report.html"))}')
+    return result
+  if mode == 'report':
+    metrics = audit_lib.report(config, workdir)
+  else:
+    metrics = audit_lib.run_audit(config, workdir, overwrite=overwrite)
+  if parallel.is_writer():
+    print(report_lib.format_metrics_table(metrics))
+    samples_json = epath.Path(workdir) / 'samples.json'
+    if samples_json.exists():
+      figures = json.loads(samples_json.read_text())
+      print(samples_lib.format_line(figures))
+      for warning in figures.get('warnings', ()):
+        print(f'WARNING: {warning}')
+    print(f'report: {os.path.abspath(os.path.join(workdir, "report.html"))}')
+  return metrics

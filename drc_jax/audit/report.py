@@ -1,0 +1,512 @@
+"""Audit report: the metrics table and one self-contained HTML page (figures from ``plots.py``).
+
+Inputs are host-side NumPy data produced by the audit:
+
+- a score table ``dict[str, np.ndarray]`` with ``split`` (int8 [N], 1 = member, 0 = non-member),
+  ``index`` (int64 [N]), ``hash`` (str [N], hex SHA-256 of the image bytes), ``label`` (int64 [N]),
+  one ``score/<attack>`` (float64 [N], higher = member) per attack, and optionally ``drc/sim``
+  (float64 [N, K]) and ``drc/votes`` (int [N]);
+- per-attack metrics ``dict[attack, dict]`` from ``metrics.attack_metrics``, optionally with a
+  ``calibrated`` sub-dict from ``metrics.calibrate`` and ``nfe_per_image``;
+- evidence items: dicts with ``kind``, ``index``, ``split``, ``score``, ``percentile`` (among
+  non-members), ``decision`` and the ``original``, ``degraded`` and ``restored`` images (float
+  [H, W, C] in [-1, 1], C = 1 or 3).
+
+Every file is written atomically (a temporary file in the same directory, then ``os.replace``), so
+a crash never leaves a half-written PNG or HTML behind. Matplotlib is imported lazily, with the Agg
+backend, and figures are built as ``matplotlib.figure.Figure`` objects (no pyplot global state).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from drc_jax.audit import metrics as metrics_lib
+from drc_jax.audit import plots
+from drc_jax.core import fileio
+
+SCORE_PREFIX = 'score/'
+# Order of the evidence groups in the HTML; other kinds follow in order of appearance.
+EVIDENCE_KINDS = ('highest', 'lowest', 'borderline')
+
+
+def _samples_html(figures: Mapping[str, Any]) -> str:
+  rows = [
+    ('samples (deterministic DDIM, 50 steps)', f'{figures["num_samples"]}'),
+    ('k-NN precision (samples that look like data)', f'{figures["precision"]:.3f}'),
+    ('k-NN recall (data the samples cover)', f'{figures["recall"]:.3f}'),
+    ('near-copies of members', f'{figures["near_copy_fraction"]:.1%}'),
+    ('noise textures (rougher than 99% of real images)', f'{figures["noise_fraction"]:.1%}'),
+    (
+      'median RMS distance, sample to nearest member',
+      f'{figures["median_nn_member_distance_samples"]:.4f}',
+    ),
+    (
+      'median RMS distance, real non-member to nearest member',
+      f'{figures["median_nn_member_distance_nonmembers"]:.4f}',
+    ),
+  ]
+  body = ''.join(f'<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>' for a, b in rows)
+  out = f'<table>{body}</table>'
+  for w in figures.get('warnings', ()):
+    out += f'<p class="warn">Warning: {html.escape(w)}</p>'
+  return out
+
+
+def _agree_from_table(table: Mapping[str, np.ndarray]) -> dict[str, list] | None:
+  """The agree curve from ``drc/votes``, with K from ``drc/sim``; None when either is missing."""
+  if 'drc/votes' not in table or 'drc/sim' not in table:
+    return None
+  members, nonmembers = plots.member_nonmember(table, np.asarray(table['drc/votes']))
+  return metrics_lib.agree_curve(members, nonmembers, k=int(np.asarray(table['drc/sim']).shape[1]))
+
+
+def _tpr_columns(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """(metric key, label) of every TPR@FPR in ``metrics``: tpr_at_0p1pct_fpr -> 'TPR@0.1%FPR'."""
+  columns = []
+  for per_attack in metrics.values():
+    for key in per_attack:
+      match = re.fullmatch(r'tpr_at_(.+)pct_fpr', key)
+      if match and key not in [c[0] for c in columns]:
+        columns.append((key, f'TPR@{match.group(1).replace("p", ".")}%FPR'))
+  return columns
+
+
+def _fmt(value: Any, spec: str, missing: str = '-') -> str:
+  return missing if value is None else format(float(value), spec)
+
+
+def _fmt_percent(value: Any, missing: str = '-') -> str:
+  return missing if value is None else f'{100 * float(value):.2f}%'
+
+
+def _fmt_interval(interval: Sequence[float] | None, percent: bool) -> str:
+  if interval is None:
+    return ''
+  lo, hi = interval
+  return f' [{_fmt_percent(lo)}, {_fmt_percent(hi)}]' if percent else f' [{lo:.3f}, {hi:.3f}]'
+
+
+def _fmt_nfe(value: Any) -> str:
+  return '-' if value is None else f'{float(value):g}'
+
+
+def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """A plain-text table for the terminal: attack, AUC, ASR, TPR@FPR columns (each with its 95%
+  interval when known), NFE; then each warning once, with the attacks it concerns."""
+  tpr_columns = _tpr_columns(metrics)
+  header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [
+    label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns
+  ]
+  header.append('NFE')
+  rows = [header]
+  for attack, m in metrics.items():
+    ci = m.get('ci95', {})
+    rows.append(
+      [
+        attack,
+        _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), False),
+        _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), False),
+      ]
+      + [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), True) for key, _ in tpr_columns]
+      + [_fmt_nfe(m.get('nfe_per_image'))]
+    )
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  lines = [
+    '  '.join(
+      cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+    ).rstrip()
+    for row in rows
+  ]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  notes: dict[str, list[str]] = {}  # the same warning for every attack is printed once
+  for attack, m in metrics.items():
+    for warning in m.get('warnings', ()):
+      notes.setdefault(warning, []).append(attack)
+  for warning, attacks in notes.items():
+    who = 'all attacks' if len(attacks) == len(metrics) > 1 else ', '.join(attacks)
+    lines.append(f'note ({who}): {warning}')
+  return '\n'.join(lines)
+
+
+def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """The HTML metrics table: one row per attack."""
+  tpr_columns = _tpr_columns(metrics)
+  calibrated = any('calibrated' in m for m in metrics.values())
+  header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [label for _, label in tpr_columns]
+  header.append('model calls / image')
+  if calibrated:
+    header += [
+      'calibrated threshold',
+      'held-out TPR [95% CI]',
+      'held-out FPR [95% CI]',
+      'held-out accuracy [95% CI]',
+      'held-out n (members / non-members)',
+    ]
+  header.append('warnings')
+  rows = []
+  for attack, m in metrics.items():
+    ci = m.get('ci95', {})
+    cells = [
+      attack,
+      _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), percent=False),
+      _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), percent=False),
+    ]
+    cells += [
+      _fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), percent=True) for key, _ in tpr_columns
+    ]
+    cells.append(_fmt_nfe(m.get('nfe_per_image')))
+    if calibrated:
+      cal = m.get('calibrated', {})
+      cal_ci = cal.get('ci95', {})
+      n = (
+        f'{cal["n_members"]} / {cal["n_nonmembers"]}'
+        if 'n_members' in cal and 'n_nonmembers' in cal
+        else '-'
+      )
+      cells += [
+        _fmt(cal.get('threshold'), '.6g'),
+        _fmt_percent(cal.get('tpr')) + _fmt_interval(cal_ci.get('tpr'), True),
+        _fmt_percent(cal.get('fpr')) + _fmt_interval(cal_ci.get('fpr'), True),
+        _fmt(cal.get('accuracy'), '.4f') + _fmt_interval(cal_ci.get('accuracy'), False),
+        n,
+      ]
+    cells.append('; '.join(m.get('warnings', ())))
+    rows.append('<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in cells) + '</tr>')
+  head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
+  return f'<table>\n{head}\n' + '\n'.join(rows) + '\n</table>'
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
+  body = ['<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in row) + '</tr>' for row in rows]
+  return f'<table>\n{head}\n' + '\n'.join(body) + '\n</table>'
+
+
+def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """Raw vs calibrated held-out metrics per attack; '' when no attack has them."""
+  rows = []
+  for attack, m in metrics.items():
+    cal = m.get('per_image_calibration')
+    if not cal:
+      continue
+    row = [attack, f'{cal["n_members"]} / {cal["n_nonmembers"]}']
+    for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True), ('tpr_at_0p1pct_fpr', True)):
+      raw, new, diff = cal['raw'][key], cal['calibrated'][key], cal['difference'][key]
+      fmt = _fmt_percent if percent else (lambda v: _fmt(v, '.4f'))
+      row += [
+        fmt(raw),
+        fmt(new) + _fmt_interval(cal['calibrated']['ci95'].get(key), percent),
+        ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}'),
+      ]
+    row += [
+      f'{_fmt_percent(cal["at_zero"]["tpr"])} / {_fmt_percent(cal["at_zero"]["fpr"])}',
+      '; '.join(cal.get('warnings', ())),
+    ]
+    rows.append(row)
+  if not rows:
+    return ''
+  first = next(
+    m['per_image_calibration'] for m in metrics.values() if m.get('per_image_calibration')
+  )
+  header = [
+    'attack',
+    'held-out members / non-members',
+    'AUC raw',
+    'AUC calibrated',
+    'difference',
+    'TPR@1%FPR raw',
+    'TPR@1%FPR calibrated',
+    'difference',
+    'TPR@0.1%FPR raw',
+    'TPR@0.1%FPR calibrated',
+    'difference',
+    'calibrated > 0: TPR / FPR',
+    'warnings',
+  ]
+  note = (
+    f'<p class="note">Calibrated score = score minus the predicted '
+    f"{first['quantile']:g} quantile of a non-member's score, from a linear quantile "
+    f'regression (pinball loss, ridge {first["l2"]:g}) on image statistics '
+    f'({html.escape(", ".join(first["features"]))}) fitted on '
+    f'{first["fit"]["n_nonmembers"]} images: {html.escape(first["fit"]["images"])}. Every '
+    f'number here, raw and calibrated, is computed on the same held-out images only.</p>'
+  )
+  return _html_table(header, rows) + '\n' + note
+
+
+def _p_text(p: float) -> str:
+  return f'{p:.3g}'
+
+
+def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str]:
+  """The dataset-inference section (``dataset.json`` of ``--mode=dataset``)."""
+  sus, ref = dataset['suspect'], dataset['reference']
+  parts = [
+    '<h2>Dataset inference</h2>',
+    f'<p><b>Verdict (combined test): {html.escape(dataset["verdict"])}</b>. Suspect set: '
+    f'{html.escape(str(sus["source"]))}, {sus["n"]} images; reference: '
+    f'{html.escape(str(ref["source"]))}, {ref["n_test"]} held-out images in the test '
+    f'({ref["n_fit"]} fitted the combiner).</p>',
+  ]
+  rows = []
+  for name, t in dataset['tests'].items():
+    delta = t.get('glass_delta')
+    rows.append(
+      [
+        name,
+        f'{t["statistic"]:g}',
+        _p_text(t['p_value']),
+        t['method'],
+        f'{t["auc"]:.3f}',
+        f'{t["rank_biserial"]:.3f}',
+        '-' if delta is None else f'{delta:.3f}',
+        str(t['n_suspect']),
+        str(t['n_reference']),
+        'detected' if t['reject'] else 'no evidence',
+      ]
+    )
+  parts.append(
+    _html_table(
+      [
+        'test',
+        'U',
+        'p-value (one-sided)',
+        'method',
+        'AUC (P(suspect > reference))',
+        'rank-biserial',
+        "Glass's delta",
+        'suspects',
+        'references',
+        f'at alpha = {dataset["alpha"]:g}',
+      ],
+      rows,
+    )
+  )
+  comb = dataset['combiner']
+  weights = ', '.join(f'{k} {v:+.3f}' for k, v in comb['weights'].items())
+  parts.append(
+    f'<p class="note">Combiner: {html.escape(comb["kind"])} regression (ridge '
+    f'{comb["l2"]:g}) on standardized scores, weights {html.escape(weights)}; fitted on '
+    f'{comb["fit"]["n_members"]} members and {comb["fit"]["n_nonmembers"]} non-members.'
+    '</p>'
+  )
+  parts.append(
+    '<ul class="note">'
+    + ''.join(f'<li>{html.escape(v)}</li>' for v in dataset.get('validity', ()))
+    + '</ul>'
+  )
+  power = dataset.get('power')
+  if power:
+    parts.append('<h3>Power curve</h3>')
+    if power_png:
+      parts.append(_img_tag(power_png, 'power curve'))
+    sizes = sorted(set(power['members']['sizes']) | set(power['nonmembers']['sizes']))
+    rows = []
+    for n in sizes:
+      row = [str(n)]
+      for kind in ('members', 'nonmembers'):
+        entry = power[kind]
+        if n in entry['sizes']:
+          i = entry['sizes'].index(n)
+          row.append(
+            _fmt_percent(entry['combined']['rate'][i])
+            + _fmt_interval(entry['combined']['ci95'][i], percent=True)
+          )
+        else:
+          row.append('-')
+      within = power['nonmembers'].get('within_alpha', {}).get('combined', [])
+      nonmember_sizes = power['nonmembers']['sizes']
+      row.append(
+        ('yes' if within[nonmember_sizes.index(n)] else 'NO') if n in nonmember_sizes else '-'
+      )
+      rows.append(row)
+    parts.append(
+      _html_table(
+        [
+          'suspect set size',
+          'member sets: TPR [95% CI]',
+          'non-member sets: FPR [95% CI]',
+          'FPR <= alpha within its CI',
+        ],
+        rows,
+      )
+    )
+    parts.append(
+      f'<p class="note">{power["repetitions"]} random sets per size, drawn from '
+      f'{power["pools"]["members"]} held-out members (tested against the held-out '
+      f'reference) and from the {power["pools"]["reference"]} held-out references '
+      f'(tested against the rest of them); {html.escape(power["interval"])} intervals '
+      f'(the sets share one pool, so the intervals are approximate).</p>'
+    )
+  return parts
+
+
+def _img_tag(png_path: str, alt: str) -> str:
+  encoded = base64.b64encode(epath.Path(png_path).read_bytes()).decode('ascii')
+  return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
+
+
+def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) -> str:
+  """The panel title plus the image's label (its name when the item has ``label_name``) and
+  hash prefix, looked up in the table."""
+  caption = plots.evidence_title(item)
+  if item.get('label_name'):
+    caption += f', {item["label_name"]}'
+  if 'index' in table and 'split' in table:
+    split = 1 if plots.split_name(item['split']) == 'member' else 0
+    rows = np.flatnonzero(
+      (np.asarray(table['index']) == int(item['index'])) & (np.asarray(table['split']) == split)
+    )
+    if rows.size:
+      if 'label' in table and not item.get('label_name'):
+        caption += f', label {int(np.asarray(table["label"])[rows[0]])}'
+      if 'hash' in table:
+        caption += f', sha256 {str(np.asarray(table["hash"])[rows[0]])[:16]}'
+  return caption
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
+td:first-child, td:last-child, th { text-align: left; }
+pre { background: #f4f4f4; padding: 1em; overflow-x: auto; }
+img { max-width: 100%; }
+figure { margin: 1em 0; }
+.note { color: #555; font-size: 0.9em; }
+.warn { color: #b00; font-weight: bold; }
+"""
+
+
+def write_report(
+  workdir: str,
+  table: Mapping[str, np.ndarray],
+  metrics: Mapping[str, Mapping[str, Any]],
+  evidence: Sequence[Mapping[str, Any]],
+  *,
+  config_summary: str = '',
+  agree: Mapping[str, Sequence[Any]] | None = None,
+  samples: Mapping[str, Any] | None = None,
+  dataset: Mapping[str, Any] | None = None,
+) -> str:
+  """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
+
+  The HTML embeds every image as a base64 data URI and needs no server or external resource.
+
+  Args:
+    workdir: the audit's working directory.
+    table: the score table.
+    metrics: attack name -> metrics (``metrics.attack_metrics`` output, optionally with
+      ``calibrated`` and ``nfe_per_image``).
+    evidence: evidence items, shown grouped by kind.
+    config_summary: text shown in a <pre> block.
+    agree: an ``agree_curve`` dict; if None it is computed from ``drc/votes`` and ``drc/sim`` when
+      the table has both, else the agree plot is left out.
+    samples: ``samples.load_or_generate`` output (the target's samples and their figures), or
+      None to leave the section out.
+    dataset: the ``dataset.json`` of ``--mode=dataset``, shown in a dataset-inference section.
+
+  Returns:
+    The path of ``report.html``.
+  """
+  report_dir = os.path.join(workdir, 'report')
+  epath.Path(report_dir).mkdir(parents=True, exist_ok=True)
+  figures = [
+    ('ROC', plots.plot_roc(table, os.path.join(report_dir, 'roc.png'), log_scale=False)),
+    (
+      'ROC, log scale',
+      plots.plot_roc(table, os.path.join(report_dir, 'roc_log.png'), log_scale=True),
+    ),
+    ('Score histograms', plots.plot_histograms(table, os.path.join(report_dir, 'histograms.png'))),
+  ]
+  if agree is None:
+    agree = _agree_from_table(table)
+  if agree is not None:
+    figures.append(
+      ('DRC agree number', plots.plot_agree(agree, os.path.join(report_dir, 'agree.png')))
+    )
+
+  kinds = list(EVIDENCE_KINDS) + [
+    k for k in dict.fromkeys(str(e['kind']) for e in evidence) if k not in EVIDENCE_KINDS
+  ]
+  groups: dict[str, list[tuple[str, str]]] = {kind: [] for kind in kinds}
+  for i, item in enumerate(evidence):
+    safe_kind = re.sub(r'[^A-Za-z0-9_-]', '_', str(item['kind']))
+    path = plots.evidence_panel(item, os.path.join(report_dir, f'evidence_{i:03d}_{safe_kind}.png'))
+    groups[str(item['kind'])].append((_evidence_caption(item, table), path))
+
+  split = np.asarray(table['split'])
+  parts = [
+    '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
+    '<title>Membership inference audit</title>',
+    f'<style>{_CSS}</style>\n</head>\n<body>',
+    '<h1>Membership inference audit</h1>',
+    f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
+    f'{html.escape(", ".join(plots.attack_names(table)))}.</p>',
+  ]
+  if config_summary:
+    parts += ['<h2>Configuration</h2>', f'<pre>{html.escape(config_summary)}</pre>']
+  parts += [
+    '<h2>Metrics</h2>',
+    _metrics_html(metrics),
+    '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
+    'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '
+    'interpolation; with n non-members it rests on about n&middot;f false positives. '
+    'Intervals are 95% percentile bootstraps resampling members and non-members '
+    'separately.</p>',
+  ]
+  if samples is not None:
+    grid = plots.plot_samples(
+      samples['samples'],
+      samples['nearest'],
+      samples['nearest_distance'],
+      samples['is_copy'],
+      samples['nearest_index'],
+      os.path.join(report_dir, 'samples.png'),
+    )
+    parts += [
+      "<h2>The target's own samples</h2>",
+      _samples_html(samples['figures']),
+      '<p class="note">A target that cannot generate images like its data cannot show '
+      'membership through restoration. Precision/recall: k-NN balls (k = 3) in pixel space '
+      'against as many real non-member images (Kynkaenniemi et al. 2019); near-copy: the '
+      'nearest member is closer than 0.5 x the mean distance to the 50 nearest members '
+      '(Carlini et al. 2023).</p>',
+      _img_tag(grid, 'target samples'),
+    ]
+  calibration = _per_image_calibration_html(metrics)
+  if calibration:
+    parts += ['<h2>Per-image calibration (held-out images)</h2>', calibration]
+  for title, path in figures:
+    parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
+  if dataset:
+    power_png = (
+      plots.plot_power_curve(dataset['power'], os.path.join(report_dir, 'power.png'))
+      if dataset.get('power')
+      else None
+    )
+    parts += _dataset_html(dataset, power_png)
+  if evidence:
+    parts.append('<h2>Evidence</h2>')
+    for kind, items in groups.items():
+      if not items:
+        continue
+      parts.append(f'<h3>{html.escape(kind)}</h3>')
+      for caption, path in items:
+        parts.append(
+          f'<figure>{_img_tag(path, caption)}'
+          f'<figcaption>{html.escape(caption)}</figcaption></figure>'
+        )
+  parts.append('</body>\n</html>\n')
+  html_path = os.path.join(workdir, 'report.html')
+  fileio.atomic_write_bytes(html_path, '\n'.join(parts).encode('utf-8'))
+  return html_path

@@ -1,0 +1,225 @@
+"""The results of an audit from its saved scores: metrics with intervals and the calibrated
+decision, per-image calibration, DRC's votes, the evidence panels, the target's samples and the
+report. Programs it runs (DRC evidence, sampling) come jitted from the audit's ``Scorer``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from drc_jax.audit import calibration as calibration_lib
+from drc_jax.audit import metrics as metrics_lib
+from drc_jax.audit import report as report_lib
+from drc_jax.audit import samples as samples_lib
+from drc_jax.audit import store
+from drc_jax.core import fileio, parallel, streams
+from drc_jax.data import sources as data_lib
+from drc_jax.drc import scorer as drc_lib
+
+
+def _json_safe(d):
+  return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+
+
+def compute_metrics(config, table: dict[str, np.ndarray], nfe: dict[str, int]) -> dict:
+  """Per attack: threshold-free metrics with bootstrap CIs, and the calibrated decision."""
+  members = table['split'] == 1
+  out = {}
+  for key in sorted(k for k in table if k.startswith('score/')):
+    name = key[len('score/') :]
+    s = table[key]
+    m = metrics_lib.attack_metrics(
+      s[members], s[~members], bootstrap=config.audit.bootstrap, seed=config.seed
+    )
+    cal = metrics_lib.calibrate(
+      s[members], s[~members], fraction=config.audit.calibration_fraction, seed=config.seed
+    )
+    cal.pop('member_heldout'), cal.pop('nonmember_heldout')
+    m['calibrated'] = cal
+    m['nfe_per_image'] = nfe.get(name)
+    out[name] = m
+  return _json_safe(out)
+
+
+def drc_votes(config, table) -> tuple[np.ndarray, dict] | tuple[None, None]:
+  """Votes of the K restorations at the per-restoration threshold, and the agree curve.
+
+  The threshold is the ``drc.vote_quantile`` quantile of the non-members' similarities
+  (all restorations pooled); an image's votes count its restorations above it.
+  """
+  if 'drc/sim' not in table:
+    return None, None
+  sims, members = table['drc/sim'], table['split'] == 1
+  threshold = float(np.quantile(sims[~members], config.drc.vote_quantile))
+  votes = drc_lib.votes(sims, threshold)
+  agree = metrics_lib.agree_curve(votes[members], votes[~members], sims.shape[1])
+  agree['threshold'] = threshold
+  return votes, _json_safe(agree)
+
+
+def _pick_evidence(table, metrics, n: int) -> list[tuple[str, int]]:
+  """Rows for the panels: highest, lowest and borderline (nearest the calibrated threshold)."""
+  s = (
+    table['score/drc']
+    if 'score/drc' in table
+    else table[sorted(k for k in table if k.startswith('score/'))[0]]
+  )
+  order = np.argsort(-s, kind='stable')
+  name = 'drc' if 'score/drc' in table else sorted(metrics)[0]
+  thr = metrics[name]['calibrated']['threshold']
+  border = np.argsort(np.abs(s - thr), kind='stable')
+  return (
+    [('highest', int(r)) for r in order[:n]]
+    + [('lowest', int(r)) for r in order[::-1][:n]]
+    + [('borderline', int(r)) for r in border[:n]]
+  )
+
+
+def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) -> dict:
+  """metrics.json, the plots, the evidence panels and report.html from the saved scores.
+
+  ``scorer``: the run's ``audit.Scorer`` (the target and its jitted programs).
+  """
+  target, attacks = scorer.target, scorer.attacks
+  store.check_scores_match(config, workdir, target)
+  table = store.load_scores(workdir)
+  metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
+  if config.audit.calibration == 'quantile':
+    features = calibration_lib.table_features(source, table['index'], config.data)
+    for name, entry in calibration_lib.per_image_calibration(config, table, features).items():
+      metrics[name]['per_image_calibration'] = _json_safe(entry)
+  votes, agree = drc_votes(config, table)
+  if votes is not None:
+    table['drc/votes'] = votes
+    metrics['drc']['agree'] = agree
+  if scorer.evidence_fn is not None:
+    evidence = _evidence(config, table, metrics, scorer, source)
+  else:
+    evidence = []
+  sample_info = _samples(config, workdir, table, scorer, source)
+  if parallel.is_writer():
+    fileio.atomic_write_text(
+      epath.Path(workdir) / 'metrics.json', json.dumps(metrics, indent=1, sort_keys=True)
+    )
+    summary = (
+      f'target: {target.path} (step {target.step}, EMA SHA-256 '
+      f'{target.ema_sha256[:16]})\n'
+      f'data: {config.data.source} {config.data.name}/{config.data.split} '
+      f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
+      f'members: {int(np.sum(table["split"] == 1))}, non-members: '
+      f'{int(np.sum(table["split"] == 0))}\n'
+      f'DRC: mask {config.drc.mask} rho={config.drc.mask_ratio}, restorer '
+      f'{config.drc.restorer} ({config.drc.steps} steps), K={config.drc.num_restorations}'
+      f', comparator {config.drc.comparator}'
+    )
+    if sample_info is not None:
+      fileio.atomic_write_text(
+        epath.Path(workdir) / 'samples.json',
+        json.dumps(sample_info['figures'], indent=1, sort_keys=True),
+      )
+    path = report_lib.write_report(
+      workdir,
+      table,
+      metrics,
+      evidence,
+      config_summary=summary,
+      agree=agree,
+      samples=sample_info,
+      dataset=read_dataset_result(config, workdir, target),
+    )
+    logging.info('report: %s', path)
+  parallel.sync('report_written')
+  return metrics
+
+
+def _samples(config, workdir: str, table, scorer, source) -> dict | None:
+  """The target's samples against its members and real non-members (``drc_jax.audit.samples``)."""
+  num = int(config.audit.num_samples)
+  if num <= 0:
+    return None
+  member_idx = table['index'][table['split'] == 1]
+  nonmember_idx = table['index'][table['split'] == 0]
+  members, _, _ = data_lib.load_images(source, member_idx, config.data)
+  nonmembers, _, _ = data_lib.load_images(source, nonmember_idx[:num], config.data)
+  info = samples_lib.load_or_generate(
+    workdir,
+    scorer.target,
+    members,
+    nonmembers,
+    sample_fn=scorer.sample_fn,
+    num=num,
+    seed=config.seed,
+    batch_size=config.audit.batch_size,
+  )
+  info['nearest_index'] = member_idx[info['nearest_pos']]  # dataset index of each nearest member
+  return info
+
+
+def read_dataset_result(config, workdir: str, target) -> dict | None:
+  """``dataset.json`` when it was computed from this config's scores, else None."""
+  path = epath.Path(workdir) / store.DATASET_JSON
+  if not path.exists():
+    return None
+  result = json.loads(path.read_text())
+  if result.get('fingerprint') != store.fingerprint(config, target):
+    logging.warning('%s was computed from scores of another config: not in the report', path)
+    return None
+  return result
+
+
+def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> list[dict]:
+  """Recomputes the DRC evidence (exact: keys are per image) for the selected rows."""
+  picks = _pick_evidence(table, metrics, config.audit.num_evidence)
+  rows = np.asarray([r for _, r in picks])
+  mesh, params = scorer.mesh, scorer.target.params
+  bs = config.audit.batch_size
+  idx = table['index'][rows]
+  pad = np.resize(idx, -(-len(idx) // bs) * bs)  # fixed batch shape: one compiled program
+  originals, degraded, restored = [], [], []
+  for lo in range(0, len(pad), bs):
+    images, _, _ = data_lib.load_images(source, pad[lo : lo + bs], config.data)
+    originals.append(images)
+    keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], pad[lo : lo + bs])
+    side, _ = scorer.side_fn(source, pad[lo : lo + bs])
+    d, r = scorer.evidence_fn(
+      params,
+      parallel.shard_batch(mesh, keys),
+      parallel.shard_batch(mesh, images),
+      scorer.aux.get('drc'),
+      {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
+    )
+    degraded.append(parallel.to_host(d))
+    restored.append(parallel.to_host(r))
+  degraded, restored = np.concatenate(degraded), np.concatenate(restored)
+  originals = np.concatenate(originals)  # the images just restored: read once
+  s = table['score/drc']
+  non = s[table['split'] == 0]
+  thr = metrics['drc']['calibrated']['threshold']
+  out = []
+  for j, (kind, r) in enumerate(picks):
+    sims = table['drc/sim'][r]  # [K]
+    # The restoration whose similarity is the image's median (the lower middle one for even K):
+    # the typical restoration, not a lucky or unlucky one; all K are shown as thumbnails.
+    k_med = int(np.argsort(sims, kind='stable')[(len(sims) - 1) // 2])
+    out.append(
+      {
+        'kind': kind,
+        'index': int(table['index'][r]),
+        'split': int(table['split'][r]),
+        'label_name': data_lib.label_name(source, int(table['label'][r])),
+        'score': float(s[r]),
+        'percentile': float(metrics_lib.percentile_among(s[r : r + 1], non)[0]),
+        'decision': 'member' if s[r] >= thr else 'non-member',
+        'original': originals[j],
+        'degraded': degraded[j, k_med],
+        'restored': restored[j, k_med],
+        'shown_restoration': k_med,
+        'restorations': restored[j],
+        'similarities': sims.tolist(),
+      }
+    )
+  return out

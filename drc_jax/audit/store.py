@@ -1,0 +1,236 @@
+"""The score store of an audit workdir: score shards, the record of what they depend on, and the
+refusal to mix results of different configs or targets.
+
+Scores are written in shard files ``W/scores/shard_NNNNN.npz`` of ``audit.shard_size`` images
+(members first, then non-members, in split order), each written atomically, so a run killed at
+any moment leaves only whole shards; rerunning skips them and ends with the same scores as an
+uninterrupted run. ``W/audit_config.json`` records what the scores depend on: the config fields
+and the audited target's identity (checkpoint step and SHA-256 of its EMA weights). A workdir
+holding results of another config or target is refused, unless ``overwrite``: then, once every
+input (target, data source, split, training data) has been validated, the old results
+(``audit_config.json``, ``scores/``, ``metrics.json``, ``report.html``, ``report/``) move together
+to ``W/superseded/<time>/``; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from drc_jax.audit import samples as samples_lib
+from drc_jax.audit import validate
+from drc_jax.core import errors, fileio, parallel, records
+from drc_jax.targets import encoders
+
+AUDIT_CONFIG = 'audit_config.json'
+SCORES_DIR = 'scores'
+DATASET_JSON = 'dataset.json'  # written by --mode=dataset (dataset_inference.py)
+SUPERSEDED_DIR = 'superseded'
+# The results of one audit, in the order they move aside (the record of what they are, last).
+RESULTS = (
+  'report.html',
+  'report',
+  'metrics.json',
+  'samples.json',
+  samples_lib.SAMPLES_FILE,
+  SCORES_DIR,
+  AUDIT_CONFIG,
+)
+
+
+class AuditConfigMismatch(errors.WorkdirError):
+  """The workdir holds scores of another config or target."""
+
+
+# Fields added after workdirs were made: left out of the fingerprint at these values (which
+# reproduce the earlier behaviour), so those workdirs still resume and report.
+_LATER_DEFAULTS = {
+  'drc': {
+    'saliency': 'foreground',
+    'saliency_encoder': '',
+    'compare_encoder': '',
+    'face_detector': '',
+  },
+  'split': {'member_range': '', 'nonmember_range': ''},
+}
+
+
+def without_later_defaults(section: str, values: dict) -> dict:
+  """``values`` of a config section less the fields added later, where they hold the default."""
+  later = _LATER_DEFAULTS.get(section, {})
+  return {k: v for k, v in values.items() if later.get(k, object()) != v}
+
+
+def _encoder_digests(config) -> dict[str, str]:
+  """SHA-256 of the weights of each encoder DRC uses (recorded in its ``encoder.json``)."""
+  out = {}
+  for role, field in validate.drc_encoder_fields(config).items():
+    if config.drc[field].startswith(encoders.RANDOM_PREFIX):  # seeded: the name identifies it
+      out[role] = config.drc[field]
+      continue
+    meta = json.loads((epath.Path(config.drc[field]) / encoders.ENCODER_JSON).read_text())
+    out[role] = meta.get('sha256', {}).get(encoders.WEIGHTS, '')
+  return out
+
+
+def fingerprint(config, target) -> dict:
+  """What the per-image scores depend on: the config fields (not batch size, plots or bootstrap),
+  the audited target (checkpoint step, SHA-256 of its EMA weights) and DRC's encoders."""
+  c = config.to_dict()
+  audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
+  drc = without_later_defaults('drc', c['drc'])
+  identity = {'step': target.step, 'ema_sha256': target.ema_sha256}
+  digests = _encoder_digests(config)
+  if digests:
+    identity['encoders_sha256'] = digests
+  return json.loads(
+    json.dumps(
+      {
+        'seed': c['seed'],
+        'data': c['data'],
+        'split': without_later_defaults('split', c['split']),
+        'diffusion': c['diffusion'],
+        'model': c['model'],
+        'drc': drc,
+        'attacks': c['attacks'],
+        'audit': audit,
+        'target': identity,
+      },
+      default=list,
+    )
+  )
+
+
+def recorded_fingerprint(workdir) -> dict | None:
+  """The fingerprint of the results in ``workdir`` (None: none recorded)."""
+  path = epath.Path(workdir) / AUDIT_CONFIG
+  if not path.exists():
+    return None
+  doc = records.read_json(
+    path,
+    errors.WorkdirError,
+    '; move it away with the results it describes, or use another --workdir',
+  )
+  return doc
+
+
+def diff(a, b, prefix='') -> list[str]:
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      digest = k.endswith('sha256')
+      short = lambda v, digest=digest: f'{v[:12]}...' if digest and isinstance(v, str) else repr(v)
+      out.append(f'{prefix}{k}: {short(va)} -> {short(vb)}')
+  return out
+
+
+def _changes(workdir, fp: dict) -> list[str]:
+  """How the results in ``workdir`` differ from ``fp`` (empty: none, or the same)."""
+  old = recorded_fingerprint(workdir)
+  if old is None:
+    scores = epath.Path(workdir) / SCORES_DIR
+    has_scores = scores.exists() and any(scores.glob('shard_*.npz'))
+    return (
+      [f'{SCORES_DIR}/ without {AUDIT_CONFIG}: unknown config and target'] if has_scores else []
+    )
+  if 'target' not in old:
+    old = dict(old, target='not recorded (audited by an older drc_jax)')
+  return diff(old, fp)
+
+
+def check_scores_match(config, workdir: str, target) -> None:
+  """Refuses to report scores of another config or target than ``config`` and ``target``."""
+  if recorded_fingerprint(workdir) is None:
+    raise errors.WorkdirError(
+      f'{workdir} holds no audit results ({AUDIT_CONFIG} not found); run --mode=audit first'
+    )
+  changes = _changes(workdir, fingerprint(config, target))
+  if changes:
+    raise AuditConfigMismatch(
+      f'the scores in {workdir} are not those of this config and target '
+      f'({"; ".join(changes[:6])}); run --mode=audit (with --overwrite to '
+      f'replace them)'
+    )
+
+
+def _move_aside(workdir: str) -> epath.Path:
+  """Moves every result file of ``workdir`` into a new ``W/superseded/<time>/``; returns it."""
+  root = epath.Path(workdir) / SUPERSEDED_DIR
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  dst, n = root / stamp, 1
+  while dst.exists():
+    dst, n = root / f'{stamp}-{n}', n + 1
+  dst.mkdir(parents=True)
+  for name in RESULTS:
+    src = epath.Path(workdir) / name
+    if src.exists():
+      fileio.move(src, dst / name)
+  return dst
+
+
+def check_workdir(config, workdir: str, overwrite: bool, target) -> None:
+  """Refuses a workdir holding results of another config or target, unless ``overwrite``: then
+  moves them to ``W/superseded/<time>/``. Records this run's fingerprint.
+
+  Call it only once every input has been validated: it is the first step that changes files.
+  """
+  fp = fingerprint(config, target)
+  changes = _changes(workdir, fp)
+  if changes and not overwrite:
+    raise AuditConfigMismatch(
+      f'{workdir} holds results of a different config or target ({"; ".join(changes[:6])}). '
+      f'Use another --workdir, or pass --overwrite to move those results to '
+      f'{workdir}/{SUPERSEDED_DIR}/ and audit anew.'
+    )
+  parallel.sync('audit_config_checked')  # every process has read the old record
+  if parallel.is_writer():
+    if changes:
+      dst = _move_aside(workdir)
+      logging.warning(
+        '--overwrite: the results in %s moved to %s (%s)', workdir, dst, '; '.join(changes)
+      )
+    fileio.atomic_write_text(
+      epath.Path(workdir) / AUDIT_CONFIG, json.dumps(fp, indent=1, sort_keys=True)
+    )
+  parallel.sync('audit_config_written')
+
+
+def shard_path(workdir, i: int) -> epath.Path:
+  return epath.Path(workdir) / SCORES_DIR / f'shard_{i:05d}.npz'
+
+
+def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  fileio.atomic_write_bytes(path, buf.getvalue())
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+  with epath.Path(path).open('rb') as f:
+    z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    return {k: z[k] for k in z.files}
+
+
+def load_scores(workdir: str) -> dict[str, np.ndarray]:
+  """Concatenates every score shard into one table (rows in audit order)."""
+  files = sorted((epath.Path(workdir) / SCORES_DIR).glob('shard_*.npz'))
+  if not files:
+    raise errors.WorkdirError(
+      f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run --mode=audit first'
+    )
+  parts = [read_npz(f) for f in files]
+  numbers = [int(f.name[6:11]) for f in files]
+  if numbers != list(range(len(files))):
+    raise errors.WorkdirError(
+      f'{workdir}/{SCORES_DIR}: shards missing among {numbers}; rerun the audit'
+    )
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

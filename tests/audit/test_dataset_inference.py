@@ -1,0 +1,287 @@
+"""Dataset inference: the combiner by hand, the test's false-positive rate, --mode=dataset."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import load_config
+from PIL import Image
+
+from drc_jax.audit import dataset_inference as DI
+from drc_jax.audit import metrics, stats, store, validate
+from drc_jax.audit import modes as pipeline
+from drc_jax.data import sources as D
+
+ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
+DETERMINISTIC = ('secmi', 'pia', 'pian', 'sima')  # no noise key: same image, same score
+
+
+def test_combiner_hand_case():
+  # One member at +1, one non-member at -1 (already standardized): by symmetry b = 0, and the
+  # optimality condition of  1/2 log(1 + e^-w) + 1/2 log(1 + e^-w) + l2/2 w^2  is
+  # l2 w = 1 / (1 + e^w).
+  c = DI.fit_combiner([[1.0]], [[-1.0]], ['a'], l2=0.01)
+  w = c.weights[0]
+  assert abs(c.bias) < 1e-9 and w > 0
+  assert 0.01 * w == pytest.approx(1 / (1 + np.exp(w)), abs=1e-12)
+  np.testing.assert_allclose(c.score([[1.0], [-1.0]]), [w, -w])
+
+
+def test_combiner_weights_the_informative_score_and_is_optimal():
+  rng = np.random.default_rng(0)
+  members = rng.normal(size=(60, 3)) * [1, 1, 5] + [0, 1.5, 0]  # only column 1 carries signal
+  nonmembers = rng.normal(size=(400, 3)) * [1, 1, 5]
+  c = DI.fit_combiner(members, nonmembers, ['x', 'signal', 'wide'])
+  assert c.weights[1] > 0.5 and abs(c.weights[0]) < 0.3 and abs(c.weights[2]) < 0.3
+  # The gradient of the balanced, penalized log loss vanishes at the fit.
+  x = np.concatenate([members, nonmembers])
+  y = np.r_[np.ones(60), np.zeros(400)]
+  cw = np.r_[np.full(60, 0.5 / 60), np.full(400, 0.5 / 400)]
+  z = (x - c.mean) / c.scale
+  p = 1 / (1 + np.exp(-(z @ c.weights + c.bias)))
+  grad_w = z.T @ (cw * (p - y)) + DI.COMBINER_L2 * c.weights
+  assert np.max(np.abs(grad_w)) < 1e-9 and abs(np.sum(cw * (p - y))) < 1e-9
+
+
+def test_compare_sets_reports_each_attack_and_the_combination():
+  rng = np.random.default_rng(1)
+  combiner = DI.fit_combiner(rng.normal(1, 1, (50, 2)), rng.normal(0, 1, (50, 2)), ['a', 'b'])
+  suspect, reference = rng.normal(1, 1, (20, 2)), rng.normal(0, 1, (100, 2))
+  out = DI.compare_sets(suspect, reference, combiner, alpha=0.01)
+  assert list(out) == ['combined', 'a', 'b']
+  t = stats.mann_whitney_greater(suspect[:, 1], reference[:, 1])
+  assert out['b']['p_value'] == t.p_value and out['b']['statistic'] == t.u
+  assert out['b']['rank_biserial'] == pytest.approx(2 * t.auc - 1)
+  delta = (suspect[:, 1].mean() - reference[:, 1].mean()) / reference[:, 1].std(ddof=1)
+  assert out['b']['glass_delta'] == pytest.approx(delta)
+  assert (
+    out['combined']['p_value']
+    == stats.mann_whitney_greater(combiner.score(suspect), combiner.score(reference)).p_value
+  )
+  assert out['combined']['reject'] and out['combined']['verdict'].startswith('member data detected')
+  assert (out['a']['n_suspect'], out['a']['n_reference']) == (20, 100)
+
+
+def test_power_curve_false_positive_rate_stays_within_alpha():
+  # Members shifted by one standard deviation in one of two scores; 400 repetitions at alpha 0.05
+  # so that the false-positive rate is measurable. Non-member sets come from the reference pool
+  # and are tested against the rest of it: the rate must be at most alpha within its interval.
+  rng = np.random.default_rng(2)
+  combiner = DI.fit_combiner(
+    rng.normal(size=(100, 2)) + [1, 0], rng.normal(size=(100, 2)), ['signal', 'noise']
+  )
+  members, reference = rng.normal(size=(80, 2)) + [1, 0], rng.normal(size=(300, 2))
+  power = DI.power_curve(
+    members, reference, combiner, sizes=(1, 5, 20, 100, 200), repetitions=400, alpha=0.05, seed=0
+  )
+  assert power['members']['sizes'] == [1, 5, 20] and power['members']['skipped_sizes'] == [100, 200]
+  assert power['nonmembers']['sizes'] == [1, 5, 20, 100]
+  assert power['nonmembers']['skipped_sizes'] == [200]
+  for name in ('combined', 'signal', 'noise'):
+    assert all(power['nonmembers']['within_alpha'][name]), power['nonmembers'][name]
+    for k, (lo, hi) in zip(
+      power['nonmembers'][name]['rejections'], power['nonmembers'][name]['ci95']
+    ):
+      assert (lo, hi) == stats.clopper_pearson(k, 400)
+  tpr = power['members']['combined']['rate']
+  assert tpr[0] < tpr[1] < tpr[2] and tpr[2] > 0.95  # power grows with the set size
+  assert max(power['members']['noise']['rate']) < 0.15  # a score without signal has none
+  again = DI.power_curve(
+    members, reference, combiner, sizes=(1, 5, 20, 100, 200), repetitions=400, alpha=0.05, seed=0
+  )
+  assert again == power  # seeded
+
+
+def test_dataset_config_errors_name_the_field(tmp_path):
+  c = load_config('fashion_mnist', 'runlocal')
+  validate.check(c)
+  for field, value, match in (
+    ('suspect', 'both', 'config.dataset.suspect'),
+    ('alpha', 0.7, 'config.dataset.alpha'),
+    ('size', 0, 'config.dataset.size'),
+    ('power_sizes', (1, 0), 'config.dataset.power_sizes'),
+    ('power_repetitions', 0, 'config.dataset.power_repetitions'),
+  ):
+    bad = load_config('fashion_mnist', 'runlocal')
+    bad.dataset[field] = value
+    with pytest.raises(validate.ConfigError, match=match):
+      validate.check(bad)
+  with pytest.raises(validate.ConfigError, match='set exactly one'):
+    validate.check_dataset(c, require_suspect=True)
+  c.dataset.suspect, c.dataset.suspect_dir = 'members', str(tmp_path)
+  with pytest.raises(validate.ConfigError, match='set exactly one'):
+    validate.check_dataset(c, require_suspect=True)
+  c.dataset.suspect, c.dataset.suspect_dir = '', str(tmp_path / 'nope')
+  with pytest.raises(validate.ConfigError, match='config.dataset.suspect_dir: .*nope is not a dir'):
+    validate.check_dataset(c, require_suspect=True)
+  for field, value in (
+    ('calibration', 'isotonic'),
+    ('calibration_fpr', 0.0),
+    ('calibration_l2', -1.0),
+  ):
+    bad = load_config('fashion_mnist', 'runlocal')
+    bad.audit[field] = value
+    with pytest.raises(validate.ConfigError, match=f'config.audit.{field}'):
+      validate.check(bad)
+
+
+def test_dataset_fields_parse_from_the_command_line():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  argv = [
+    'prog',
+    f'--config={REPO}/configs/fashion_mnist.py',
+    '--config.dataset.suspect=members',
+    '--config.dataset.size=50',
+    '--config.dataset.power_sizes=(1,5)',
+    '--config.audit.calibration=none',
+  ]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    'config', None, 'config', flag_values=fv, sys_argv=argv, lock_config=True
+  )
+  fv(argv)
+  c = fv.config
+  assert (c.dataset.suspect, c.dataset.size) == ('members', 50)
+  assert tuple(c.dataset.power_sizes) == (1, 5)
+  assert c.audit.calibration == 'none' and c.dataset.alpha == 0.01
+  validate.check_dataset(c, require_suspect=True)
+  assert 'dataset' in pipeline.MODES
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode=dataset end to end on the runlocal target.
+
+
+def _config(**dataset):
+  c = load_config('fashion_mnist', 'runlocal')
+  c.dataset.power_sizes = (1, 2, 5)
+  c.dataset.power_repetitions = 20
+  c.dataset.update(dataset)
+  return c
+
+
+@pytest.fixture(scope='module')
+def audited(tmp_path_factory):
+  """The runlocal target, trained and audited once (32 members, 32 non-members)."""
+  wd = tmp_path_factory.mktemp('audited')
+  pipeline.run(_config(), str(wd), 'all')
+  return wd
+
+
+def _copy(audited, tmp_path):
+  wd = tmp_path / 'w'
+  shutil.copytree(audited, wd)
+  return str(wd)
+
+
+def _count_writes(monkeypatch):
+  written = []
+  real = store.write_npz
+
+  def counting(path, arrays):
+    written.append((str(path), len(arrays['index'])))
+    real(path, arrays)
+
+  monkeypatch.setattr(store, 'write_npz', counting)
+  return written
+
+
+def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
+  wd = _copy(audited, tmp_path)
+  written = _count_writes(monkeypatch)
+  c = _config(suspect='members', size=5)
+  result = pipeline.run(c, wd, 'dataset')
+  assert written == []  # every image of the split was scored by the audit already
+  saved = json.loads(open(f'{wd}/dataset.json').read())
+  assert saved == result
+  assert list(result['tests']) == ['combined', *ATTACKS]
+  for t in result['tests'].values():
+    assert 0.0 <= t['p_value'] <= 1.0 and (t['n_suspect'], t['n_reference']) == (5, 26)
+    assert t['method'] == 'exact'
+  # 32 members / 32 non-members, calibration fraction 0.2: 6 + 6 fit the combiner, the held-out
+  # 26 + 26 are the pools; non-member sets of size n are tested against the other 26 - n.
+  assert result['combiner']['fit']['n_members'] == result['combiner']['fit']['n_nonmembers'] == 6
+  assert result['reference'] == {
+    'source': "the split's non-members",
+    'n_test': 26,
+    'n_fit': 6,
+    'n_heldout': 26,
+  }
+  assert result['power']['pools'] == {'members': 26, 'reference': 26}
+  assert result['power']['nonmembers']['sizes'] == [1, 2, 5]
+  assert result['verdict'] == result['tests']['combined']['verdict']
+  html = open(f'{wd}/report.html').read()
+  assert 'Dataset inference' in html and 'Power curve' in html and 'power curve' in html
+  assert 'Per-image calibration' in html
+  m = json.loads(open(f'{wd}/metrics.json').read())
+  for name in ATTACKS:
+    cal = m[name]['per_image_calibration']
+    assert cal['n_members'] == cal['n_nonmembers'] == 26 and cal['fit']['n_nonmembers'] == 6
+    assert set(cal['raw']) >= {'auc', 'tpr_at_1pct_fpr', 'tpr_at_0p1pct_fpr'}
+  # Non-member suspects leave the reference: 26 - 5 references in the test.
+  result = pipeline.run(_config(suspect='nonmembers', size=5), wd, 'dataset')
+  assert result['tests']['combined']['n_reference'] == 21 and written == []
+  with pytest.raises(validate.ConfigError, match='config.dataset.size: 27 images'):
+    pipeline.run(_config(suspect='members', size=27), wd, 'dataset')
+  # --mode=report redraws the dataset section from dataset.json (same scores); 'none' leaves the
+  # per-image calibration out.
+  c = _config()
+  c.audit.calibration = 'none'
+  m = pipeline.run(c, wd, 'report')
+  assert all('per_image_calibration' not in m[name] for name in ATTACKS)
+  html = open(f'{wd}/report.html').read()
+  assert 'Dataset inference' in html and 'Per-image calibration' not in html
+
+
+def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatch):
+  wd = _copy(audited, tmp_path)
+  table = store.load_scores(wd)
+  members = table['split'] == 1
+  member_heldout, _ = metrics.calibration_split(32, 32, fraction=0.2, seed=0)
+  rows = np.flatnonzero(members)[member_heldout][:6]
+  folder = tmp_path / 'suspects'
+  folder.mkdir()
+  raw, _ = D.FashionMnistSource('train').read(table['index'][rows])
+  for i, im in enumerate(raw):  # the dataset's own 28x28 files, as a user would have them
+    Image.fromarray(im[..., 0]).save(folder / f'img_{i:02d}.png')
+  written = _count_writes(monkeypatch)
+  c = _config(suspect_dir=str(folder))
+  result = pipeline.run(c, wd, 'dataset')
+  assert [n for _, n in written] == [6]  # only the folder: one shard of its 6 images
+  assert written[0][0].endswith(os.path.join('dataset', 'suspect', 'scores', 'shard_00000.npz'))
+  assert result['suspect']['n'] == 6 and result['tests']['combined']['n_reference'] == 26
+  scored = store.load_scores(f'{wd}/dataset/suspect')
+  assert scored['split'].tolist() == [-1] * 6
+  for name in DETERMINISTIC:  # the folder images are the split's: the same scores up to float32
+    # rounding at another batch position (SecMI's small difference of DDIM states: about 1e-4)
+    np.testing.assert_allclose(scored[f'score/{name}'], table[f'score/{name}'][rows], rtol=1e-3)
+  assert not np.allclose(scored['score/loss'], table['score/loss'][rows])  # their own noise keys
+  again = pipeline.run(c, wd, 'dataset')  # resumes: nothing scored again, same answer
+  assert len(written) == 1 and again['tests'] == result['tests']
+  Image.fromarray(raw[0, ..., 0]).save(folder / 'img_99.png')  # the folder changed
+  with pytest.raises(store.AuditConfigMismatch, match='config.dataset.suspect_dir'):
+    pipeline.run(c, wd, 'dataset')
+  result = pipeline.run(c, wd, 'dataset', overwrite=True)
+  assert result['suspect']['n'] == 7 and [n for _, n in written] == [6, 7]
+  # Reference images identical (SHA-256) to a suspect image leave the test reference: a reference
+  # folder of two suspect images and eight held-out non-members.
+  ref = tmp_path / 'reference'
+  ref.mkdir()
+  for i in range(2):
+    shutil.copy(folder / f'img_{i:02d}.png', ref / f'a_suspect_{i}.png')
+  non_rows = np.flatnonzero(~members)[:8]
+  for i, im in enumerate(D.FashionMnistSource('train').read(table['index'][non_rows])[0]):
+    Image.fromarray(im[..., 0]).save(ref / f'b_other_{i}.png')
+  c = _config(suspect_dir=str(folder), reference_dir=str(ref))
+  result = pipeline.run(c, wd, 'dataset')
+  _, ref_heldout = metrics.calibration_split(32, 10, fraction=0.2, seed=0)
+  dropped = int(ref_heldout[:2].sum())  # the two copies sort first
+  assert result['reference']['source'].startswith('folder ')
+  assert result['suspect']['reference_images_dropped_as_identical'] == dropped
+  assert result['reference']['n_test'] == int(ref_heldout.sum()) - dropped
+  assert store.load_scores(f'{wd}/dataset/reference')['split'].tolist() == [0] * 10

@@ -1,0 +1,150 @@
+"""Errors a user can read: input errors are one line and exit status 2; bugs keep tracebacks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from drc_jax import convert
+from drc_jax.audit import store, validate
+from drc_jax.core import errors
+from drc_jax.data import sources as data
+from drc_jax.targets import checkpoints
+
+
+def _run(module, *args, cwd=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=cwd or REPO,
+    timeout=300,
+  )
+
+
+def _error_lines(r):
+  return [ln for ln in r.stderr.splitlines() if ln.startswith('error: ')]
+
+
+def test_every_input_error_is_a_user_error():
+  for cls in (
+    validate.ConfigError,
+    data.DataError,
+    checkpoints.CheckpointError,
+    convert.ConversionError,
+    store.AuditConfigMismatch,
+    errors.WorkdirError,
+    errors.TrainingError,
+  ):
+    assert issubclass(cls, errors.UserError), cls
+
+
+@pytest.mark.parametrize(
+  'args, expected',
+  [
+    (['--config.drc.mask_ratio=1.5'], 'error: config.drc.mask_ratio: 1.5 not in (0, 1)'),
+    (
+      ['--config.data.tfds_orde=id'],
+      'error: --config.data.tfds_orde: unknown config field '
+      '\'tfds_orde\' (Did you mean "tfds_order"',
+    ),
+    (['--config.train.steps=abc'], 'error: flag --config.train.steps=abc: invalid literal'),
+  ],
+)
+def test_main_prints_one_line_and_exits_2(tmp_path, args, expected):
+  r = _run(
+    'drc_jax.main',
+    f'--config={REPO}/configs/fashion_mnist.py:runlocal',
+    f'--workdir={tmp_path / "w"}',
+    *args,
+  )
+  assert r.returncode == errors.EXIT_USER_ERROR, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+  lines = _error_lines(r)
+  assert len(lines) == 1 and lines[0].startswith(expected), r.stderr[-2000:]
+  assert not (tmp_path / 'w').exists()  # nothing was started
+
+
+def test_a_config_file_error_is_one_line(tmp_path):
+  r = _run('drc_jax.main', f'--config={REPO}/configs/celeba.py:res=48', f'--workdir={tmp_path}')
+  assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr
+  assert 'config argument res=48: expected 32 or 64' in _error_lines(r)[0]
+
+
+def test_verbose_keeps_the_traceback(tmp_path):
+  r = _run(
+    'drc_jax.main',
+    f'--config={REPO}/configs/fashion_mnist.py:runlocal',
+    f'--workdir={tmp_path / "w"}',
+    '--config.drc.mask_ratio=1.5',
+    '--verbose',
+  )
+  assert r.returncode == errors.EXIT_USER_ERROR
+  assert 'Traceback' in r.stderr and 'ConfigError: config.drc.mask_ratio' in r.stderr
+
+
+def test_convert_prints_one_line(tmp_path):
+  r = _run(
+    'drc_jax.convert',
+    '--format=diffusers',
+    f'--src={tmp_path / "missing"}',
+    f'--workdir={tmp_path / "w"}',
+  )
+  assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr
+  assert _error_lines(r) == [
+    f'error: {tmp_path / "missing"}: not found (--verbose shows the traceback)'
+  ]
+
+
+@pytest.mark.parametrize(
+  'args, expected',
+  [
+    (['--fresh_after=96'], "error: --fresh_after='96': expected M,N (two integers)"),
+    (
+      ['--fresh_after=96,96', '--frontier_run={missing}'],
+      'error: {missing}/frontier.json: not found',
+    ),
+  ],
+)
+def test_frontier_rereading_errors_are_one_line(tmp_path, args, expected):
+  missing = str(tmp_path / 'no-run')
+  r = _run(
+    'drc_jax.analysis',
+    'frontier',
+    f'--config={REPO}/configs/fashion_mnist.py',
+    f'--out={tmp_path / "out"}',
+    *[a.format(missing=missing) for a in args],
+  )
+  assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  assert _error_lines(r)[0].startswith(expected.format(missing=missing)), r.stderr[-2000:]
+
+
+def test_programming_errors_keep_their_traceback():
+  def bug():
+    raise RuntimeError('a bug')
+
+  with pytest.raises(RuntimeError, match='a bug'):
+    errors.run_reporting_user_errors(bug, verbose=False)
+
+  def user_error():
+    raise validate.ConfigError('config.x: bad')
+
+  with pytest.raises(SystemExit) as e:
+    errors.run_reporting_user_errors(user_error, verbose=False)
+  assert e.value.code == errors.EXIT_USER_ERROR
+
+
+def test_pyproject_license_is_an_spdx_expression():
+  """The license table ({text = ...}) made setuptools print BuildBackendWarnings on each build."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)
+  assert project['project']['license'] == 'Apache-2.0'
+  (req,) = [r for r in project['build-system']['requires'] if r.startswith('setuptools')]
+  assert req == 'setuptools>=77'  # the first setuptools that reads SPDX license expressions
