@@ -1,5 +1,7 @@
 """drc_jax entry point: parses flags, logs the devices, calls one library function per mode.
 
+python -m drc_jax.main --help_config                     # every config field and its meaning
+
 python -m drc_jax.main                                   # the embedded default, whole job
 python -m drc_jax.main --config=configs/cifar10.py --workdir=gs://bucket/run --mode=audit
 python -m drc_jax.main --config=configs/celeba.py:runlocal --config.audit.batch_size=32
@@ -8,35 +10,44 @@ python -m drc_jax.main --mode=dataset --config.dataset.suspect_dir=my_photos   #
 
 from __future__ import annotations
 
+import sys
+
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from drc_jax.audit import modes as pipeline
 from drc_jax.core import config_base, errors, parallel
 
-config_flags.DEFINE_config_file(
-  'config', config_base.DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
-)
-flags.DEFINE_string(
-  'workdir',
-  None,
-  'Run directory (local or gs://); default '
-  'runs/<config>[-<variant>]_<source>_<dataset> (see README).',
-)
-flags.DEFINE_enum('mode', None, pipeline.MODES, 'What to run (default: config.mode).')
-flags.DEFINE_bool(
-  'overwrite',
-  False,
-  'Audit a workdir made with a different config or target '
-  'anyway: once every input is validated, its results move to W/superseded/.',
-)
-flags.DEFINE_bool(
-  'verbose',
-  False,
-  'Show the traceback of errors in the inputs (config, data, '
-  'split, checkpoint, workdir) instead of one line.',
-)
+
+def _define_flags() -> None:
+  """The flags, defined when the program starts (importing this module defines none); the
+  default config is loaded here, with any --config.x overrides of the command line."""
+  config_flags.DEFINE_config_file(
+    'config', config_base.DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
+  )
+  flags.DEFINE_string(
+    'workdir',
+    None,
+    'Run directory (local or gs://); default '
+    'runs/<config>[-<variant>]_<source>_<dataset> (see README).',
+  )
+  flags.DEFINE_enum('mode', None, pipeline.MODES, 'What to run (default: config.mode).')
+  flags.DEFINE_bool(
+    'overwrite',
+    False,
+    'Audit a workdir made with a different config or target '
+    'anyway: once every input is validated, its results move to W/superseded/.',
+  )
+  flags.DEFINE_bool(
+    'verbose',
+    False,
+    'Show the traceback of errors in the inputs (config, data, '
+    'split, checkpoint, workdir) instead of one line.',
+  )
+  flags.DEFINE_bool(
+    'help_config', False, 'Print every config field with its value and meaning, then exit.'
+  )
 
 
 class _QuietLibraries:
@@ -56,7 +67,12 @@ class _QuietLibraries:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    errors.exit_with(
+      f'unexpected arguments {argv[1:]}: every option is a --flag (python -m drc_jax.main --help)'
+    )
+  if flags.FLAGS.help_config:
+    print(config_base.describe(flags.FLAGS.config))
+    return
   parallel.set_cpu_defaults()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize()
@@ -86,9 +102,11 @@ def main(argv):
   )
 
 
-def run() -> None:
-  """The console script ``drc-audit`` (the same flags as ``python -m drc_jax.main``)."""
-  app.run(main, flags_parser=errors.flags_parser)
+def run(argv: list[str] | None = None) -> None:
+  """``python -m drc_jax.main`` and the console script ``drc-audit``."""
+  argv = list(sys.argv if argv is None else argv)
+  errors.define_flags_reporting_errors(_define_flags, argv)
+  errors.run_app(main, argv)
 
 
 if __name__ == '__main__':

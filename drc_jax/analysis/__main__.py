@@ -222,16 +222,21 @@ def main(argv: list[str] | None = None) -> None:
       errors.exit_with(f'unknown tool {argv[1]!r}; one of {sorted(TOOLS)}')
     sys.exit(0)
   define, run = TOOLS[argv[1]]
-  define()
-  flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error.')
+  tool_argv = [f'{argv[0]} {argv[1]}', *argv[2:]]
+
+  def define_all() -> None:
+    define()
+    flags.DEFINE_bool('verbose', False, 'Show the traceback of a user error.')
+
+  errors.define_flags_reporting_errors(define_all, tool_argv)
 
   def tool_main(rest: list[str]) -> None:
     if len(rest) > 1:
-      raise app.UsageError(f'unexpected arguments: {rest[1:]}')
+      errors.exit_with(f'unexpected arguments {rest[1:]}: every option of {argv[1]} is a --flag')
     parallel.set_cpu_defaults()
     errors.run_reporting_user_errors(run, F.verbose)
 
-  app.run(tool_main, argv=[f'{argv[0]} {argv[1]}', *argv[2:]], flags_parser=errors.flags_parser)
+  errors.run_app(tool_main, tool_argv)
 
 
 if __name__ == '__main__':

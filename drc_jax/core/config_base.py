@@ -7,8 +7,12 @@ string after the colon (``--config=configs/cifar10.py:runlocal,res=64``).
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
 
 import ml_collections
 
@@ -273,3 +277,59 @@ def sibling(config_file: str, name: str):
     sys.modules[key] = module
     spec.loader.exec_module(module)
   return sys.modules[key]
+
+
+def field_comments() -> dict[str, str]:
+  """{'section.field': its one-line meaning} in ``base_config``'s order: the comment on the
+  field's own lines, else the comment lines above it (shared by the fields that follow them)."""
+  source = textwrap.dedent(inspect.getsource(base_config))
+  out: dict[str, str] = {}
+  block: list[str] = []  # comment lines above the current statement
+  inline: list[str] = []  # comments on the current statement's lines
+  field, used = None, False  # the statement's tokens as text; whether ``block`` was used
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      if field is not None:
+        inline.append(tok.string.lstrip('#').strip())
+      else:
+        if used:
+          block, used = [], False
+        block.append(tok.string.lstrip('#').strip())
+    elif tok.type == tokenize.NAME and field is None and tok.string == 'c' and tok.start[1] == 2:
+      field = ''
+    elif field is not None and tok.type in (tokenize.NAME, tokenize.OP) and '=' not in field:
+      field += tok.string
+    elif tok.type == tokenize.NEWLINE:
+      name = (field or '').split('=')[0].lstrip('.')
+      if name and '=' in field:  # sections (c.data = ConfigDict()) too; describe() skips them
+        out[name] = ' '.join(inline or block)
+        used = not inline
+        if inline:
+          block = []
+      field, inline = None, []
+  return out
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field of ``config`` with its value and meaning, one per line (``--help_config``)."""
+  comments = field_comments()
+  flat: dict[str, object] = {}
+
+  def walk(d, prefix):
+    for key in d:
+      if isinstance(d[key], ml_collections.ConfigDict):
+        walk(d[key], f'{prefix}{key}.')
+      else:
+        flat[f'{prefix}{key}'] = d[key]
+
+  walk(config, '')
+  order = [n for n in comments if n in flat] + sorted(set(flat) - set(comments))
+  lines, section = [], None
+  for name in order:
+    head = name.rpartition('.')[0]
+    if head != section and lines:
+      lines.append('')
+    section = head
+    meaning = comments.get(name, '')
+    lines.append(f'  --config.{name}={flat[name]!r}' + (f'  # {meaning}' if meaning else ''))
+  return '\n'.join(lines)

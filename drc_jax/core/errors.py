@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from absl import flags
+from absl import app, flags
 
 EXIT_USER_ERROR = 2
 
@@ -99,3 +99,28 @@ def flags_parser(argv: list[str]) -> list[str]:
     if '--verbose' in argv[1:]:
       raise
     exit_with(f'{_flag_error(e, argv)} (--verbose shows the traceback)')
+
+
+HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+def define_flags_reporting_errors(define: Callable[[], None], argv: list[str]) -> None:
+  """Runs ``define`` (flag definitions): a default config loads there, with the command line's
+  --config.x overrides, so a bad override is one line and exit status 2 (``--verbose``: the
+  traceback)."""
+  try:
+    define()
+  except Exception as e:  # pylint: disable=broad-except  (everything here comes from the argv)
+    if '--verbose' in argv[1:]:
+      raise
+    exit_with(f'{_flag_error(e, argv)} (--verbose shows the traceback)')
+
+
+def run_app(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  """``absl.app.run(main)`` with one-line flag errors; asking for help exits with status 0."""
+  try:
+    app.run(main, argv=argv, flags_parser=flags_parser)
+  except SystemExit as e:
+    if e.code == 1 and any(a.split('=')[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise

@@ -70,6 +70,43 @@ def test_main_prints_one_line_and_exits_2(tmp_path, args, expected):
   assert not (tmp_path / 'w').exists()  # nothing was started
 
 
+@pytest.mark.parametrize(
+  'args, expected',
+  [
+    (
+      ['--config.audit.max_image=5'],
+      "error: --config.audit.max_image: unknown config field 'max_image' (Did you mean "
+      '"max_images"',
+    ),
+    (['--config.drc.foo=1'], "error: --config.drc.foo: unknown config field 'foo'"),
+    (['--config.foo.bar=1'], "error: --config.foo.bar: unknown config field 'foo'"),
+    (['extra'], "error: unexpected arguments ['extra']: every option is a --flag"),
+  ],
+)
+def test_the_default_config_and_stray_arguments_are_one_line(tmp_path, args, expected):
+  """No --config: the default config loads when the flags are defined, overrides included."""
+  r = _run('drc_jax.main', f'--workdir={tmp_path / "w"}', *args, cwd=tmp_path)
+  assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  lines = _error_lines(r)
+  assert len(lines) == 1 and lines[0].startswith(expected), r.stderr[-2000:]
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('module', [['drc_jax.main'], ['drc_jax.analysis', 'bench']])
+def test_help_exits_0(module):
+  r = _run(*module, '--help')
+  assert r.returncode == 0 and '--config' in r.stdout, r.stderr[-2000:]
+
+
+def test_help_config_lists_every_field_with_its_meaning():
+  r = _run('drc_jax.main', '--help_config')
+  assert r.returncode == 0, r.stderr[-2000:]
+  fields = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip()]
+  assert '--config.audit.max_images=0' in fields and '--config.drc.mask_ratio=0.25' in fields
+  assert all('  # ' in ln for ln in r.stdout.splitlines() if ln.strip()), r.stdout
+  assert len(fields) >= 85  # every field of the base config
+
+
 def test_a_config_file_error_is_one_line(tmp_path):
   r = _run('drc_jax.main', f'--config={REPO}/configs/celeba.py:res=48', f'--workdir={tmp_path}')
   assert r.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in r.stderr
