@@ -9,7 +9,7 @@ and bfloat16 (``config.model.dtype``): the jitted forward's images/s and achieve
 program), the
 fraction of the device's dense peak for that dtype (float32 against the TF32 peak: JAX's default
 precision lets XLA use TF32 on the GPU), and RePaint's images/s (50 respaced steps, jumps 10 x 2:
-90 model calls per image, as ../shared/peer). Then diffusers' RePaintPipeline on the same device
+90 model calls per image, as launch/peer). Then diffusers' RePaintPipeline on the same device
 and UNet layout (``launch/torch_repaint.py``, when torch and diffusers import). Writes
 ``gpu_bench.json`` and ``gpu_bench.md`` into ``--out`` and prints the table.
 """
@@ -55,7 +55,7 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--out', required=True)
   p.add_argument('--quick', action='store_true', help='Tiny batches and steps: a script check.')
-  p.add_argument('--peer_dir', default='', help="Folder of the peer's diffusers_repaint_bench.py.")
+  p.add_argument('--no_peer', action='store_true', help="Skip diffusers' RePaintPipeline.")
   args = p.parse_args()
   quick = args.quick
   batches = (2, 4) if quick else (64, 256)
@@ -90,13 +90,12 @@ def main():
       )
       print(json.dumps(rows[-1]), flush=True)
   peer = []
-  if args.peer_dir:
+  if not args.no_peer:
     for dtype in ('float32', 'bfloat16'):
       for batch in batches:
         cmd = [
           sys.executable,
           os.path.join(os.path.dirname(__file__), 'torch_repaint.py'),
-          f'--peer_dir={args.peer_dir}',
           f'--dtype={dtype}',
           f'--batch={batch}',
           f'--steps={steps}',

@@ -4,21 +4,18 @@
 # diffusers' RePaintPipeline on the same GPU and UNet). Made for a lent GPU machine whose image has
 # JAX with CUDA, flax, optax and torch but no network, and lacks ml-collections and diffusers:
 #
-#   bash launch/bench_gpu.sh --prepare   # here, once: wheels into .whl/, the peer's UNet builder
-#                                        # into .peer/ (both git-ignored)
-#   bash launch/bench_gpu.sh             # there (carry .whl and .peer): figures into $OUT (else
+#   bash launch/bench_gpu.sh --prepare   # here, once: wheels into .whl/ (git-ignored)
+#   bash launch/bench_gpu.sh             # there (carry .whl): figures into $OUT (else
 #                                        # runs/gpu), table on stdout; under 10 minutes on an H100
 #   QUICK=1 bash launch/bench_gpu.sh     # tiny batches and steps on any backend: checks the script
 set -euo pipefail
 cd "$(dirname "$0")/.."
-peer=${PEER:-../shared/peer}
 if [[ ${1:-} == --prepare ]]; then
-  rm -rf .whl .peer
+  rm -rf .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 -d .whl \
     ml-collections==1.1.0 diffusers==0.42.1 importlib_metadata==8.7.0 zipp==3.23.0
-  mkdir -p .peer && cp "$peer/diffusers_repaint_bench.py" .peer/
-  ls .whl .peer
+  ls .whl
   exit 0
 fi
 py=${PYTHON:-}  # this checkout's .venv where there is one (here), else the image's python3 (there)
@@ -32,8 +29,6 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-runs/gpu}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-peer_dir=.peer
-[[ -f $peer_dir/diffusers_repaint_bench.py ]] || peer_dir=$peer
-args=(--out="$out" --peer_dir="$peer_dir")
+args=(--out="$out")  # the PyTorch side: launch/torch_repaint.py with launch/peer/
 [[ ${QUICK:-0} == 1 ]] && args+=(--quick)
 "$py" launch/bench_gpu.py "${args[@]}"

@@ -6,27 +6,21 @@
 #
 #   bash launch/bench_train_vs_peer.sh
 #
-# Variables: BATCH (64), REPEATS (20 timed steps, median), PEER (the peer's run.sh, default
-# ../shared/peer/run.sh), PEER_VENV (default ~/.cache/drc-peer-venv, made by the peer's run.sh on
-# first use), DRY_RUN=1;
+# Variables: BATCH (64), REPEATS (20 timed steps, median), PEER_PYTHON / PEER_VENV (the PyTorch
+# environment, launch/peer/run.sh: this checkout's .venv when it has torch and diffusers, else a
+# virtual environment made on first use), DRY_RUN=1;
 # DRC_JAX_TCMALLOC=0 runs drc_jax on glibc's malloc, PEER_TCMALLOC=1 the peer on tcmalloc too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/tcmalloc.sh
 batch=${BATCH:-64}; repeats=${REPEATS:-20}
-peer=${PEER:-../shared/peer/run.sh}
-peer_dir=$(cd "$(dirname "$peer")" && pwd)
-venv=${PEER_VENV:-$HOME/.cache/drc-peer-venv}
 ours=(.venv/bin/python -m drc_jax.analysis bench --config=configs/fashion_mnist.py --train_step
       --repeats="$repeats" --config.train.batch_size="$batch")
-theirs=("$venv/bin/python" launch/torch_train_step.py --peer_dir="$peer_dir" --batch "$batch"
-        --repeats "$repeats")
+theirs=(launch/torch_train_step.py --batch "$batch" --repeats "$repeats")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-  echo "${ours[*]}"; echo "${theirs[*]}"; exit 0
+  echo "${ours[*]}"; echo "\$(bash launch/peer/run.sh --python) ${theirs[*]}"; exit 0
 fi
-if [[ ! -x $venv/bin/python ]]; then  # the peer's run.sh makes its environment on first use
-  bash "$peer" --help >/dev/null
-fi
+theirs=("$(bash launch/peer/run.sh --python)" "${theirs[@]}")
 # drc_jax on tcmalloc as launch/local.sh runs it; the peer on glibc's malloc unless PEER_TCMALLOC=1
 a=$(drc_jax_preload_tcmalloc; "${ours[@]}" 2>/dev/null | tail -1)
 b=$([[ ${PEER_TCMALLOC:-0} == 1 ]] && drc_jax_preload_tcmalloc

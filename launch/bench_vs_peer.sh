@@ -6,7 +6,8 @@
 #   MODEL=paper BATCH=4 STEPS=10 bash launch/bench_vs_peer.sh   # the 35.7M paper UNet at 32x32x3
 #
 # Variables: MODEL (default|paper), BATCH (16), STEPS (50), JUMP_LENGTH (10), JUMP_N_SAMPLE (2),
-# REPEATS (2), PEER (path of the peer's run.sh, default ../shared/peer/run.sh), DRY_RUN=1;
+# REPEATS (2), PEER (the peer's runner, default launch/peer/run.sh: diffusers' RePaintPipeline in
+# an environment with torch and diffusers, made on first use), DRY_RUN=1;
 # DRC_JAX_TCMALLOC=0 runs drc_jax on glibc's malloc, PEER_TCMALLOC=1 the peer on tcmalloc too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ source launch/tcmalloc.sh
 model=${MODEL:-default}
 batch=${BATCH:-16}; steps=${STEPS:-50}; jl=${JUMP_LENGTH:-10}; jn=${JUMP_N_SAMPLE:-2}
 repeats=${REPEATS:-2}
-peer=${PEER:-../shared/peer/run.sh}
+peer=${PEER:-launch/peer/run.sh}
 case $model in
   default)
     cfg=configs/fashion_mnist.py

@@ -1,8 +1,8 @@
 """diffusers' RePaintPipeline on the paper UNet, on the GPU when there is one: the peer's side of
 ``launch/bench_gpu.py``.
 
-The UNet is built by the peer's own ``build_unet`` (``--peer_dir``: the folder of
-``../shared/peer/diffusers_repaint_bench.py``), in float32 or bfloat16, on CUDA if available; the
+The UNet is built by the peer's ``build_unet`` (``launch/peer/diffusers_repaint.py``), in float32
+or bfloat16, on CUDA if available; the
 mask and the work are the peer's (a centre mask, 50 respaced steps, jumps 10 x 2 by default).
 Prints one JSON line: images/s, model calls per image, device.
 """
@@ -18,7 +18,6 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument('--peer_dir', required=True)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--steps', type=int, default=50)
@@ -32,8 +31,8 @@ def main():
     RePaintPipeline,
   )
 
-  sys.path.insert(0, a.peer_dir)
-  from diffusers_repaint_bench import build_unet  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peer'))
+  from diffusers_repaint import build_unet  # pylint: disable=import-outside-toplevel
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.manual_seed(0)

@@ -1,10 +1,11 @@
 """The PyTorch side of the train-step comparison: one DDPM training step of the same UNet layout.
 
-A diffusers UNet2DModel built as ``../shared/peer`` builds it (the layout drc_jax's UNet computes),
+A diffusers UNet2DModel built by ``launch/peer/diffusers_repaint.py`` (the layout drc_jax's UNet
+computes),
 epsilon-prediction MSE at uniform t on a random batch, backward, gradient clipping at 1, Adam and
 an EMA update: what ``drc_jax.targets.train`` does per step. Prints one JSON line with seconds per
 step.
-Run it with ``bash launch/bench_train_vs_peer.sh`` (it uses the peer's virtual environment).
+Run it with ``bash launch/bench_train_vs_peer.sh`` (in the peer's environment, launch/peer/run.sh).
 """
 
 import argparse
@@ -23,7 +24,6 @@ WARMUP = 2
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument('--peer_dir', required=True)
   p.add_argument('--ch', type=int, default=32)
   p.add_argument('--ch-mult', default='1,2,2')
   p.add_argument('--num-res-blocks', type=int, default=1)
@@ -34,8 +34,8 @@ def main():
   p.add_argument('--dropout', type=float, default=0.1)
   p.add_argument('--repeats', type=int, default=20)
   a = p.parse_args()
-  sys.path.insert(0, a.peer_dir)
-  from diffusers_repaint_bench import build_unet  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peer'))
+  from diffusers_repaint import build_unet  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
   unet = build_unet(

@@ -5,7 +5,7 @@
   python -m drc_jax.analysis bench --forward_only # the UNet forward alone (+ GFLOP/s)
 
 The defaults (RePaint, 50 respaced steps, jump length 10, 2 samples per jump, batch 16) are those
-of ``../shared/peer/run.sh`` (diffusers' RePaintPipeline in PyTorch), so the two run identical work
+of ``launch/peer/run.sh`` (diffusers' RePaintPipeline in PyTorch), so the two run identical work
 when given the same UNet layout; compare them in one session on one machine. Weights are random:
 speed does not depend on them.
 """

@@ -1,5 +1,8 @@
 """The benchmark runs the real restorer and reports its work and cost."""
 
+import os
+
+import pytest
 from conftest import load_config
 
 from drc_jax.analysis import bench
@@ -55,7 +58,7 @@ def test_drc_bench_both_ways():
 
 def test_train_step_comparison_script_runs_the_same_step_both_sides():
   """launch/bench_train_vs_peer.sh: drc_jax's train-step bench and the PyTorch step, same batch."""
-  import os  # pylint: disable=g-import-not-at-top
+
   import subprocess  # pylint: disable=g-import-not-at-top
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,3 +72,50 @@ def test_train_step_comparison_script_runs_the_same_step_both_sides():
   ).stdout.splitlines()
   assert '--train_step' in out[0] and '--config.train.batch_size=32' in out[0]
   assert 'launch/torch_train_step.py' in out[1] and '--batch 32' in out[1]
+
+
+def test_the_pytorch_peer_runs_from_the_repository_alone():
+  """launch/peer/run.sh: diffusers' RePaintPipeline on drc_jax's UNet layout, the same model calls
+  per image as drc_jax's RePaint of the same schedule, with nothing outside the checkout."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  pytest.importorskip('diffusers')
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  args = '--ch 16 --ch-mult 1,2 --num-res-blocks 1 --attn-res 8 --res 16 --channels 1 --batch 2'
+  out = subprocess.run(
+    [
+      'bash',
+      'launch/peer/run.sh',
+      *args.split(),
+      '--steps',
+      '6',
+      '--jump-length',
+      '2',
+      '--jump-n-sample',
+      '2',
+      '--repeats',
+      '1',
+    ],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=600,
+  ).stdout.splitlines()[-1]
+  peer = json.loads(out)
+  assert peer['nfe_per_image'] == schedule.repaint_counts(schedule.repaint_jumps(6, 2, 2))[0]
+  assert peer['batch'] == 2 and peer['images_per_s'] > 0
+
+
+def test_no_file_reaches_outside_the_checkout():
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  hits = subprocess.run(
+    ['git', 'grep', '-n', '-F', '-e', '../shared', '--', '.', ':!tests/analysis/test_bench.py'],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+  ).stdout
+  assert not hits, hits
