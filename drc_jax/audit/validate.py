@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -74,6 +75,15 @@ def _check(config) -> None:
     config.diffusion.beta_schedule in ('linear', 'scaled_linear', 'cosine'),
     f'config.diffusion.beta_schedule: {config.diffusion.beta_schedule!r}',
   )
+  if config.diffusion.beta_schedule != 'cosine':
+    lo, hi = config.diffusion.beta_start, config.diffusion.beta_end
+    for name, v in (('beta_start', lo), ('beta_end', hi)):
+      _require(
+        isinstance(v, (int, float)) and math.isfinite(v) and 0.0 < v < 1.0,
+        f'config.diffusion.{name}: {v} not in (0, 1)',
+      )
+    _require(lo <= hi, f'config.diffusion.beta_start ({lo}) exceeds beta_end ({hi})')
+  _check_sizes(config)
   for field in ('train.batch_size', 'audit.batch_size'):
     section, name = field.split('.')
     bs = config[section][name]
@@ -151,6 +161,36 @@ def _check(config) -> None:
   for name in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(t[name] >= 1, f'config.train.{name}: {t[name]} (expected >= 1)')
   _require(t.warmup_steps >= 0, f'config.train.warmup_steps: {t.warmup_steps} (expected >= 0)')
+
+
+# Size-like fields and their bounds: each sets how much memory or time a run takes, so a slip
+# (bootstrap=1e9) is refused before any work rather than running unbounded.
+SIZE_BOUNDS = {
+  'split.num_members': (1, 10**8),
+  'split.num_nonmembers': (1, 10**8),
+  'train.steps': (1, 10**8),
+  'train.batch_size': (1, 1 << 16),
+  'audit.batch_size': (1, 1 << 16),
+  'audit.shard_size': (1, 1 << 20),
+  'audit.max_images': (0, 10**8),
+  'audit.bootstrap': (0, 100_000),
+  'audit.num_evidence': (0, 100),
+  'audit.num_samples': (0, 100_000),
+  'drc.num_restorations': (1, 1000),
+  'drc.steps': (1, 100_000),
+  'dataset.size': (1, 10**8),
+  'dataset.power_repetitions': (0, 100_000),
+}
+
+
+def _check_sizes(config) -> None:
+  for field, (lo, hi) in SIZE_BOUNDS.items():
+    section, name = field.split('.')
+    v = config[section][name]
+    _require(
+      isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+      f'config.{field}: {v!r} (expected an integer in [{lo:,}, {hi:,}])',
+    )
 
 
 def drc_encoder_fields(config) -> dict[str, str]:

@@ -71,16 +71,23 @@ def sha256_file(path) -> str:
 
 
 def verify(directory) -> dict[str, Any]:
-  """Checks the recorded SHA-256 of every file; returns ``training.json`` ({} when absent)."""
+  """Checks the recorded SHA-256 of every file; returns ``training.json``.
+
+  The record is required and must cover the weights, ``model.json`` and the split: without it
+  nothing would say which weights these are, so a changed file would audit silently.
+  """
   d = epath.Path(directory)
   path = d / TRAINING_JSON
   if not path.exists():
-    return {}
-  try:
-    doc = json.loads(path.read_text())
-    recorded = doc['sha256']
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise checkpoints.CheckpointError(f'{path}: invalid training record ({e!r})') from e
+    raise checkpoints.CheckpointError(
+      f'{path}: missing; a safetensors target is loaded only with its record of hashes '
+      f'(written by python -m drc_jax.analysis export)'
+    )
+  doc = records.read_json(path, checkpoints.CheckpointError)
+  recorded = doc.get('sha256')
+  unrecorded = [n for n in HASHED if not isinstance(recorded, dict) or n not in recorded]
+  if unrecorded:
+    raise checkpoints.CheckpointError(f'{path}: records no SHA-256 of {unrecorded}')
   for name, want in recorded.items():
     f = d / name
     if not f.exists():

@@ -142,6 +142,26 @@ def test_bad_config_values_are_named():
     validate.check(c)
 
 
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    ('audit.bootstrap', 10**9, r'config.audit.bootstrap: 1000000000 \(expected an integer in'),
+    ('audit.num_samples', -1, 'config.audit.num_samples: -1'),
+    ('dataset.power_repetitions', 10**7, 'config.dataset.power_repetitions'),
+    ('drc.num_restorations', 5000, 'config.drc.num_restorations'),
+    ('diffusion.beta_end', -1.0, r'config.diffusion.beta_end: -1.0 not in \(0, 1\)'),
+    ('diffusion.beta_start', float('nan'), r'config.diffusion.beta_start: nan not in \(0, 1\)'),
+    ('diffusion.beta_start', 0.05, r'config.diffusion.beta_start \(0.05\) exceeds beta_end'),
+  ],
+)
+def test_sizes_and_schedules_are_bounded_before_any_work(field, value, match):
+  c = _config()
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(validate.ConfigError, match=match):
+    validate.check(c)
+
+
 # ----------------------------------------------------------------------------------------------
 # Results are never reused for another target, nor lost to a run whose inputs are wrong.
 

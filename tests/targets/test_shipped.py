@@ -4,12 +4,13 @@ its cost frontier."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import load_config
 
-from drc_jax.analysis import frontier, sweep
+from drc_jax.analysis import export, frontier, sweep
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import modes as pipeline
 from drc_jax.audit import samples as S
@@ -40,7 +41,7 @@ def exported(tmp_path_factory):
   wd, out = root / 'w', root / 'targets' / 'tiny'
   c = _config()
   pipeline.run(c, str(wd), 'train')
-  shipped.export(str(wd), str(out), step=40, config=c, command='python -m drc_jax.main ...')
+  export.export(str(wd), str(out), step=40, config=c, command='python -m drc_jax.main ...')
   return wd, out
 
 
@@ -71,12 +72,32 @@ def test_a_changed_shipped_file_is_refused_naming_it(exported, tmp_path):
     T.load_target(str(bad))
 
 
+def test_a_shipped_target_without_its_record_is_refused(exported, tmp_path):
+  _, out = exported
+  bad = tmp_path / 'tiny'
+  shutil.copytree(out, bad)
+  (bad / 'training.json').unlink()
+  with pytest.raises(checkpoints.CheckpointError, match='training.json: missing'):
+    T.load_target(str(bad))
+  shutil.copy(Path(out) / 'training.json', bad / 'training.json')
+  doc = json.loads((bad / 'training.json').read_text())
+  del doc['sha256']['ema.safetensors']  # a record that no longer covers the weights
+  (bad / 'training.json').write_text(json.dumps(doc))
+  raw = bytearray((bad / 'ema.safetensors').read_bytes())
+  raw[-3] ^= 0x01
+  (bad / 'ema.safetensors').write_bytes(bytes(raw))
+  with pytest.raises(
+    checkpoints.CheckpointError, match=r"records no SHA-256 of \['ema.safetensors'\]"
+  ):
+    T.load_target(str(bad))
+
+
 def test_export_refuses_a_recipe_that_does_not_reproduce_the_step(exported, tmp_path):
   wd, _ = exported
   c = _config()
   c.train.steps = 20
   with pytest.raises(ValueError, match='config.train.steps'):
-    shipped.export(str(wd), str(tmp_path / 'x'), step=40, config=c, command='')
+    export.export(str(wd), str(tmp_path / 'x'), step=40, config=c, command='')
 
 
 def test_unknown_shipped_name_is_an_error():
@@ -105,7 +126,7 @@ def test_the_shipped_default_target_loads_and_matches_its_hashes():
   """The target shipped in the repository: files intact, loadable, recipe = the default config."""
   directory = shipped.resolve('shipped:fashion_mnist')
   doc = shipped.verify(directory)
-  assert set(doc['sha256']) == set(shipped.HASHED)
+  assert set(doc['sha256']) == {*shipped.HASHED, shipped.THRESHOLDS_JSON}
   target = T.load_target('shipped:fashion_mnist')
   c = load_config('fashion_mnist')
   assert target.step == c.train.steps == doc['step']
