@@ -40,6 +40,11 @@ class ConversionError(errors.UserError, ValueError):
   """A checkpoint that cannot be imported; the message names the file, key or config field."""
 
 
+class RefusedPickle(ConversionError):
+  """A pickle that torch.load(weights_only=True) would not load (objects beyond tensors and
+  containers, or a damaged file)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Converted:
   """A converted target, ready for ``write_target``.
@@ -112,17 +117,29 @@ def read_checkpoint(path) -> Any:
         weights_only=True,
       )
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... on refused pickles
-      refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-      detail = f'it pickles {refused.group(1)}' if refused else str(e)[:300]
-      raise ConversionError(
-        f'{path}: cannot load with torch.load(weights_only=True): the file is '
-        f'corrupt or holds objects other than tensors and containers ({detail})'
-      ) from e
+      raise RefusedPickle(f'{path}: {_refusal(e)}') from e
   raise ConversionError(
     f'{path}: unsupported checkpoint extension (expected '
     f'{_SAFETENSORS_SUFFIX} or one of {_PICKLE_SUFFIXES}; other pickles are '
     f'refused because loading them can run code)'
   )
+
+
+def _refusal(e: Exception) -> str:
+  """What torch.load(weights_only=True) refused, in one sentence and without torch's advice to
+  load the file with weights_only=False (which would run whatever the pickle holds)."""
+  glob = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)', str(e))
+  if glob:
+    return (
+      f'refused: it pickles {glob.group(1)}, which is not a tensor or container; drc_jax loads '
+      f'only checkpoints of tensors (loading other objects can run code). Re-save the weights '
+      f'alone (a state dict) or as .safetensors'
+    )
+  advice = ('weights_only', 're-running', 'check the documentation', 'arbitrary code')
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  kept = [ln for ln in lines if not any(a in ln.lower() for a in advice)]
+  reason = (kept[0] if kept else type(e).__name__)[:200]
+  return f'not a readable checkpoint of tensors ({type(e).__name__}: {reason})'
 
 
 def _is_array(v) -> bool:

@@ -60,6 +60,7 @@ from drc_jax.convert import diffusers_ldm
 from drc_jax.convert.common import (
   ConversionError,
   Converted,
+  RefusedPickle,
   Source,
   assemble,
   assemble_tree,
@@ -249,9 +250,7 @@ def read_state(src: epath.Path) -> tuple[dict[str, np.ndarray], int]:
   """(state dict as float32 numpy arrays, Lightning's global_step or 0) of a CompVis ``.ckpt``."""
   try:
     obj = read_checkpoint(src)
-  except ConversionError as e:
-    if 'weights_only' not in str(e):
-      raise
+  except RefusedPickle as e:
     why = 'a full PyTorch Lightning training checkpoint: ' if 'lightning' in str(e) else ''
     raise ConversionError(
       f'{e}. If it is {why or "a Lightning checkpoint: "}'

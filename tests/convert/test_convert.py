@@ -8,6 +8,7 @@ is perturbed away from its initial value so that a swapped or transposed tensor 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -522,10 +523,28 @@ class _NotATensor:
   pass
 
 
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('touch ran',))
+
+
 def test_unsafe_pickle_refused(tmp_path, ddpm_small):
   torch.save({'ema_model': ddpm_small.state_dict(), 'extra': _NotATensor()}, tmp_path / 'x.pt')
-  with pytest.raises(convert.ConversionError, match='weights_only'):
+  with pytest.raises(convert.ConversionError, match=r'x.pt: refused: it pickles .*_NotATensor'):
     convert.convert('pytorch-ddpm', tmp_path / 'x.pt', tmp_path / 'w')
+
+
+def test_refusals_say_what_and_never_suggest_disabling_the_safety(tmp_path):
+  torch.save({'a': _RunsCode()}, tmp_path / 'evil.pt')
+  (tmp_path / 'cut.pt').write_bytes((tmp_path / 'evil.pt').read_bytes()[:40])
+  for name, what in (('evil.pt', r'refused: it pickles (posix|os)\.system'), ('cut.pt', 'not a')):
+    with pytest.raises(convert.ConversionError) as e:
+      convert.read_checkpoint(tmp_path / name)
+    message = str(e.value)
+    assert re.search(f'{name}: {what}', message), message
+    assert 'weights_only=False' not in message and 're-running' not in message.lower(), message
+    assert '\n' not in message
+  assert not (tmp_path / 'ran').exists()
 
 
 def test_missing_torch_is_a_clear_error(tmp_path, small_pt, monkeypatch):
