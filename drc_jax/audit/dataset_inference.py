@@ -341,7 +341,7 @@ def score_folder(
     indices,
     key_indices=indices + FOLDER_KEY_OFFSETS[role],
   )
-  return store.load_scores(str(root))
+  return store.load_scores(str(root), store.fingerprint_digest(record['scores']))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +363,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
   ds, a = config.dataset, config.audit
   scorer, source = audit_lib.score_split(config, workdir, overwrite)
   names = scorer.names
-  table = store.load_scores(workdir)
+  table = store.load_scores(
+    workdir, store.fingerprint_digest(store.fingerprint(config, scorer.target))
+  )
   is_member = np.asarray(table['split']) == 1
   member_features = _features(table, names)[is_member]
   if ds.reference_dir:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
 from drc_jax.audit import scoring as audit_lib
 from drc_jax.audit import store, validate
-from drc_jax.core import parallel
+from drc_jax.core import errors, fileio, parallel
 from drc_jax.targets import checkpoints
 from drc_jax.targets import train as train_lib
 
@@ -80,6 +81,16 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   if mode not in MODES:
     raise validate.ConfigError(f'--mode: unknown {mode!r}; expected one of {MODES}')
   validate.check(config)
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise errors.WorkdirError(f'{workdir}: not a directory (--workdir names a run directory)')
+  # One run per workdir at a time: a second is refused (naming the first), so two runs never
+  # mix their scores. Process 0 holds it for a multi-host run (the others write nothing).
+  lock = fileio.workdir_lock(workdir, errors.WorkdirError) if parallel.is_writer() else None
+  with lock or contextlib.nullcontext():
+    return _run(config, workdir, mode, overwrite)
+
+
+def _run(config, workdir: str, mode: str, overwrite: bool) -> dict | None:
   imported = checkpoints.is_imported(workdir)
   if mode == 'train' and imported:
     raise checkpoints.CheckpointError(

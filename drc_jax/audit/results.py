@@ -86,7 +86,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
   """
   target, attacks = scorer.target, scorer.attacks
   store.check_scores_match(config, workdir, target)
-  table = store.load_scores(workdir)
+  table = store.load_scores(workdir, store.fingerprint_digest(store.fingerprint(config, target)))
   metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
   if config.audit.calibration == 'quantile':
     features = calibration_lib.table_features(source, table['index'], config.data)

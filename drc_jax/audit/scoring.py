@@ -228,7 +228,15 @@ def score_images(
   key_indices = indices if key_indices is None else key_indices
   shard, bs = config.audit.shard_size, config.audit.batch_size
   n_shards = -(-len(indices) // shard)
-  done = {i for i in range(n_shards) if store.shard_path(workdir, i).exists()}
+  fingerprint = store.fingerprint_digest(store.fingerprint(config, target))
+  done = set()
+  for i in range(n_shards):
+    path = store.shard_path(workdir, i)
+    problem = store.shard_problem(path, fingerprint) if path.exists() else 'missing'
+    if problem is None:
+      done.add(i)
+    elif problem != 'missing':
+      logging.warning('%s; scoring it again', problem)
   parallel.sync('shards_listed')  # every process decides the same shards to skip
   todo = [i for i in range(n_shards) if i not in done]
   logging.info(
@@ -299,7 +307,7 @@ def score_images(
     if len(arrays['score/' + names[0]]) != hi - lo:
       raise RuntimeError(f'shard {i}: scored {len(arrays["score/" + names[0]])} of {hi - lo}')
     if parallel.is_writer():
-      store.write_npz(store.shard_path(workdir, i), arrays)
+      store.write_shard(store.shard_path(workdir, i), arrays, fingerprint)
     logging.info(
       'scored shard %d/%d: %d/%d images, %s',
       i + 1,

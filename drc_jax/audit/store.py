@@ -14,9 +14,12 @@ to ``W/superseded/<time>/``; nothing is deleted.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
+import zipfile
+import zlib
 
 import numpy as np
 from absl import logging
@@ -220,14 +223,88 @@ def read_npz(path) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
-def load_scores(workdir: str) -> dict[str, np.ndarray]:
-  """Concatenates every score shard into one table (rows in audit order)."""
+# A score shard carries the SHA-256 of its own arrays and the digest of the fingerprint it was
+# scored under: a damaged shard is found (and rescored), a shard of another config never counts.
+SHARD_SHA256 = '_sha256'
+SHARD_FINGERPRINT = '_fingerprint'
+
+
+class DamagedShard(errors.WorkdirError):
+  """A score shard that cannot be read or whose arrays differ from its recorded SHA-256."""
+
+
+def fingerprint_digest(fp: dict) -> str:
+  """SHA-256 of a fingerprint (``fingerprint(config, target)``), as shards record it."""
+  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha256()
+  for k in sorted(arrays):
+    a = np.ascontiguousarray(arrays[k])
+    h.update(f'{k}|{a.dtype.str}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def write_shard(path, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
+  """Writes a score shard atomically with its fingerprint digest and checksum."""
+  arrays = {**arrays, SHARD_FINGERPRINT: np.asarray(fingerprint)}
+  write_npz(path, {**arrays, SHARD_SHA256: np.asarray(_arrays_sha256(arrays))})
+
+
+def read_shard(path) -> tuple[dict[str, np.ndarray], str | None]:
+  """(the shard's score arrays, the fingerprint digest it records; None for a shard written
+  before shards recorded one).
+
+  Raises:
+    DamagedShard: the file is truncated, corrupt or changed (naming it).
+  """
+  try:
+    arrays = read_npz(path)
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    raise DamagedShard(f'{path}: damaged score shard ({type(e).__name__}: {e})') from e
+  want = arrays.pop(SHARD_SHA256, None)
+  if want is not None and str(want) != _arrays_sha256(arrays):
+    raise DamagedShard(f'{path}: damaged score shard (its arrays differ from their SHA-256)')
+  fingerprint = arrays.pop(SHARD_FINGERPRINT, None)
+  return arrays, None if fingerprint is None else str(fingerprint)
+
+
+def shard_problem(path, fingerprint: str) -> str | None:
+  """Why shard ``path`` does not count as done under ``fingerprint`` (None: it does)."""
+  try:
+    _, recorded = read_shard(path)
+  except DamagedShard as e:
+    return str(e)
+  if recorded is not None and recorded != fingerprint:
+    return f'{path}: scored under another config or target (fingerprint {recorded[:12]}...)'
+  return None
+
+
+def load_scores(workdir: str, fingerprint: str | None = None) -> dict[str, np.ndarray]:
+  """Concatenates every score shard into one table (rows in audit order).
+
+  Raises:
+    DamagedShard: a shard cannot be read or was changed (naming it).
+    WorkdirError: shards are missing, or one was scored under another ``fingerprint``.
+  """
   files = sorted((epath.Path(workdir) / SCORES_DIR).glob('shard_*.npz'))
   if not files:
     raise errors.WorkdirError(
       f'{epath.Path(workdir) / SCORES_DIR}: no score shards; run --mode=audit first'
     )
-  parts = [read_npz(f) for f in files]
+  parts = []
+  for f in files:
+    try:
+      arrays, recorded = read_shard(f)
+    except DamagedShard as e:
+      raise DamagedShard(f'{e}; rerun --mode=audit to score it again') from e
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+      raise errors.WorkdirError(
+        f'{f}: scored under another config or target; rerun --mode=audit to score it again'
+      )
+    parts.append(arrays)
   numbers = [int(f.name[6:11]) for f in files]
   if numbers != list(range(len(files))):
     raise errors.WorkdirError(

@@ -7,8 +7,14 @@ storage, where the final object appears whole or not at all).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -54,3 +60,38 @@ def move(src, dst) -> None:
       target.parent.mkdir(parents=True, exist_ok=True)
       f.copy(target)
   src.rmtree()
+
+
+LOCK_FILE = '.drc_jax.lock'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, error: type[Exception]) -> Iterator[None]:
+  """Holds an exclusive lock on a local ``workdir`` for the ``with`` block; a second holder is
+  refused with ``error`` naming the first one's pid, host and start time.
+
+  The lock is ``flock`` on ``W/.drc_jax.lock``: the kernel releases it when its process ends,
+  however it ends, so a lock left by a killed run never blocks (its file only records who held
+  it). Object-store workdirs (``gs://``) have no such lock and are not locked.
+  """
+  path = epath.Path(workdir)
+  if re.match(r'^[a-z][a-z0-9+.-]*://', os.fspath(workdir)):
+    yield
+    return
+  path.mkdir(parents=True, exist_ok=True)
+  fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'another process'
+      raise error(
+        f'{path}: in use by another drc_jax run ({holder}); wait for it to end or use another '
+        f'--workdir'
+      ) from None
+    os.ftruncate(fd, 0)
+    started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}, since {started}'.encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock

@@ -18,7 +18,6 @@ target was trained on (``trained_on``), which every audit checks against its spl
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any
 

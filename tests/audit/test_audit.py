@@ -111,6 +111,56 @@ def test_resume_after_a_crash_gives_identical_scores(trained, tmp_path, monkeypa
   assert sorted(got['index'].tolist()) == sorted(set(got['index'].tolist()))
 
 
+def test_a_damaged_shard_is_named_and_scored_again(trained, tmp_path):
+  c = _loss_config()
+  wd = _copy_target(trained, tmp_path)
+  A.run_audit(c, wd)
+  ref = store.load_scores(wd)
+  shard = Path(wd) / 'scores' / 'shard_00001.npz'
+  raw = bytearray(shard.read_bytes())
+  raw[len(raw) // 2] ^= 0x40  # a flipped bit inside the shard
+  shard.write_bytes(bytes(raw))
+  with pytest.raises(store.DamagedShard, match='shard_00001.npz: damaged score shard'):
+    pipeline.run(c, wd, 'report')  # the report names it and changes nothing
+  shard.write_bytes(bytes(raw[: len(raw) // 3]))  # truncated
+  with pytest.raises(store.DamagedShard, match='shard_00001.npz: damaged score shard'):
+    store.load_scores(wd)
+  A.run_audit(c, wd)  # the audit scores it again
+  got = store.load_scores(wd)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k])
+
+
+def test_a_shard_of_another_fingerprint_never_counts_as_done(trained, tmp_path):
+  c = _loss_config()
+  wd = _copy_target(trained, tmp_path)
+  A.run_audit(c, wd)
+  ref = store.load_scores(wd)
+  shard = Path(wd) / 'scores' / 'shard_00000.npz'
+  arrays, _ = store.read_shard(shard)
+  arrays['score/loss'] = arrays['score/loss'] + 1.0  # scored by another run, another loss_t
+  store.write_shard(shard, arrays, 'f' * 64)
+  assert store.shard_problem(shard, 'e' * 64).endswith('(fingerprint ffffffffffff...)')
+  with pytest.raises(errors.WorkdirError, match='shard_00000.npz: scored under another'):
+    pipeline.run(c, wd, 'report')
+  A.run_audit(c, wd)
+  np.testing.assert_array_equal(store.load_scores(wd)['score/loss'], ref['score/loss'])
+
+
+def test_one_run_per_workdir(trained, tmp_path):
+  from drc_jax.core import fileio  # pylint: disable=g-import-not-at-top
+
+  wd = _copy_target(trained, tmp_path)
+  with fileio.workdir_lock(wd, errors.WorkdirError):
+    with pytest.raises(errors.WorkdirError, match=r'in use by another drc_jax run \(pid \d+ on '):
+      pipeline.run(_loss_config(), wd, 'audit')
+  assert not (Path(wd) / 'scores').exists()
+  pipeline.run(_loss_config(), wd, 'audit')  # released when its holder ends
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(errors.WorkdirError, match='file: not a directory'):
+    pipeline.run(_loss_config(), str(tmp_path / 'file'), 'audit')
+
+
 def test_a_workdir_of_another_config_is_refused(trained, tmp_path):
   c = _config()
   c.attacks.names = 'loss'
