@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -189,12 +190,38 @@ def compare_sets(suspect, reference, combiner: Combiner, alpha: float) -> dict[s
       'n_suspect': t.n_suspect,
       'n_reference': t.n_reference,
       'reject': bool(t.p_value < alpha),
-      'verdict': _verdict(t.p_value, alpha),
+      'smallest_p_value': smallest_p_value(t.n_suspect, t.n_reference),
+      'min_suspects': min_suspects(t.n_reference, alpha),
+      'verdict': _verdict(t.p_value, alpha, t.n_suspect, t.n_reference),
     }
   return out
 
 
-def _verdict(p: float, alpha: float) -> str:
+def smallest_p_value(n: int, m: int) -> float:
+  """The smallest one-sided Mann-Whitney p-value n suspects can reach against m references: every
+  suspect above every reference, 1 / C(n + m, n)."""
+  return 1.0 / math.comb(n + m, n)
+
+
+def min_suspects(m: int, alpha: float) -> int | None:
+  """The fewest suspects whose test can reject at ``alpha`` against m references (None: no
+  number can, with m = 0)."""
+  if m < 1:
+    return None
+  n = 1
+  while smallest_p_value(n, m) >= alpha:
+    n += 1
+  return n
+
+
+def _verdict(p: float, alpha: float, n: int, m: int) -> str:
+  if smallest_p_value(n, m) >= alpha:
+    need = min_suspects(m, alpha)
+    return (
+      f'cannot reject at this size: {n} suspect image(s) against {m} references reach at '
+      f'best p = {smallest_p_value(n, m):.3g}, not below alpha = {alpha:g}; the test needs at '
+      f'least {need} suspect images (p = {p:.3g})'
+    )
   return (
     'member data detected' if p < alpha else 'no evidence of training use'
   ) + f' (p = {p:.3g}, alpha = {alpha:g})'

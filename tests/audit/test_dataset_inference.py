@@ -64,6 +64,22 @@ def test_compare_sets_reports_each_attack_and_the_combination():
   assert (out['a']['n_suspect'], out['a']['n_reference']) == (20, 100)
 
 
+def test_a_set_too_small_to_ever_reject_says_so():
+  rng = np.random.default_rng(3)
+  combiner = DI.fit_combiner(rng.normal(1, 1, (50, 2)), rng.normal(0, 1, (50, 2)), ['a', 'b'])
+  reference = rng.normal(0, 1, (26, 2))
+  one = DI.compare_sets(reference[:1] + 10.0, reference, combiner, alpha=0.01)['combined']
+  assert one['smallest_p_value'] == pytest.approx(1 / 27) and one['min_suspects'] == 2
+  assert not one['reject']
+  assert one['verdict'].startswith(
+    'cannot reject at this size: 1 suspect image(s) against 26 references reach at best '
+    'p = 0.037, not below alpha = 0.01; the test needs at least 2 suspect images'
+  )
+  two = DI.compare_sets(reference[:2] + 10.0, reference, combiner, alpha=0.01)['combined']
+  assert two['smallest_p_value'] == pytest.approx(1 / 378) and two['reject']
+  assert two['verdict'].startswith('member data detected')
+
+
 def test_power_curve_false_positive_rate_stays_within_alpha():
   # Members shifted by one standard deviation in one of two scores; 400 repetitions at alpha 0.05
   # so that the false-positive rate is measurable. Non-member sets come from the reference pool
