@@ -92,6 +92,8 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
 
 def _run(config, workdir: str, mode: str, overwrite: bool) -> dict | None:
   imported = checkpoints.is_imported(workdir)
+  if not config.audit.checkpoint or mode == 'train':
+    checkpoints.check_config_matches(workdir, config)
   if mode == 'train' and imported:
     raise checkpoints.CheckpointError(
       f'{workdir} holds an imported target; it is audited, not '

@@ -83,11 +83,16 @@ def _encoder_digests(config) -> dict[str, str]:
 
 def fingerprint(config, target) -> dict:
   """What the per-image scores depend on: the config fields (not batch size, plots or bootstrap),
-  the audited target (checkpoint step, SHA-256 of its EMA weights) and DRC's encoders."""
+  the audited target (checkpoint step, SHA-256 of its EMA weights and of its description as
+  loaded: architecture, schedule) and DRC's encoders."""
   c = config.to_dict()
   audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
   drc = without_later_defaults('drc', c['drc'])
-  identity = {'step': target.step, 'ema_sha256': target.ema_sha256}
+  identity = {
+    'step': target.step,
+    'ema_sha256': target.ema_sha256,
+    'description_sha256': target.description_sha256,
+  }
   digests = _encoder_digests(config)
   if digests:
     identity['encoders_sha256'] = digests

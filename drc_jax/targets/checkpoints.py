@@ -103,6 +103,41 @@ def load_model_json(workdir) -> tuple[model_lib.UNetConfig, dict[str, Any]]:
     raise CheckpointError(f'{path}: invalid model description ({e!r})') from e
 
 
+def check_config_matches(workdir, config) -> None:
+  """A target trained in ``workdir`` is trained further or audited only under the architecture and
+  noise schedule it was trained with: a config that says otherwise is refused naming the first
+  fields that differ (the audit would otherwise run the recorded model and record the config's).
+  Imported targets and workdirs without a target are not checked.
+
+  Raises:
+    CheckpointError: naming ``config.<field>``, both values and ``model.json``.
+  """
+  path = epath.Path(workdir) / MODEL_JSON
+  if not path.exists() or is_imported(workdir):
+    return
+  unet, diffusion = load_model_json(workdir)
+  d = config.data
+  want = model_lib.unet_config_from(config.model, d.resolution, d.channels).to_dict()
+  have = unet.to_dict()
+  field = {'resolution': 'data.resolution', 'in_channels': 'data.channels'}
+  diffs = [
+    (field.get(k, f'model.{k}'), want.get(k), have.get(k))
+    for k in sorted(set(want) | set(have))
+    if k not in ('dtype', 'dropout', 'out_channels') and want.get(k) != have.get(k)
+  ]
+  diffs += [
+    (f'diffusion.{k}', config.diffusion[k], diffusion[k])
+    for k in config.diffusion
+    if k in diffusion and config.diffusion[k] != diffusion[k]
+  ]
+  if diffs:
+    text = '; '.join(f'config.{f}: {w!r}, trained with {h!r}' for f, w, h in diffs[:3])
+    raise CheckpointError(
+      f'{path}: the target in {workdir} was trained with another architecture or schedule '
+      f'({text}); set those fields as it was trained, or use another --workdir'
+    )
+
+
 def trained_on(workdir) -> dict[str, Any] | None:
   """The training data a target trained here recorded (None: imported, or trained before
   drc_jax recorded it)."""

@@ -147,6 +147,30 @@ def test_a_shard_of_another_fingerprint_never_counts_as_done(trained, tmp_path):
   np.testing.assert_array_equal(store.load_scores(wd)['score/loss'], ref['score/loss'])
 
 
+def test_a_config_of_another_architecture_is_refused_in_every_mode(trained, tmp_path):
+  wd = _copy_target(trained, tmp_path)
+  c = _loss_config(model__ch=8)
+  for mode in ('train', 'audit', 'all', 'report'):
+    with pytest.raises(checkpoints.CheckpointError, match='config.model.ch: 8, trained with 32'):
+      pipeline.run(c, wd, mode)
+  assert not (Path(wd) / 'scores').exists()
+
+
+def test_an_edited_model_json_never_mixes_two_schedules(trained, tmp_path):
+  wd = _copy_target(trained, tmp_path)
+  A.run_audit(_loss_config(), wd)
+  (Path(wd) / 'scores' / 'shard_00001.npz').unlink()
+  before = _results(wd)
+  doc = json.loads((Path(wd) / 'model.json').read_text())
+  doc['diffusion']['beta_end'] = 0.03
+  (Path(wd) / 'model.json').write_text(json.dumps(doc))
+  with pytest.raises(checkpoints.CheckpointError, match='config.diffusion.beta_end: 0.02, trained'):
+    pipeline.run(_loss_config(), wd, 'audit')
+  with pytest.raises(store.AuditConfigMismatch, match='description_sha256'):
+    A.run_audit(_loss_config(), wd)  # the library call: the fingerprint holds the description
+  assert _results(wd) == before
+
+
 def test_one_run_per_workdir(trained, tmp_path):
   from drc_jax.core import fileio  # pylint: disable=g-import-not-at-top
 
