@@ -54,7 +54,7 @@ from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import results as results_lib
 from drc_jax.audit import scoring as audit_lib
 from drc_jax.audit import stats, store, validate
-from drc_jax.core import fileio, parallel, streams
+from drc_jax.core import errors, fileio, parallel, records, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 
@@ -342,18 +342,32 @@ def score_folder(
     'sha256': _folder_digest(source),
   }
   record = json.loads(json.dumps(record))
+  # Every file was read for the digest: one kind of image across the whole folder (FolderSource),
+  # and that kind must be the target's, before anything of an earlier folder moves.
+  d = config.data
+  if source.channels != d.channels and not d.convert_channels:
+    raise data_lib.DataError(
+      f'{path}: its images have {source.channels} channel(s) but config.data.channels is '
+      f'{d.channels} (set config.data.convert_channels=True to convert gray<->RGB)'
+    )
   record_path = root / FOLDER_CONFIG
   if record_path.exists():
-    old = json.loads(record_path.read_text())
+    old = records.read_json(record_path, errors.WorkdirError)
     changes = store.diff(old, record)
     if changes and not overwrite:
       raise store.AuditConfigMismatch(
         f'{root} holds scores of another config or folder (config.dataset.{role}_dir; '
-        f'{"; ".join(changes[:4])}). Pass --overwrite to discard them.'
+        f'{"; ".join(changes[:4])}). Pass --overwrite to move them to '
+        f'{workdir}/{store.SUPERSEDED_DIR}/.'
       )
     if changes and parallel.is_writer() and (root / store.SCORES_DIR).exists():
-      logging.warning('--overwrite: discarding the %s scores in %s', role, root)
-      (root / store.SCORES_DIR).rmtree()
+      dest = store.superseded_dir(workdir) / DATASET_DIR / role
+      dest.mkdir(parents=True)
+      fileio.move(root / store.SCORES_DIR, dest / store.SCORES_DIR)
+      fileio.move(record_path, dest / FOLDER_CONFIG)
+      logging.warning(
+        '--overwrite: the %s scores of %s moved to %s', role, old.get('folder', root), dest
+      )
   parallel.sync(f'dataset_{role}_checked')
   if parallel.is_writer():
     fileio.atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True))

@@ -170,14 +170,20 @@ def check_scores_match(config, workdir: str, target) -> None:
     )
 
 
-def _move_aside(workdir: str) -> epath.Path:
-  """Moves every result file of ``workdir`` into a new ``W/superseded/<time>/``; returns it."""
+def superseded_dir(workdir: str) -> epath.Path:
+  """A new, empty ``W/superseded/<time>[-n]/`` for results moved aside."""
   root = epath.Path(workdir) / SUPERSEDED_DIR
   stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
   dst, n = root / stamp, 1
   while dst.exists():
     dst, n = root / f'{stamp}-{n}', n + 1
   dst.mkdir(parents=True)
+  return dst
+
+
+def _move_aside(workdir: str) -> epath.Path:
+  """Moves every result file of ``workdir`` into a new ``W/superseded/<time>/``; returns it."""
+  dst = superseded_dir(workdir)
   for name in RESULTS:
     src = epath.Path(workdir) / name
     if src.exists():

@@ -282,9 +282,15 @@ class FolderSource:
     self.label_names = tuple(subdirs)
     self._root, self._resolution = path, resolution
     self.name = f'folder:{os.path.abspath(path)}'
+    self._first: tuple[str, int] | None = None  # (file, channels) of the first image ever read
 
   def __len__(self) -> int:
     return len(self.files)
+
+  @property
+  def channels(self) -> int | None:
+    """1 or 3: the kind of the images read so far (None before any read)."""
+    return None if self._first is None else self._first[1]
 
   def _label(self, f: str) -> int:
     rel = os.path.relpath(f, self._root)
@@ -306,11 +312,13 @@ class FolderSource:
       except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f'{f}: unreadable or corrupt image ({e})') from e
       images.append(arr[..., None] if arr.ndim == 2 else arr)
-      if images[-1].shape[-1] != images[0].shape[-1]:
+      if self._first is None:
+        self._first = (f, images[-1].shape[-1])
+      if images[-1].shape[-1] != self._first[1]:  # across reads: the whole folder is one kind
         kind = {1: 'grayscale', 3: 'RGB'}
         raise DataError(
-          f'{f} is {kind[images[-1].shape[-1]]} but {self.files[idx[0]]} is '
-          f'{kind[images[0].shape[-1]]}: an image folder must hold one kind '
+          f'{f} is {kind[images[-1].shape[-1]]} but {self._first[0]} is '
+          f'{kind[self._first[1]]}: an image folder must hold one kind '
           f'(convert the files first)'
         )
     return np.stack(images), np.asarray([self._label(self.files[i]) for i in idx], np.int64)

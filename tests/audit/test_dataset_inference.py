@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,39 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   assert result['suspect']['reference_images_dropped_as_identical'] == dropped
   assert result['reference']['n_test'] == int(ref_heldout.sum()) - dropped
   assert store.load_scores(f'{wd}/dataset/reference')['split'].tolist() == [0] * 10
+
+
+def _tree(wd) -> dict[str, bytes]:
+  return {str(p.relative_to(wd)): p.read_bytes() for p in Path(wd).rglob('*') if p.is_file()}
+
+
+def test_a_new_suspect_folder_never_loses_the_old_scores(audited, tmp_path, monkeypatch):
+  wd = _copy(audited, tmp_path)
+  raw, _ = D.FashionMnistSource('train').read(np.arange(4))
+
+  def folder(name, images):
+    f = tmp_path / name
+    f.mkdir()
+    for i, im in enumerate(images):
+      Image.fromarray(im).save(f / f'{name}_{i}.png')
+    return str(f)
+
+  first = folder('first', raw[:3, ..., 0])
+  pipeline.run(_config(suspect_dir=first), wd, 'dataset')
+  old = store.load_scores(f'{wd}/dataset/suspect')
+  pipeline.run(_config(suspect_dir=folder('second', raw[:2, ..., 0])), wd, 'dataset', True)
+  (moved,) = Path(wd, store.SUPERSEDED_DIR).glob('*/dataset/suspect')
+  np.testing.assert_array_equal(store.load_scores(str(moved))['score/loss'], old['score/loss'])
+  assert json.loads((moved / DI.FOLDER_CONFIG).read_text())['folder'] == first
+  before = _tree(wd)
+  rgb = np.repeat(raw[3], 3, axis=-1)
+  mixed = folder('mixed', [raw[0, ..., 0], raw[1, ..., 0], rgb])  # the RGB file in batch 2
+  monkeypatch.setattr(DI, '_FOLDER_HASH_BATCH', 2)
+  with pytest.raises(D.DataError, match=r'mixed_2.png is RGB but .*mixed_0.png is grayscale'):
+    pipeline.run(_config(suspect_dir=mixed), wd, 'dataset', True)
+  with pytest.raises(D.DataError, match=r'color: its images have 3 channel\(s\) but config.data'):
+    pipeline.run(_config(suspect_dir=folder('color', [rgb, rgb])), wd, 'dataset', True)
+  after = _tree(wd)
+  assert {k: v for k, v in after.items() if '.drc_jax.lock' not in k} == {
+    k: v for k, v in before.items() if '.drc_jax.lock' not in k
+  }
