@@ -459,7 +459,7 @@ def test_tcmalloc_is_what_the_launchers_run_drc_jax_on(tmp_path):
   )
   if found.returncode != 0:
     pytest.skip('libtcmalloc-minimal4 is not installed (launch/local.sh setup installs it)')
-  py = f'{sys.executable} -c "from drc_jax import parallel; print(parallel.host_allocator())"'
+  py = f'{sys.executable} -c "from drc_jax.core import parallel; print(parallel.host_allocator())"'
   env = {'PYTHONPATH': str(LAUNCH.parent), 'JAX_PLATFORMS': 'cpu'}
   run = f'drc_jax_preload_tcmalloc; {py}'
   assert _preload(tmp_path, env, run)[0] == 'tcmalloc'
