@@ -334,6 +334,11 @@ def score_folder(
     The folder's score table (``store.load_scores``), rows in sorted file order.
   """
   source = data_lib.FolderSource(path, config.data.resolution)
+  if role == 'reference' and len(source) < 2:
+    raise data_lib.DataError(
+      f'{path}: {len(source)} image; config.dataset.reference_dir needs at least 2 (part of the '
+      f'reference fits the combiner, the rest is tested against)'
+    )
   root = epath.Path(workdir) / DATASET_DIR / role
   record = {
     'scores': store.fingerprint(config, scorer.target),

@@ -16,7 +16,7 @@ from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
 from drc_jax.audit import store
-from drc_jax.core import fileio, parallel, streams
+from drc_jax.core import errors, fileio, parallel, records, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.drc import scorer as drc_lib
 
@@ -164,7 +164,9 @@ def read_dataset_result(config, workdir: str, target) -> dict | None:
   path = epath.Path(workdir) / store.DATASET_JSON
   if not path.exists():
     return None
-  result = json.loads(path.read_text())
+  result = records.read_json(
+    path, errors.WorkdirError, '; delete it and rerun --mode=dataset to compute it again'
+  )
   if result.get('fingerprint') != store.fingerprint(config, target):
     logging.warning('%s was computed from scores of another config: not in the report', path)
     return None

@@ -18,21 +18,33 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from drc_jax.core import errors
+
 
 def _tmp_name(path: epath.Path) -> epath.Path:
   return path.parent / f'.{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` whole or not at all; a failed write (a full disk) removes its
+  temporary file and is one ``errors.WorkdirError`` naming ``path``."""
   path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = _tmp_name(path)
-  with tmp.open('wb') as f:
-    f.write(data)
-    if hasattr(f, 'fileno'):
-      f.flush()
-      os.fsync(f.fileno())
-  tmp.replace(path)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open('wb') as f:
+      f.write(data)
+      if hasattr(f, 'fileno'):
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise errors.WorkdirError(
+      f'{path}: cannot write ({e.strerror or e}); free space or use another --workdir '
+      f'(what was written before is intact)'
+    ) from e
 
 
 def atomic_write_text(path, text: str) -> None:

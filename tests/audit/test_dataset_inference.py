@@ -11,8 +11,9 @@ from conftest import load_config
 from PIL import Image
 
 from drc_jax.audit import dataset_inference as DI
-from drc_jax.audit import metrics, stats, store, validate
+from drc_jax.audit import metrics, results, stats, store, validate
 from drc_jax.audit import modes as pipeline
+from drc_jax.core import errors
 from drc_jax.data import sources as D
 
 ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
@@ -338,3 +339,16 @@ def test_a_new_suspect_folder_never_loses_the_old_scores(audited, tmp_path, monk
   assert {k: v for k, v in after.items() if '.drc_jax.lock' not in k} == {
     k: v for k, v in before.items() if '.drc_jax.lock' not in k
   }
+
+
+def test_a_damaged_dataset_json_and_a_one_image_reference_are_one_line(audited, tmp_path):
+  wd = _copy(audited, tmp_path)
+  Path(wd, store.DATASET_JSON).write_text('{"tests": ')
+  with pytest.raises(errors.WorkdirError, match=r'dataset.json: not valid JSON .*rerun --mode'):
+    results.read_dataset_result(None, wd, None)
+  ref = tmp_path / 'ref'
+  ref.mkdir()
+  raw, _ = D.FashionMnistSource('train').read(np.arange(1))
+  Image.fromarray(raw[0, ..., 0]).save(ref / 'only.png')
+  with pytest.raises(D.DataError, match=r'ref: 1 image; config.dataset.reference_dir needs'):
+    pipeline.run(_config(suspect='members', size=5, reference_dir=str(ref)), wd, 'dataset')
