@@ -48,6 +48,12 @@ def _define_flags() -> None:
   flags.DEFINE_bool(
     'help_config', False, 'Print every config field with its value and meaning, then exit.'
   )
+  flags.DEFINE_string(
+    'compilation_cache',
+    parallel.default_cache_dir(),
+    "Directory of compiled programs reused by later runs ('' = off; DRC_JAX_CACHE_DIR sets "
+    'the default).',
+  )
 
 
 class _QuietLibraries:
@@ -74,6 +80,7 @@ def main(argv):
     print(config_base.describe(flags.FLAGS.config))
     return
   parallel.set_cpu_defaults()
+  parallel.enable_compilation_cache(flags.FLAGS.compilation_cache)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize()
   config = flags.FLAGS.config

@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# programs that tests run (python -m drc_jax.main) keep their compiled programs here, not in ~
+os.environ.setdefault(
+  'DRC_JAX_CACHE_DIR',
+  os.path.join(os.environ.get('TMPDIR', '/tmp'), f'drc_jax_test_cache_{os.getuid()}'),
+)
 
 from drc_jax.core import config_base, parallel  # noqa: E402  (imports jax; its backend starts later)
 
@@ -15,10 +20,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 # Identical programs compiled by different tests (each train()/audit() call builds its own jit)
 # are compiled once per session through the persistent cache.
-jax.config.update(
-  'jax_compilation_cache_dir',
-  os.path.join(os.environ.get('TMPDIR', '/tmp'), f'drc_jax_test_cache_{os.getuid()}'),
-)
+jax.config.update('jax_compilation_cache_dir', os.environ['DRC_JAX_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 

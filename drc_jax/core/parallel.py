@@ -42,6 +42,25 @@ def set_cpu_defaults() -> None:
     os.environ['XLA_FLAGS'] = (flags + ' --xla_cpu_experimental_ynn_fusion_type=').strip()
 
 
+def default_cache_dir() -> str:
+  """Where entry points keep compiled programs: ``$DRC_JAX_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/drc_jax/jax`` (``~/.cache/drc_jax/jax``)."""
+  if os.environ.get('DRC_JAX_CACHE_DIR'):
+    return os.environ['DRC_JAX_CACHE_DIR']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'drc_jax', 'jax')
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in ``directory`` ('' = off), so a second run of the same
+  programs loads them instead of compiling (the scorer of a config compiles for minutes on a
+  CPU). A cache directory the user gave JAX itself (``JAX_COMPILATION_CACHE_DIR``) wins."""
+  if not directory or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def initialize() -> None:
   """Starts jax.distributed when DRC_JAX_DISTRIBUTED=1 (idempotent)."""
   global _initialized

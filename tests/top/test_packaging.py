@@ -74,6 +74,7 @@ def test_the_unpacked_wheel_audits_from_an_empty_directory(wheel, tmp_path):
       '--config.audit.bootstrap=20',
       '--config.attacks.names=loss,sima',
       f'--workdir={tmp_path / "W"}',
+      f'--compilation_cache={tmp_path / "cache"}',
     ],
     cwd=empty,
     env=env,
@@ -84,3 +85,4 @@ def test_the_unpacked_wheel_audits_from_an_empty_directory(wheel, tmp_path):
   metrics = json.loads((tmp_path / 'W' / 'metrics.json').read_text())
   assert {'loss', 'sima'} <= set(metrics)
   assert not os.listdir(empty)  # nothing written where it ran
+  assert os.listdir(tmp_path / 'cache')  # the compiled programs, for the next run
