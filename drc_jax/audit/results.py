@@ -121,7 +121,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
         epath.Path(workdir) / 'samples.json',
         json.dumps(sample_info['figures'], indent=1, sort_keys=True),
       )
-    path = report_lib.write_report(
+    report_lib.write_report(
       workdir,
       table,
       metrics,
@@ -131,7 +131,6 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
       samples=sample_info,
       dataset=read_dataset_result(config, workdir, target),
     )
-    logging.info('report: %s', path)
   parallel.sync('report_written')
   return metrics
 

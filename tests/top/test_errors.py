@@ -1,6 +1,7 @@
 """Errors a user can read: input errors are one line and exit status 2; bugs keep tracebacks."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,17 @@ def test_pyproject_license_is_an_spdx_expression():
   assert project['project']['license'] == 'Apache-2.0'
   (req,) = [r for r in project['build-system']['requires'] if r.startswith('setuptools')]
   assert req == 'setuptools>=77'  # the first setuptools that reads SPDX license expressions
+
+
+def test_logs_are_time_and_message_unless_verbose(tmp_path):
+  (tmp_path / 'file').write_text('x')  # a workdir that is a file: refused after the first lines
+  quiet = _run('drc_jax.main', f'--workdir={tmp_path / "file"}', cwd=tmp_path)
+  assert quiet.returncode == errors.EXIT_USER_ERROR, quiet.stderr[-2000:]
+  assert re.search(r'^\d\d:\d\d:\d\d JAX \S+, process 0/1', quiet.stderr, re.M), quiet.stderr
+  assert not re.search(r'^I\d{4} ', quiet.stderr, re.M) and 'malloc' not in quiet.stderr
+  assert _error_lines(quiet) == [
+    f'error: {tmp_path / "file"}: not a directory (--workdir names a '
+    'run directory) (--verbose shows the traceback)'
+  ]
+  verbose = _run('drc_jax.main', f'--workdir={tmp_path / "file"}', '--verbose', cwd=tmp_path)
+  assert re.search(r'^I\d{4} [\d:.]+ +\d+ main.py:\d+\] JAX ', verbose.stderr, re.M)
