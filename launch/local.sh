@@ -8,7 +8,7 @@
 #   bash launch/local.sh setup                       # set up only
 #
 # Environment: VENV (default .venv in the repo), EXTRAS (pip extras, default: 'test' for main and
-# bench, 'test,torch,reference' for test), DRC_JAX_SKIP_APT=1 to skip the apt step,
+# bench, 'test,tfds,torch,reference' for test), DRC_JAX_SKIP_APT=1 to skip the apt step,
 # DRC_JAX_TCMALLOC=0 to run on glibc's malloc instead of tcmalloc (launch/tcmalloc.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ if [[ ${DRC_JAX_SKIP_APT:-0} != 1 ]] && { [[ ! -d /usr/share/datasets/fashion-mn
 fi
 
 case $job in
-  test) extras=${EXTRAS:-test,torch,reference} ;;
+  test) extras=${EXTRAS:-test,tfds,torch,reference} ;;
   *) extras=${EXTRAS:-test} ;;
 esac
 stamp="$venv/.drc_jax_installed_$(echo "$extras" | tr ',' '_')"

@@ -70,14 +70,17 @@ def _metrics(workdir: str) -> dict:
 
 
 def _damage(workdir: str, rng: random.Random) -> str:
-  """Flips one byte of a random file of the workdir; returns its path relative to it."""
-  files = [
-    os.path.join(root, f)
-    for root, _, names in os.walk(workdir)
-    for f in names
-    if not f.startswith('.')
-  ]
-  path = rng.choice(sorted(files))
+  """Changes one byte of a random file of the workdir; returns its path relative to it. The kind
+  of file is drawn first (score shards, checkpoint files, the JSON records, the report), so the
+  many small files of a checkpoint do not take most draws."""
+  kinds = collections.defaultdict(list)
+  for root, _, names in os.walk(workdir):
+    for f in names:
+      if f.startswith('.'):
+        continue
+      rel = os.path.relpath(os.path.join(root, f), workdir)
+      kinds[rel.split(os.sep)[0] if os.sep in rel else rel].append(os.path.join(root, f))
+  path = rng.choice(sorted(kinds[rng.choice(sorted(kinds))]))
   data = bytearray(pathlib.Path(path).read_bytes())
   if data:
     i = rng.randrange(len(data))

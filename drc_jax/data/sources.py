@@ -157,8 +157,13 @@ class TfdsSource:
         f"config.data.tfds_order: {order!r} not in {self.ORDERS} ('' = tfds record "
         f"order, 'id' = the integer in each example's 'id' feature)"
       )
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise DataError(
+        f"config.data.source='tfds' needs tensorflow-datasets: pip install 'drc_jax[tfds]' "
+        f'({e})'
+      ) from e
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # tfds raises many types; re-raise with the dataset and directory named
