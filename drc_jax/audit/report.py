@@ -99,9 +99,22 @@ def _fmt_nfe(value: Any) -> str:
   return '-' if value is None else f'{float(value):g}'
 
 
+def scope_line(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """Which images the figures are on: the held-out part and its counts ('' for metrics that
+  say no scope: every image given)."""
+  m = next(iter(metrics.values()), {})
+  if m.get('scope') != 'heldout':
+    return ''
+  return (
+    f'held-out images: {m["n_members"]} members, {m["n_nonmembers"]} non-members (the '
+    'calibration part, which fits thresholds and chose the protocol, is left out)'
+  )
+
+
 def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-  """A plain-text table for the terminal: attack, AUC, ASR, TPR@FPR columns (each with its 95%
-  interval when known), NFE; then each warning once, with the attacks it concerns."""
+  """A plain-text table for the terminal: which images it is on, then attack, AUC, ASR, TPR@FPR
+  columns (each with its 95% interval when known), NFE; then each warning once, with the attacks
+  it concerns."""
   tpr_columns = _tpr_columns(metrics)
   header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [
     label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns
@@ -127,6 +140,8 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     for row in rows
   ]
   lines.insert(1, '  '.join('-' * w for w in widths))
+  if scope_line(metrics):
+    lines.insert(0, scope_line(metrics))
   notes: dict[str, list[str]] = {}  # the same warning for every attack is printed once
   for attack, m in metrics.items():
     for warning in m.get('warnings', ()):
@@ -397,6 +412,7 @@ def write_report(
   agree: Mapping[str, Sequence[Any]] | None = None,
   samples: Mapping[str, Any] | None = None,
   dataset: Mapping[str, Any] | None = None,
+  heldout: np.ndarray | None = None,
 ) -> str:
   """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
 
@@ -414,17 +430,22 @@ def write_report(
     samples: ``samples.load_or_generate`` output (the target's samples and their figures), or
       None to leave the section out.
     dataset: the ``dataset.json`` of ``--mode=dataset``, shown in a dataset-inference section.
+    heldout: bool [rows], the held-out images the ROC curves are drawn on (None: every image).
 
   Returns:
     The path of ``report.html``.
   """
   report_dir = os.path.join(workdir, 'report')
   epath.Path(report_dir).mkdir(parents=True, exist_ok=True)
+  roc_table = table if heldout is None else {k: v[heldout] for k, v in table.items()}
   figures = [
-    ('ROC', plots.plot_roc(table, os.path.join(report_dir, 'roc.png'), log_scale=False)),
     (
-      'ROC, log scale',
-      plots.plot_roc(table, os.path.join(report_dir, 'roc_log.png'), log_scale=True),
+      'ROC (held-out)',
+      plots.plot_roc(roc_table, os.path.join(report_dir, 'roc.png'), log_scale=False),
+    ),
+    (
+      'ROC, log scale (held-out)',
+      plots.plot_roc(roc_table, os.path.join(report_dir, 'roc_log.png'), log_scale=True),
     ),
     ('Score histograms', plots.plot_histograms(table, os.path.join(report_dir, 'histograms.png'))),
   ]
@@ -456,7 +477,10 @@ def write_report(
   if config_summary:
     parts += ['<h2>Configuration</h2>', f'<pre>{html.escape(config_summary)}</pre>']
   parts += [
-    '<h2>Metrics</h2>',
+    '<h2>Metrics (held-out images)</h2>'
+    if next(iter(metrics.values()), {}).get('scope') == 'heldout'
+    else '<h2>Metrics</h2>',
+    f'<p class="note">{html.escape(scope_line(metrics) or "all images")}.</p>',
     _metrics_html(metrics),
     '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
     'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '

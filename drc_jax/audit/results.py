@@ -25,14 +25,39 @@ def _json_safe(d):
   return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
 
 
+def heldout_rows(config, table: dict[str, np.ndarray]) -> np.ndarray:
+  """bool [rows]: the held-out images of an audit table (``metrics.calibration_split``; the
+  calibration part fits thresholds and calibration and chose DRC's protocol)."""
+  members = np.asarray(table['split']) == 1
+  member_heldout, nonmember_heldout = metrics_lib.calibration_split(
+    int(members.sum()),
+    int((~members).sum()),
+    fraction=config.audit.calibration_fraction,
+    seed=config.seed,
+  )
+  rows = np.zeros(len(members), bool)
+  rows[np.flatnonzero(members)[member_heldout]] = True
+  rows[np.flatnonzero(~members)[nonmember_heldout]] = True
+  return rows
+
+
 def compute_metrics(config, table: dict[str, np.ndarray], nfe: dict[str, int]) -> dict:
-  """Per attack: threshold-free metrics with bootstrap CIs, and the calibrated decision."""
+  """Per attack: threshold-free metrics with bootstrap CIs on the held-out images (``scope``
+  'heldout'; the same on every image under ``all_images``), and the calibrated decision."""
   members = table['split'] == 1
+  heldout = heldout_rows(config, table)
   out = {}
   for key in sorted(k for k in table if k.startswith('score/')):
     name = key[len('score/') :]
     s = table[key]
     m = metrics_lib.attack_metrics(
+      s[members & heldout],
+      s[~members & heldout],
+      bootstrap=config.audit.bootstrap,
+      seed=config.seed,
+    )
+    m['scope'] = 'heldout'
+    m['all_images'] = metrics_lib.attack_metrics(
       s[members], s[~members], bootstrap=config.audit.bootstrap, seed=config.seed
     )
     cal = metrics_lib.calibrate(
@@ -130,6 +155,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
       agree=agree,
       samples=sample_info,
       dataset=read_dataset_result(config, workdir, target),
+      heldout=heldout_rows(config, table),
     )
   parallel.sync('report_written')
   return metrics

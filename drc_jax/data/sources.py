@@ -161,8 +161,7 @@ class TfdsSource:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise DataError(
-        f"config.data.source='tfds' needs tensorflow-datasets: pip install 'drc_jax[tfds]' "
-        f'({e})'
+        f"config.data.source='tfds' needs tensorflow-datasets: pip install 'drc_jax[tfds]' ({e})"
       ) from e
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)

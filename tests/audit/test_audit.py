@@ -11,6 +11,7 @@ from PIL import Image
 
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import modes as pipeline
+from drc_jax.audit import report as report_lib
 from drc_jax.audit import scoring as A
 from drc_jax.audit import store, validate
 from drc_jax.core import errors
@@ -61,7 +62,9 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
   for name in ATTACKS:
     if name != 'pian':
       assert metrics[name]['auc'] > 0.5, (name, metrics[name]['auc'])
-    assert metrics[name]['n_members'] == metrics[name]['n_nonmembers'] == 32
+    assert metrics[name]['scope'] == 'heldout'  # the calibration part (6 + 6 images) left out
+    assert metrics[name]['n_members'] == metrics[name]['n_nonmembers'] == 26
+    assert metrics[name]['all_images']['n_members'] == 32
     assert metrics[name]['warnings']  # 32 non-members: TPR@1%FPR rests on < 10 false positives
   assert np.all(np.isfinite(store.load_scores(wd)['score/pian']))
   assert metrics['secmi']['nfe_per_image'] == 11
@@ -329,9 +332,17 @@ def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_pat
   assert saved['loss']['auc'] == m['loss']['auc']
   table = store.load_scores(wd)
   members = table['split'] == 1
-  assert m['loss']['auc'] == metrics_lib.auc(
+  assert m['loss']['all_images']['auc'] == metrics_lib.auc(
     table['score/loss'][members], table['score/loss'][~members]
   )
+  mh, nh = metrics_lib.calibration_split(32, 32, fraction=0.2, seed=0)
+  assert m['loss']['auc'] == metrics_lib.auc(
+    table['score/loss'][members][mh], table['score/loss'][~members][nh]
+  )
+  assert report_lib.format_metrics_table(m).startswith(
+    'held-out images: 26 members, 26 non-members (the calibration part'
+  )
+  assert 'Metrics (held-out images)' in (Path(wd) / 'report.html').read_text()
 
 
 def test_a_target_is_audited_only_on_the_data_it_was_trained_on(trained, tmp_path):
