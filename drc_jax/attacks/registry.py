@@ -46,6 +46,9 @@ class Attack:
   # DRC: ``evidence(params, key_data, images, aux, side) -> (degraded, restored)`` [B, K, ...],
   # from the same scorer as ``scores``; None for the other attacks.
   evidence: Callable | None = None
+  # What the attack needs of the target: 'black-box' (restorations or samples only), 'gray-box'
+  # (noise predictions) or 'white-box' (weights, gradients).
+  access: str = 'gray-box'
 
 
 def _t(b, t):
@@ -76,7 +79,13 @@ def register(name: str):
 def drc(config, model, schedule, encoders=None) -> Attack:
   scorer = drc_lib.make_drc(config.drc, model, schedule, encoders)
   return Attack(
-    'drc', scorer.nfe, scorer.similarities, scorer.aux, scorer.encoder_calls, scorer.evidence
+    'drc',
+    scorer.nfe,
+    scorer.similarities,
+    scorer.aux,
+    scorer.encoder_calls,
+    scorer.evidence,
+    access='black-box',  # the target's inpainting restorations alone
   )
 
 

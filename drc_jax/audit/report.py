@@ -99,6 +99,16 @@ def _fmt_nfe(value: Any) -> str:
   return '-' if value is None else f'{float(value):g}'
 
 
+# The order attacks are listed in: by what they need of the target, the least first.
+ACCESS_ORDER = ('none', 'black-box', 'gray-box', 'white-box')
+
+
+def by_access(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+  """(attack, metrics) grouped by access class (``ACCESS_ORDER``), the table's order."""
+  rank = {a: i for i, a in enumerate(ACCESS_ORDER)}
+  return sorted(metrics.items(), key=lambda kv: rank.get(kv[1].get('access'), len(rank)))
+
+
 def scope_line(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   """Which images the figures are on: the held-out part and its counts ('' for metrics that
   say no scope: every image given)."""
@@ -120,8 +130,11 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns
   ]
   header.append('NFE')
+  with_access = any(m.get('access') for m in metrics.values())
+  if with_access:
+    header.append('access')
   rows = [header]
-  for attack, m in metrics.items():
+  for attack, m in by_access(metrics):
     ci = m.get('ci95', {})
     rows.append(
       [
@@ -131,6 +144,7 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
       ]
       + [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), True) for key, _ in tpr_columns]
       + [_fmt_nfe(m.get('nfe_per_image'))]
+      + ([m.get('access') or ''] if with_access else [])
     )
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines = [
@@ -157,7 +171,7 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   tpr_columns = _tpr_columns(metrics)
   calibrated = any('calibrated' in m for m in metrics.values())
   header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [label for _, label in tpr_columns]
-  header.append('model calls / image')
+  header += ['model calls / image', 'access']
   if calibrated:
     header += [
       'calibrated threshold',
@@ -168,7 +182,7 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     ]
   header.append('warnings')
   rows = []
-  for attack, m in metrics.items():
+  for attack, m in by_access(metrics):
     ci = m.get('ci95', {})
     cells = [
       attack,
@@ -178,7 +192,7 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     cells += [
       _fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), percent=True) for key, _ in tpr_columns
     ]
-    cells.append(_fmt_nfe(m.get('nfe_per_image')))
+    cells += [_fmt_nfe(m.get('nfe_per_image')), m.get('access') or '-']
     if calibrated:
       cal = m.get('calibrated', {})
       cal_ci = cal.get('ci95', {})
@@ -391,6 +405,7 @@ def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) 
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
+.banner { background: #fde2e1; border: 1px solid #c0392b; padding: 0.8em; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: right; }
 td:first-child, td:last-child, th { text-align: left; }
@@ -474,6 +489,9 @@ def write_report(
     f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
     f'{html.escape(", ".join(plots.attack_names(table)))}.</p>',
   ]
+  shift = [w for w in next(iter(metrics.values()), {}).get('warnings', ()) if 'blind' in w]
+  if shift:  # the control that says the evaluation fools itself comes first
+    parts.append(f'<p class="banner"><b>Warning:</b> {html.escape(shift[0])}.</p>')
   if config_summary:
     parts += ['<h2>Configuration</h2>', f'<pre>{html.escape(config_summary)}</pre>']
   parts += [

@@ -12,10 +12,10 @@ from absl import logging
 from etils import epath
 
 from drc_jax.audit import calibration as calibration_lib
+from drc_jax.audit import controls, store
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
-from drc_jax.audit import store
 from drc_jax.core import errors, fileio, parallel, records, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.drc import scorer as drc_lib
@@ -41,7 +41,9 @@ def heldout_rows(config, table: dict[str, np.ndarray]) -> np.ndarray:
   return rows
 
 
-def compute_metrics(config, table: dict[str, np.ndarray], nfe: dict[str, int]) -> dict:
+def compute_metrics(
+  config, table: dict[str, np.ndarray], nfe: dict[str, int], access: dict[str, str] | None = None
+) -> dict:
   """Per attack: threshold-free metrics with bootstrap CIs on the held-out images (``scope``
   'heldout'; the same on every image under ``all_images``), and the calibrated decision."""
   members = table['split'] == 1
@@ -65,7 +67,8 @@ def compute_metrics(config, table: dict[str, np.ndarray], nfe: dict[str, int]) -
     )
     cal.pop('member_heldout'), cal.pop('nonmember_heldout')
     m['calibrated'] = cal
-    m['nfe_per_image'] = nfe.get(name)
+    m['nfe_per_image'] = m['model_calls'] = nfe.get(name)
+    m['access'] = (access or {}).get(name)
     out[name] = m
   return _json_safe(out)
 
@@ -112,11 +115,25 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
   target, attacks = scorer.target, scorer.attacks
   store.check_scores_match(config, workdir, target)
   table = store.load_scores(workdir, store.fingerprint_digest(store.fingerprint(config, target)))
-  metrics = compute_metrics(config, table, {n: a.nfe for n, a in attacks.items()})
+  calibrated = {}
   if config.audit.calibration == 'quantile':
     features = calibration_lib.table_features(source, table['index'], config.data)
-    for name, entry in calibration_lib.per_image_calibration(config, table, features).items():
-      metrics[name]['per_image_calibration'] = _json_safe(entry)
+    calibrated = calibration_lib.per_image_calibration(config, table, features)
+  # The blind baseline: image statistics only, fit on the calibration part, a control.
+  blind = controls.table_features(source, table['index'], config.data)
+  table[f'score/{controls.BLIND}'] = controls.blind_scores(
+    blind, table['split'] == 1, ~heldout_rows(config, table)
+  )
+  nfe = {n: a.nfe for n, a in attacks.items()} | {controls.BLIND: 0}
+  access = {n: a.access for n, a in attacks.items()} | {controls.BLIND: 'none'}
+  metrics = compute_metrics(config, table, nfe, access)
+  for name, entry in calibrated.items():
+    metrics[name]['per_image_calibration'] = _json_safe(entry)
+  warning = controls.shift_warning(metrics[controls.BLIND])
+  if warning:
+    logging.warning('%s', warning)
+    for m in metrics.values():
+      m['warnings'].insert(0, warning)
   votes, agree = drc_votes(config, table)
   if votes is not None:
     table['drc/votes'] = votes

@@ -70,7 +70,12 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
   assert metrics['secmi']['nfe_per_image'] == 11
   assert metrics['drc']['nfe_per_image'] == 2 * (25 + 4 * 2 * 5)  # K x RePaint(25, 5, 3)
   saved = json.loads(open(f'{wd}/metrics.json').read())
-  assert set(saved) == set(ATTACKS) and 'calibrated' in saved['drc'] and 'agree' in saved['drc']
+  assert (
+    set(saved) == {*ATTACKS, 'blind'} and 'calibrated' in saved['drc'] and 'agree' in saved['drc']
+  )
+  assert saved['blind']['access'] == 'none' and saved['blind']['model_calls'] == 0  # the control
+  assert saved['drc']['access'] == 'black-box' and saved['loss']['access'] == 'gray-box'
+  assert saved['drc']['model_calls'] == saved['drc']['nfe_per_image']
   html = open(f'{wd}/report.html').read()
   for name in ATTACKS:
     assert name in html
@@ -199,7 +204,7 @@ def test_a_workdir_of_another_config_is_refused(trained, tmp_path):
   with pytest.raises(store.AuditConfigMismatch, match='attacks.loss_t: 200 -> 300'):
     A.run_audit(c2, wd)
   m = A.run_audit(c2, wd, overwrite=True)
-  assert set(m) == {'loss'}
+  assert set(m) == {'loss', 'blind'}
   c2.audit.bootstrap = 10  # metrics-only fields do not invalidate scores
   A.run_audit(c2, wd)
 

@@ -603,7 +603,9 @@ def test_imported_target_is_audited_not_trained(tmp_path, small_pt):
   c.split.num_members = c.split.num_nonmembers = 16
   c.attacks.names = 'loss,pia'
   metrics = pipeline.run(c, str(tmp_path / 'w'), 'all')
-  assert set(metrics) == {'loss', 'pia'} and metrics['loss']['all_images']['n_members'] == 16
+  assert (
+    set(metrics) == {'loss', 'pia', 'blind'} and metrics['loss']['all_images']['n_members'] == 16
+  )
   assert not (tmp_path / 'w' / 'checkpoints' / '20').exists()  # nothing was trained
   with pytest.raises(checkpoints.CheckpointError, match='imported target'):
     pipeline.run(c, str(tmp_path / 'w'), 'train')

@@ -111,7 +111,7 @@ def test_audit_of_a_shipped_target_checks_the_split(exported, tmp_path):
   c.audit.checkpoint = str(out)
   m = pipeline.run(c, str(tmp_path / 'audit'), 'all')  # no training: the target is given
   assert not (tmp_path / 'audit' / 'checkpoints').exists()
-  assert set(m) == {'drc', 'loss'}
+  assert set(m) == {'drc', 'loss', 'blind'}
   figures = json.loads((tmp_path / 'audit' / 'samples.json').read_text())
   assert figures['num_samples'] == 16 and 0.0 <= figures['precision'] <= 1.0
   c2 = _config()
