@@ -381,7 +381,7 @@ def test_a_target_is_audited_only_on_the_data_it_was_trained_on(trained, tmp_pat
   doc.pop('trained_on')
   doc['source'] = 'converted:test'
   (Path(wd) / 'model.json').write_text(json.dumps(doc))
-  assert set(pipeline.run(c, wd, 'all')) == {'loss'}
+  assert set(pipeline.run(c, wd, 'all')) == {'loss', 'blind'}
 
 
 def test_the_default_workdir_follows_the_data():
