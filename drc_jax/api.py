@@ -30,10 +30,9 @@ from PIL import Image
 
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import scoring, validate
-from drc_jax.core import config_base, errors, parallel, streams
+from drc_jax.core import config_base, errors, parallel
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
-from drc_jax.drc import scorer as drc_lib
 from drc_jax.targets import shipped
 
 
@@ -178,22 +177,16 @@ class Auditor:
       n = len(chunk)
       pad = np.resize(np.arange(n), bs)  # a fixed batch shape: padding repeats the chunk
       batch = parallel.shard_batch(s.mesh, chunk[pad])
-      keys = attacks_lib.keys_for(s.names, self.config.seed, keyi[pad])
+      keys = {
+        k: parallel.shard_batch(s.mesh, v)
+        for k, v in attacks_lib.keys_for(s.names, self.config.seed, keyi[pad]).items()
+      }
       side = self._side(chunk[pad])
-      out = s.score_fn(
-        s.target.params,
-        s.aux,
-        {k: parallel.shard_batch(s.mesh, v) for k, v in keys.items()},
-        batch,
-        side,
-      )
+      out = s.score_fn(s.target.params, s.aux, keys, batch, side)
       for name, v in out.items():
         rows.setdefault(name, []).append(parallel.to_host(v)[:n].astype(np.float64))
-      if evidence and s.evidence_fn is not None:
-        drc_keys = drc_lib.image_keys(self.config.seed, streams.ATTACKS['drc'], keyi[pad])
-        deg, rest = s.evidence_fn(
-          s.target.params, parallel.shard_batch(s.mesh, drc_keys), batch, s.aux.get('drc'), side
-        )
+      if evidence and s.evidence_fn is not None:  # the same keys as DRC's scores
+        deg, rest = s.evidence_fn(s.target.params, keys['drc'], batch, s.aux.get('drc'), side)
         ev.setdefault('degraded', []).append(parallel.to_host(deg)[:n])
         ev.setdefault('restored', []).append(parallel.to_host(rest)[:n])
     raw = {name: np.concatenate(v) for name, v in rows.items()}
