@@ -70,13 +70,16 @@ def image_features(images) -> np.ndarray:
   return np.stack([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), foreground, gradient], axis=1)
 
 
-def table_features(source: data_lib.ImageSource, indices, data_cfg) -> np.ndarray:
-  """``image_features`` of the images at dataset ``indices`` (read in chunks): [N, 4]."""
+def table_features(
+  source: data_lib.ImageSource, indices, data_cfg, features=image_features
+) -> np.ndarray:
+  """``features`` (default ``image_features``: [N, 4]) of the images at dataset ``indices``, read
+  in chunks."""
   indices = np.asarray(indices, np.int64)
   out = []
   for lo in range(0, len(indices), _FEATURE_BATCH):
     images, _, _ = data_lib.load_images(source, indices[lo : lo + _FEATURE_BATCH], data_cfg)
-    out.append(image_features(images))
+    out.append(features(images))
   return np.concatenate(out) if out else np.zeros((0, len(FEATURES)))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from drc_jax.audit import calibration as calibration_lib
-from drc_jax.data import sources as data_lib
 
 BLIND = 'blind'
 SHIFT_AUC = 0.6  # held-out AUC above which (interval above 0.5 too) the shift warning fires
@@ -31,7 +30,8 @@ SHIFT_WARNING = (
 
 
 def blind_features(images) -> np.ndarray:
-  """float64 [N, F]: the cheap statistics of ``calibration.image_features``, an intensity
+  """float64 [N, F]: the cheap statistics of ``calibration.image_features`` (the first columns,
+  the same values), an intensity
   histogram and an average-pooled thumbnail of each image (channels averaged; [-1, 1] inputs)."""
   x = np.asarray(images, np.float64)
   stats = calibration_lib.image_features(x)
@@ -48,16 +48,6 @@ def blind_features(images) -> np.ndarray:
   np.add.at(counts, (ys[:, None], xs[None, :]), 1.0)
   thumb = (thumb / counts).reshape(n, s * s)
   return np.concatenate([stats, hist, thumb], axis=1)
-
-
-def table_features(source: data_lib.ImageSource, indices, data_cfg) -> np.ndarray:
-  """``blind_features`` of the images at dataset ``indices``, read in chunks."""
-  indices = np.asarray(indices, np.int64)
-  out = [
-    blind_features(data_lib.load_images(source, indices[lo : lo + 1024], data_cfg)[0])
-    for lo in range(0, len(indices), 1024)
-  ]
-  return np.concatenate(out)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

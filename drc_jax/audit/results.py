@@ -115,12 +115,15 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
   target, attacks = scorer.target, scorer.attacks
   store.check_scores_match(config, workdir, target)
   table = store.load_scores(workdir, store.fingerprint_digest(store.fingerprint(config, target)))
+  # The images are read once: the blind baseline's features start with per-image calibration's.
+  blind = calibration_lib.table_features(
+    source, table['index'], config.data, controls.blind_features
+  )
   calibrated = {}
   if config.audit.calibration == 'quantile':
-    features = calibration_lib.table_features(source, table['index'], config.data)
+    features = blind[:, : len(calibration_lib.FEATURES)]
     calibrated = calibration_lib.per_image_calibration(config, table, features)
   # The blind baseline: image statistics only, fit on the calibration part, a control.
-  blind = controls.table_features(source, table['index'], config.data)
   table[f'score/{controls.BLIND}'] = controls.blind_scores(
     blind, table['split'] == 1, ~heldout_rows(config, table)
   )
