@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from drc_jax.audit import validate
-from drc_jax.core import parallel
+from drc_jax.core import parallel, progress
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.drc import degrade as degrade_lib
 from drc_jax.drc import restore as restore_lib
@@ -95,6 +95,7 @@ def run_bench(
     d = degrade(keys, images)
     run = lambda: restore(params, key_data, images, d)
     nfe = r.nfe
+  progress.compiling('UNet forward' if forward_only else f'{restorer} restorer', batch)
   t0 = time.perf_counter()
   jax.block_until_ready(run())
   compile_s = time.perf_counter() - t0
@@ -139,6 +140,7 @@ def run_drc_bench(config, batch: int, repeats: int) -> dict:
   model, params, schedule, mesh, images, key_data = _random_setup(config, batch)
   scorer = drc_lib.make_drc(config.drc, model, schedule)
   fn = jax.jit(scorer.similarities, **parallel.shardings(mesh, 'rdd', 'd'))
+  progress.compiling('DRC scorer', batch)
   t0 = time.perf_counter()
   jax.block_until_ready(fn(params, key_data, images))
   compile_s = time.perf_counter() - t0
@@ -174,6 +176,7 @@ def run_encoder_bench(config, batch: int, repeats: int) -> dict:
     else:
       prepare = encoders_lib.prepare_fn(enc.preprocess)
       fn, calls = jax.jit(lambda p, x, enc=enc, prepare=prepare: enc.embed_fn(p, prepare(x))), 1 + k
+    progress.compiling(f'{role} encoder', batch)
     jax.block_until_ready(fn(enc.params, images))  # compile
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -208,6 +211,7 @@ def run_train_bench(config, repeats: int) -> dict:
   )
   valid = parallel.shard_batch(mesh, np.ones((bs,), bool))
   key = jax.random.key(0)
+  progress.compiling('train step', bs)
   t0 = time.perf_counter()
   state, m = step(state, images, valid, key)
   jax.block_until_ready(m)

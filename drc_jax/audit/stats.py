@@ -1,19 +1,30 @@
-"""Small exact statistics for dataset inference: a one-sided rank test and binomial intervals.
+"""Small statistics for dataset inference: a one-sided rank test and binomial intervals.
 
-Pure NumPy and Python integers (no SciPy), checked in ``tests/audit/test_stats.py`` against
-hand-computed cases.
+SciPy computes them, except the exact null distribution of the rank test (why: below); checked in
+``tests/audit/test_stats.py`` against hand-computed cases and the values of the former hand-written
+implementation.
 
 * ``mann_whitney_greater(suspect, reference)``: the one-sided Mann-Whitney U (Wilcoxon rank-sum)
   test of "suspect scores tend to be higher than reference scores". Without ties, and when the
   computation is small enough (``EXACT_MAX_WORK``), the p-value is exact: the null distribution of
   U is counted with Python integers from the Gaussian binomial coefficient
   ``[n + m choose n]_q = prod_{i=1..n} (1 - q^(m+i)) / (1 - q^i)``, whose coefficient of ``q^u`` is
-  the number of orderings with U = u. Otherwise it is the normal approximation with the tie
-  correction of the variance and a continuity correction of 1/2 (``method='normal'``).
+  the number of orderings with U = u. Otherwise it is SciPy's normal approximation
+  (``scipy.stats.mannwhitneyu(method='asymptotic')``: the tie correction of the variance and a
+  continuity correction of 1/2; ``method='normal'`` here).
   Under the null hypothesis that the two sets are exchangeable (for example: both drawn at random
   from the same pool of non-members, scored by a fixed function), the exact p-value satisfies
   P(p <= alpha) <= alpha for every alpha.
-* ``clopper_pearson(k, n)``: the exact (conservative) binomial confidence interval.
+* ``clopper_pearson(k, n)``: the exact (conservative) binomial confidence interval, from SciPy's
+  beta quantiles.
+
+Why not ``scipy.stats.mannwhitneyu(method='exact')``: it computes the same P(U >= u) (without
+ties), but by a floating-point recurrence whose cost grows as (n m)^2 rather than
+min(n, m)^2 max(n, m): 10 suspects against 10,000 references took 52 s there against 0.2 s here
+(20 against 20,000: over 4 minutes against 3 s), 100 against 800 5.5 s against 1.9 s, and its
+p-values are off by up to 1e-12 relatively, where these are exact to the last bit. And with ties
+its exact method counts orderings as if there were none; this module then uses the normal
+approximation, which corrects for them.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import functools
 import math
 
 import numpy as np
+import scipy.stats
 
 # The exact null distribution costs about min(n, m)^2 * max(n, m) integer additions; above this
 # the normal approximation is used (n = 100 suspects against m = 800 references is 8e6: ~1 s).
@@ -86,7 +98,7 @@ def _exact_upper_tail(n: int, m: int) -> tuple[tuple[int, ...], int]:
 
 def normal_sf(z: float) -> float:
   """P(Z > z) for a standard normal Z."""
-  return 0.5 * math.erfc(z / math.sqrt(2.0))
+  return float(scipy.stats.norm.sf(z))
 
 
 def mann_whitney_greater(suspect, reference, *, exact_max_work: int = EXACT_MAX_WORK) -> RankTest:
@@ -108,20 +120,15 @@ def mann_whitney_greater(suspect, reference, *, exact_max_work: int = EXACT_MAX_
   below = np.searchsorted(r_sorted, s, side='left')
   tied = np.searchsorted(r_sorted, s, side='right') - below
   u = float(below.sum() + 0.5 * tied.sum())
-  both = np.concatenate([s, r])
-  _, tie_sizes = np.unique(both, return_counts=True)
-  has_ties = bool(np.any(tie_sizes > 1))
+  has_ties = np.unique(np.concatenate([s, r])).size < n + m
   if not has_ties and min(n, m) ** 2 * max(n, m) <= exact_max_work:
+    # Not SciPy's exact method: float, and far slower when n and m differ (module docstring).
     tail, total = _exact_upper_tail(n, m)
     p, method = tail[int(u)] / total, 'exact'
   else:
-    big_n = n + m
-    tie_term = float(np.sum(tie_sizes.astype(np.float64) ** 3 - tie_sizes))
-    var = n * m / 12.0 * ((big_n + 1) - tie_term / (big_n * (big_n - 1)))
-    if var <= 0:  # every score tied: no evidence either way
-      p = 1.0
-    else:
-      p = normal_sf((u - n * m / 2.0 - 0.5) / math.sqrt(var))
+    # U - n m / 2 - 1/2 over the tie-corrected standard deviation; every score tied (variance 0)
+    # gives p = 1: no evidence either way.
+    p = scipy.stats.mannwhitneyu(s, r, alternative='greater', method='asymptotic').pvalue
     method = 'normal'
   return RankTest(
     u=u,
@@ -134,42 +141,21 @@ def mann_whitney_greater(suspect, reference, *, exact_max_work: int = EXACT_MAX_
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
-  """P(X <= k) for X ~ Binomial(n, p)."""
+  """P(X <= k) for X ~ Binomial(n, p); p outside [0, 1] counts as 0 or 1 (SciPy: nan)."""
   if k < 0:
     return 0.0
-  if k >= n:
-    return 1.0
-  if p <= 0.0:
+  if k >= n or p <= 0.0:
     return 1.0
   if p >= 1.0:
     return 0.0
-  i = np.arange(k + 1, dtype=np.float64)
-  log_pmf = (
-    math.lgamma(n + 1)
-    - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1) for v in i])
-    + i * math.log(p)
-    + (n - i) * math.log1p(-p)
-  )
-  return float(min(1.0, np.exp(log_pmf).sum()))
-
-
-def _bisect(f, target: float, increasing: bool) -> float:
-  """The p in [0, 1] with f(p) = target for a monotone f (60 halvings: ~1e-18)."""
-  lo, hi = 0.0, 1.0
-  for _ in range(60):
-    mid = (lo + hi) / 2
-    if (f(mid) < target) == increasing:
-      lo = mid
-    else:
-      hi = mid
-  return (lo + hi) / 2
+  return float(scipy.stats.binom.cdf(k, n, p))
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
   """The exact (Clopper-Pearson) two-sided binomial confidence interval of k successes in n.
 
   The lower end solves P(X >= k | p) = (1 - level) / 2 (0 when k = 0); the upper end solves
-  P(X <= k | p) = (1 - level) / 2 (1 when k = n).
+  P(X <= k | p) = (1 - level) / 2 (1 when k = n): quantiles of beta distributions.
 
   Args:
     k: successes, 0 <= k <= n.
@@ -183,7 +169,8 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     raise ValueError(f'need 0 <= k <= n and n >= 1, got k={k}, n={n}')
   if not 0.0 < level < 1.0:
     raise ValueError(f'level must be in (0, 1), got {level}')
+  # P(X >= k | p) is the Beta(k, n - k + 1) CDF at p, P(X <= k | p) one minus Beta(k + 1, n - k)'s
   tail = (1.0 - level) / 2
-  lower = 0.0 if k == 0 else _bisect(lambda p: 1.0 - binom_cdf(k - 1, n, p), tail, increasing=True)
-  upper = 1.0 if k == n else _bisect(lambda p: binom_cdf(k, n, p), tail, increasing=False)
+  lower = 0.0 if k == 0 else float(scipy.stats.beta.ppf(tail, k, n - k + 1))
+  upper = 1.0 if k == n else float(scipy.stats.beta.ppf(1.0 - tail, k + 1, n - k))
   return lower, upper

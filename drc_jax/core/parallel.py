@@ -61,6 +61,12 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def compilation_cache_dir() -> str:
+  """Where JAX keeps compiled programs for later runs now ('' = nowhere): what
+  ``enable_compilation_cache`` or the user (``JAX_COMPILATION_CACHE_DIR``) set."""
+  return jax.config.jax_compilation_cache_dir or ''
+
+
 def initialize() -> None:
   """Starts jax.distributed when DRC_JAX_DISTRIBUTED=1 (idempotent)."""
   global _initialized

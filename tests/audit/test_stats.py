@@ -1,4 +1,5 @@
-"""drc_jax.audit.stats against hand-computed cases (and SciPy, present as a JAX dependency)."""
+"""drc_jax.audit.stats against hand-computed cases, SciPy, and the values of the hand-written
+implementation it replaced."""
 
 import itertools
 import math
@@ -8,6 +9,86 @@ import pytest
 import scipy.stats
 
 from drc_jax.audit import stats
+
+# Values of the hand-written implementation (exact integer counts, erfc, bisection) before the
+# SciPy version, recorded to full precision: (suspect, reference) -> (U, p, method, p normal).
+_S8 = np.sin(np.arange(1, 9) * 1.3) + 0.4  # no ties among the 48 values
+_R40 = np.sin(np.arange(1, 41) * 0.7)
+_S30 = np.sin(np.arange(1, 31) * 1.1) + 1.5  # no ties among the 230 values
+_R200 = np.sin(np.arange(1, 201) * 0.37)
+PINNED_RANK_TESTS = [
+  (([2.0], [1.0]), (1.0, 0.5, 'exact', 0.5)),
+  (([3.0, 4.0], [1.0, 2.0]), (4.0, 0.16666666666666666, 'exact', 0.12263905840338643)),
+  # 5/18: 35 of the C(9, 4) = 126 orderings have U >= 13
+  (
+    ([0.3, 1.7, 2.2, 5.0], [0.1, 0.9, 1.5, 2.0, 3.3]),
+    (13.0, 0.2777777777777778, 'exact', 0.27014568730370997),
+  ),
+  (([0.0, 0.05], [0.1, 0.9, 1.5]), (0.0, 1.0, 'exact', 0.978345928594604)),
+  ((_S8, _R40), (210.0, 0.08710670896872724, 'exact', 0.08544084642316467)),  # 3652181/41927666
+  ((_S30, _R200), (5535.0, 3.8090196854828794e-18, 'exact', 4.404361391680524e-14)),
+  # ties: the normal approximation with the tie-corrected variance, whatever the size
+  (([1.0, 2.0, 2.0, 3.0], [1.0, 1.5, 2.0, 4.0]), (8.5, 0.5, 'normal', 0.5)),
+  (([1.0, 2.0], [1.0, 3.0]), (1.5, 0.7928919108787374, 'normal', 0.7928919108787374)),
+  (([1.0, 1.0], [1.0]), (1.0, 1.0, 'normal', 1.0)),
+  (
+    ([0, 1, 1, 2, 2, 2, 3, 5], [0, 0, 1, 1, 2, 3, 3, 4, 4, 4]),
+    (36.5, 0.641109966134092, 'normal', 0.641109966134092),
+  ),
+]
+# (k, n, level) -> the interval, by bisection on the hand-written binomial CDF
+PINNED_CLOPPER_PEARSON = [
+  ((0, 200, 0.95), (0.0, 0.01827534035513624)),
+  ((1, 200, 0.95), (0.0001265810278670179, 0.027541898457205262)),
+  ((37, 200, 0.95), (0.13372866017975288, 0.24586346244867768)),
+  ((5, 9, 0.95), (0.2120085067788638, 0.8630043377348333)),
+  ((10, 10, 0.95), (0.6915028921812372, 1.0)),
+  ((3, 7, 0.9), (0.12875639280424211, 0.7746784159675524)),
+  ((1, 1, 0.95), (0.024999999999999967, 1.0)),
+  ((0, 1, 0.99), (0.0, 0.9950000000000001)),
+  ((500, 1000, 0.95), (0.46854917297170806, 0.5314508270282046)),
+]
+PINNED_BINOM_CDF = [
+  ((1, 3, 0.5), 0.5000000000000003),  # (1 + 3) / 8, to rounding
+  ((0, 10, 0.1), 0.34867844009999993),
+  ((4, 10, 0.3), 0.8497316673999996),
+  ((37, 200, 0.2), 0.33453509779673),
+  ((199, 200, 0.99), 0.8660203251419936),
+  ((5, 9, 0.123456), 0.9997871807378315),
+]
+PINNED_NORMAL_SF = [
+  (-3.0, 0.9986501019683699),
+  (0.0, 0.5),
+  (0.8165, 0.20710711176496982),
+  (5.0, 2.866515718791946e-07),
+  (10.0, 7.619853024160593e-24),
+]
+
+
+@pytest.mark.parametrize('samples, want', PINNED_RANK_TESTS)
+def test_rank_test_keeps_its_pinned_values(samples, want):
+  s, r = samples
+  u, p, method, p_normal = want
+  t = stats.mann_whitney_greater(s, r)
+  assert (t.u, t.method, t.auc) == (u, method, u / (len(s) * len(r)))
+  if method == 'exact':  # exact integer counts: the same float to the last bit
+    assert t.p_value == p
+  else:
+    assert t.p_value == pytest.approx(p, rel=1e-12, abs=1e-300)
+  a = stats.mann_whitney_greater(s, r, exact_max_work=0)
+  assert (a.u, a.method) == (u, 'normal')
+  assert a.p_value == pytest.approx(p_normal, rel=1e-12, abs=1e-300)
+
+
+def test_clopper_pearson_binomial_and_normal_keep_their_pinned_values():
+  for (k, n, level), (lo, hi) in PINNED_CLOPPER_PEARSON:
+    got = stats.clopper_pearson(k, n, level)
+    assert got == pytest.approx((lo, hi), rel=1e-12, abs=1e-15), (k, n, level)
+    assert (got[0] == 0.0) == (k == 0) and (got[1] == 1.0) == (k == n)
+  for (k, n, p), want in PINNED_BINOM_CDF:
+    assert stats.binom_cdf(k, n, p) == pytest.approx(want, rel=1e-12), (k, n, p)
+  for z, want in PINNED_NORMAL_SF:
+    assert stats.normal_sf(z) == pytest.approx(want, rel=1e-12), z
 
 
 def test_exact_p_values_by_hand():
