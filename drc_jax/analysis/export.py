@@ -22,7 +22,6 @@ from safetensors import numpy as st_numpy
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import store
 from drc_jax.core import errors, fileio
-from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.models import unet as model_lib
 from drc_jax.targets import checkpoints, shipped
@@ -74,9 +73,9 @@ def export(
   model_doc = json.loads((epath.Path(workdir) / checkpoints.MODEL_JSON).read_text())
   model_doc['step'] = int(step)
   if 'trained_on' not in model_doc:  # trained before drc_jax recorded it: derive it from the split
-    source = data_lib.make_source(config.data)
+    source = splits_lib.run_source(config)
     split = splits_lib.resolve(config.split, source, workdir, write=False)
-    model_doc['trained_on'] = splits_lib.training_data(config.data, source, split)
+    model_doc['trained_on'] = splits_lib.training_data(config, source, split)
   fileio.atomic_write_text(out_dir / checkpoints.MODEL_JSON, json.dumps(model_doc, indent=1))
   fileio.atomic_write_text(
     out_dir / shipped.SPLIT_JSON, (epath.Path(workdir) / shipped.SPLIT_JSON).read_text()

@@ -17,7 +17,7 @@ from absl import logging
 
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import metrics as metrics_lib
-from drc_jax.core import fileio, streams
+from drc_jax.core import fileio, progress, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.targets import load as target_lib
@@ -39,21 +39,27 @@ def steps_curve(
   subset of ``drc_members`` members and ``drc_nonmembers`` non-members (the same images at every
   step). Writes ``steps_curve.json`` and ``steps_curve.md``.
   """
-  source = data_lib.make_source(config.data)
+  source = splits_lib.run_source(config)
   split = splits_lib.resolve(config.split, source, workdir, write=False)
   members, _, _ = data_lib.load_images(source, split.members, config.data)
   nonmembers, _, _ = data_lib.load_images(source, split.nonmembers, config.data)
   rng = np.random.default_rng([config.seed, streams.HOST_SWEEP_CURVE])
   pick_m = np.sort(rng.choice(len(members), min(drc_members, len(members)), replace=False))
   pick_n = np.sort(rng.choice(len(nonmembers), min(drc_nonmembers, len(nonmembers)), replace=False))
-  names = ['loss', 'secmi', 'pia', 'pian', 'sima']
+  names = ['loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse']
   rows = []
   for step in steps:
     target = target_lib.load_target(os.path.join(workdir, 'checkpoints', str(step)))
     attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names + ['drc'])
     base = {n: a for n, a in attacks.items() if n != 'drc'}
-    score_base = jax.jit(attacks_lib.make_batch_scorer(base))
-    score_drc = jax.jit(attacks_lib.make_batch_scorer({'drc': attacks['drc']}))
+    score_base = progress.announce_compiles(
+      jax.jit(attacks_lib.make_batch_scorer(base)), f'baseline scorer of step {step}', batch_arg=3
+    )
+    score_drc = progress.announce_compiles(
+      jax.jit(attacks_lib.make_batch_scorer({'drc': attacks['drc']})),
+      f'DRC scorer of step {step}',
+      batch_arg=3,
+    )
     row = {'step': step}
 
     def run_scorer(fn, images, indices, names_, target=target):

@@ -37,7 +37,7 @@ from absl import logging
 
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import plots
-from drc_jax.core import fileio, streams
+from drc_jax.core import fileio, progress, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.drc import compare as compare_lib
@@ -290,7 +290,8 @@ def restore_all(
   cfg.update(overrides)
   cfg.num_restorations = k_max
   scorer = drc_lib.make_drc(cfg, target.model, target.schedule)
-  evidence = jax.jit(scorer.evidence)
+  # the setting's restorations: a line before they compile (the comparators compile in moments)
+  evidence = progress.announce_compiles(jax.jit(scorer.evidence), 'DRC restorations', batch_arg=2)
   degradation = jax.jit(scorer.degradation, static_argnums=2)
   comparators: dict[str, Callable] = {
     n: jax.jit(compare_lib.get(n)) for n in compare_lib.COMPARATORS
@@ -314,7 +315,7 @@ def image_indices(
   """(source, split, dataset indices, is_member, heldout) of the images a sweep scores: every image
   of the audit's calibration part (``metrics.calibration_split``) and at most ``heldout_members`` /
   ``heldout_nonmembers`` random held-out ones (0 = all). A function of the config alone."""
-  source = data_lib.make_source(config.data)
+  source = splits_lib.run_source(config)
   split = splits_lib.resolve(config.split, source, split_dir, write=False)
   mem_held, non_held = metrics_lib.calibration_split(
     len(split.members),
@@ -352,7 +353,7 @@ def image_set(
   workdir = checkpoints.workdir_of(shipped.resolve(target_path))
   splits_lib.check_trained_on(
     checkpoints.trained_on(workdir),
-    splits_lib.training_data(config.data, source, split),
+    splits_lib.training_data(config, source, split),
     str(workdir / checkpoints.MODEL_JSON),
   )
   images, _, _ = data_lib.load_images(source, indices, config.data)

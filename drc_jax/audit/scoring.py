@@ -137,13 +137,22 @@ def make_scorer(config, workdir: str) -> Scorer:
     calls = ''.join(f', {n} {r} encoder calls' for r, n in a.encoder_calls.items())
     logging.info('attack %-6s %5d model calls per image%s', a.name, a.nfe, calls)
   aux = parallel.replicate(mesh, attacks_lib.aux_params(attacks))
-  score_fn = jax.jit(
-    attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rrddd', 'd')
+  # Each logs a line before it compiles (progress.compiling): the first batch is silent for long.
+  score_fn = progress.announce_compiles(
+    jax.jit(attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rrddd', 'd')),
+    f'scorer of {", ".join(names)}',
+    batch_arg=3,
   )
   evidence_fn = None
   if 'drc' in attacks:  # the DRC attack's own scorer: the same restorations as its scores
-    evidence_fn = jax.jit(attacks['drc'].evidence, **parallel.shardings(mesh, 'rddrd', 'dd'))
-  sample_fn = jax.jit(samples_lib.make_sampler(target.model, target.schedule))
+    evidence_fn = progress.announce_compiles(
+      jax.jit(attacks['drc'].evidence, **parallel.shardings(mesh, 'rddrd', 'dd')),
+      'DRC evidence program',
+      batch_arg=2,
+    )
+  sample_fn = progress.announce_compiles(
+    jax.jit(samples_lib.make_sampler(target.model, target.schedule)), "target's sampler", 1
+  )
   side_fn = make_side_fn(config, names)
   return Scorer(target, mesh, names, attacks, score_fn, evidence_fn, sample_fn, aux, side_fn)
 
@@ -188,7 +197,7 @@ def score_split(
   validate.check(config)  # at once when the caller (run_audit, dataset inference) checked it
   scorer = make_scorer(config, workdir)
   target = scorer.target
-  source = data_lib.CachedSource(data_lib.make_source(config.data))  # each image read once
+  source = data_lib.CachedSource(splits_lib.run_source(config))  # each image read once
   split = splits_lib.resolve(config.split, source, workdir, write=False)
   if target.trained_on is None:
     logging.info(
@@ -198,7 +207,7 @@ def score_split(
     )
   splits_lib.check_trained_on(
     target.trained_on,
-    splits_lib.training_data(config.data, source, split),
+    splits_lib.training_data(config, source, split),
     str(target.workdir / checkpoints.MODEL_JSON),
   )
   is_member, indices = _items(split, config.audit.max_images)
@@ -213,14 +222,6 @@ def score_split(
 def run_audit(config, workdir: str, overwrite: bool = False) -> dict:
   """Scores every image not yet scored, then writes metrics and the report. Returns metrics."""
   scorer, source = score_split(config, workdir, overwrite)
-  return results.write_results(config, workdir, scorer, source)
-
-
-def report(config, workdir: str) -> dict:
-  """Metrics and the report from the scores already in ``workdir`` (no scoring). Returns metrics."""
-  validate.check(config)
-  scorer = make_scorer(config, workdir)
-  source = data_lib.CachedSource(data_lib.make_source(config.data))
   return results.write_results(config, workdir, scorer, source)
 
 
@@ -264,7 +265,9 @@ def score_images(
   )
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   total = sum(min(shard, len(indices) - i * shard) for i in todo)
-  speed = progress.Throughput(total)  # leaves out the first batch (compilation)
+  # A bar on a terminal, a line at least every 10 s in a log; the time left leaves out the first
+  # batch (compilation).
+  bar = progress.Progress('scoring', total, 'images')
   for i in todo:
     lo, hi = i * shard, min((i + 1) * shard, len(indices))
     rows: dict[str, list] = {}
@@ -291,7 +294,7 @@ def score_images(
       valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
       for name, v in out.items():
         rows.setdefault(name, []).append(parallel.to_host(v)[valid])
-      speed.update(int(valid.sum()))
+      bar.update(int(valid.sum()))
     rest = [r for r, h in enumerate(hashes) if h is None]  # rows other processes scored
     if rest:
       raw, rest_labels = source.read(indices[lo:hi][rest])
@@ -328,12 +331,6 @@ def score_images(
       raise RuntimeError(f'shard {i}: scored {len(arrays["score/" + names[0]])} of {hi - lo}')
     if parallel.is_writer():
       store.write_shard(store.shard_path(workdir, i), arrays, fingerprint)
-    logging.info(
-      'scored shard %d/%d: %d/%d images, %s',
-      i + 1,
-      n_shards,
-      speed.done,
-      total,
-      speed.describe('images'),
-    )
+    bar.log('scored shard %d/%d', i + 1, n_shards)
+  bar.close()
   parallel.sync('scores_written')

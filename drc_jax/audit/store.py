@@ -59,7 +59,15 @@ _LATER_DEFAULTS = {
     'compare_encoder': '',
     'face_detector': '',
   },
-  'split': {'member_range': '', 'nonmember_range': ''},
+  'split': {
+    'member_range': '',
+    'nonmember_range': '',
+    'member_classes': '',
+    'nonmember_classes': '',
+    'members_dir': '',
+    'nonmembers_dir': '',
+  },
+  'attacks': {'rediffuse_t': 200, 'rediffuse_k': 100, 'rediffuse_n': 10},
 }
 
 
@@ -105,7 +113,7 @@ def fingerprint(config, target) -> dict:
         'diffusion': c['diffusion'],
         'model': c['model'],
         'drc': drc,
-        'attacks': c['attacks'],
+        'attacks': without_later_defaults('attacks', c['attacks']),
         'audit': audit,
         'target': identity,
       },

@@ -10,6 +10,7 @@ import jax
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import calibration as calibration_lib
 from drc_jax.core import errors, streams
+from drc_jax.data import splits as splits_lib
 from drc_jax.drc import compare as compare_lib
 from drc_jax.drc import degrade as degrade_lib
 from drc_jax.drc import restore as restore_lib
@@ -84,6 +85,10 @@ def _check(config) -> None:
       )
     _require(lo <= hi, f'config.diffusion.beta_start ({lo}) exceeds beta_end ({hi})')
   _check_sizes(config)
+  try:  # folder pair, class pair: complete, not contradicting each other or split.file
+    splits_lib.check_fields(config.split)
+  except errors.UserError as e:
+    raise ConfigError(str(e)) from e
   for field in ('train.batch_size', 'audit.batch_size'):
     section, name = field.split('.')
     bs = config[section][name]
@@ -258,6 +263,15 @@ def check_timesteps(config, T: int, where: str, names=None) -> None:
       f'config.attacks.secmi_t: {t_sec} must be a multiple of secmi_k={k} in [{k}, {T}) '
       f'({where}: {T}); SecMI walks 0, k, ..., t_sec',
     )
+  if 'rediffuse' in names:
+    k, t_re, n = a.rediffuse_k, a.rediffuse_t, a.rediffuse_n
+    _require(k >= 1, f'config.attacks.rediffuse_k: {k} (expected >= 1)')
+    _require(
+      k <= t_re < T and t_re % k == 0,
+      f'config.attacks.rediffuse_t: {t_re} must be a multiple of rediffuse_k={k} in [{k}, {T}) '
+      f'({where}: {T}); ReDiffuse denoises t, t - k, ..., 0',
+    )
+    _require(n >= 1, f'config.attacks.rediffuse_n: {n} (expected >= 1 draws to average)')
   if 'drc' in names:
     if r.restorer != 'repaint':  # RePaint always starts from T (it does not read t_start)
       _require(

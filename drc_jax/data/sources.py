@@ -8,6 +8,8 @@ integer labels. Three kinds:
 * ``TfdsSource``: ``tfds.data_source`` (array_record, no TensorFlow) for cifar10, cifar100, celeb_a.
 * ``FolderSource``: a folder of PNG/JPEG files, in sorted path order.
 
+``ConcatSource`` puts sources one after the other (a members folder, then a non-members folder).
+
 Bad input (a missing file or directory, a corrupt or truncated file, a channel mismatch, an index
 out of range) raises ``DataError`` naming the file or index: nothing is skipped silently.
 """
@@ -266,14 +268,14 @@ class FolderSource:
   expanded; a folder must not mix grayscale and RGB files.
   """
 
-  def __init__(self, path: str, resolution: int):
+  def __init__(self, path: str, resolution: int, field: str = 'config.data.data_dir'):
     if not os.path.isdir(path):
-      raise DataError(f'{path}: image folder not found (config.data.data_dir)')
+      raise DataError(f'{path}: image folder not found ({field})')
     files = []
     for root, _, names in os.walk(path):
       files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
-      raise DataError(f'{path}: no {"/".join(IMAGE_EXTENSIONS)} files found')
+      raise DataError(f'{path}: no {"/".join(IMAGE_EXTENSIONS)} files found ({field})')
     self.files = sorted(files, key=lambda f: os.path.relpath(f, path))
     subdirs = sorted(
       {
@@ -404,6 +406,61 @@ class CachedSource:
       return self.source.read([])
     images = np.stack([self._cache[i][0] for i in indices])
     return images, np.asarray([self._cache[i][1] for i in indices], np.int64)
+
+
+class ConcatSource:
+  """Several sources one after the other: index ``i`` of part ``k`` is ``offsets[k] + i``.
+
+  Labels are renumbered into the sorted union of the parts' ``label_names`` (a part without
+  names keeps its labels). The parts must hold one kind of image (grayscale or RGB): a mismatch
+  is a ``DataError`` naming the files (``FolderSource`` parts) or indices.
+  """
+
+  def __init__(self, parts: Sequence[ImageSource], name: str):
+    self.parts, self.name = list(parts), name
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+    self.label_names = tuple(sorted({n for p in self.parts for n in p.label_names}))
+    pos = {n: i for i, n in enumerate(self.label_names)}
+    self._relabel = [
+      np.asarray([pos[n] for n in p.label_names], np.int64) if p.label_names else None
+      for p in self.parts
+    ]
+    self._first: tuple[str, int] | None = None  # (image, channels) of the first image read
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def _describe(self, k: int, i: int) -> str:
+    files = getattr(self.parts[k], 'files', None)
+    return files[i] if files is not None else f'{self.parts[k].name} index {i}'
+
+  def read(self, indices):
+    idx = _check_indices(indices, len(self), self.name)
+    part = np.searchsorted(self.offsets, idx, side='right') - 1
+    images, labels = [None] * len(idx), np.empty(len(idx), np.int64)
+    for k in np.unique(part):
+      pos = np.flatnonzero(part == k)
+      local = idx[pos] - self.offsets[k]
+      raw, lab = self.parts[k].read(local)
+      kind = raw.shape[-1]
+      if self._first is None:
+        self._first = (self._describe(k, int(local[0])), kind)
+      if kind != self._first[1]:
+        names = {1: 'grayscale', 3: 'RGB'}
+        raise DataError(
+          f'{self._describe(k, int(local[0]))} is {names.get(kind, kind)} but '
+          f'{self._first[0]} is {names.get(self._first[1], self._first[1])}: the images of '
+          f'{self.name} must be of one kind (convert the files first)'
+        )
+      relabel = self._relabel[k]
+      if relabel is not None:
+        lab = np.where(lab >= 0, relabel[np.clip(lab, 0, len(relabel) - 1)], lab)
+      for j, p in enumerate(pos):
+        images[p] = raw[j]
+      labels[pos] = lab
+    if not len(idx):
+      return self.parts[0].read([])
+    return np.stack(images), labels
 
 
 def label_name(source: ImageSource, label: int) -> str:

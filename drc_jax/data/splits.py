@@ -4,7 +4,9 @@ A manifest holds index lists into one named dataset split, the seed that made it
 a SHA-256 over the raw image bytes of each set (so a changed dataset is noticed). It is stored as
 JSON (``split.json`` in the workdir) and reads/writes the SecMI/PIA ``.npz`` format
 (``mia_train_idxs`` = members, ``mia_eval_idxs`` = non-members), so results are comparable with
-published ones.
+published ones. A split can also be two image folders (``config.split.members_dir`` and
+``nonmembers_dir``: every image of each, members first; ``run_source`` makes their source) or be
+drawn by class (``member_classes`` / ``nonmember_classes``: a class-shifted split).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class SplitManifest:
   nonmembers_sha256: str = ''
   # Where the sets were drawn from (``config.split.member_range`` etc.; '' = anywhere).
   ranges: str = ''
+  # The labels the sets were drawn from ('0,1,2|3,4': ``config.split.member_classes`` and
+  # ``nonmember_classes``; '' = any class).
+  classes: str = ''
   # Per-image SHA-256s of the members, filled in by ``resolve`` (not stored in the manifest).
   member_image_hashes: list[str] | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -82,6 +87,7 @@ class SplitManifest:
       'members': self.members.tolist(),
       'nonmembers': self.nonmembers.tolist(),
       **({'ranges': self.ranges} if self.ranges else {}),
+      **({'classes': self.classes} if self.classes else {}),
     }
 
 
@@ -98,6 +104,19 @@ def parse_range(text: str, n_total: int, field: str) -> range:
   return range(a, b)
 
 
+def parse_classes(text: str, field: str) -> tuple[int, ...]:
+  """'0,1,2' -> (0, 1, 2): the label ids of ``config.split.<field>`` ('' -> ()), sorted."""
+  try:
+    ids = [int(v) for v in str(text).split(',') if v.strip()] if str(text).strip() else []
+  except ValueError as e:
+    raise data_lib.DataError(
+      f"config.split.{field}: {text!r} is not a comma list of label ids (e.g. '0,1,2')"
+    ) from e
+  if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+    raise data_lib.DataError(f'config.split.{field}: {text!r} has a negative or repeated label id')
+  return tuple(sorted(ids))
+
+
 def make_split(
   dataset: str,
   n_total: int,
@@ -106,46 +125,90 @@ def make_split(
   seed: int,
   member_range: str = '',
   nonmember_range: str = '',
+  member_classes: str = '',
+  nonmember_classes: str = '',
+  labels: np.ndarray | None = None,
 ) -> SplitManifest:
   """Random disjoint member / non-member sets from a seeded permutation of ``range(n_total)``.
 
   With ``member_range`` and ``nonmember_range`` ('start:stop', both or neither) the sets are drawn
   (seeded) from those index ranges: a public target trained on a fixed part of the dataset (e.g.
-  FFHQ's first 60,000 images) has its members there and its non-members only outside it.
+  FFHQ's first 60,000 images) has its members there and its non-members only outside it. With
+  ``member_classes`` and ``nonmember_classes`` ('0,1,2', both or neither, disjoint; ``labels``:
+  the label of every image) members are drawn only from images of those labels and non-members
+  from theirs: a class-shifted split, the control on which a blind baseline must fire.
   """
   if num_members < 1 or num_nonmembers < 1:
     raise data_lib.DataError('config.split: num_members and num_nonmembers must be >= 1')
   if bool(member_range) != bool(nonmember_range):
     raise data_lib.DataError('config.split: give both member_range and nonmember_range, or neither')
+  if bool(member_classes) != bool(nonmember_classes):
+    raise data_lib.DataError(
+      'config.split: give both member_classes and nonmember_classes, or neither'
+    )
+  if not member_range and not member_classes:
+    if num_members + num_nonmembers > n_total:
+      raise data_lib.DataError(
+        f'config.split: {num_members} members + {num_nonmembers} '
+        f'non-members exceed the {n_total} images of {dataset}'
+      )
+    perm = np.random.default_rng(seed).permutation(n_total)
+    return SplitManifest(
+      dataset,
+      np.sort(perm[:num_members]),
+      np.sort(perm[num_members : num_members + num_nonmembers]),
+      seed,
+    )
+  pool_m = pool_n = np.arange(n_total, dtype=np.int64)
+  ranges = classes = ''
+  what_m = what_n = f'of {dataset}'
   if member_range:
     rm = parse_range(member_range, n_total, 'member_range')
     rn = parse_range(nonmember_range, n_total, 'nonmember_range')
     if set(rm) & set(rn):
       raise data_lib.DataError('config.split: member_range and nonmember_range overlap')
-    for count, r, field in (
-      (num_members, rm, 'num_members'),
-      (num_nonmembers, rn, 'num_nonmembers'),
-    ):
-      if count > len(r):
-        raise data_lib.DataError(f'config.split.{field}: {count} exceeds its range of {len(r)}')
-    rng = np.random.default_rng(seed)
-    members = np.sort(rng.choice(np.asarray(rm), num_members, replace=False))
-    nonmembers = np.sort(rng.choice(np.asarray(rn), num_nonmembers, replace=False))
-    return SplitManifest(
-      dataset, members, nonmembers, seed, ranges=f'{member_range}|{nonmember_range}'
-    )
-  if num_members + num_nonmembers > n_total:
-    raise data_lib.DataError(
-      f'config.split: {num_members} members + {num_nonmembers} '
-      f'non-members exceed the {n_total} images of {dataset}'
-    )
-  perm = np.random.default_rng(seed).permutation(n_total)
-  return SplitManifest(
-    dataset,
-    np.sort(perm[:num_members]),
-    np.sort(perm[num_members : num_members + num_nonmembers]),
-    seed,
-  )
+    pool_m, pool_n = np.asarray(rm, np.int64), np.asarray(rn, np.int64)
+    ranges, what_m, what_n = f'{member_range}|{nonmember_range}', 'of its range', 'of its range'
+  if member_classes:
+    cm = parse_classes(member_classes, 'member_classes')
+    cn = parse_classes(nonmember_classes, 'nonmember_classes')
+    if set(cm) & set(cn):
+      raise data_lib.DataError(
+        f'config.split: member_classes and nonmember_classes share label {min(set(cm) & set(cn))}'
+      )
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    if labels.shape != (n_total,):
+      raise ValueError(f'make_split: {labels.shape[0]} labels for {n_total} images')
+    present = set(np.unique(labels[labels >= 0]).tolist())
+    if not present:
+      raise data_lib.DataError(
+        f'config.split.member_classes: {dataset} has no labels (every label is -1); a split '
+        f'by class needs a labelled source'
+      )
+    for field, ids in (('member_classes', cm), ('nonmember_classes', cn)):
+      unknown = sorted(set(ids) - present)
+      if unknown:
+        raise data_lib.DataError(
+          f'config.split.{field}: no image of {dataset} has label {unknown[0]} '
+          f'(its labels: {", ".join(map(str, sorted(present)))})'
+        )
+    pool_m = pool_m[np.isin(labels[pool_m], cm)]
+    pool_n = pool_n[np.isin(labels[pool_n], cn)]
+    classes = f'{",".join(map(str, cm))}|{",".join(map(str, cn))}'
+    what_m = f'{what_m} with labels {",".join(map(str, cm))}'
+    what_n = f'{what_n} with labels {",".join(map(str, cn))}'
+  for count, pool, field, what in (
+    (num_members, pool_m, 'num_members', what_m),
+    (num_nonmembers, pool_n, 'num_nonmembers', what_n),
+  ):
+    if count > len(pool):
+      raise data_lib.DataError(
+        f'config.split.{field}: {count} exceeds the {len(pool)} images {what}'
+      )
+  rng = np.random.default_rng(seed)
+  members = np.sort(rng.choice(pool_m, num_members, replace=False))
+  nonmembers = np.sort(rng.choice(pool_n, num_nonmembers, replace=False))
+  return SplitManifest(dataset, members, nonmembers, seed, ranges=ranges, classes=classes)
 
 
 def set_hash(hashes: list[str]) -> str:
@@ -196,6 +259,7 @@ def load(path: str, dataset: str = '') -> SplitManifest:
       d.get('members_sha256', ''),
       d.get('nonmembers_sha256', ''),
       d.get('ranges', ''),
+      d.get('classes', ''),
     )
   except data_lib.DataError as e:
     raise data_lib.DataError(f'{path}: {e}') from e
@@ -208,36 +272,146 @@ def _ranges(split_cfg) -> str:
   return f'{m}|{n}' if m or n else ''
 
 
+def _classes(split_cfg) -> str:
+  """The manifest's ``classes`` of a config: 'member ids|non-member ids' ('' = any class)."""
+  m, n = split_cfg.get('member_classes', ''), split_cfg.get('nonmember_classes', '')
+  if not m and not n:
+    return ''
+  ids = [parse_classes(v, f) for v, f in ((m, 'member_classes'), (n, 'nonmember_classes'))]
+  return '|'.join(','.join(map(str, i)) for i in ids)
+
+
+FOLDER_FIELDS = ('members_dir', 'nonmembers_dir')
+
+
+def check_fields(split_cfg) -> None:
+  """Refuses ``config.split`` fields that are incomplete or contradict each other (one line
+  naming the fields): half of a folder pair or of a class pair, overlapping classes, a folder
+  pair with a split file, ranges or classes, folders that are missing or overlap."""
+  m, n = (split_cfg.get(f, '') for f in FOLDER_FIELDS)
+  if bool(m) != bool(n):
+    raise data_lib.DataError(
+      'config.split.members_dir and config.split.nonmembers_dir: give both, or neither'
+    )
+  mc, nc = split_cfg.get('member_classes', ''), split_cfg.get('nonmember_classes', '')
+  if bool(mc) != bool(nc):
+    raise data_lib.DataError(
+      'config.split.member_classes and config.split.nonmember_classes: give both, or neither'
+    )
+  shared = set(parse_classes(mc, 'member_classes')) & set(parse_classes(nc, 'nonmember_classes'))
+  if shared:
+    raise data_lib.DataError(
+      f'config.split.member_classes and config.split.nonmember_classes: label {min(shared)} '
+      f'is in both (the classes of members and non-members must be disjoint)'
+    )
+  if not m:
+    return
+  for field in ('file', 'member_range', 'nonmember_range', 'member_classes', 'nonmember_classes'):
+    if split_cfg.get(field, ''):
+      raise data_lib.DataError(
+        f'config.split.{field} and config.split.members_dir: set one, not both (a split of '
+        f'two folders audits every image of each; {field} does not apply)'
+      )
+  for field, path in zip(FOLDER_FIELDS, (m, n)):
+    if not os.path.isdir(path):
+      raise data_lib.DataError(f'config.split.{field}: {path} is not a directory')
+  a, b = (os.path.realpath(p) for p in (m, n))
+  if os.path.commonpath([a, b]) in (a, b):
+    raise data_lib.DataError(
+      f'config.split.members_dir and config.split.nonmembers_dir: {m} and {n} overlap (an '
+      f'image would be both a member and a non-member)'
+    )
+
+
+def folders_name(split_cfg) -> str:
+  """The dataset name of a split of two folders: both folders, absolute."""
+  m, n = (os.path.abspath(split_cfg[f]) for f in FOLDER_FIELDS)
+  return f'folders:members={m}|nonmembers={n}'
+
+
+def run_source(config) -> data_lib.ImageSource:
+  """The images a run audits: the members folder then the non-members folder
+  (``config.split.members_dir`` / ``nonmembers_dir``, each in sorted file order) when they are
+  set, else the source of ``config.data``."""
+  check_fields(config.split)
+  if not config.split.get('members_dir', ''):
+    return data_lib.make_source(config.data)
+  parts = [
+    data_lib.FolderSource(config.split[f], config.data.resolution, f'config.split.{f}')
+    for f in FOLDER_FIELDS
+  ]
+  return data_lib.ConcatSource(parts, folders_name(config.split))
+
+
+def _folder_sizes(split_cfg, source) -> tuple[int, int] | None:
+  """(members, non-members) of a split of two folders (None: no folders set)."""
+  if not split_cfg.get('members_dir', ''):
+    return None
+  inner = source
+  while isinstance(inner, data_lib.CachedSource):
+    inner = inner.source
+  if not isinstance(inner, data_lib.ConcatSource) or inner.name != folders_name(split_cfg):
+    raise ValueError(f'{source.name}: not the source of config.split.members_dir (run_source)')
+  return len(inner.parts[0]), len(inner.parts[1])
+
+
+def _labels(source) -> np.ndarray:
+  """The label of every image of ``source`` (read in chunks, around a run cache)."""
+  while isinstance(source, data_lib.CachedSource):
+    source = source.source
+  step = 4096
+  return np.concatenate(
+    [np.zeros(0, np.int64)]
+    + [source.read(range(lo, min(lo + step, len(source))))[1] for lo in range(0, len(source), step)]
+  )
+
+
 def resolve(
   split_cfg, source: data_lib.ImageSource, workdir: str, write: bool = True
 ) -> SplitManifest:
   """The split of a run: from ``split.file``, else ``workdir/split.json``, else made and written.
 
-  A split made from the config must match one already in the workdir (same dataset, counts and
-  seed); image hashes are filled in when missing and checked when present.
+  A split made from the config must match one already in the workdir (same dataset, counts,
+  seed, ranges and classes); image hashes are filled in when missing and checked when present.
+  With ``members_dir`` / ``nonmembers_dir`` (``source`` from ``run_source``) the members are
+  every image of the first folder and the non-members every image of the second.
   """
+  check_fields(split_cfg)
   path = os.path.join(workdir, 'split.json')
+  folders = _folder_sizes(split_cfg, source)
   if split_cfg.file:
     manifest = load(split_cfg.file, source.name)
     where = split_cfg.file
   elif epath.Path(path).exists():
     manifest = load(path)
     where = path
-    ranges = _ranges(split_cfg)
-    want = (source.name, split_cfg.num_members, split_cfg.num_nonmembers, split_cfg.seed, ranges)
+    counts = folders or (split_cfg.num_members, split_cfg.num_nonmembers)
+    seed = None if folders else split_cfg.seed
+    want = (source.name, *counts, seed, _ranges(split_cfg), _classes(split_cfg))
     have = (
       manifest.dataset,
       len(manifest.members),
       len(manifest.nonmembers),
       manifest.seed,
       manifest.ranges,
+      manifest.classes,
     )
     if want != have:
-      raise data_lib.DataError(
-        f'{path}: the workdir split (dataset, members, non-members, seed) = {have} differs '
-        f'from the config {want}; use another workdir or set config.split.file={path}'
+      hint = (
+        'the folders changed since; use another workdir'
+        if folders
+        else f'use another workdir or set config.split.file={path}'
       )
+      raise data_lib.DataError(
+        f'{path}: the workdir split (dataset, members, non-members, seed, ranges, classes) = '
+        f'{have} differs from the config {want}; {hint}'
+      )
+  elif folders:
+    n_m, n_n = folders
+    manifest = SplitManifest(source.name, np.arange(n_m), np.arange(n_m, n_m + n_n))
+    where = 'config.split.members_dir'
   else:
+    classes = _classes(split_cfg)
     manifest = make_split(
       source.name,
       len(source),
@@ -246,6 +420,9 @@ def resolve(
       split_cfg.seed,
       split_cfg.get('member_range', ''),
       split_cfg.get('nonmember_range', ''),
+      split_cfg.get('member_classes', ''),
+      split_cfg.get('nonmember_classes', ''),
+      _labels(source) if classes else None,
     )
     where = 'config.split'
   manifest.check_range(len(source), where)
@@ -282,7 +459,8 @@ def write_to_workdir(manifest: SplitManifest, workdir: str) -> None:
 # What a target was trained on (recorded in its model.json as 'trained_on').
 
 # Fields that must agree for a target to be audited on (or trained further with) a split; the
-# others ('source', 'name', 'split', 'data_dir') are recorded to say where the data came from.
+# others ('source', 'name', 'split', 'data_dir'; for a split of two folders 'members_dir' and
+# 'nonmembers_dir') are recorded to say where the data came from.
 TRAINED_ON_CHECKED = (
   'dataset',
   'resolution',
@@ -295,17 +473,28 @@ TRAINED_ON_CHECKED = (
 )
 
 
-def training_data(data_cfg, source: data_lib.ImageSource, split: SplitManifest) -> dict:
-  """The identity of a training set: where the images come from, how they are prepared, and
-  SHA-256s of the sorted member indices and of the sorted member image hashes (so neither the
-  order of a split file nor a moved copy of the data changes it)."""
+def training_data(config, source: data_lib.ImageSource, split: SplitManifest) -> dict:
+  """The identity of a training set: where the images come from (``config.data``, or the two
+  folders of ``config.split``), how they are prepared, and SHA-256s of the sorted member indices
+  and of the sorted member image hashes (so neither the order of a split file nor a moved copy
+  of the data changes it)."""
   if split.member_image_hashes is None:
     raise ValueError('training_data needs a manifest from splits.resolve')
+  data_cfg = config.data
+  if config.split.get('members_dir', ''):
+    origin = {
+      'source': 'folders',
+      **{f: os.path.abspath(config.split[f]) for f in FOLDER_FIELDS},
+    }
+  else:
+    origin = {
+      'source': data_cfg.source,
+      'name': data_cfg.name,
+      'split': data_cfg.split,
+      'data_dir': data_cfg.data_dir,
+    }
   return {
-    'source': data_cfg.source,
-    'name': data_cfg.name,
-    'split': data_cfg.split,
-    'data_dir': data_cfg.data_dir,
+    **origin,
     'dataset': source.name,
     'resolution': int(data_cfg.resolution),
     'channels': int(data_cfg.channels),

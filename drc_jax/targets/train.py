@@ -112,11 +112,11 @@ def train(config, workdir: str) -> State:
   tcfg = config.train
   parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
   mesh = parallel.make_mesh()
-  source = data_lib.make_source(config.data)
+  source = splits_lib.run_source(config)
   split = splits_lib.resolve(config.split, source, workdir, write=False)
   members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
   logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
-  data_identity = splits_lib.training_data(config.data, source, split)
+  data_identity = splits_lib.training_data(config, source, split)
 
   unet_cfg, model, params, schedule, tx = build(config)
   model_json = epath.Path(workdir) / checkpoints.MODEL_JSON
@@ -149,13 +149,19 @@ def train(config, workdir: str) -> State:
     state = checkpoints.restore(mngr, abstract)
     logging.info('resumed from step %d', int(state['step']))
   state = parallel.replicate(mesh, state)
-  train_step = make_train_step(model, schedule, tx, tcfg, mesh)
+  train_step = progress.announce_compiles(
+    make_train_step(model, schedule, tx, tcfg, mesh), 'train step', batch_arg=1
+  )
   key = jax.random.fold_in(jax.random.key(config.seed), streams.TRAIN)
   n_proc, p_idx = jax.process_count(), jax.process_index()
   local = tcfg.batch_size // n_proc
 
   step = start = int(state['step'])
-  speed = progress.Throughput(tcfg.steps - start)  # leaves out the first step (compilation)
+  # A bar on a terminal, a line at least every 10 s in a log; the time left leaves out the first
+  # step (compilation). A step counts once its metrics are computed: waiting for the step before
+  # the one just dispatched keeps the device busy.
+  bar = progress.Progress('training', tcfg.steps - start, 'steps')
+  in_flight = None
   while step < tcfg.steps:
     idx = batch_indices(step, len(members), tcfg.batch_size, config.seed)
     rows = members[idx[p_idx * local : (p_idx + 1) * local]]
@@ -163,27 +169,25 @@ def train(config, workdir: str) -> State:
     valid = parallel.shard_batch(mesh, np.ones((local,), bool))
     state, metrics = train_step(state, images, valid, key)
     step += 1
-    if step == start + 1:  # the first step compiles: time the steps after it
-      jax.block_until_ready(metrics)
-      speed.update(1)
+    if in_flight is not None:
+      jax.block_until_ready(in_flight)
+      bar.update(1)
+    in_flight = metrics
     if step % tcfg.log_every == 0 or step == tcfg.steps:
       loss = float(metrics['loss'])
-      speed.update(step - start - speed.done)
+      bar.update(1)
+      in_flight = None
       if not np.isfinite(loss):
         raise errors.TrainingError(
           f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
           f'raise config.train.warmup_steps; the run resumes from its last checkpoint'
         )
-      logging.info(
-        'step %d/%d loss %.5f grad_norm %.3f %s',
-        step,
-        tcfg.steps,
-        loss,
-        float(metrics['grad_norm']),
-        speed.describe('steps'),
+      bar.log(
+        'step %d/%d loss %.5f grad_norm %.3f', step, tcfg.steps, loss, float(metrics['grad_norm'])
       )
     if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
       checkpoints.save_state(mngr, step, state)
+  bar.close()
   mngr.wait_until_finished()
   mngr.close()
   return state
