@@ -13,7 +13,8 @@ Decisions are calibrated on known non-members only: a target that ships its cali
 (``thresholds.json``, written by ``python -m drc_jax.analysis thresholds`` from an audit) gives each
 image the empirical p-value ``(1 + #{calibration non-member scores >= its score}) / (n + 1)``, and
 the decision "member" when that p-value is at most ``fpr``. For non-members exchangeable with the
-calibration ones, P(decision member) <= fpr.
+calibration ones, P(decision member) <= fpr. An attack the file holds no scores for is skipped,
+and ``AuditResult.notes`` says so.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class AuditResult:
     evidence: DRC's evidence ({'original' [B, H, W, C], 'degraded' and 'restored'
       [B, K, H, W, C], 'similarities' [B, K]}; None without DRC or when not asked for).
     image_sha256: SHA-256 of each preprocessed image (what its random draws are derived from).
+    notes: what the auditor left out and why (attacks the target ships no calibration scores
+      for), one line each; empty when nothing was.
   """
 
   attacks: tuple[str, ...]
@@ -63,6 +66,7 @@ class AuditResult:
   thresholds: dict[str, float] | None
   evidence: dict[str, np.ndarray] | None
   image_sha256: list[str]
+  notes: tuple[str, ...] = ()
 
   def table(self) -> str:
     """One line per image and attack: score, p-value and decision."""
@@ -92,7 +96,9 @@ class Auditor:
       target directory (anything ``drc_jax.load_target`` takes).
     config: the config (a ``ConfigDict``, or a config file ``path[:variant]``); default for a
       shipped target: ``configs/<name>.py``, the config it was trained and audited with.
-    attacks: attack names (default: the config's ``attacks.names``).
+    attacks: attack names (default: the config's ``attacks.names``). An attack the target's
+      ``thresholds.json`` has no calibration scores for is skipped, with a line in ``notes``
+      (when it has none for any of them, every attack runs and none is calibrated).
 
   Raises:
     drc_jax.UserError: a config field, the target or its files are wrong (the message names it).
@@ -106,10 +112,14 @@ class Auditor:
     if attacks is not None:
       config.attacks.names = ','.join(attacks) if not isinstance(attacks, str) else attacks
     validate.check(config)
+    calibrated, notes = _calibrated_names(config, shipped.resolve(str(target)))
+    self.notes = tuple(notes)
     self.config = config
     self.scorer = scoring.make_scorer(config, workdir='')
     self.target_dir = self.scorer.target.path
-    self.calibration = shipped.read_thresholds(self.target_dir, self.scorer.names)
+    self.calibration = None
+    if calibrated:
+      self.calibration = shipped.read_thresholds(self.target_dir, self.scorer.names)
 
   @property
   def attacks(self) -> tuple[str, ...]:
@@ -129,7 +139,7 @@ class Auditor:
       )
     indices = np.concatenate([split.members[:members], split.nonmembers[:nonmembers]])
     images, _, _ = data_lib.load_images(
-      data_lib.make_source(self.config.data), indices, self.config.data
+      splits_lib.run_source(self.config), indices, self.config.data
     )
     return images
 
@@ -207,7 +217,7 @@ class Auditor:
         m = int(np.floor(fpr * (len(ref) + 1) + 1e-9)) - 1  # members: at most m at or above
         thresholds[a] = float(ref[m]) if m >= 0 else float('inf')
     return AuditResult(
-      self.attacks, scores, decisions, p_values, fpr, thresholds, evidence_out, hashes
+      self.attacks, scores, decisions, p_values, fpr, thresholds, evidence_out, hashes, self.notes
     )
 
   def _side(self, images: np.ndarray) -> dict[str, Any]:
@@ -215,6 +225,32 @@ class Auditor:
     raw = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
     side, _ = self.scorer.side_fn(_ArraySource(raw), np.arange(len(raw)))
     return {k: parallel.shard_batch(self.scorer.mesh, v) for k, v in side.items()}
+
+
+def _calibrated_names(config, directory) -> tuple[bool, list[str]]:
+  """Keeps in ``config.attacks.names`` the attacks the target's ``thresholds.json`` calibrates.
+
+  Returns (whether the remaining attacks are calibrated, notes on what was left out). A target
+  without ``thresholds.json``, or one that calibrates none of the attacks, keeps them all
+  uncalibrated (scores without decisions).
+  """
+  names = validate.attack_names(config)
+  have = shipped.calibrated_attacks(directory)
+  if have is None:
+    return False, []
+  missing = [a for a in names if a not in have]
+  file = os.path.join(str(directory), shipped.THRESHOLDS_JSON)
+  if not missing:
+    return True, []
+  if len(missing) == len(names):
+    return False, [
+      f'{file} has no calibration scores for {missing}: scores only, no decisions or p-values'
+    ]
+  config.attacks.names = ','.join(a for a in names if a not in missing)
+  return True, [
+    f'{", ".join(missing)}: skipped, no calibration scores in {file} (it has {have}; '
+    f'python -m drc_jax.analysis thresholds writes them)'
+  ]
 
 
 class _ArraySource:

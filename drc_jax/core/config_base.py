@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # master seed: model init, training noise, attack noise (each stream folded in)
   c.mode = 'all'  # default --mode: train, audit, report, dataset or all (train if needed, audit)
+  c.smoke_run = False  # a runlocal shrink: the report says its figures mean nothing
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'fashion_mnist'  # 'fashion_mnist' (Debian IDX files), 'tfds' or 'folder'
@@ -61,6 +62,14 @@ def base_config() -> ml_collections.ConfigDict:
   # target trained on a fixed part of the dataset ('' = the whole dataset, a random split)
   c.split.member_range = ''
   c.split.nonmember_range = ''
+  # comma lists of label ids the members / non-members are drawn from (both or neither, disjoint):
+  # a class-shifted split, e.g. '0,1,2,3,4' and '5,6,7,8,9' ('' = any class)
+  c.split.member_classes = ''
+  c.split.nonmember_classes = ''
+  # image folders of the members / non-members (both or neither): audit every image of each,
+  # instead of a split of config.data (split.num_*, file, ranges, classes do not apply; '' = none)
+  c.split.members_dir = ''
+  c.split.nonmembers_dir = ''
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000  # T of the target model
@@ -122,13 +131,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.drc.vote_quantile = 0.5  # votes: similarity above this quantile of non-member sims (agree plot)
 
   c.attacks = ml_collections.ConfigDict()
-  c.attacks.names = 'drc,loss,secmi,pia,pian,sima'  # attacks run in one pass (comma list)
+  c.attacks.names = 'drc,loss,secmi,pia,pian,sima,rediffuse'  # attacks run in one pass (comma list)
   c.attacks.loss_t = 200  # Loss attack timestep
   c.attacks.secmi_t = 100  # SecMI t_sec
   c.attacks.secmi_k = 10  # SecMI DDIM interval
   c.attacks.pia_t = 200  # PIA / PIAN timestep
   c.attacks.pia_p = 4  # PIA norm exponent
   c.attacks.sima_t = 100  # SimA timestep
+  # ReDiffuse: the authors' code's DDIM defaults (lijingwei0502/diffusion_mia, DDIM/attack.py)
+  c.attacks.rediffuse_t = 200  # ReDiffuse diffusion step t the image is noised to
+  c.attacks.rediffuse_k = 100  # ReDiffuse DDIM interval k back to 0 (t / k model calls a draw)
+  c.attacks.rediffuse_n = 10  # ReDiffuse draws averaged (n t / k model calls per image)
 
   c.audit = ml_collections.ConfigDict()
   c.audit.batch_size = 64  # global batch of images per attack step (padded at the end)
@@ -194,6 +207,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a CPU smoke run (tiny model, few images, few steps)."""
+  c.smoke_run = True
   c.model.ch = 16
   c.model.ch_mult = (1, 2)
   c.model.num_res_blocks = 1

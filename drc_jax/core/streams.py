@@ -3,7 +3,8 @@
 Two levels, each folding into its own parent key:
 
 * Seed streams, folded into ``jax.random.key(config.seed)``: ``TRAIN`` (training noise; step s
-  then folds in s), ``SAMPLES`` (the report's target samples) and one per attack in ``ATTACKS``
+  then folds in s), ``SAMPLES`` (the report's target samples), one per attack in ``ATTACKS`` and
+  ``GENERATED + ATTACKS[name]`` (that attack's keys for the target's samples)
   (an image's key is ``fold_in(fold_in(key(seed), ATTACKS[name]), dataset index)``, see
   ``drc.image_keys``). The model's initial weights come from ``nnx.Rngs(config.seed)``, not
   from these keys.
@@ -27,8 +28,11 @@ Changing a number here changes every score drawn from it (keys are part of a sco
 from __future__ import annotations
 
 TRAIN = 1
-ATTACKS = {'drc': 2, 'loss': 3, 'secmi': 4, 'pia': 5, 'sima': 6, 'pian': 7}
+ATTACKS = {'drc': 2, 'loss': 3, 'secmi': 4, 'pia': 5, 'sima': 6, 'pian': 7, 'rediffuse': 9}
 SAMPLES = 8  # the target's own samples in the report (sample i: fold_in(fold_in(key, 8), i))
+# The generated-image control: attack ``name`` scores sample i with the key of stream
+# GENERATED + ATTACKS[name] and index i (``audit/generated.py``); above every seed stream here.
+GENERATED = 1 << 16
 
 HOST_SUSPECT = 2
 HOST_SWEEP_HELDOUT = 77

@@ -119,6 +119,20 @@ def load_params(directory, abstract_params) -> Any:
   return model_lib.unflatten_params(abstract_params, flat)
 
 
+def calibrated_attacks(directory) -> list[str] | None:
+  """The attacks ``thresholds.json`` in a target directory holds calibration scores for; None when
+  the target ships none.
+
+  Raises:
+    CheckpointError: the file is damaged.
+  """
+  path = epath.Path(directory) / THRESHOLDS_JSON
+  if not path.exists():
+    return None
+  scores = records.read_json(path, checkpoints.CheckpointError).get('nonmember_scores')
+  return sorted(scores) if isinstance(scores, dict) else []
+
+
 def read_thresholds(directory, attacks) -> dict[str, np.ndarray] | None:
   """{attack: the calibration non-members' scores, sorted descending} for ``attacks`` from
   ``thresholds.json`` in a target directory; None when the target ships none.

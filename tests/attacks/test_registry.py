@@ -1,15 +1,17 @@
 """The attack registry's baselines against scores computed by hand in NumPy on a linear model
-``eps(x, t) = c x`` (every term has a closed form), and the per-image keys they draw from."""
+``eps(x, t) = c x`` (every term has a closed form), and the per-image keys they draw from.
+ReDiffuse runs on a nonlinear model that depends on t (a wrong timestep changes its score)."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from drc_jax.attacks import registry
 from drc_jax.audit import validate
+from drc_jax.core import config_base, streams
 from drc_jax.core import schedule as schedule_lib
-from drc_jax.core import streams
 
 C = 0.7  # the model's only parameter
 
@@ -27,6 +29,7 @@ class LinearModel:
 def _config():
   c = ml_collections.ConfigDict()
   c.attacks = dict(loss_t=200, secmi_t=100, secmi_k=10, pia_t=200, pia_p=4, sima_t=100)
+  c.attacks.update(rediffuse_t=150, rediffuse_k=50, rediffuse_n=3)
   return c
 
 
@@ -93,3 +96,65 @@ def test_keys_are_per_image_and_per_attack():
 
 def test_validation_names_the_registry():
   assert set(validate.ATTACKS) == set(registry.ATTACKS)
+
+
+class TimedModel:
+  """eps(x, t) = tanh(params x) (1 + t / 1000), counting its calls (each is one per image)."""
+
+  is_latent = False
+
+  def __init__(self):
+    self.calls = 0
+
+  def apply(self, params, x, t):
+    self.calls += 1
+    return jnp.tanh(params * x) * (1.0 + t[:, None, None, None] / 1000.0)
+
+
+def _rediffuse_by_hand(abar, x0, key_data, t, k, n):
+  """NumPy float64: n variations x0 -> x_t (noise of draw i: fold_in(image key, i)) -> DDIM
+  (eta = 0) t, t - k, ..., 0; minus the squared distance of their mean to x0."""
+  out = []
+  for b in range(len(x0)):
+    recons = []
+    for i in range(n):
+      key = jax.random.fold_in(jax.random.wrap_key_data(key_data[b]), i)
+      eps = np.asarray(jax.random.normal(key, x0.shape[1:]), np.float64)
+      x = np.sqrt(abar[t]) * x0[b] + np.sqrt(1 - abar[t]) * eps
+      for j in range(t, 0, -k):
+        e = np.tanh(C * x) * (1 + j / 1000)
+        pred = (x - np.sqrt(1 - abar[j]) * e) / np.sqrt(abar[j])
+        x = np.sqrt(abar[j - k]) * pred + np.sqrt(1 - abar[j - k]) * e
+      recons.append(x)
+    out.append(-np.sum((x0[b] - np.mean(recons, axis=0)) ** 2))
+  return np.asarray(out)
+
+
+def test_rediffuse_by_hand_with_the_images_own_noise():
+  schedule = schedule_lib.NoiseSchedule.create('linear', 1000, beta_start=1e-4, beta_end=0.02)
+  x0 = np.random.default_rng(1).uniform(-1, 1, (3, 8, 8, 2)).astype(np.float32)
+  keys = registry.keys_for(['rediffuse'], seed=5, indices=np.array([4, 9, 11]))['rediffuse']
+  attack = registry.make_attacks(_config(), TimedModel(), schedule, ['rediffuse'])['rediffuse']
+  got = np.asarray(jax.jit(attack.scores)(np.float32(C), keys, x0), np.float64)
+  want = _rediffuse_by_hand(schedule.alphas_cumprod, x0.astype(np.float64), keys, 150, 50, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # each image's score is its own: alone, it scores the same
+  alone = np.asarray(jax.jit(attack.scores)(np.float32(C), keys[1:2], x0[1:2]), np.float64)
+  np.testing.assert_allclose(alone, got[1:2], rtol=1e-6)
+
+
+@pytest.mark.parametrize('fields', [None, dict(rediffuse_t=150, rediffuse_k=50, rediffuse_n=3)])
+def test_rediffuse_counts_its_model_calls_and_is_black_box(fields):
+  config = config_base.base_config() if fields is None else _config()
+  model = TimedModel()
+  schedule = schedule_lib.NoiseSchedule.create('linear', 1000)
+  attack = registry.ATTACKS['rediffuse'](config, model, schedule)
+  x0 = np.zeros((2, 4, 4, 1), np.float32)
+  keys = registry.keys_for(['rediffuse'], seed=0, indices=np.array([0, 1]))['rediffuse']
+  with jax.disable_jit():  # every model call runs in Python: the counter sees each one
+    attack.scores(np.float32(C), keys, x0)
+  a = config.attacks
+  assert model.calls == attack.nfe == a.rediffuse_n * (a.rediffuse_t // a.rediffuse_k)
+  if fields is None:
+    assert attack.nfe == 20  # the defaults: n = 10 draws of t / k = 200 / 100 steps
+  assert attack.access == 'black-box'

@@ -25,6 +25,10 @@ from drc_jax.targets.load import load_target
     ('attacks.secmi_t', 95, 'config.attacks.secmi_t: 95 must be a multiple of secmi_k=10'),
     ('attacks.secmi_t', 5, r'config.attacks.secmi_t: 5 must be a multiple of secmi_k=10 in \[10,'),
     ('attacks.secmi_k', 0, 'config.attacks.secmi_k: 0'),
+    ('attacks.rediffuse_t', 150, 'config.attacks.rediffuse_t: 150 must be a multiple of'),
+    ('attacks.rediffuse_t', 1000, r'config.attacks.rediffuse_t: 1000 .* in \[100, 1000\)'),
+    ('attacks.rediffuse_k', 0, 'config.attacks.rediffuse_k: 0'),
+    ('attacks.rediffuse_n', 0, 'config.attacks.rediffuse_n: 0'),
     ('train.checkpoint_every', 0, 'config.train.checkpoint_every: 0'),
     ('drc.steps', 1001, r'config.drc.steps: 1001 not in \[1, 1000\]'),  # RePaint, T = 1000
   ],

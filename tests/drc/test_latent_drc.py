@@ -95,12 +95,13 @@ def test_baselines_score_the_latents():
     SingleLatent(jnp.zeros((1, 4, 4, 3))), PoolAutoencoder(), 0.5, (16, 16, 3), F
   )
   c = load_config('fashion_mnist', 'runlocal')
-  keys = attacks_lib.keys_for(['loss', 'sima'], 0, np.array([3, 4]))
+  names = ['loss', 'sima', 'rediffuse']  # ReDiffuse noises, denoises and compares latents
+  keys = attacks_lib.keys_for(names, 0, np.array([3, 4]))
   params = {'unet': None, 'vq': None}
-  latent = attacks_lib.make_attacks(c, model, SCHED, ['loss', 'sima'])
-  pixel = attacks_lib.make_attacks(c, model.unet, SCHED, ['loss', 'sima'])
+  latent = attacks_lib.make_attacks(c, model, SCHED, names)
+  pixel = attacks_lib.make_attacks(c, model.unet, SCHED, names)
   z = 0.5 * jnp.asarray(blocks)
-  for name in ('loss', 'sima'):
+  for name in names:
     np.testing.assert_allclose(
       np.asarray(latent[name].scores(params, keys[name], x)),
       np.asarray(pixel[name].scores(params, keys[name], z)),
@@ -112,7 +113,7 @@ def test_ffhq_runlocal_audits_a_latent_target_with_every_attack(tmp_path):
   c = load_config('ffhq', 'runlocal')
   assert c.audit.checkpoint == 'random:ldm-tiny' and c.mode == 'audit'
   metrics = pipeline.run(c, str(tmp_path), c.mode)
-  for name in ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima'):
+  for name in ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse'):
     assert 0.0 <= metrics[name]['auc'] <= 1.0, name
   table = store.load_scores(str(tmp_path))
   assert table['drc/sim'].shape == (64, c.drc.num_restorations)

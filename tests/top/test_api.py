@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 import drc_jax
+from drc_jax import api
+from drc_jax.core import config_base
 from drc_jax.data import sources as data_lib
 from drc_jax.targets import shipped
 
@@ -89,6 +91,20 @@ def test_bad_images_are_named(auditor, tmp_path):
     auditor.score(np.zeros((28, 28, 3), np.uint8))
   with pytest.raises(drc_jax.UserError, match='fpr'):
     auditor.score(np.zeros((28, 28), np.uint8), fpr=1.5)
+
+
+def test_attacks_without_calibration_scores_are_skipped_with_a_note(tmp_path):
+  c = config_base.base_config()
+  c.attacks.names = 'drc,loss,rediffuse'
+  assert api._calibrated_names(c, tmp_path) == (False, [])  # no thresholds.json: none calibrated
+  doc = {'nonmember_scores': {'drc': [0.1, 0.2], 'loss': [-1.0], 'sima': [0.0]}}
+  (tmp_path / shipped.THRESHOLDS_JSON).write_text(json.dumps(doc))
+  calibrated, notes = api._calibrated_names(c, tmp_path)
+  assert calibrated and c.attacks.names == 'drc,loss'  # rediffuse left out, not an error
+  assert len(notes) == 1 and notes[0].startswith('rediffuse: skipped') and 'thresholds' in notes[0]
+  c.attacks.names = 'rediffuse'  # none of them calibrated: all run, scores without decisions
+  calibrated, notes = api._calibrated_names(c, tmp_path)
+  assert not calibrated and c.attacks.names == 'rediffuse' and 'no decisions' in notes[0]
 
 
 def test_a_target_that_is_not_shipped_needs_its_config(tmp_path):

@@ -193,7 +193,7 @@ def test_validation_reads_the_registries():
   assert set(validate.MASKS) == set(degrade.MASKS) | set(degrade.GIVEN)
   assert set(validate.COMPARATORS) == set(compare.COMPARATORS) | set(compare.ENCODER_COMPARATORS)
   assert set(validate.ATTACKS) == set(attacks.ATTACKS)
-  assert set(attacks.ATTACKS) == {'drc', 'loss', 'secmi', 'pia', 'pian', 'sima'}
+  assert set(attacks.ATTACKS) == {'drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse'}
 
 
 @pytest.mark.parametrize(

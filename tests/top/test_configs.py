@@ -20,7 +20,7 @@ NAMES = sorted(
   for f in os.listdir(os.path.join(REPO, 'configs'))
   if f.endswith('.py') and not f.startswith('_')
 )
-ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
+ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse')
 
 
 def _parse_flags(*args):
