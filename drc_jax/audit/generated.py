@@ -1,0 +1,146 @@
+"""The generated-image control: how often does each attack call the target's own samples members?
+
+Attacks flag a model's generations as training members (Tracing the Roots, arXiv 2411.07449), and
+a restoration score such as DRC's is exposed to it by construction: a model restores what it
+generates well. A user who audits scraped images that may be generations needs that rate. So the
+audit scores the samples of the sample check (``samples.py``: deterministic DDIM from pure noise)
+with every attack, as known non-members, and reports each attack's false-positive rate on them at
+its calibrated threshold (fit on the calibration part), beside its held-out false-positive rate on
+real non-members, both with 95% Wilson intervals.
+
+The samples are quantized to 8 bits first (how a generation reaches a user: a saved image) and
+then prepared like every audited image. Sample i's attack keys are
+``image_keys(seed, streams.GENERATED + streams.ATTACKS[name], i)``, disjoint from the real
+images' keys. The scores are kept in ``W/generated.npz`` for the audit's fingerprint and samples,
+so a report redraws without scoring them again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import types
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from drc_jax.audit import metrics as metrics_lib
+from drc_jax.core import fileio, parallel, streams
+from drc_jax.data import sources as data_lib
+from drc_jax.drc import scorer as drc_lib
+
+GENERATED_FILE = 'generated.npz'
+
+
+class SampleSource:
+  """The target's samples as an ``ImageSource``: uint8 images, no labels."""
+
+  def __init__(self, samples: np.ndarray):
+    x = np.asarray(samples, np.float64)
+    self.images = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    self.name = 'generated samples of the target'
+    self.label_names = ()
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def read(self, indices):
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    return self.images[idx], np.full(len(idx), -1, np.int64)
+
+
+def keys_for(names, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-attack key data of generated samples ``indices`` (disjoint from the real images')."""
+  return {
+    n: drc_lib.image_keys(seed, streams.GENERATED + streams.ATTACKS[n], indices) for n in names
+  }
+
+
+def _data_config(data_cfg):
+  """The samples are at the model's resolution already: no crop, and no resize."""
+  return types.SimpleNamespace(
+    channels=data_cfg.channels,
+    convert_channels=data_cfg.convert_channels,
+    center_crop=0,
+    resolution=data_cfg.resolution,
+  )
+
+
+def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
+  """Every attack's scores of the samples ``[S, H, W, C]`` in [-1, 1]: ``{name: float64 [S]}``
+  (DRC: the mean over its K restorations, as its audit score)."""
+  source = SampleSource(samples)
+  data_cfg = _data_config(config.data)
+  names, mesh = scorer.names, scorer.mesh
+  bs = config.audit.batch_size
+  p_idx, p_cnt = jax.process_index(), jax.process_count()
+  rows: dict[str, list] = {}
+  for slot in data_lib.batch_slots(len(source), bs, p_idx, p_cnt):
+    pos = np.where(slot.valid, slot.positions, 0)
+    images, _, _ = data_lib.load_images(source, pos, data_cfg)
+    keys = keys_for(names, config.seed, pos)
+    side, _ = scorer.side_fn(source, pos)
+    out = scorer.score_fn(
+      scorer.target.params,
+      scorer.aux,
+      {n: parallel.shard_batch(mesh, k) for n, k in keys.items()},
+      parallel.shard_batch(mesh, images),
+      {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
+    )
+    valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
+    for name, v in out.items():
+      rows.setdefault(name, []).append(parallel.to_host(v)[valid])
+  scores = {}
+  for name, chunks in rows.items():
+    v = np.concatenate(chunks).astype(np.float64)
+    scores[name] = v.mean(axis=1) if v.ndim == 2 else v
+  return scores
+
+
+def load_or_score(
+  config, workdir: str, scorer, samples: np.ndarray, fingerprint: str
+) -> dict[str, np.ndarray]:
+  """``score_samples``, kept in ``W/generated.npz`` for this fingerprint and these samples."""
+  ident = json.dumps(
+    {
+      'fingerprint': fingerprint,
+      'samples_sha256': data_lib.image_hashes(SampleSource(samples).images),
+      'names': list(scorer.names),
+    },
+    sort_keys=True,
+  )
+  path = epath.Path(workdir) / GENERATED_FILE
+  if path.exists():
+    try:
+      with path.open('rb') as f:
+        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+      if str(z['ident']) == ident:
+        return {n: np.asarray(z[f'score/{n}'], np.float64) for n in scorer.names}
+    except (OSError, ValueError, KeyError):
+      pass  # unreadable or of another version: scored again and replaced
+  scores = score_samples(config, scorer, samples)
+  if parallel.is_writer():
+    buf = io.BytesIO()
+    np.savez(buf, ident=np.asarray(ident), **{f'score/{n}': v for n, v in scores.items()})
+    fileio.atomic_write_bytes(path, buf.getvalue())
+  return scores
+
+
+def control(metrics: dict[str, Any], scores: dict[str, np.ndarray]) -> dict[str, dict]:
+  """Per attack: the false-positive rate on generated samples at the attack's calibrated
+  threshold, with its 95% Wilson interval, beside the held-out FPR on real non-members."""
+  out = {}
+  for name, s in scores.items():
+    cal = metrics[name]['calibrated']
+    s = np.asarray(s, np.float64)
+    flagged = int(np.sum(s >= cal['threshold']))
+    out[name] = {
+      'n': int(s.size),
+      'fpr': flagged / s.size if s.size else float('nan'),
+      'ci95': metrics_lib.wilson_interval(flagged, int(s.size)),
+      'real_nonmember_fpr': cal['fpr'],
+      'real_nonmember_ci95': cal['ci95']['fpr'],
+    }
+  return out
