@@ -19,14 +19,18 @@ venv=${VENV:-.venv}
 
 # Debian packages: real images offline (dataset-fashion-mnist) and tcmalloc (libtcmalloc-minimal4:
 # a train step runs about 1.3x faster on it than on glibc's malloc, launch/tcmalloc.sh).
+# The test job also installs chromium-headless-shell: a test screenshots a report in it.
+packages="dataset-fashion-mnist libtcmalloc-minimal4"
+[[ $job == test ]] && packages+=" chromium-headless-shell"
 if [[ ${DRC_JAX_SKIP_APT:-0} != 1 ]] && { [[ ! -d /usr/share/datasets/fashion-mnist ]] \
-   || ! TCMALLOC_LIB='' drc_jax_tcmalloc_path >/dev/null; }; then
-  echo "[setup] installing Debian packages dataset-fashion-mnist, libtcmalloc-minimal4" >&2
+   || ! TCMALLOC_LIB='' drc_jax_tcmalloc_path >/dev/null \
+   || { [[ $job == test ]] && ! command -v chromium-headless-shell >/dev/null; }; }; then
+  echo "[setup] installing Debian packages $packages" >&2
   sudo=""
   [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist \
-    libtcmalloc-minimal4 >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $packages >/dev/null
 fi
 
 case $job in
@@ -50,7 +54,11 @@ fi
 case $job in
   setup) ;;
   main) exec "$venv/bin/python" -m drc_jax.main "$@" ;;
-  test) exec "$venv/bin/python" -m pytest -q "$@" ;;
+  test)
+    [[ ${DRC_JAX_SKIP_APT:-0} == 1 ]] || export DRC_JAX_REQUIRE_BROWSER=1
+    # one worker per core (DRC_JAX_TEST_WORKERS), a test file's tests on one worker (module
+    # fixtures such as a trained target are built once)
+    exec "$venv/bin/python" -m pytest -q -n "${DRC_JAX_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   lint) "$venv/bin/ruff" check . && exec "$venv/bin/ruff" format --check . ;;
   bench) exec "$venv/bin/python" -m drc_jax.analysis bench "$@" ;;
   *) echo "unknown job '$job' (main, test, lint, bench, setup)" >&2; exit 2 ;;

@@ -6,6 +6,7 @@
   python -m drc_jax.analysis bench [--forward_only | --drc | --train_step | --encoders]
   python -m drc_jax.analysis export --config=C --workdir=W --step=N --out=DIR [--log=train.log]
   python -m drc_jax.analysis thresholds --workdir=W   # the shipped target's calibration scores
+  python -m drc_jax.analysis black-box --out=runs/black_box --audit_workdir=runs/fashion_mnist
 
 Each tool defines only its own flags; ``TOOL --help`` lists them. Errors in what a user gives are
 one line and exit status 2, as for ``python -m drc_jax.main``.
@@ -21,7 +22,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from drc_jax.analysis import bench, export, frontier, steps_curve, sweep
+from drc_jax.analysis import bench, black_box, export, frontier, steps_curve, sweep
 from drc_jax.core import config_base, errors, parallel
 from drc_jax.targets import shipped
 
@@ -203,6 +204,23 @@ def _thresholds() -> None:
   print(f'{target}/{shipped.THRESHOLDS_JSON}: {doc["n_nonmembers"]} calibration non-members')
 
 
+def _black_box_flags() -> None:
+  config_flags.DEFINE_config_file(
+    'config', config_base.DEFAULT_CONFIG, 'Config file (path[:variant]).', lock_config=True
+  )
+  flags.DEFINE_string('out', 'runs/black_box', 'Output directory (one audit workdir per setting).')
+  flags.DEFINE_string(
+    'audit_workdir', '', "An audit of --config whose scores stand for the config's own settings."
+  )
+  flags.DEFINE_string('budgets', '', 'Comma list of model-call budgets (default: all).')
+
+
+def _black_box() -> None:
+  budgets = [int(b) for b in F.budgets.split(',')] if F.budgets else None
+  black_box.run(F.config, F.out, F.audit_workdir, budgets)
+  print(epath.Path(F.out, 'black_box.md').read_text())
+
+
 # tool -> (define its flags, run it)
 TOOLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
   'sweep': (lambda: _grid_flags('runs/sweep'), _sweep),
@@ -211,6 +229,7 @@ TOOLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
   'bench': (_bench_flags, _bench),
   'export': (_export_flags, _export),
   'thresholds': (_thresholds_flags, _thresholds),
+  'black-box': (_black_box_flags, _black_box),
 }
 
 

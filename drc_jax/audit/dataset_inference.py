@@ -333,7 +333,7 @@ def score_folder(
   Returns:
     The folder's score table (``store.load_scores``), rows in sorted file order.
   """
-  source = data_lib.FolderSource(path, config.data.resolution)
+  source = data_lib.FolderSource(path, config.data.resolution, f'config.dataset.{role}_dir')
   if role == 'reference' and len(source) < 2:
     raise data_lib.DataError(
       f'{path}: {len(source)} image; config.dataset.reference_dir needs at least 2 (part of the '

@@ -11,10 +11,10 @@ from absl import logging
 from etils import epath
 
 from drc_jax.audit import dataset_inference as dataset_lib
-from drc_jax.audit import report as report_lib
+from drc_jax.audit import results as results_lib
 from drc_jax.audit import samples as samples_lib
 from drc_jax.audit import scoring as audit_lib
-from drc_jax.audit import store, validate
+from drc_jax.audit import store, summary, validate
 from drc_jax.core import errors, fileio, parallel
 from drc_jax.targets import checkpoints
 from drc_jax.targets import train as train_lib
@@ -30,8 +30,10 @@ def default_workdir(config_path: str, config=None) -> str:
   folder's name), leaving out a word already there: ``runs/fashion_mnist`` for the embedded
   default, ``runs/cifar10_tfds``, ``runs/celeba_tfds_celeb_a``,
   ``runs/fashion_mnist_folder_digits`` for ``--config.data.source=folder
-  --config.data.data_dir=.../digits``. So a run on other data never lands on a workdir made for
-  this one (and a workdir's target is checked against its training data anyway).
+  --config.data.data_dir=.../digits``, ``runs/fashion_mnist_folders_mine_others`` for
+  ``--config.split.members_dir=.../mine --config.split.nonmembers_dir=.../others``. So a run on
+  other data never lands on a workdir made for this one (and a workdir's target is checked
+  against its training data anyway).
   """
   path, _, variant = config_path.partition(':')
   stem = os.path.splitext(os.path.basename(path))[0]
@@ -39,9 +41,14 @@ def default_workdir(config_path: str, config=None) -> str:
   if variant:
     words[0] += '-' + re.sub(r'[^A-Za-z0-9_.]+', '-', variant).strip('-')
   if config is not None:
-    d = config.data
+    d, s = config.data, config.split
     dataset = os.path.basename(os.path.normpath(d.data_dir)) if d.source == 'folder' else d.name
-    for word in (d.source, dataset):
+    data_words = (d.source, dataset)
+    if s.get('members_dir', ''):  # a split of two folders: their names
+      data_words = ('folders',) + tuple(
+        os.path.basename(os.path.normpath(s[f])) for f in ('members_dir', 'nonmembers_dir')
+      )
+    for word in data_words:
       word = re.sub(r'[^A-Za-z0-9_.-]+', '-', str(word)).strip('-.')
       if word and word not in seen:
         words.append(word)
@@ -91,6 +98,11 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
 
 
 def _run(config, workdir: str, mode: str, overwrite: bool) -> dict | None:
+  if mode == 'report':  # a redraw from the workdir alone: the config plays no part
+    logging.info(
+      'redrawing the report of %s from its saved results (nothing is recomputed)', workdir
+    )
+    return _print_results(workdir, results_lib.redraw(workdir))
   imported = checkpoints.is_imported(workdir)
   if not config.audit.checkpoint or mode == 'train':
     checkpoints.check_config_matches(workdir, config)
@@ -119,12 +131,16 @@ def _run(config, workdir: str, mode: str, overwrite: bool) -> dict | None:
       print(dataset_lib.format_summary(result))
       print(f'report: {os.path.abspath(os.path.join(workdir, "report.html"))}')
     return result
-  if mode == 'report':
-    metrics = audit_lib.report(config, workdir)
-  else:
-    metrics = audit_lib.run_audit(config, workdir, overwrite=overwrite)
+  metrics = audit_lib.run_audit(config, workdir, overwrite=overwrite)
+  return _print_results(workdir, metrics)
+
+
+def _print_results(workdir: str, metrics: dict) -> dict:
+  """The metrics table, the sample check and where the report is, on the terminal."""
   if parallel.is_writer():
-    print(report_lib.format_metrics_table(metrics))
+    print(summary.format_metrics_table(metrics))
+    for line in summary.verdict(metrics):
+      print(f'verdict: {line}')
     samples_json = epath.Path(workdir) / 'samples.json'
     if samples_json.exists():
       figures = json.loads(samples_json.read_text())

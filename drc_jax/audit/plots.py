@@ -160,12 +160,13 @@ def plot_agree(agree: Mapping[str, Sequence[Any]], path: str) -> str:
   return save_figure(fig, path)
 
 
-def plot_power_curve(power: Mapping[str, Any], path: str) -> str:
+def plot_power_curve(power: Mapping[str, Any], path: str, suspect_size: int | None = None) -> str:
   """Dataset inference's rejection rates against the suspect-set size (``dataset.json`` power).
 
   The combined test on member sets (true-positive rate) and on non-member sets (false-positive
   rate) with their 95% intervals as error bars, each attack's member rate as a thin line, and
-  alpha as a dashed line.
+  alpha as a dashed line; the x-axis is ticked at the sizes tried, and ``suspect_size`` (the
+  user's set) is marked with a vertical line.
   """
   fig = new_figure(6.0, 4.2)
   ax = fig.add_subplot()
@@ -200,6 +201,15 @@ def plot_power_curve(power: Mapping[str, Any], path: str) -> str:
     label=f'alpha = {float(power["alpha"]):g}',
   )
   ax.set_xscale('log')
+  ticks = sorted({int(n) for kind in ('members', 'nonmembers') for n in power[kind]['sizes']})
+  if suspect_size:
+    ax.axvline(
+      int(suspect_size), color='tab:red', linewidth=1.2, label=f'your set: {int(suspect_size)}'
+    )
+    ticks = sorted(set(ticks) | {int(suspect_size)})
+  if ticks:
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel('suspect set size')
   ax.set_ylabel(f'fraction of sets with p < alpha ({power["repetitions"]} per size)')
@@ -227,11 +237,29 @@ def split_name(split: Any) -> str:
   return 'member' if int(split) == 1 else 'non-member'
 
 
+def percentile_text(percentile: float) -> str:
+  """'above 87.5% of non-members' (and the ends in words), for a score's percentile."""
+  p = float(percentile)
+  if p >= 100.0:
+    return 'above every non-member'
+  if p <= 0.0:
+    return 'below every non-member'
+  return f'above {p:.1f}% of non-members'
+
+
+def similarity_text(similarity: float, comparator: str | None) -> str:
+  """A DRC similarity as its reader expects it: masked MSE as the error (the score is its
+  negative), the other comparators as they are."""
+  if comparator == 'masked_mse':
+    return f'MSE {-float(similarity):.4g}'
+  return f'{comparator or "similarity"} {float(similarity):.4g}'
+
+
 def evidence_title(item: Mapping[str, Any]) -> str:
   return (
     f'{item["kind"]}: {split_name(item["split"])} #{item["index"]}, '
-    f'score {float(item["score"]):.4g}, {float(item["percentile"]):.1f}th percentile among '
-    f'non-members, decision: {item["decision"]}'
+    f'{similarity_text(item["score"], item.get("comparator"))} (mean of K), '
+    f'{percentile_text(item["percentile"])}, decision: {item["decision"]}'
   )
 
 
@@ -272,7 +300,7 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
   axes[3].set_title('|original - restored|')
   fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
   if 'shown_restoration' in item:
-    axes[2].set_title(f'restored (#{item["shown_restoration"]}, median similarity)')
+    axes[2].set_title(f'restored (#{item["shown_restoration"]}, the median one)')
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -286,11 +314,13 @@ def evidence_panel(item: Mapping[str, Any], path: str) -> str:
       else:
         ax.imshow(shown, interpolation='nearest')
       ax.set_title(
-        f'#{k}' + ('' if sims[k] is None else f': {float(sims[k]):.4g}'), fontsize='small'
+        f'#{k}'
+        + ('' if sims[k] is None else ': ' + similarity_text(sims[k], item.get('comparator'))),
+        fontsize='small',
       )
       ax.set_xticks([])
       ax.set_yticks([])
-    bottom.suptitle('all K restorations (similarity to the original)', fontsize='small')
+    bottom.suptitle('all K restorations, each compared with the original', fontsize='small')
   fig.suptitle(evidence_title(item), fontsize='medium')
   return save_figure(fig, path)
 

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from drc_jax.audit import metrics as metrics_lib
-from drc_jax.audit import plots
+from drc_jax.audit import plots, summary
 from drc_jax.core import fileio
 
 SCORE_PREFIX = 'score/'
@@ -43,7 +43,7 @@ def _samples_html(figures: Mapping[str, Any]) -> str:
     ('samples (deterministic DDIM, 50 steps)', f'{figures["num_samples"]}'),
     ('k-NN precision (samples that look like data)', f'{figures["precision"]:.3f}'),
     ('k-NN recall (data the samples cover)', f'{figures["recall"]:.3f}'),
-    ('near-copies of members', f'{figures["near_copy_fraction"]:.1%}'),
+    *_near_copy_rows(figures),
     ('noise textures (rougher than 99% of real images)', f'{figures["noise_fraction"]:.1%}'),
     (
       'median RMS distance, sample to nearest member',
@@ -61,6 +61,43 @@ def _samples_html(figures: Mapping[str, Any]) -> str:
   return out
 
 
+def _near_copy_rows(figures: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """The near-copy figures: the calibrated rule on the samples and on real held-out images (its
+  floor), Carlini's fixed rule on both, and real-vs-real precision / recall."""
+  copy = figures.get('near_copy')
+  if not copy:
+    return [('near-copies of members', f'{figures["near_copy_fraction"]:.1%}')]
+
+  def rate(entry):
+    lo, hi = entry['ci95']
+    return f'{entry["rate"]:.1%} [{lo:.1%}, {hi:.1%}] of {entry["n"]}'
+
+  carlini = figures['near_copy_carlini']
+  rows = [
+    (
+      f'near-copies of members, samples (ratio < {copy["alpha"]:.3f}, the threshold that '
+      f'{copy["target_fpr"]:.0%} of {copy["n_calibration_nonmembers"]} calibration '
+      f'non-members pass)',
+      rate(copy['samples']),
+    ),
+    ('the same rule on real held-out non-members (its floor)', rate(copy['heldout_nonmembers'])),
+    (
+      f"Carlini et al.'s fixed rule (alpha {carlini['alpha']:g}): samples / real non-members",
+      f'{carlini["samples"]["rate"]:.1%} / {carlini["heldout_nonmembers"]["rate"]:.1%}',
+    ),
+  ]
+  real = figures.get('real_vs_real') or {}
+  if real.get('precision') is not None:
+    rows.append(
+      (
+        f'k-NN precision / recall of {real["n"]} real held-out images against as many others '
+        '(what a perfect generator reaches)',
+        f'{real["precision"]:.3f} / {real["recall"]:.3f}',
+      )
+    )
+  return rows
+
+
 def _agree_from_table(table: Mapping[str, np.ndarray]) -> dict[str, list] | None:
   """The agree curve from ``drc/votes``, with K from ``drc/sim``; None when either is missing."""
   if 'drc/votes' not in table or 'drc/sim' not in table:
@@ -69,106 +106,9 @@ def _agree_from_table(table: Mapping[str, np.ndarray]) -> dict[str, list] | None
   return metrics_lib.agree_curve(members, nonmembers, k=int(np.asarray(table['drc/sim']).shape[1]))
 
 
-def _tpr_columns(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
-  """(metric key, label) of every TPR@FPR in ``metrics``: tpr_at_0p1pct_fpr -> 'TPR@0.1%FPR'."""
-  columns = []
-  for per_attack in metrics.values():
-    for key in per_attack:
-      match = re.fullmatch(r'tpr_at_(.+)pct_fpr', key)
-      if match and key not in [c[0] for c in columns]:
-        columns.append((key, f'TPR@{match.group(1).replace("p", ".")}%FPR'))
-  return columns
-
-
-def _fmt(value: Any, spec: str, missing: str = '-') -> str:
-  return missing if value is None else format(float(value), spec)
-
-
-def _fmt_percent(value: Any, missing: str = '-') -> str:
-  return missing if value is None else f'{100 * float(value):.2f}%'
-
-
-def _fmt_interval(interval: Sequence[float] | None, percent: bool) -> str:
-  if interval is None:
-    return ''
-  lo, hi = interval
-  return f' [{_fmt_percent(lo)}, {_fmt_percent(hi)}]' if percent else f' [{lo:.3f}, {hi:.3f}]'
-
-
-def _fmt_nfe(value: Any) -> str:
-  return '-' if value is None else f'{float(value):g}'
-
-
-# The order attacks are listed in: by what they need of the target, the least first.
-ACCESS_ORDER = ('none', 'black-box', 'gray-box', 'white-box')
-
-
-def by_access(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
-  """(attack, metrics) grouped by access class (``ACCESS_ORDER``), the table's order."""
-  rank = {a: i for i, a in enumerate(ACCESS_ORDER)}
-  return sorted(metrics.items(), key=lambda kv: rank.get(kv[1].get('access'), len(rank)))
-
-
-def scope_line(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-  """Which images the figures are on: the held-out part and its counts ('' for metrics that
-  say no scope: every image given)."""
-  m = next(iter(metrics.values()), {})
-  if m.get('scope') != 'heldout':
-    return ''
-  return (
-    f'held-out images: {m["n_members"]} members, {m["n_nonmembers"]} non-members (the '
-    'calibration part, which fits thresholds and chose the protocol, is left out)'
-  )
-
-
-def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-  """A plain-text table for the terminal: which images it is on, then attack, AUC, ASR, TPR@FPR
-  columns (each with its 95% interval when known), NFE; then each warning once, with the attacks
-  it concerns."""
-  tpr_columns = _tpr_columns(metrics)
-  header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [
-    label.replace('FPR', '') + ' [95% CI]' for _, label in tpr_columns
-  ]
-  header.append('NFE')
-  with_access = any(m.get('access') for m in metrics.values())
-  if with_access:
-    header.append('access')
-  rows = [header]
-  for attack, m in by_access(metrics):
-    ci = m.get('ci95', {})
-    rows.append(
-      [
-        attack,
-        _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), False),
-        _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), False),
-      ]
-      + [_fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), True) for key, _ in tpr_columns]
-      + [_fmt_nfe(m.get('nfe_per_image'))]
-      + ([m.get('access') or ''] if with_access else [])
-    )
-  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-  lines = [
-    '  '.join(
-      cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
-    ).rstrip()
-    for row in rows
-  ]
-  lines.insert(1, '  '.join('-' * w for w in widths))
-  if scope_line(metrics):
-    lines.insert(0, scope_line(metrics))
-  notes: dict[str, list[str]] = {}  # the same warning for every attack is printed once
-  for attack, m in metrics.items():
-    for warning in m.get('warnings', ()):
-      notes.setdefault(warning, []).append(attack)
-  for warning, attacks in notes.items():
-    who = 'all attacks' if len(attacks) == len(metrics) > 1 else ', '.join(attacks)
-    lines.append(f'note ({who}): {warning}')
-  return '\n'.join(lines)
-
-
 def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   """The HTML metrics table: one row per attack."""
-  tpr_columns = _tpr_columns(metrics)
+  tpr_columns = summary.tpr_columns(metrics)
   calibrated = any('calibrated' in m for m in metrics.values())
   header = ['attack', 'AUC [95% CI]', 'ASR [95% CI]'] + [label for _, label in tpr_columns]
   header += ['model calls / image', 'access']
@@ -180,19 +120,19 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
       'held-out accuracy [95% CI]',
       'held-out n (members / non-members)',
     ]
-  header.append('warnings')
   rows = []
-  for attack, m in by_access(metrics):
+  for attack, m in summary.by_access(metrics):
     ci = m.get('ci95', {})
     cells = [
       attack,
-      _fmt(m.get('auc'), '.4f') + _fmt_interval(ci.get('auc'), percent=False),
-      _fmt(m.get('asr'), '.4f') + _fmt_interval(ci.get('asr'), percent=False),
+      summary.fmt(m.get('auc'), '.4f') + summary.fmt_interval(ci.get('auc'), percent=False),
+      summary.fmt(m.get('asr'), '.4f') + summary.fmt_interval(ci.get('asr'), percent=False),
     ]
     cells += [
-      _fmt_percent(m.get(key)) + _fmt_interval(ci.get(key), percent=True) for key, _ in tpr_columns
+      summary.fmt_percent(m.get(key)) + summary.fmt_interval(ci.get(key), percent=True)
+      for key, _ in tpr_columns
     ]
-    cells += [_fmt_nfe(m.get('nfe_per_image')), m.get('access') or '-']
+    cells += [summary.fmt_nfe(m.get('nfe_per_image')), m.get('access') or '-']
     if calibrated:
       cal = m.get('calibrated', {})
       cal_ci = cal.get('ci95', {})
@@ -202,16 +142,21 @@ def _metrics_html(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         else '-'
       )
       cells += [
-        _fmt(cal.get('threshold'), '.6g'),
-        _fmt_percent(cal.get('tpr')) + _fmt_interval(cal_ci.get('tpr'), True),
-        _fmt_percent(cal.get('fpr')) + _fmt_interval(cal_ci.get('fpr'), True),
-        _fmt(cal.get('accuracy'), '.4f') + _fmt_interval(cal_ci.get('accuracy'), False),
+        summary.fmt(cal.get('threshold'), '.6g'),
+        summary.fmt_percent(cal.get('tpr')) + summary.fmt_interval(cal_ci.get('tpr'), True),
+        summary.fmt_percent(cal.get('fpr')) + summary.fmt_interval(cal_ci.get('fpr'), True),
+        summary.fmt(cal.get('accuracy'), '.4f')
+        + summary.fmt_interval(cal_ci.get('accuracy'), False),
         n,
       ]
-    cells.append('; '.join(m.get('warnings', ())))
     rows.append('<tr>' + ''.join(f'<td>{html.escape(c)}</td>' for c in cells) + '</tr>')
   head = '<tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in header) + '</tr>'
-  return f'<table>\n{head}\n' + '\n'.join(rows) + '\n</table>'
+  notes = ''.join(
+    f'<li>{html.escape(who)}: {html.escape(warning)}</li>'
+    for warning, who in summary.warnings_once(metrics)
+  )
+  table = f'<table>\n{head}\n' + '\n'.join(rows) + '\n</table>'
+  return table + (f'\n<ul class="note">{notes}</ul>' if notes else '')
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -230,14 +175,16 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
     row = [attack, f'{cal["n_members"]} / {cal["n_nonmembers"]}']
     for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True), ('tpr_at_0p1pct_fpr', True)):
       raw, new, diff = cal['raw'][key], cal['calibrated'][key], cal['difference'][key]
-      fmt = _fmt_percent if percent else (lambda v: _fmt(v, '.4f'))
+      fmt = summary.fmt_percent if percent else (lambda v: summary.fmt(v, '.4f'))
       row += [
         fmt(raw),
-        fmt(new) + _fmt_interval(cal['calibrated']['ci95'].get(key), percent),
+        fmt(new) + summary.fmt_interval(cal['calibrated']['ci95'].get(key), percent),
         ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}'),
       ]
     row += [
-      f'{_fmt_percent(cal["at_zero"]["tpr"])} / {_fmt_percent(cal["at_zero"]["fpr"])}',
+      summary.fmt_percent(cal['at_zero']['tpr'])
+      + ' / '
+      + summary.fmt_percent(cal['at_zero']['fpr']),
       '; '.join(cal.get('warnings', ())),
     ]
     rows.append(row)
@@ -272,10 +219,6 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
   return _html_table(header, rows) + '\n' + note
 
 
-def _p_text(p: float) -> str:
-  return f'{p:.3g}'
-
-
 def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str]:
   """The dataset-inference section (``dataset.json`` of ``--mode=dataset``)."""
   sus, ref = dataset['suspect'], dataset['reference']
@@ -293,7 +236,7 @@ def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str
       [
         name,
         f'{t["statistic"]:g}',
-        _p_text(t['p_value']),
+        summary.p_text(t['p_value']),
         t['method'],
         f'{t["auc"]:.3f}',
         f'{t["rank_biserial"]:.3f}',
@@ -347,8 +290,8 @@ def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str
         if n in entry['sizes']:
           i = entry['sizes'].index(n)
           row.append(
-            _fmt_percent(entry['combined']['rate'][i])
-            + _fmt_interval(entry['combined']['ci95'][i], percent=True)
+            summary.fmt_percent(entry['combined']['rate'][i])
+            + summary.fmt_interval(entry['combined']['ci95'][i], percent=True)
           )
         else:
           row.append('-')
@@ -403,7 +346,18 @@ def _evidence_caption(item: Mapping[str, Any], table: Mapping[str, np.ndarray]) 
   return caption
 
 
+def _verdict_html(lines: Sequence[str], smoke: bool) -> str:
+  items = ''.join(f'<li>{html.escape(line)}</li>' for line in lines)
+  cls = 'verdict smoke' if smoke else 'verdict'
+  return f'<section class="{cls}" id="verdict"><h2>Verdict</h2><ul>{items}</ul></section>'
+
+
 _CSS = """
+.verdict { background: #e8f0fe; border-left: 8px solid #1a56c4; padding: 0.4em 1.2em; }
+.verdict.smoke { background: #fff4d6; border-left-color: #c98a00; }
+.verdict h2 { margin: 0.3em 0; }
+.verdict li { margin: 0.35em 0; line-height: 1.35; }
+@media (max-width: 700px) { body { margin: 0.6em; } table { font-size: 0.75em; } }
 body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
 .banner { background: #fde2e1; border: 1px solid #c0392b; padding: 0.8em; }
 table { border-collapse: collapse; font-size: 0.9em; }
@@ -428,6 +382,7 @@ def write_report(
   samples: Mapping[str, Any] | None = None,
   dataset: Mapping[str, Any] | None = None,
   heldout: np.ndarray | None = None,
+  smoke: bool = False,
 ) -> str:
   """Writes the plots into ``workdir/report/`` and one self-contained ``workdir/report.html``.
 
@@ -446,6 +401,7 @@ def write_report(
       None to leave the section out.
     dataset: the ``dataset.json`` of ``--mode=dataset``, shown in a dataset-inference section.
     heldout: bool [rows], the held-out images the ROC curves are drawn on (None: every image).
+    smoke: a runlocal (smoke) run: the verdict says its figures mean nothing about membership.
 
   Returns:
     The path of ``report.html``.
@@ -484,21 +440,21 @@ def write_report(
   parts = [
     '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
     '<title>Membership inference audit</title>',
+    '<meta name="viewport" content="width=device-width, initial-scale=1">',
     f'<style>{_CSS}</style>\n</head>\n<body>',
     '<h1>Membership inference audit</h1>',
+    # The verdict first: a smoke run, a failed control, what detects membership, each set.
+    _verdict_html(summary.verdict(metrics, [dataset] if dataset else [], smoke), smoke),
     f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
     f'{html.escape(", ".join(plots.attack_names(table)))}.</p>',
   ]
-  shift = [w for w in next(iter(metrics.values()), {}).get('warnings', ()) if 'blind' in w]
-  if shift:  # the control that says the evaluation fools itself comes first
-    parts.append(f'<p class="banner"><b>Warning:</b> {html.escape(shift[0])}.</p>')
   if config_summary:
     parts += ['<h2>Configuration</h2>', f'<pre>{html.escape(config_summary)}</pre>']
   parts += [
     '<h2>Metrics (held-out images)</h2>'
     if next(iter(metrics.values()), {}).get('scope') == 'heldout'
     else '<h2>Metrics</h2>',
-    f'<p class="note">{html.escape(scope_line(metrics) or "all images")}.</p>',
+    f'<p class="note">{html.escape(summary.scope_line(metrics) or "all images")}.</p>',
     _metrics_html(metrics),
     '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
     'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '
@@ -521,9 +477,29 @@ def write_report(
       '<p class="note">A target that cannot generate images like its data cannot show '
       'membership through restoration. Precision/recall: k-NN balls (k = 3) in pixel space '
       'against as many real non-member images (Kynkaenniemi et al. 2019); near-copy: the '
-      'nearest member is closer than 0.5 x the mean distance to the 50 nearest members '
-      '(Carlini et al. 2023).</p>',
+      'nearest member is closer than alpha x the mean distance to the 50 nearest members '
+      '(Carlini et al. 2023), with alpha set on real unseen images of the calibration part so '
+      'that at most 1% of them pass, and its floor measured on the held-out ones.</p>',
       _img_tag(grid, 'target samples'),
+    ]
+  gen_rows = summary.generated_rows(metrics)
+  if gen_rows:
+    parts += [
+      '<h2>Generated-image control</h2>',
+      _html_table(
+        [
+          'attack',
+          "FPR on the target's own samples [95% CI]",
+          'FPR on real held-out non-members [95% CI]',
+          'samples',
+        ],
+        gen_rows,
+      ),
+      '<p class="note">The target\'s own samples (the sample check above, saved as 8-bit '
+      "images) scored by every attack as known non-members, at the attack's calibrated "
+      "threshold. Attacks tend to call a model's generations members; where the first column "
+      'is well above the second, a suspect image that may be a generation of this model says '
+      'little about training membership.</p>',
     ]
   calibration = _per_image_calibration_html(metrics)
   if calibration:
@@ -532,7 +508,9 @@ def write_report(
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
   if dataset:
     power_png = (
-      plots.plot_power_curve(dataset['power'], os.path.join(report_dir, 'power.png'))
+      plots.plot_power_curve(
+        dataset['power'], os.path.join(report_dir, 'power.png'), dataset['suspect']['n']
+      )
       if dataset.get('power')
       else None
     )

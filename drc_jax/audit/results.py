@@ -5,6 +5,7 @@ report. Programs it runs (DRC evidence, sampling) come jitted from the audit's `
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from etils import epath
 
 from drc_jax.audit import calibration as calibration_lib
 from drc_jax.audit import controls, store
+from drc_jax.audit import generated as generated_lib
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
@@ -146,6 +148,14 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
   else:
     evidence = []
   sample_info = _samples(config, workdir, table, scorer, source)
+  if sample_info is not None:
+    # The generated-image control: the samples scored by every attack, as known non-members.
+    digest = store.fingerprint_digest(store.fingerprint(config, target))
+    gen_scores = generated_lib.load_or_score(
+      config, workdir, scorer, sample_info['samples'], digest
+    )
+    for name, entry in generated_lib.control(metrics, gen_scores).items():
+      metrics[name]['generated'] = _json_safe(entry)
   if parallel.is_writer():
     fileio.atomic_write_text(
       epath.Path(workdir) / 'metrics.json', json.dumps(metrics, indent=1, sort_keys=True)
@@ -153,7 +163,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
     summary = (
       f'target: {target.path} (step {target.step}, EMA SHA-256 '
       f'{target.ema_sha256[:16]})\n'
-      f'data: {config.data.source} {config.data.name}/{config.data.split} '
+      f'data: {source.name} '
       f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
       f'members: {int(np.sum(table["split"] == 1))}, non-members: '
       f'{int(np.sum(table["split"] == 0))}\n'
@@ -166,18 +176,125 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
         epath.Path(workdir) / 'samples.json',
         json.dumps(sample_info['figures'], indent=1, sort_keys=True),
       )
+    inputs = {
+      'table': table,
+      'evidence': evidence,
+      'config_summary': summary,
+      'agree': agree,
+      'samples': sample_info,
+      'heldout': heldout_rows(config, table),
+      'smoke': bool(config.get('smoke_run', False)),
+    }
+    save_report_inputs(workdir, **inputs)
     report_lib.write_report(
-      workdir,
-      table,
-      metrics,
-      evidence,
-      config_summary=summary,
-      agree=agree,
-      samples=sample_info,
-      dataset=read_dataset_result(config, workdir, target),
-      heldout=heldout_rows(config, table),
+      workdir, metrics=metrics, dataset=read_dataset_result(config, workdir, target), **inputs
     )
   parallel.sync('report_written')
+  return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# What the report is drawn from, kept so that --mode=report redraws it from the workdir alone.
+
+REPORT_INPUTS_NPZ = 'report/inputs.npz'
+REPORT_INPUTS_JSON = 'report/inputs.json'
+_EVIDENCE_ARRAYS = ('original', 'degraded', 'restored', 'restorations')
+_SAMPLE_ARRAYS = ('samples', 'nearest', 'nearest_pos', 'nearest_distance', 'is_copy')
+
+
+def save_report_inputs(
+  workdir: str, *, table, evidence, config_summary, agree, samples, heldout, smoke=False
+) -> None:
+  """Writes what ``report.write_report`` draws (besides ``metrics.json`` and ``dataset.json``)
+  to ``W/report/inputs.{npz,json}``: the score table with its derived columns, the evidence
+  images, the target's samples and their nearest members, the held-out rows."""
+  arrays = {f'table/{k}': np.asarray(v) for k, v in table.items()}
+  arrays['heldout'] = np.asarray(heldout, bool)
+  meta: dict = {
+    'config_summary': config_summary,
+    'agree': agree,
+    'evidence': [],
+    'smoke': bool(smoke),
+  }
+  for i, item in enumerate(evidence):
+    meta['evidence'].append({k: v for k, v in item.items() if k not in _EVIDENCE_ARRAYS})
+    for k in _EVIDENCE_ARRAYS:
+      arrays[f'evidence/{i}/{k}'] = np.asarray(item[k])
+  if samples is not None:
+    meta['samples'] = {'figures': samples['figures']}
+    for k in _SAMPLE_ARRAYS + ('nearest_index',):
+      arrays[f'samples/{k}'] = np.asarray(samples[k])
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  report_dir = epath.Path(workdir) / 'report'
+  report_dir.mkdir(parents=True, exist_ok=True)
+  fileio.atomic_write_bytes(epath.Path(workdir) / REPORT_INPUTS_NPZ, buf.getvalue())
+  fileio.atomic_write_text(
+    epath.Path(workdir) / REPORT_INPUTS_JSON, json.dumps(_json_safe(meta), indent=1)
+  )
+
+
+def load_report_inputs(workdir: str) -> dict:
+  """The inputs ``save_report_inputs`` wrote (``write_report``'s keyword arguments)."""
+  wd = epath.Path(workdir)
+  npz, meta_path = wd / REPORT_INPUTS_NPZ, wd / REPORT_INPUTS_JSON
+  if not npz.exists() or not meta_path.exists():
+    raise errors.WorkdirError(
+      f'{workdir} holds no saved report inputs ({REPORT_INPUTS_NPZ}): run --mode=audit with the '
+      f"audit's config first (it reuses every saved score and rewrites the results)"
+    )
+  meta = records.read_json(
+    meta_path, errors.WorkdirError, '; run --mode=audit to write it again (no score is redrawn)'
+  )
+  try:
+    with npz.open('rb') as f:
+      z = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
+  except (OSError, ValueError) as e:
+    raise errors.WorkdirError(
+      f'{npz}: unreadable ({e}); run --mode=audit to write it again (no score is redrawn)'
+    ) from e
+  evidence = [
+    {**item, **{k: z[f'evidence/{i}/{k}'] for k in _EVIDENCE_ARRAYS}}
+    for i, item in enumerate(meta['evidence'])
+  ]
+  samples = None
+  if 'samples' in meta:
+    samples = {k: z[f'samples/{k}'] for k in _SAMPLE_ARRAYS + ('nearest_index',)}
+    samples['figures'] = meta['samples']['figures']
+  return {
+    'table': {k[len('table/') :]: v for k, v in z.items() if k.startswith('table/')},
+    'evidence': evidence,
+    'config_summary': meta['config_summary'],
+    'agree': meta['agree'],
+    'samples': samples,
+    'heldout': z['heldout'],
+    'smoke': bool(meta.get('smoke', False)),
+  }
+
+
+def redraw(workdir: str) -> dict:
+  """``report.html`` again from what the audit saved (``metrics.json``, the report inputs, a
+  ``dataset.json`` of the same scores): no config, no model, nothing recomputed. Returns metrics."""
+  wd = epath.Path(workdir)
+  metrics_path = wd / 'metrics.json'
+  if not metrics_path.exists():
+    raise errors.WorkdirError(f'{workdir}: no metrics.json; run --mode=audit first')
+  metrics = records.read_json(
+    metrics_path, errors.WorkdirError, '; run --mode=audit to write it again'
+  )
+  inputs = load_report_inputs(workdir)
+  dataset = None
+  if (wd / store.DATASET_JSON).exists():
+    dataset = records.read_json(
+      wd / store.DATASET_JSON,
+      errors.WorkdirError,
+      '; delete it and rerun --mode=dataset to compute it again',
+    )
+    if dataset.get('fingerprint') != store.recorded_fingerprint(workdir):
+      logging.warning('%s was computed from scores of another audit: not in the report', wd)
+      dataset = None
+  if parallel.is_writer():
+    report_lib.write_report(workdir, metrics=metrics, dataset=dataset, **inputs)
   return metrics
 
 
@@ -187,14 +304,19 @@ def _samples(config, workdir: str, table, scorer, source) -> dict | None:
   if num <= 0:
     return None
   member_idx = table['index'][table['split'] == 1]
-  nonmember_idx = table['index'][table['split'] == 0]
+  heldout = heldout_rows(config, table)
+  non = table['split'] == 0
   members, _, _ = data_lib.load_images(source, member_idx, config.data)
-  nonmembers, _, _ = data_lib.load_images(source, nonmember_idx[:num], config.data)
+  # The calibration part's non-members set the near-copy threshold; the held-out ones are its
+  # floor and the real set of precision / recall.
+  calibration, _, _ = data_lib.load_images(source, table['index'][non & ~heldout], config.data)
+  nonmembers, _, _ = data_lib.load_images(source, table['index'][non & heldout], config.data)
   info = samples_lib.load_or_generate(
     workdir,
     scorer.target,
     members,
     nonmembers,
+    calibration,
     sample_fn=scorer.sample_fn,
     num=num,
     seed=config.seed,
@@ -267,6 +389,7 @@ def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> l
         'shown_restoration': k_med,
         'restorations': restored[j],
         'similarities': sims.tolist(),
+        'comparator': config.drc.comparator,
       }
     )
   return out

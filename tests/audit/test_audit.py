@@ -1,6 +1,8 @@
 """The audit end to end on a tiny target trained hard on few real Fashion-MNIST members."""
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -9,17 +11,18 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
+from drc_jax.audit import generated as generated_lib
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import modes as pipeline
-from drc_jax.audit import report as report_lib
 from drc_jax.audit import scoring as A
 from drc_jax.audit import store, validate
+from drc_jax.audit import summary as summary_lib
 from drc_jax.core import errors
 from drc_jax.data import sources as D
 from drc_jax.targets import checkpoints
 from drc_jax.targets import train as T
 
-ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
+ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse')
 
 
 def _config():
@@ -53,7 +56,7 @@ def _copy_target(trained, tmp_path):
   return str(wd)
 
 
-def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path):
+def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path, monkeypatch):
   wd = _copy_target(trained, tmp_path)
   metrics = pipeline.run(_config(), wd, 'all')
   # The score direction: members score higher. PIAN is the exception on such tiny, memorising
@@ -74,6 +77,7 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
     set(saved) == {*ATTACKS, 'blind'} and 'calibrated' in saved['drc'] and 'agree' in saved['drc']
   )
   assert saved['blind']['access'] == 'none' and saved['blind']['model_calls'] == 0  # the control
+  assert not any('without the model' in w for w in saved['blind']['warnings'])  # a random split
   assert saved['drc']['access'] == 'black-box' and saved['loss']['access'] == 'gray-box'
   assert saved['drc']['model_calls'] == saved['drc']['nfe_per_image']
   html = open(f'{wd}/report.html').read()
@@ -84,9 +88,64 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
   assert len(table['index']) == 64 and len(set(table['index'].tolist())) == 64
   assert table['drc/sim'].shape == (64, 2)
   np.testing.assert_allclose(table['score/drc'], table['drc/sim'].mean(axis=1))
-  # --mode=report redraws from saved scores: same metrics.
-  again = pipeline.run(_config(), wd, 'report')
-  assert again['drc']['auc'] == metrics['drc']['auc']
+  # The generated-image control scored exactly the samples the sample check drew.
+  _check_generated_control(wd, saved)
+  # --mode=report redraws from the workdir alone: any config (here the embedded default), no
+  # model, no image read, no file but the report's changed.
+  before = _hashes(wd)
+  os.remove(f'{wd}/report.html')
+  monkeypatch.setattr(A, 'make_scorer', _refuse)
+  monkeypatch.setattr(D, 'make_source', _refuse)
+  again = pipeline.run(load_config('fashion_mnist'), wd, 'report')
+  assert again == saved
+  after = _hashes(wd)
+  changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+  assert changed <= {'report.html'} | {
+    k for k in before if k.startswith('report/') and k.endswith('.png')
+  }
+  assert 'report.html' in after
+
+
+def _refuse(*args, **kwargs):
+  raise AssertionError('--mode=report must not build a model or read images')
+
+
+def _hashes(wd) -> dict[str, str]:
+  """SHA-256 of every file under ``wd`` (relative path -> digest), the lock file aside."""
+  out = {}
+  for p in sorted(Path(wd).rglob('*')):
+    if p.is_file() and p.name != '.drc_jax.lock':
+      out[str(p.relative_to(wd))] = hashlib.sha256(p.read_bytes()).hexdigest()
+  return out
+
+
+def _check_generated_control(wd, saved):
+  """Every attack's generated FPR comes from the samples of samples.npz, scored one by one."""
+  samples = np.load(f'{wd}/samples.npz')['samples']
+  assert samples.shape == (16, 8, 8, 1)  # :runlocal draws 16 samples
+  gen = np.load(f'{wd}/generated.npz')
+  c = _config()
+  scorer = A.make_scorer(c, wd)
+  src = generated_lib.SampleSource(samples)
+  images = D.preprocess(src.images, c.data)
+  eight_bit = np.round((np.clip(samples, -1, 1) + 1) * 127.5) / 127.5 - 1
+  np.testing.assert_allclose(images, eight_bit, atol=1e-6)  # the samples, as 8-bit images
+  for name in ('loss', 'sima'):  # one sample at a time, outside the batched, cached path
+    att = scorer.attacks[name]
+    keys = generated_lib.keys_for([name], c.seed, np.arange(16))[name]
+    direct = np.concatenate(
+      [
+        np.asarray(att.scores(scorer.target.params, keys[i : i + 1], images[i : i + 1]))
+        for i in range(16)
+      ]
+    )
+    np.testing.assert_allclose(gen[f'score/{name}'], direct, rtol=2e-4, atol=1e-6)
+  for name in scorer.names:
+    g, cal = saved[name]['generated'], saved[name]['calibrated']
+    assert g['n'] == 16
+    assert g['fpr'] == np.mean(gen[f'score/{name}'] >= cal['threshold'])
+    assert g['real_nonmember_fpr'] == cal['fpr']
+  assert 'blind' not in {k for k, v in saved.items() if 'generated' in v}
 
 
 def test_resume_after_a_crash_gives_identical_scores(trained, tmp_path, monkeypatch):
@@ -344,7 +403,7 @@ def test_overwrite_validates_every_input_before_moving_anything(trained, tmp_pat
   assert m['loss']['auc'] == metrics_lib.auc(
     table['score/loss'][members][mh], table['score/loss'][~members][nh]
   )
-  assert report_lib.format_metrics_table(m).startswith(
+  assert summary_lib.format_metrics_table(m).startswith(
     'held-out images: 26 members, 26 non-members (the calibration part'
   )
   assert 'Metrics (held-out images)' in (Path(wd) / 'report.html').read_text()

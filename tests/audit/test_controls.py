@@ -1,10 +1,13 @@
 """The blind baseline: image statistics only, fit on the calibration part; it fires on a shifted
 split (members and non-members of different kinds) and stays silent on an exchangeable one."""
 
+import json
+
 import numpy as np
 import pytest
+from conftest import load_config
 
-from drc_jax.audit import controls, metrics
+from drc_jax.audit import controls, metrics, modes
 from drc_jax.data import sources as D
 
 
@@ -55,3 +58,24 @@ def test_features_are_image_statistics_only():
   assert f.shape == (2, 4 + controls.HISTOGRAM_BINS + controls.THUMBNAIL**2)
   assert f[0, 4:12].sum() == pytest.approx(1.0) and f[0, 12:].max() == 0.0  # all mid-grey
   assert f[1, -(controls.THUMBNAIL**2) :].max() == pytest.approx(1.0)
+
+
+def test_the_shifted_variant_audits_end_to_end_and_every_output_warns(tmp_path, capsys):
+  """configs/fashion_mnist.py:runlocal,shifted: the blind baseline fires; terminal, metrics.json
+  and the report's first lines say the attacks' figures are not evidence of membership."""
+  wd = str(tmp_path / 'w')
+  metrics_out = modes.run(load_config('fashion_mnist', 'runlocal,shifted'), wd, 'all')
+  blind = metrics_out['blind']
+  assert blind['auc'] > 0.8 and blind['ci95']['auc'][0] > 0.5, blind['auc']
+  split = json.loads(open(f'{wd}/split.json').read())
+  assert split['classes'] == '0,1,2,3,4|5,6,7,8,9'
+  saved = json.loads(open(f'{wd}/metrics.json').read())
+  for name, m in saved.items():
+    assert m['warnings'][0].startswith('members and non-members differ without the model'), name
+  out = capsys.readouterr().out
+  assert 'note (all attacks): members and non-members differ without the model' in out
+  assert 'verdict: Smoke run' in out or 'verdict: The evaluation is not valid' in out
+  page = open(f'{wd}/report.html').read()
+  verdict = page[page.index('id="verdict"') : page.index('</section>')]
+  assert verdict.index('Smoke run') < verdict.index('The evaluation is not valid as it stands')
+  assert page.index('The evaluation is not valid') < page.index('<h2>Metrics')

@@ -16,7 +16,7 @@ from drc_jax.audit import modes as pipeline
 from drc_jax.core import errors
 from drc_jax.data import sources as D
 
-ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima')
+ATTACKS = ('drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse')
 DETERMINISTIC = ('secmi', 'pia', 'pian', 'sima')  # no noise key: same image, same score
 
 

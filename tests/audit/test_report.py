@@ -1,13 +1,14 @@
 """Tests of drc_jax.audit.report on a synthetic score table."""
 
 import hashlib
+import html
 import os
 import re
 
 import numpy as np
 from PIL import Image
 
-from drc_jax.audit import metrics, plots, report
+from drc_jax.audit import metrics, plots, report, summary
 
 ATTACKS = ('drc', 'loss', 'secmi')
 NUM_RESTORATIONS = 3
@@ -117,7 +118,7 @@ def test_evidence_panel_upscales_small_images(tmp_path):
 
 def test_format_metrics_table():
   table = _synthetic_table(num_per_split=100)
-  text = report.format_metrics_table(_metrics(table))
+  text = summary.format_metrics_table(_metrics(table))
   lines = text.splitlines()
   header = [c.strip() for c in lines[0].split('  ') if c]
   assert header == [
@@ -221,3 +222,100 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
   assert (tmp_path / 'report' / 'power.png').exists()
   # Size 50 exceeds the member pool (40), not half the reference pool: non-member sets only.
   assert '<tr><td>50</td><td>-</td>' in text
+
+
+def _access(m: dict) -> dict:
+  for name, access in (('drc', 'black-box'), ('loss', 'gray-box'), ('secmi', 'gray-box')):
+    m[name]['access'] = access
+    m[name]['model_calls'] = m[name]['nfe_per_image']
+  return m
+
+
+def test_the_verdict_comes_first_and_says_what_detects_membership(tmp_path):
+  table = _synthetic_table()
+  m = _access(_metrics(table))
+  m['blind'] = metrics.attack_metrics(
+    np.zeros(50) + np.arange(50) % 7, np.arange(50) % 7 + 0.0, bootstrap=50
+  )
+  lines = summary.verdict(m)
+  assert lines[0].startswith('Membership is detected by 3 of 3 attacks')  # blind is no attack
+  assert any(line.startswith('Best with black-box access') and 'drc: AUC' in line for line in lines)
+  best_gray = max(('loss', 'secmi'), key=lambda n: m[n]['auc'])
+  assert any(
+    line.startswith('Best with gray-box') and f'{best_gray}: AUC' in line for line in lines
+  )
+  assert any(line.startswith('Control: the blind baseline') for line in lines)
+  path = report.write_report(str(tmp_path), table, m, _evidence(table, 1), config_summary='x')
+  page = open(path).read()
+  assert page.index('id="verdict"') < page.index('<h2>Configuration') < page.index('<table>')
+  for warning in {w for x in m.values() for w in x['warnings']}:
+    assert page.count(html.escape(warning)) == 1, warning  # each warning once, not per row
+  assert 'Smoke run' not in page
+  page = open(report.write_report(str(tmp_path), table, m, [], smoke=True)).read()
+  assert page.index('Smoke run') < page.index('Membership is detected')
+
+
+def test_the_verdict_names_a_failed_control_and_each_suspect_set():
+  table = _synthetic_table()
+  m = _access(_metrics(table))
+  shift = 'members and non-members differ without the model: the blind baseline ...'
+  m['blind'] = {'auc': 0.95, 'ci95': {'auc': [0.9, 0.99]}, 'warnings': [shift]}
+  dataset = {
+    'alpha': 0.01,
+    'primary': 'combined',
+    'suspect': {'source': 'my_photos', 'n': 50},
+    'tests': {'combined': {'p_value': 1.5e-6, 'reject': True}},
+  }
+  lines = summary.verdict(
+    m, [dataset, {**dataset, 'tests': {'combined': {'p_value': 0.4, 'reject': False}}}]
+  )
+  assert lines[0] == f'The evaluation is not valid as it stands: {shift}.'
+  assert not any(line.startswith('Control:') for line in lines)
+  assert lines[-2] == 'Suspect set my_photos (50 images): detected (p = 1.5e-06, alpha 0.01).'
+  assert lines[-1].startswith('Suspect set my_photos (50 images): no evidence of membership')
+  m['drc']['generated'] = {'n': 16, 'fpr': 0.5, 'real_nonmember_fpr': 0.1}
+  m['loss']['generated'] = {'n': 16, 'fpr': 0.25, 'real_nonmember_fpr': 0.2}
+  line = next(x for x in summary.verdict(m) if x.startswith('Generated images'))
+  assert '25%-50%' in line and "drc's (50% against 10%)" in line
+
+
+def test_evidence_labels_read_as_their_reader_expects():
+  assert plots.percentile_text(100.0) == 'above every non-member'
+  assert plots.percentile_text(0.0) == 'below every non-member'
+  assert plots.percentile_text(87.46) == 'above 87.5% of non-members'
+  assert plots.similarity_text(-0.0123, 'masked_mse') == 'MSE 0.0123'
+  assert plots.similarity_text(0.91, 'ssim') == 'ssim 0.91'
+  item = {'kind': 'highest', 'index': 3, 'split': 1, 'score': -0.01, 'percentile': 100.0}
+  title = plots.evidence_title({**item, 'decision': 'member', 'comparator': 'masked_mse'})
+  assert 'MSE 0.01' in title and 'th percentile' not in title and '-0.01' not in title
+
+
+def test_the_power_plot_marks_the_users_set_size(tmp_path):
+  power = {
+    'alpha': 0.05,
+    'repetitions': 20,
+    'members': {
+      'sizes': [5, 10, 20],
+      'combined': {'rate': [0.2, 0.6, 1.0], 'ci95': [[0, 0.4], [0.4, 0.8], [0.8, 1]]},
+    },
+    'nonmembers': {
+      'sizes': [5, 10, 20],
+      'combined': {'rate': [0.0, 0.05, 0.0], 'ci95': [[0, 0.2]] * 3},
+    },
+  }
+  calls = {}
+  real = plots.save_figure
+
+  def keep(fig, path):
+    ax = fig.axes[0]
+    calls['ticks'] = [int(t) for t in ax.get_xticks()]
+    calls['labels'] = [line.get_label() for line in ax.get_lines()]
+    return real(fig, path)
+
+  plots.save_figure = keep
+  try:
+    plots.plot_power_curve(power, str(tmp_path / 'p.png'), suspect_size=50)
+  finally:
+    plots.save_figure = real
+  assert calls['ticks'] == [5, 10, 20, 50]
+  assert 'your set: 50' in calls['labels']

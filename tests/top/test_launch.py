@@ -464,3 +464,37 @@ def test_tcmalloc_is_what_the_launchers_run_drc_jax_on(tmp_path):
   run = f'drc_jax_preload_tcmalloc; {py}'
   assert _preload(tmp_path, env, run)[0] == 'tcmalloc'
   assert _preload(tmp_path, {**env, 'DRC_JAX_TCMALLOC': '0'}, run)[0] == 'default'
+
+
+def test_a_real_browser_shows_the_verdict_above_the_fold(tmp_path):
+  """launch/report_screenshot.py: headless Chromium at desktop and phone widths."""
+  sys.path.insert(0, str(LAUNCH))
+  try:
+    import report_screenshot  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(LAUNCH))
+  if report_screenshot.find_browser() is None:
+    if os.environ.get('DRC_JAX_REQUIRE_BROWSER'):
+      pytest.fail('no Chromium, although launch/local.sh test installs chromium-headless-shell')
+    pytest.skip('no Chromium (launch/local.sh test installs chromium-headless-shell)')
+  sys.path.insert(0, str(REPO / 'tests' / 'audit'))
+  try:
+    import test_report  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(REPO / 'tests' / 'audit'))
+  from drc_jax.audit import report  # pylint: disable=g-import-not-at-top
+
+  table = test_report._synthetic_table()
+  m = test_report._access(test_report._metrics(table))
+  page = report.write_report(str(tmp_path), table, m, test_report._evidence(table, 3))
+  run = [sys.executable, str(LAUNCH / 'report_screenshot.py')]
+  done = subprocess.run(run + [page, f'--out={tmp_path}/shots'], capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout + done.stderr
+  for name in ('desktop', 'phone'):
+    assert f'{name} ' in done.stdout and 'verdict rows' in done.stdout
+    assert (tmp_path / 'shots' / f'{name}.png').stat().st_size > 1000
+  # A page whose verdict sits below a screen of other content fails the check.
+  late = tmp_path / 'late.html'
+  late.write_text(open(page).read().replace('<h1>', '<div style="height:3000px"></div><h1>', 1))
+  done = subprocess.run(run + [str(late), f'--out={tmp_path}/late'], capture_output=True, text=True)
+  assert done.returncode == 1 and 'not on the first screen' in done.stdout
