@@ -33,7 +33,7 @@ def test_the_readme_example_scores_two_images_with_every_attack():
     exec(compile(_readme_example(), 'README.md', 'exec'), {})  # pylint: disable=exec-used
   lines = out.getvalue().strip().splitlines()
   attacks = [line.split()[0] for line in lines]
-  assert attacks == ['drc', 'loss', 'secmi', 'pia', 'pian', 'sima'], out.getvalue()
+  assert attacks == ['drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse'], out.getvalue()
   for line in lines:  # name, two scores, two decisions
     assert len(re.findall(r'-?\d+\.\d+(?:e[-+]\d+)?', line)) == 2, line
     assert len(re.findall(r'True|False', line)) == 2, line
