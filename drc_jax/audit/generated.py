@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from drc_jax.audit import metrics as metrics_lib
-from drc_jax.core import fileio, parallel, streams
+from drc_jax.core import fileio, parallel, progress, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.drc import scorer as drc_lib
 
@@ -77,6 +77,7 @@ def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
   bs = config.audit.batch_size
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   rows: dict[str, list] = {}
+  bar = progress.Progress("scoring the target's samples", len(source), 'images')
   for slot in data_lib.batch_slots(len(source), bs, p_idx, p_cnt):
     pos = np.where(slot.valid, slot.positions, 0)
     images, _, _ = data_lib.load_images(source, pos, data_cfg)
@@ -92,6 +93,8 @@ def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
     valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
     for name, v in out.items():
       rows.setdefault(name, []).append(parallel.to_host(v)[valid])
+    bar.update(int(valid.sum()))
+  bar.close()
   scores = {}
   for name, chunks in rows.items():
     v = np.concatenate(chunks).astype(np.float64)

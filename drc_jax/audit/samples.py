@@ -39,7 +39,7 @@ import numpy as np
 from etils import epath
 
 from drc_jax.audit import metrics as metrics_lib
-from drc_jax.core import fileio, parallel, streams
+from drc_jax.core import fileio, parallel, progress, streams
 from drc_jax.drc import degrade as degrade_lib
 from drc_jax.drc import restore as restore_lib
 from drc_jax.drc import scorer as drc_lib
@@ -79,10 +79,13 @@ def generate(sample_fn, params, num: int, seed: int, *, batch_size: int = 64) ->
   sample does not depend on the batch size.
   """
   out = []
+  bar = progress.Progress('sampling the target', num, 'samples')
   for lo in range(0, num, batch_size):
     idx = np.arange(lo, lo + batch_size)
     keys = drc_lib.image_keys(seed, streams.SAMPLES, idx)
     out.append(np.asarray(sample_fn(params, keys)))
+    bar.update(min(batch_size, num - lo))
+  bar.close()
   return np.concatenate(out)[:num]
 
 
