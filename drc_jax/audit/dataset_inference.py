@@ -12,7 +12,8 @@ Dubinski et al., CVPR 2025). ``--mode=dataset`` compares a suspect set with know
 
 Every image is scored with every attack by the audit's scorer: the split's images through the
 audit's own shards (``W/scores``: images scored by ``--mode=audit`` are not scored again), folder
-images into their own resumable shards (``W/dataset/suspect/scores``, ``W/dataset/reference``).
+images into their own resumable shards (a suspect folder's in its set's folder
+``W/dataset/suspects/<name>/scores``, a reference folder's in ``W/dataset/reference``, shared).
 
 Who sees what (``metrics.calibration_split``: the audit's calibration fraction, same seed):
 
@@ -35,7 +36,9 @@ rate, with the rest of the held-out reference as the test reference), each with 
 conditionally on the pool, so each non-member repetition rejects with probability at most alpha.
 The repetitions share one pool, so the binomial interval is approximate.
 
-Results go to ``W/dataset.json``; the report shows them (``report.html``, dataset section).
+A workdir keeps any number of suspect sets, each under its name (``suspects.py``): its result
+goes to ``W/dataset/suspects/<name>/dataset.json`` with DRC's panels of its strongest suspects;
+the report shows a section per set (``report.html``).
 """
 
 from __future__ import annotations
@@ -43,29 +46,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import numpy as np
 from absl import logging
-from etils import epath
 
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import results as results_lib
 from drc_jax.audit import scoring as audit_lib
-from drc_jax.audit import stats, store, validate
-from drc_jax.core import errors, fileio, parallel, records, streams
-from drc_jax.data import sources as data_lib
-from drc_jax.data import splits as splits_lib
+from drc_jax.audit import stats, store, suspects, validate
+from drc_jax.core import fileio, parallel, streams
 
-DATASET_DIR = 'dataset'
-FOLDER_CONFIG = 'folder_config.json'
 COMBINED = 'combined'
 COMBINER_L2 = 1e-2  # ridge penalty of the logistic combiner (standardized scores, balanced classes)
 # Attack keys of folder images derive from their position plus an offset per role, so a folder
-# image shares no key with a dataset image (indices < 2^31) or with the other folder.
+# image shares no key with a dataset image (indices < 2^31) or with the reference folder (suspect
+# folders share one offset: sets are never compared with each other).
 FOLDER_KEY_OFFSETS = {'suspect': 2**31, 'reference': 2**31 + 2**30}
-_FOLDER_HASH_BATCH = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,92 +302,6 @@ def power_curve(
 
 
 # ----------------------------------------------------------------------------------------------
-# Folder images: their own resumable score shards.
-
-
-def _folder_digest(source: data_lib.FolderSource) -> str:
-  hashes = []
-  for lo in range(0, len(source), _FOLDER_HASH_BATCH):
-    raw, _ = source.read(np.arange(lo, min(lo + _FOLDER_HASH_BATCH, len(source))))
-    hashes += data_lib.image_hashes(raw)
-  return splits_lib.set_hash(hashes)
-
-
-def score_folder(
-  config,
-  workdir: str,
-  scorer: audit_lib.Scorer,
-  role: str,
-  path: str,
-  split_value: int,
-  overwrite: bool = False,
-) -> dict[str, np.ndarray]:
-  """Scores the images of folder ``path`` into ``W/dataset/<role>/scores`` (resumable).
-
-  The shards are tied to the audit's config fingerprint and to the folder's contents (a SHA-256
-  over every image); a change refuses the old shards, or discards them with ``overwrite``.
-
-  Returns:
-    The folder's score table (``store.load_scores``), rows in sorted file order.
-  """
-  source = data_lib.FolderSource(path, config.data.resolution, f'config.dataset.{role}_dir')
-  if role == 'reference' and len(source) < 2:
-    raise data_lib.DataError(
-      f'{path}: {len(source)} image; config.dataset.reference_dir needs at least 2 (part of the '
-      f'reference fits the combiner, the rest is tested against)'
-    )
-  root = epath.Path(workdir) / DATASET_DIR / role
-  record = {
-    'scores': store.fingerprint(config, scorer.target),
-    'folder': os.path.abspath(path),
-    'num_images': len(source),
-    'sha256': _folder_digest(source),
-  }
-  record = json.loads(json.dumps(record))
-  # Every file was read for the digest: one kind of image across the whole folder (FolderSource),
-  # and that kind must be the target's, before anything of an earlier folder moves.
-  d = config.data
-  if source.channels != d.channels and not d.convert_channels:
-    raise data_lib.DataError(
-      f'{path}: its images have {source.channels} channel(s) but config.data.channels is '
-      f'{d.channels} (set config.data.convert_channels=True to convert gray<->RGB)'
-    )
-  record_path = root / FOLDER_CONFIG
-  if record_path.exists():
-    old = records.read_json(record_path, errors.WorkdirError)
-    changes = store.diff(old, record)
-    if changes and not overwrite:
-      raise store.AuditConfigMismatch(
-        f'{root} holds scores of another config or folder (config.dataset.{role}_dir; '
-        f'{"; ".join(changes[:4])}). Pass --overwrite to move them to '
-        f'{workdir}/{store.SUPERSEDED_DIR}/.'
-      )
-    if changes and parallel.is_writer() and (root / store.SCORES_DIR).exists():
-      dest = store.superseded_dir(workdir) / DATASET_DIR / role
-      dest.mkdir(parents=True)
-      fileio.move(root / store.SCORES_DIR, dest / store.SCORES_DIR)
-      fileio.move(record_path, dest / FOLDER_CONFIG)
-      logging.warning(
-        '--overwrite: the %s scores of %s moved to %s', role, old.get('folder', root), dest
-      )
-  parallel.sync(f'dataset_{role}_checked')
-  if parallel.is_writer():
-    fileio.atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
-  indices = np.arange(len(source), dtype=np.int64)
-  logging.info('%s folder %s: %d images', role, path, len(source))
-  audit_lib.score_images(
-    config,
-    str(root),
-    scorer,
-    source,
-    np.full(len(source), split_value, np.int8),
-    indices,
-    key_indices=indices + FOLDER_KEY_OFFSETS[role],
-  )
-  return store.load_scores(str(root), store.fingerprint_digest(record['scores']))
-
-
-# ----------------------------------------------------------------------------------------------
 # --mode=dataset.
 
 
@@ -398,74 +309,151 @@ def _features(table, names) -> np.ndarray:
   return np.stack([np.asarray(table['score/' + n], np.float64) for n in names], axis=1)
 
 
-def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
-  """``--mode=dataset``: scores what is missing, tests the suspect set, writes ``dataset.json``.
+def _score_folder(config, root, scorer, folder: suspects.Folder, split_value: int, digest: str):
+  """Scores ``folder``'s images into ``root/scores`` (resumable); its score table, in file order."""
+  indices = np.arange(len(folder), dtype=np.int64)
+  logging.info('%s folder %s: %d images', folder.role, folder.path, len(folder))
+  audit_lib.score_images(
+    config,
+    str(root),
+    scorer,
+    folder.source,
+    np.full(len(folder), split_value, np.int8),
+    indices,
+    key_indices=indices + FOLDER_KEY_OFFSETS[folder.role],
+  )
+  return store.load_scores(str(root), digest)
 
-  Also rewrites ``metrics.json`` and ``report.html`` (with the dataset section). Returns the
-  ``dataset.json`` contents.
+
+def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
+  """``--mode=dataset``: tests one suspect set and keeps it beside the workdir's other sets.
+
+  Every check of the set passes before any file moves: its name, every image of its folder and
+  of a reference folder, the size of a draw, a reference left to test against, and a set of the
+  same name but other inputs (refused without ``overwrite``). Then ``overwrite`` moves that one
+  set aside (and the shared reference scores, for another reference folder), what is missing is
+  scored, and the result goes to ``W/dataset/suspects/<name>/dataset.json`` (``suspects.py``).
+  Also rewrites ``metrics.json`` and ``report.html`` (a section per set). Returns the result.
   """
   validate.check(config)
   validate.check_dataset(config, require_suspect=True)
   ds, a = config.dataset, config.audit
+  name = validate.dataset_name(config)
+  # Every image of a folder is read and checked before anything is scored or moves.
+  suspect = suspects.open_folder(config, 'suspect', ds.suspect_dir) if ds.suspect_dir else None
+  ref_folder = (
+    suspects.open_folder(config, 'reference', ds.reference_dir) if ds.reference_dir else None
+  )
   scorer, source = audit_lib.score_split(config, workdir, overwrite)
   names = scorer.names
-  table = store.load_scores(
-    workdir, store.fingerprint_digest(store.fingerprint(config, scorer.target))
-  )
+  fp = store.fingerprint(config, scorer.target)
+  digest = store.fingerprint_digest(fp)
+  table = store.load_scores(workdir, digest)
   is_member = np.asarray(table['split']) == 1
-  member_features = _features(table, names)[is_member]
-  if ds.reference_dir:
-    ref_table = score_folder(config, workdir, scorer, 'reference', ds.reference_dir, 0, overwrite)
-    ref_source = f'folder {os.path.abspath(ds.reference_dir)}'
+  if ref_folder is not None:
+    ref_source, ref_hashes = f'folder {ref_folder.path}', ref_folder.hashes
   else:
-    ref_table = {k: v[~is_member] for k, v in table.items()}
-    ref_source = "the split's non-members"
-  ref_features, ref_hashes = _features(ref_table, names), np.asarray(ref_table['hash'])
+    ref_source, ref_hashes = "the split's non-members", np.asarray(table['hash'])[~is_member]
   member_heldout, ref_heldout = metrics_lib.calibration_split(
-    len(member_features), len(ref_features), fraction=a.calibration_fraction, seed=config.seed
+    int(is_member.sum()), len(ref_hashes), fraction=a.calibration_fraction, seed=config.seed
   )
-  combiner = fit_combiner(member_features[~member_heldout], ref_features[~ref_heldout], names)
-  member_pool, ref_pool = member_features[member_heldout], ref_features[ref_heldout]
   ref_pool_hashes = ref_hashes[ref_heldout]
-
-  rng = np.random.default_rng([ds.seed, streams.HOST_SUSPECT])
-  if ds.suspect_dir:
-    sus_table = score_folder(config, workdir, scorer, 'suspect', ds.suspect_dir, -1, overwrite)
-    suspect = _features(sus_table, names)
-    keep = ~np.isin(ref_pool_hashes, np.asarray(sus_table['hash']))
-    reference = ref_pool[keep]
-    suspect_info = {
-      'source': f'folder {os.path.abspath(ds.suspect_dir)}',
-      'n': len(suspect),
-      'reference_images_dropped_as_identical': int((~keep).sum()),
-    }
+  pick = None
+  if suspect is not None:  # reference images identical to a suspect image leave the test
+    keep = ~np.isin(ref_pool_hashes, suspect.hashes)
   else:
-    pool = member_pool if ds.suspect == 'members' else ref_pool
+    pool_size = int(member_heldout.sum()) if ds.suspect == 'members' else len(ref_pool_hashes)
     what = (
       "the split's held-out members"
       if ds.suspect == 'members'
       else f'the held-out part of {ref_source}'
     )
-    room = len(pool) - (ds.suspect == 'nonmembers')  # non-member draws leave a reference
+    room = pool_size - (ds.suspect == 'nonmembers')  # non-member draws leave a reference
     if ds.size > room:
       raise validate.ConfigError(
         f'config.dataset.size: {ds.size} images asked of {what}, which can give {room} (its '
         f'calibration fraction fits the combiner and is never drawn); lower it'
       )
-    pick = rng.choice(len(pool), ds.size, replace=False)
-    suspect = pool[pick]
+    pick = np.random.default_rng([ds.seed, streams.HOST_SUSPECT]).choice(
+      pool_size, ds.size, replace=False
+    )
+    keep = np.ones(len(ref_pool_hashes), bool)
     if ds.suspect == 'nonmembers':
-      reference = np.delete(ref_pool, pick, axis=0)
-    else:
-      reference = ref_pool
-    suspect_info = {'source': what, 'n': int(ds.size), 'seed': int(ds.seed)}
-  if not len(reference):
+      keep[pick] = False
+  if not keep.any():
     raise validate.ConfigError(
       f'config.dataset.reference_dir: no held-out reference image is left for the test (of '
-      f'{len(ref_pool)}, {len(ref_pool) - len(reference)} are suspect images); add known '
-      f'non-members'
+      f'{len(keep)}, {int((~keep).sum())} are suspect images); add known non-members'
     )
-  tests = compare_sets(suspect, reference, combiner, ds.alpha)
+  record = suspects.set_record(config, name, fp, suspect, ref_folder)
+  changes, moving = suspects.set_changes(workdir, record)
+  if changes and not overwrite:
+    raise store.AuditConfigMismatch(
+      f'{workdir} holds a suspect set named {name!r} of other inputs '
+      f'({"; ".join(changes[:4])}). Name this one otherwise (config.dataset.name), or pass '
+      f'--overwrite to move that set alone to {workdir}/{store.SUPERSEDED_DIR}/.'
+    )
+  ref_changes, ref_moving = [], []
+  if ref_folder is not None:
+    ref_changes, ref_moving = suspects.reference_changes(workdir, ref_folder.record(fp))
+  if ref_changes and not overwrite:
+    raise store.AuditConfigMismatch(
+      f'{suspects.reference_dir(workdir)} holds scores of another config or folder '
+      f'(config.dataset.reference_dir; {"; ".join(ref_changes[:4])}). Pass --overwrite to move '
+      f'them to {workdir}/{store.SUPERSEDED_DIR}/ (every set keeps its result).'
+    )
+  parallel.sync('dataset_checked')  # every process has read what is there
+  root = suspects.set_dir(workdir, name)
+  if parallel.is_writer():
+    if moving or ref_moving:
+      dest = suspects.move_aside(workdir, moving + ref_moving)
+      logging.warning(
+        '--overwrite: %s moved to %s (%s)',
+        ', '.join(str(p) for p in moving + ref_moving),
+        dest,
+        '; '.join(changes + ref_changes),
+      )
+    root.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_text(root / suspects.SET_JSON, json.dumps(record, indent=1, sort_keys=True))
+    if ref_folder is not None:
+      suspects.reference_dir(workdir).mkdir(parents=True, exist_ok=True)
+      fileio.atomic_write_text(
+        suspects.reference_dir(workdir) / suspects.FOLDER_CONFIG,
+        json.dumps(ref_folder.record(fp), indent=1, sort_keys=True),
+      )
+  parallel.sync('dataset_recorded')
+
+  split = suspects.Images(table, source, 0)
+  if ref_folder is not None:
+    ref_table = _score_folder(
+      config, suspects.reference_dir(workdir), scorer, ref_folder, 0, digest
+    )
+    ref = suspects.Images(
+      ref_table, ref_folder.source, FOLDER_KEY_OFFSETS['reference'], ref_folder.files
+    )
+  else:
+    ref = suspects.Images({k: v[~is_member] for k, v in table.items()}, source, 0)
+  member_features, ref_features = _features(table, names)[is_member], _features(ref.table, names)
+  combiner = fit_combiner(member_features[~member_heldout], ref_features[~ref_heldout], names)
+  member_pool, ref_pool = member_features[member_heldout], ref_features[ref_heldout]
+  reference = ref_pool[keep]
+  if suspect is not None:
+    sus_table = _score_folder(config, root, scorer, suspect, -1, digest)
+    sus = suspects.Images(sus_table, suspect.source, FOLDER_KEY_OFFSETS['suspect'], suspect.files)
+    sus_rows = np.arange(len(suspect))
+    suspect_info = {
+      'source': f'folder {suspect.path}',
+      'n': len(suspect),
+      'reference_images_dropped_as_identical': int((~keep).sum()),
+    }
+  else:
+    if ds.suspect == 'members':
+      sus, sus_rows = split, np.flatnonzero(is_member)[member_heldout][pick]
+    else:
+      sus, sus_rows = ref, np.flatnonzero(ref_heldout)[pick]
+    suspect_info = {'source': what, 'n': int(ds.size), 'seed': int(ds.seed)}
+  suspect_features = _features(sus.table, names)[sus_rows]
+  tests = compare_sets(suspect_features, reference, combiner, ds.alpha)
   power = power_curve(
     member_pool,
     ref_pool,
@@ -475,11 +463,15 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
     alpha=ds.alpha,
     seed=ds.seed,
   )
+  evidence = results_lib.strongest_suspects(
+    config, scorer, sus, sus_rows, combiner.score(suspect_features), table
+  )
   fit_what = (
     f'the calibration fraction (audit.calibration_fraction = {a.calibration_fraction}, '
     f"seed {config.seed}) of the split's members and of {ref_source}"
   )
   result = {
+    'name': name,
     'alpha': float(ds.alpha),
     'primary': COMBINED,
     'reject': tests[COMBINED]['reject'],
@@ -504,6 +496,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
     },
     'tests': tests,
     'power': power,
+    'evidence': [
+      {k: v for k, v in e.items() if k not in suspects.EVIDENCE_ARRAYS} for e in evidence
+    ],
     'validity': [
       f'The combiner saw only {fit_what}.',
       'The test reference is the held-out rest of the reference, less any image drawn into '
@@ -515,13 +510,14 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
       'the normal approximation where method is "normal").',
       'The verdict is the combined test; per-attack tests are not corrected for multiplicity.',
     ],
-    'fingerprint': store.fingerprint(config, scorer.target),
+    'fingerprint': fp,
     'config': json.loads(json.dumps(ds.to_dict(), default=list)),
   }
   result = json.loads(json.dumps(result))
   if parallel.is_writer():
+    suspects.save_evidence(root, evidence)
     fileio.atomic_write_text(
-      epath.Path(workdir) / store.DATASET_JSON, json.dumps(result, indent=1, sort_keys=True)
+      root / suspects.RESULT_JSON, json.dumps(result, indent=1, sort_keys=True)
     )
   parallel.sync('dataset_written')
   results_lib.write_results(config, workdir, scorer, source)
@@ -529,10 +525,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-  """A plain-text summary of ``dataset.json`` for the terminal."""
+  """A plain-text summary of a set's ``dataset.json`` for the terminal."""
   lines = [
-    f'suspect: {result["suspect"]["source"]} ({result["suspect"]["n"]} images); '
-    f'reference: {result["reference"]["source"]} ({result["reference"]["n_test"]} '
+    f'suspect set {result["name"]}: {result["suspect"]["source"]} ({result["suspect"]["n"]} '
+    f'images); reference: {result["reference"]["source"]} ({result["reference"]["n_test"]} '
     f'held-out images in the test)',
     f'{"test":10s} {"p-value":>10s} {"AUC":>7s} {"method":>7s}  verdict',
   ]
@@ -547,4 +543,7 @@ def format_summary(result: dict[str, Any]) -> str:
     entry = power[kind]
     rates = ', '.join(f'{n}: {r:.2f}' for n, r in zip(entry['sizes'], entry[COMBINED]['rate']))
     lines.append(f'power curve {label} ({kind}, {power["repetitions"]} sets per size): {rates}')
+  strongest = [e.get('file') or f'#{e["index"]}' for e in result.get('evidence', ())]
+  if strongest:
+    lines.append(f'strongest suspects (combined score): {", ".join(strongest)}')
   return '\n'.join(lines)

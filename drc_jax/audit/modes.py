@@ -82,7 +82,7 @@ def run(config, workdir: str, mode: str, overwrite: bool = False) -> dict | None
   ``config.audit.checkpoint`` names a target or the workdir holds an imported one
   (``python -m drc_jax.convert``), then audits and writes the report. 'dataset' tests a suspect
   set against known non-members (``config.dataset``; scoring what the audit has not) on a target
-  already there. Returns the metrics of the audit modes, the ``dataset.json`` contents of
+  already there. Returns the metrics of the audit modes, the suspect set's result of
   'dataset'.
   """
   if mode not in MODES:

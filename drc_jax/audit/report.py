@@ -219,11 +219,26 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
   return _html_table(header, rows) + '\n' + note
 
 
-def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str]:
-  """The dataset-inference section (``dataset.json`` of ``--mode=dataset``)."""
+def _suspect_caption(item: Mapping[str, Any]) -> str:
+  """A strongest suspect's panel title, its combined score and rank, and which image it is."""
+  caption = (
+    plots.evidence_title(item) + f'; combined score {item["combined"]:.4g} (#{item["rank"]})'
+  )
+  if item.get('file'):
+    caption += f', {item["file"]}'
+  elif item.get('label_name'):
+    caption += f', {item["label_name"]}'
+  return caption + (f', sha256 {item["sha256"][:16]}' if item.get('sha256') else '')
+
+
+def _dataset_html(dataset: Mapping[str, Any], report_dir: str, number: int) -> list[str]:
+  """The section of one suspect set (its ``dataset.json`` of ``--mode=dataset``): the verdict,
+  the tests, the combiner, the power curve with the set's size marked, and DRC's panels of its
+  strongest suspects. Its figures go to ``report_dir/dataset_<number>_*.png``."""
   sus, ref = dataset['suspect'], dataset['reference']
+  name = str(dataset.get('name') or sus['source'])
   parts = [
-    '<h2>Dataset inference</h2>',
+    f'<h3>Suspect set {html.escape(name)}</h3>',
     f'<p><b>Verdict (combined test): {html.escape(dataset["verdict"])}</b>. Suspect set: '
     f'{html.escape(str(sus["source"]))}, {sus["n"]} images; reference: '
     f'{html.escape(str(ref["source"]))}, {ref["n_test"]} held-out images in the test '
@@ -278,9 +293,9 @@ def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str
   )
   power = dataset.get('power')
   if power:
-    parts.append('<h3>Power curve</h3>')
-    if power_png:
-      parts.append(_img_tag(power_png, 'power curve'))
+    parts.append('<h4>Power curve</h4>')
+    png = os.path.join(report_dir, f'dataset_{number:02d}_power.png')
+    parts.append(_img_tag(plots.plot_power_curve(power, png, sus['n']), f'power curve, {name}'))
     sizes = sorted(set(power['members']['sizes']) | set(power['nonmembers']['sizes']))
     rows = []
     for n in sizes:
@@ -319,6 +334,21 @@ def _dataset_html(dataset: Mapping[str, Any], power_png: str | None) -> list[str
       f'(tested against the rest of them); {html.escape(power["interval"])} intervals '
       f'(the sets share one pool, so the intervals are approximate).</p>'
     )
+  evidence = dataset.get('evidence') or ()
+  if evidence:
+    parts += [
+      '<h4>Strongest suspects</h4>',
+      f'<p class="note">DRC on the {len(evidence)} suspect images of highest combined score '
+      "(original | degraded | restored | difference); the DRC score's percentile among the "
+      "audit's non-members and DRC's calibrated decision, as in the evidence below.</p>",
+    ]
+    for i, item in enumerate(evidence):
+      png = os.path.join(report_dir, f'dataset_{number:02d}_strongest_{i:02d}.png')
+      caption = _suspect_caption(item)
+      parts.append(
+        f'<figure>{_img_tag(plots.evidence_panel(item, png), caption)}'
+        f'<figcaption>{html.escape(caption)}</figcaption></figure>'
+      )
   return parts
 
 
@@ -380,7 +410,7 @@ def write_report(
   config_summary: str = '',
   agree: Mapping[str, Sequence[Any]] | None = None,
   samples: Mapping[str, Any] | None = None,
-  dataset: Mapping[str, Any] | None = None,
+  datasets: Sequence[Mapping[str, Any]] = (),
   heldout: np.ndarray | None = None,
   smoke: bool = False,
 ) -> str:
@@ -399,7 +429,8 @@ def write_report(
       the table has both, else the agree plot is left out.
     samples: ``samples.load_or_generate`` output (the target's samples and their figures), or
       None to leave the section out.
-    dataset: the ``dataset.json`` of ``--mode=dataset``, shown in a dataset-inference section.
+    datasets: the results of ``--mode=dataset``, one per suspect set (``suspects.read_results``:
+      each with its ``name`` and ``evidence`` items), each in its own section.
     heldout: bool [rows], the held-out images the ROC curves are drawn on (None: every image).
     smoke: a runlocal (smoke) run: the verdict says its figures mean nothing about membership.
 
@@ -444,7 +475,7 @@ def write_report(
     f'<style>{_CSS}</style>\n</head>\n<body>',
     '<h1>Membership inference audit</h1>',
     # The verdict first: a smoke run, a failed control, what detects membership, each set.
-    _verdict_html(summary.verdict(metrics, [dataset] if dataset else [], smoke), smoke),
+    _verdict_html(summary.verdict(metrics, datasets, smoke), smoke),
     f'<p>{int((split == 1).sum())} members, {int((split == 0).sum())} non-members; attacks: '
     f'{html.escape(", ".join(plots.attack_names(table)))}.</p>',
   ]
@@ -506,15 +537,14 @@ def write_report(
     parts += ['<h2>Per-image calibration (held-out images)</h2>', calibration]
   for title, path in figures:
     parts += [f'<h2>{html.escape(title)}</h2>', _img_tag(path, title)]
-  if dataset:
-    power_png = (
-      plots.plot_power_curve(
-        dataset['power'], os.path.join(report_dir, 'power.png'), dataset['suspect']['n']
-      )
-      if dataset.get('power')
-      else None
-    )
-    parts += _dataset_html(dataset, power_png)
+  if datasets:
+    parts += [
+      '<h2>Dataset inference</h2>',
+      f'<p class="note">{len(datasets)} suspect set(s), each tested on its own against the '
+      'held-out reference (a one-sided test of the combined score).</p>',
+    ]
+    for number, dataset in enumerate(datasets):
+      parts += _dataset_html(dataset, report_dir, number)
   if evidence:
     parts.append('<h2>Evidence</h2>')
     for kind, items in groups.items():

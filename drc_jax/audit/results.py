@@ -18,6 +18,7 @@ from drc_jax.audit import generated as generated_lib
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
+from drc_jax.audit import suspects as suspects_lib
 from drc_jax.core import errors, fileio, parallel, records, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.drc import scorer as drc_lib
@@ -186,9 +187,8 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
       'smoke': bool(config.get('smoke_run', False)),
     }
     save_report_inputs(workdir, **inputs)
-    report_lib.write_report(
-      workdir, metrics=metrics, dataset=read_dataset_result(config, workdir, target), **inputs
-    )
+    datasets = suspects_lib.read_results(workdir, store.fingerprint(config, target))
+    report_lib.write_report(workdir, metrics=metrics, datasets=datasets, **inputs)
   parallel.sync('report_written')
   return metrics
 
@@ -205,7 +205,7 @@ _SAMPLE_ARRAYS = ('samples', 'nearest', 'nearest_pos', 'nearest_distance', 'is_c
 def save_report_inputs(
   workdir: str, *, table, evidence, config_summary, agree, samples, heldout, smoke=False
 ) -> None:
-  """Writes what ``report.write_report`` draws (besides ``metrics.json`` and ``dataset.json``)
+  """Writes what ``report.write_report`` draws (besides ``metrics.json`` and the suspect sets)
   to ``W/report/inputs.{npz,json}``: the score table with its derived columns, the evidence
   images, the target's samples and their nearest members, the held-out rows."""
   arrays = {f'table/{k}': np.asarray(v) for k, v in table.items()}
@@ -273,8 +273,9 @@ def load_report_inputs(workdir: str) -> dict:
 
 
 def redraw(workdir: str) -> dict:
-  """``report.html`` again from what the audit saved (``metrics.json``, the report inputs, a
-  ``dataset.json`` of the same scores): no config, no model, nothing recomputed. Returns metrics."""
+  """``report.html`` again from what the audit saved (``metrics.json``, the report inputs, every
+  suspect set of the same scores with its evidence panels): no config, no model, nothing
+  recomputed. Returns metrics."""
   wd = epath.Path(workdir)
   metrics_path = wd / 'metrics.json'
   if not metrics_path.exists():
@@ -283,18 +284,9 @@ def redraw(workdir: str) -> dict:
     metrics_path, errors.WorkdirError, '; run --mode=audit to write it again'
   )
   inputs = load_report_inputs(workdir)
-  dataset = None
-  if (wd / store.DATASET_JSON).exists():
-    dataset = records.read_json(
-      wd / store.DATASET_JSON,
-      errors.WorkdirError,
-      '; delete it and rerun --mode=dataset to compute it again',
-    )
-    if dataset.get('fingerprint') != store.recorded_fingerprint(workdir):
-      logging.warning('%s was computed from scores of another audit: not in the report', wd)
-      dataset = None
+  datasets = suspects_lib.read_results(workdir, store.recorded_fingerprint(workdir))
   if parallel.is_writer():
-    report_lib.write_report(workdir, metrics=metrics, dataset=dataset, **inputs)
+    report_lib.write_report(workdir, metrics=metrics, datasets=datasets, **inputs)
   return metrics
 
 
@@ -326,34 +318,30 @@ def _samples(config, workdir: str, table, scorer, source) -> dict | None:
   return info
 
 
-def read_dataset_result(config, workdir: str, target) -> dict | None:
-  """``dataset.json`` when it was computed from this config's scores, else None."""
-  path = epath.Path(workdir) / store.DATASET_JSON
-  if not path.exists():
-    return None
-  result = records.read_json(
-    path, errors.WorkdirError, '; delete it and rerun --mode=dataset to compute it again'
-  )
-  if result.get('fingerprint') != store.fingerprint(config, target):
-    logging.warning('%s was computed from scores of another config: not in the report', path)
-    return None
-  return result
+def median_restoration(sims) -> int:
+  """The restoration a panel shows: the one whose similarity is the image's median (the lower
+  middle one for even K), the typical restoration, not a lucky or unlucky one."""
+  return int(np.argsort(np.asarray(sims), kind='stable')[(len(sims) - 1) // 2])
 
 
-def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> list[dict]:
-  """Recomputes the DRC evidence (exact: keys are per image) for the selected rows."""
-  picks = _pick_evidence(table, metrics, config.audit.num_evidence)
-  rows = np.asarray([r for _, r in picks])
+def drc_panels(config, scorer, source, indices, key_indices):
+  """DRC's restorations of images ``indices`` of ``source``, recomputed exactly with the keys
+  their scores were drawn with (derived from ``key_indices``, as ``scoring.score_images`` did).
+
+  Returns:
+    (originals [n, H, W, C], degraded [n, K, H, W, C], restored [n, K, H, W, C]).
+  """
   mesh, params = scorer.mesh, scorer.target.params
-  bs = config.audit.batch_size
-  idx = table['index'][rows]
-  pad = np.resize(idx, -(-len(idx) // bs) * bs)  # fixed batch shape: one compiled program
+  bs, n = config.audit.batch_size, len(indices)
+  indices, key_indices = np.asarray(indices), np.asarray(key_indices)
+  pad = np.resize(np.arange(n), -(-n // bs) * bs)  # fixed batch shape: one compiled program
   originals, degraded, restored = [], [], []
   for lo in range(0, len(pad), bs):
-    images, _, _ = data_lib.load_images(source, pad[lo : lo + bs], config.data)
+    pos = pad[lo : lo + bs]
+    images, _, _ = data_lib.load_images(source, indices[pos], config.data)
     originals.append(images)
-    keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], pad[lo : lo + bs])
-    side, _ = scorer.side_fn(source, pad[lo : lo + bs])
+    keys = drc_lib.image_keys(config.seed, streams.ATTACKS['drc'], key_indices[pos])
+    side, _ = scorer.side_fn(source, indices[pos])
     d, r = scorer.evidence_fn(
       params,
       parallel.shard_batch(mesh, keys),
@@ -363,17 +351,22 @@ def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> l
     )
     degraded.append(parallel.to_host(d))
     restored.append(parallel.to_host(r))
-  degraded, restored = np.concatenate(degraded), np.concatenate(restored)
-  originals = np.concatenate(originals)  # the images just restored: read once
+  # the images just restored: read once
+  return tuple(np.concatenate(x)[:n] for x in (originals, degraded, restored))
+
+
+def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> list[dict]:
+  """Recomputes the DRC evidence (exact: keys are per image) for the selected rows."""
+  picks = _pick_evidence(table, metrics, config.audit.num_evidence)
+  idx = table['index'][np.asarray([r for _, r in picks])]
+  originals, degraded, restored = drc_panels(config, scorer, source, idx, idx)
   s = table['score/drc']
   non = s[table['split'] == 0]
   thr = metrics['drc']['calibrated']['threshold']
   out = []
   for j, (kind, r) in enumerate(picks):
-    sims = table['drc/sim'][r]  # [K]
-    # The restoration whose similarity is the image's median (the lower middle one for even K):
-    # the typical restoration, not a lucky or unlucky one; all K are shown as thumbnails.
-    k_med = int(np.argsort(sims, kind='stable')[(len(sims) - 1) // 2])
+    sims = table['drc/sim'][r]  # [K]; all K are shown as thumbnails
+    k_med = median_restoration(sims)
     out.append(
       {
         'kind': kind,
@@ -383,6 +376,58 @@ def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> l
         'score': float(s[r]),
         'percentile': float(metrics_lib.percentile_among(s[r : r + 1], non)[0]),
         'decision': 'member' if s[r] >= thr else 'non-member',
+        'original': originals[j],
+        'degraded': degraded[j, k_med],
+        'restored': restored[j, k_med],
+        'shown_restoration': k_med,
+        'restorations': restored[j],
+        'similarities': sims.tolist(),
+        'comparator': config.drc.comparator,
+      }
+    )
+  return out
+
+
+def strongest_suspects(
+  config, scorer, images: suspects_lib.Images, rows, combined, split_table
+) -> list[dict]:
+  """DRC's panels of the suspects of highest combined score (``audit.num_evidence`` of them),
+  recomputed exactly from the keys their scores were drawn with. As in the audit's panels, each
+  DRC score's percentile among the audit's non-members and DRC's calibrated decision."""
+  n = min(int(config.audit.num_evidence), len(rows))
+  if scorer.evidence_fn is None or not n:
+    return []
+  order = np.argsort(-np.asarray(combined), kind='stable')[:n]
+  picked, t = np.asarray(rows)[order], images.table
+  idx = np.asarray(t['index'], np.int64)[picked]
+  originals, degraded, restored = drc_panels(
+    config, scorer, images.source, idx, idx + images.key_offset
+  )
+  s, members = np.asarray(split_table['score/drc']), np.asarray(split_table['split']) == 1
+  a = config.audit
+  thr = metrics_lib.calibrate(
+    s[members], s[~members], fraction=a.calibration_fraction, seed=config.seed
+  )['threshold']
+  out = []
+  for j, r in enumerate(picked):
+    sims = np.asarray(t['drc/sim'][r], np.float64)
+    k_med = median_restoration(sims)
+    score = float(t['score/drc'][r])
+    out.append(
+      {
+        'kind': 'strongest',
+        'split': 'suspect',
+        'index': int(idx[j]),
+        'rank': j + 1,
+        'combined': float(combined[order[j]]),
+        'file': images.files[idx[j]] if images.files else None,
+        'label_name': (
+          None if images.files else data_lib.label_name(images.source, int(t['label'][r]))
+        ),
+        'sha256': str(t['hash'][r]),
+        'score': score,
+        'percentile': float(metrics_lib.percentile_among([score], s[~members])[0]),
+        'decision': 'member' if score >= thr else 'non-member',
         'original': originals[j],
         'degraded': degraded[j, k_med],
         'restored': restored[j, k_med],

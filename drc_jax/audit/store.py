@@ -32,7 +32,7 @@ from drc_jax.targets import encoders
 
 AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
-DATASET_JSON = 'dataset.json'  # written by --mode=dataset (dataset_inference.py)
+DATASET_JSON = 'dataset.json'  # a suspect set's result, --mode=dataset (suspects.py)
 SUPERSEDED_DIR = 'superseded'
 # The results of one audit, in the order they move aside (the record of what they are, last).
 RESULTS = (

@@ -174,7 +174,8 @@ def _strength(name: str, m: Mapping[str, Any]) -> str:
       f'{fmt_pct0(cal["fpr"])} of held-out non-members'
     )
   if m.get('model_calls') is not None:
-    text += f' ({fmt_nfe(m["model_calls"])} model calls per image)'
+    calls = m['model_calls']
+    text += f' ({fmt_nfe(calls)} model call{"" if calls == 1 else "s"} per image)'
   return text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 
@@ -25,6 +26,8 @@ COMPARATORS = tuple(compare_lib.COMPARATORS) + compare_lib.ENCODER_COMPARATORS
 ATTACKS = tuple(attacks_lib.ATTACKS)
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
 SUSPECT_DRAWS = ('members', 'nonmembers')  # config.dataset.suspect (experiments)
+# config.dataset.name: a safe file name (it names the set's folder W/dataset/suspects/<name>)
+SET_NAME = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}')
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -301,7 +304,8 @@ def _check_calibration(audit) -> None:
 
 def check_dataset(config, require_suspect: bool = False) -> None:
   """Checks ``config.dataset``; with ``require_suspect`` (``--mode=dataset``), that one suspect set
-  is named: a folder (``suspect_dir``) or a draw from the split (``suspect``), not both."""
+  is named: a folder (``suspect_dir``) or a draw from the split (``suspect``), not both, and that
+  its name (``dataset_name``) is a safe file name."""
   d = config.dataset
   _require(
     d.suspect in ('',) + SUSPECT_DRAWS,
@@ -318,6 +322,8 @@ def check_dataset(config, require_suspect: bool = False) -> None:
     d.power_repetitions >= 1,
     f'config.dataset.power_repetitions: {d.power_repetitions} (expected >= 1)',
   )
+  if d.name:
+    dataset_name(config)
   if not require_suspect:
     return
   _require(
@@ -329,3 +335,30 @@ def check_dataset(config, require_suspect: bool = False) -> None:
   for field in ('suspect_dir', 'reference_dir'):
     path = d[field]
     _require(not path or os.path.isdir(path), f'config.dataset.{field}: {path} is not a directory')
+  dataset_name(config)
+
+
+def dataset_name(config) -> str:
+  """The suspect set's name: ``config.dataset.name``, else the suspect folder's name, else
+  ``members-<size>`` / ``nonmembers-<size>`` for a drawn set ('' when no set is named).
+
+  Raises:
+    ConfigError: the name is not a safe file name (1-100 letters, digits, '-', '_' or '.', not
+      starting with '.'), naming ``config.dataset.name``.
+  """
+  d = config.dataset
+  if d.name:
+    name, why = d.name, ''
+  elif d.suspect_dir:
+    name = os.path.basename(os.path.normpath(d.suspect_dir))
+    why = f' (the name of config.dataset.suspect_dir {d.suspect_dir})'
+  elif d.suspect:
+    name, why = f'{d.suspect}-{d.size}', ''
+  else:
+    return ''
+  _require(
+    SET_NAME.fullmatch(name) is not None,
+    f'config.dataset.name: {name!r}{why} is not a safe file name (1-100 letters, digits, "-", '
+    f'"_" or ".", not starting with "."); set config.dataset.name',
+  )
+  return name

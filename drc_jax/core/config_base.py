@@ -153,11 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.audit.calibration_fpr = 0.01  # 'quantile': predict each image's non-member 1 - this quantile
   c.audit.calibration_l2 = 1e-3  # 'quantile': ridge penalty on the standardized feature weights
   c.audit.bootstrap = 1000  # bootstrap resamples for 95% intervals
-  c.audit.num_evidence = 4  # evidence panels per kind (highest, lowest, borderline)
+  c.audit.num_evidence = 4  # panels per kind (highest, lowest, borderline; strongest suspects)
   c.audit.num_samples = 256  # target samples for the report's sample-quality check (0 = none)
 
   c.dataset = ml_collections.ConfigDict()  # --mode=dataset (dataset_inference.py)
   c.dataset.suspect_dir = ''  # image folder of the suspect set ('' = draw it, see dataset.suspect)
+  c.dataset.name = ''  # the set's name ('' = its folder's, or members-<size> / nonmembers-<size>)
   c.dataset.suspect = ''  # experiments: 'members' or 'nonmembers' of the split's held-out part
   c.dataset.size = 50  # suspect images drawn when dataset.suspect is set
   c.dataset.reference_dir = ''  # image folder of known non-members ('' = the split's non-members)

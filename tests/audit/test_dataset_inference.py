@@ -1,5 +1,6 @@
 """Dataset inference: the combiner by hand, the test's false-positive rate, --mode=dataset."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from conftest import load_config
 from PIL import Image
 
 from drc_jax.audit import dataset_inference as DI
-from drc_jax.audit import metrics, results, stats, store, validate
+from drc_jax.audit import metrics, stats, store, suspects, validate
 from drc_jax.audit import modes as pipeline
 from drc_jax.core import errors
 from drc_jax.data import sources as D
@@ -134,6 +135,17 @@ def test_dataset_config_errors_name_the_field(tmp_path):
   c.dataset.suspect, c.dataset.suspect_dir = '', str(tmp_path / 'nope')
   with pytest.raises(validate.ConfigError, match='config.dataset.suspect_dir: .*nope is not a dir'):
     validate.check_dataset(c, require_suspect=True)
+  # A set is named after its folder, or its draw, unless config.dataset.name names it.
+  c.dataset.suspect_dir = str(tmp_path)
+  assert validate.dataset_name(c) == tmp_path.name
+  c.dataset.suspect_dir, c.dataset.suspect, c.dataset.size = '', 'nonmembers', 20
+  assert validate.dataset_name(c) == 'nonmembers-20'
+  c.dataset.name = 'mine_v2.1'
+  assert validate.dataset_name(c) == 'mine_v2.1'
+  for bad in ('.hidden', 'a/b', 'x' * 101, 'é'):
+    c.dataset.name = bad
+    with pytest.raises(validate.ConfigError, match=r'config.dataset.name: .* not a safe file name'):
+      validate.check(c)
   for field, value in (
     ('calibration', 'isotonic'),
     ('calibration_fpr', 0.0),
@@ -209,14 +221,34 @@ def _count_writes(monkeypatch):
   return written
 
 
+def _check_evidence(wd, result, n):
+  """The set's saved panels are of its n suspects of highest combined score, and exact: the shown
+  restoration's MSE on the removed pixels is the similarity its DRC score was computed from."""
+  (saved,) = [
+    r
+    for r in suspects.read_results(wd, store.recorded_fingerprint(wd))
+    if r['name'] == result['name']
+  ]
+  items = saved['evidence']
+  assert [e['rank'] for e in items] == list(range(1, n + 1))
+  assert [e['combined'] for e in items] == sorted((e['combined'] for e in items), reverse=True)
+  for e in items:
+    assert e['split'] == 'suspect' and e['restorations'].shape[0] == len(e['similarities'])
+    region = np.all(e['degraded'] == 0, axis=-1)  # removed pixels are 0 (mid grey)
+    assert 0 < region.sum() < region.size
+    mse = np.mean(np.square(e['original'] - e['restored'])[region])
+    assert -mse == pytest.approx(e['similarities'][e['shown_restoration']], rel=1e-3, abs=1e-7)
+
+
 def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
   wd = _copy(audited, tmp_path)
   written = _count_writes(monkeypatch)
   c = _config(suspect='members', size=5)
   result = pipeline.run(c, wd, 'dataset')
   assert written == []  # every image of the split was scored by the audit already
-  saved = json.loads(open(f'{wd}/dataset.json').read())
-  assert saved == result
+  saved = json.loads(open(f'{wd}/dataset/suspects/members-5/dataset.json').read())
+  assert saved == result and result['name'] == 'members-5'
+  _check_evidence(wd, result, 1)  # runlocal: audit.num_evidence = 1
   assert list(result['tests']) == ['combined', *ATTACKS]
   for t in result['tests'].values():
     assert 0.0 <= t['p_value'] <= 1.0 and (t['n_suspect'], t['n_reference']) == (5, 26)
@@ -241,17 +273,25 @@ def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
     cal = m[name]['per_image_calibration']
     assert cal['n_members'] == cal['n_nonmembers'] == 26 and cal['fit']['n_nonmembers'] == 6
     assert set(cal['raw']) >= {'auc', 'tpr_at_1pct_fpr', 'tpr_at_0p1pct_fpr'}
-  # Non-member suspects leave the reference: 26 - 5 references in the test.
+  # Non-member suspects leave the reference: 26 - 5 references in the test. A set of another
+  # name is kept beside the first.
   result = pipeline.run(_config(suspect='nonmembers', size=5), wd, 'dataset')
   assert result['tests']['combined']['n_reference'] == 21 and written == []
+  assert result['name'] == 'nonmembers-5'
+  _check_evidence(wd, result, 1)
+  kept = suspects.read_results(wd, store.recorded_fingerprint(wd))
+  assert [r['name'] for r in kept] == ['members-5', 'nonmembers-5']
   with pytest.raises(validate.ConfigError, match='config.dataset.size: 27 images'):
     pipeline.run(_config(suspect='members', size=27), wd, 'dataset')
-  # --mode=report redraws the dataset section from dataset.json (same scores); 'none' leaves the
-  # per-image calibration out.
+  # --mode=report redraws from what was saved, the dataset section included, whatever the config
+  # says; --mode=audit with calibration 'none' recomputes the results from the same scores
+  # without the per-image calibration.
   c = _config()
   c.audit.calibration = 'none'
-  m = pipeline.run(c, wd, 'report')
-  assert all('per_image_calibration' not in m[name] for name in ATTACKS)
+  assert pipeline.run(c, wd, 'report') == json.loads(open(f'{wd}/metrics.json').read())
+  assert 'Per-image calibration' in open(f'{wd}/report.html').read()
+  m = pipeline.run(c, wd, 'audit')
+  assert all('per_image_calibration' not in m[name] for name in ATTACKS) and written == []
   html = open(f'{wd}/report.html').read()
   assert 'Dataset inference' in html and 'Per-image calibration' not in html
 
@@ -271,9 +311,11 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   c = _config(suspect_dir=str(folder))
   result = pipeline.run(c, wd, 'dataset')
   assert [n for _, n in written] == [6]  # only the folder: one shard of its 6 images
-  assert written[0][0].endswith(os.path.join('dataset', 'suspect', 'scores', 'shard_00000.npz'))
+  assert written[0][0].endswith(
+    os.path.join('dataset', 'suspects', 'suspects', 'scores', 'shard_00000.npz')
+  )
   assert result['suspect']['n'] == 6 and result['tests']['combined']['n_reference'] == 26
-  scored = store.load_scores(f'{wd}/dataset/suspect')
+  scored = store.load_scores(f'{wd}/dataset/suspects/suspects')
   assert scored['split'].tolist() == [-1] * 6
   for name in DETERMINISTIC:  # the folder images are the split's: the same scores up to float32
     # rounding at another batch position (SecMI's small difference of DDIM states: about 1e-4)
@@ -282,7 +324,9 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   again = pipeline.run(c, wd, 'dataset')  # resumes: nothing scored again, same answer
   assert len(written) == 1 and again['tests'] == result['tests']
   Image.fromarray(raw[0, ..., 0]).save(folder / 'img_99.png')  # the folder changed
-  with pytest.raises(store.AuditConfigMismatch, match='config.dataset.suspect_dir'):
+  with pytest.raises(
+    store.AuditConfigMismatch, match=r"set named 'suspects' of other inputs \(suspect.num_images"
+  ):
     pipeline.run(c, wd, 'dataset')
   result = pipeline.run(c, wd, 'dataset', overwrite=True)
   assert result['suspect']['n'] == 7 and [n for _, n in written] == [6, 7]
@@ -296,6 +340,9 @@ def test_mode_dataset_scores_a_suspect_folder_once(audited, tmp_path, monkeypatc
   for i, im in enumerate(D.FashionMnistSource('train').read(table['index'][non_rows])[0]):
     Image.fromarray(im[..., 0]).save(ref / f'b_other_{i}.png')
   c = _config(suspect_dir=str(folder), reference_dir=str(ref))
+  with pytest.raises(store.AuditConfigMismatch, match=r'other inputs \(reference.folder: None'):
+    pipeline.run(c, wd, 'dataset')  # the set 'suspects' was tested against the split
+  c.dataset.name = 'against-a-folder'
   result = pipeline.run(c, wd, 'dataset')
   _, ref_heldout = metrics.calibration_split(32, 10, fraction=0.2, seed=0)
   dropped = int(ref_heldout[:2].sum())  # the two copies sort first
@@ -309,9 +356,18 @@ def _tree(wd) -> dict[str, bytes]:
   return {str(p.relative_to(wd)): p.read_bytes() for p in Path(wd).rglob('*') if p.is_file()}
 
 
-def test_a_new_suspect_folder_never_loses_the_old_scores(audited, tmp_path, monkeypatch):
+def _sha256_tree(wd) -> dict[str, str]:
+  """Every file under the workdir (the lock file aside) with the SHA-256 of its bytes."""
+  return {
+    k: hashlib.sha256(v).hexdigest() for k, v in _tree(wd).items() if '.drc_jax.lock' not in k
+  }
+
+
+def test_many_suspect_sets_keep_their_results_and_a_bad_one_changes_nothing(
+  audited, tmp_path, monkeypatch
+):
   wd = _copy(audited, tmp_path)
-  raw, _ = D.FashionMnistSource('train').read(np.arange(4))
+  raw, _ = D.FashionMnistSource('train').read(np.arange(6))
 
   def folder(name, images):
     f = tmp_path / name
@@ -320,32 +376,106 @@ def test_a_new_suspect_folder_never_loses_the_old_scores(audited, tmp_path, monk
       Image.fromarray(im).save(f / f'{name}_{i}.png')
     return str(f)
 
+  # Two folders in one workdir: the second needs no --overwrite and both keep their results.
   first = folder('first', raw[:3, ..., 0])
-  pipeline.run(_config(suspect_dir=first), wd, 'dataset')
-  old = store.load_scores(f'{wd}/dataset/suspect')
-  pipeline.run(_config(suspect_dir=folder('second', raw[:2, ..., 0])), wd, 'dataset', True)
-  (moved,) = Path(wd, store.SUPERSEDED_DIR).glob('*/dataset/suspect')
-  np.testing.assert_array_equal(store.load_scores(str(moved))['score/loss'], old['score/loss'])
-  assert json.loads((moved / DI.FOLDER_CONFIG).read_text())['folder'] == first
-  before = _tree(wd)
-  rgb = np.repeat(raw[3], 3, axis=-1)
+  one = pipeline.run(_config(suspect_dir=first), wd, 'dataset')
+  two = pipeline.run(_config(suspect_dir=folder('second', raw[3:5, ..., 0])), wd, 'dataset')
+  assert (one['name'], two['name']) == ('first', 'second')
+  assert (one['suspect']['n'], two['suspect']['n']) == (3, 2)
+  _check_evidence(wd, one, 1)
+  kept = suspects.read_results(wd, store.recorded_fingerprint(wd))
+  assert [r['name'] for r in kept] == ['first', 'second']
+  for r, want in zip(kept, (one, two)):
+    assert r['tests'] == want['tests'] and r['verdict'] == want['verdict']
+  assert not Path(wd, store.SUPERSEDED_DIR).exists()
+
+  def report_shows_both():
+    page = open(f'{wd}/report.html').read()
+    verdict = page[page.index('id="verdict"') : page.index('</section>')]
+    for name in ('first (3 images)', 'second (2 images)'):
+      assert f'Suspect set {name}' in verdict
+    for name in ('first', 'second'):
+      assert f'<h3>Suspect set {name}</h3>' in page
+    assert page.count('<h4>Strongest suspects</h4>') == 2 and 'first_' in page
+
+  report_shows_both()
+  pipeline.run(_config(), wd, 'report')  # the redraw from the workdir alone shows them too
+  report_shows_both()
+
+  # A third folder under the name of an existing set, with --overwrite, fails its checks before
+  # any file moves: not one byte of the workdir changes.
+  before = _sha256_tree(wd)
+  rgb = np.repeat(raw[5], 3, axis=-1)
   mixed = folder('mixed', [raw[0, ..., 0], raw[1, ..., 0], rgb])  # the RGB file in batch 2
-  monkeypatch.setattr(DI, '_FOLDER_HASH_BATCH', 2)
+  monkeypatch.setattr(suspects, '_HASH_BATCH', 2)
   with pytest.raises(D.DataError, match=r'mixed_2.png is RGB but .*mixed_0.png is grayscale'):
-    pipeline.run(_config(suspect_dir=mixed), wd, 'dataset', True)
+    pipeline.run(_config(suspect_dir=mixed, name='first'), wd, 'dataset', True)
   with pytest.raises(D.DataError, match=r'color: its images have 3 channel\(s\) but config.data'):
-    pipeline.run(_config(suspect_dir=folder('color', [rgb, rgb])), wd, 'dataset', True)
-  after = _tree(wd)
-  assert {k: v for k, v in after.items() if '.drc_jax.lock' not in k} == {
-    k: v for k, v in before.items() if '.drc_jax.lock' not in k
+    pipeline.run(
+      _config(suspect_dir=folder('color', [rgb, rgb]), name='first'), wd, 'dataset', True
+    )
+  broken = folder('broken', raw[:2, ..., 0])
+  Path(broken, 'broken_1.png').write_bytes(b'\x89PNG not an image')
+  with pytest.raises(D.DataError, match=r'broken_1.png: unreadable or corrupt image'):
+    pipeline.run(_config(suspect_dir=broken, name='first'), wd, 'dataset', True)
+  with pytest.raises(validate.ConfigError, match=r"config.dataset.name: '\.\./first' is not"):
+    pipeline.run(_config(suspect_dir=first, name='../first'), wd, 'dataset', True)
+  with pytest.raises(validate.ConfigError, match=r"config.dataset.name: 'my set' \(the name of"):
+    pipeline.run(_config(suspect_dir=folder('my set', raw[:2, ..., 0])), wd, 'dataset', True)
+  # A valid folder under a taken name: refused without --overwrite, nothing moved.
+  third = folder('third', raw[2:4, ..., 0])
+  with pytest.raises(store.AuditConfigMismatch, match=r"suspect set named 'first' of other"):
+    pipeline.run(_config(suspect_dir=third, name='first'), wd, 'dataset')
+  assert _sha256_tree(wd) == before
+
+  # With --overwrite, only that set's files move aside; the other set is untouched.
+  three = pipeline.run(_config(suspect_dir=third, name='first'), wd, 'dataset', True)
+  assert three['suspect']['n'] == 2 and three['suspect']['source'] == f'folder {third}'
+  (moved,) = Path(wd, store.SUPERSEDED_DIR).glob('*/dataset/suspects/first')
+  after = _sha256_tree(wd)
+  prefix = f'{store.SUPERSEDED_DIR}/{moved.parent.parent.parent.name}/'
+  assert {k[len(prefix) :]: v for k, v in after.items() if k.startswith(prefix)} == {
+    k: v for k, v in before.items() if k.startswith('dataset/suspects/first/')
   }
+  for k, v in before.items():  # the other set, and the shared files of the audit, as they were
+    if k.startswith(('dataset/suspects/second/', 'scores/', 'split.json', 'audit_config.json')):
+      assert after[k] == v, k
+  assert json.loads((moved / suspects.SET_JSON).read_text())['suspect']['folder'] == first
+  kept = suspects.read_results(wd, store.recorded_fingerprint(wd))
+  assert [(r['name'], r['suspect']['n']) for r in kept] == [('first', 2), ('second', 2)]
 
 
 def test_a_damaged_dataset_json_and_a_one_image_reference_are_one_line(audited, tmp_path):
   wd = _copy(audited, tmp_path)
+  # The one set of an earlier drc_jax (W/dataset.json) is read as a set named after its source,
+  # and only a new set of that name would move it aside.
+  fp = store.recorded_fingerprint(wd)
+  legacy = {
+    'suspect': {'source': 'folder /data/old-set', 'n': 3},
+    'config': {'suspect_dir': '/data/old-set', 'suspect': ''},
+    'fingerprint': fp,
+  }
+  Path(wd, store.DATASET_JSON).write_text(json.dumps(legacy))
+  (got,) = suspects.read_results(wd, fp)
+  assert got['name'] == 'old-set' and got['evidence'] == []
+  assert suspects.read_results(wd, {'another': 'audit'}) == []
+  changes, paths = suspects.set_changes(wd, {'name': 'old-set'})
+  assert [str(p) for p in paths] == [str(Path(wd, store.DATASET_JSON))]
+  assert 'the one set of an earlier drc_jax' in changes[0]
+  assert suspects.set_changes(wd, {'name': 'new-set'}) == ([], [])
+  assert suspects.legacy_name({'config': {'suspect': 'members', 'size': 50}}) == 'members-50'
+  # A set whose panels cannot be read is a one-line error naming the file; a set of other scores
+  # is left out unread.
+  broken = suspects.set_dir(wd, 'broken')
+  broken.mkdir(parents=True)
+  (broken / suspects.RESULT_JSON).write_text(json.dumps({'fingerprint': fp, 'evidence': [{}]}))
+  (broken / suspects.EVIDENCE_NPZ).write_bytes(b'PK not a zip')
+  with pytest.raises(errors.WorkdirError, match=r'broken/evidence.npz: unreadable .*rerun --mode'):
+    suspects.read_results(wd, fp)
+  assert [r['name'] for r in suspects.read_results(wd, {'another': 'audit'})] == []
   Path(wd, store.DATASET_JSON).write_text('{"tests": ')
   with pytest.raises(errors.WorkdirError, match=r'dataset.json: not valid JSON .*rerun --mode'):
-    results.read_dataset_result(None, wd, None)
+    suspects.read_results(wd, None)
   ref = tmp_path / 'ref'
   ref.mkdir()
   raw, _ = D.FashionMnistSource('train').read(np.arange(1))

@@ -214,12 +214,38 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
     ),
     'validity': ['The combiner saw only <calibration> images.'],
   }
-  text = open(report.write_report(str(tmp_path), table, m, [], dataset=dataset)).read()
+  strongest = dict(
+    _evidence(table, channels=1)[0],
+    kind='strongest',
+    split='suspect',
+    rank=1,
+    combined=2.5,
+    file='sub/img_07.png',
+    sha256='ab' * 32,
+  )
+  other = dict(
+    dataset, name='nonmembers-30', verdict='no evidence of training use (p = 0.4)', evidence=[]
+  )
+  datasets = [dict(dataset, name='my_photos', evidence=[strongest]), other]
+  text = open(report.write_report(str(tmp_path), table, m, [], datasets=datasets)).read()
   assert '<h2>Per-image calibration (held-out images)</h2>' in text
   assert 'TPR@1%FPR calibrated' in text
-  assert '<h2>Dataset inference</h2>' in text and 'member data detected' in text
+  assert text.count('<h2>Dataset inference</h2>') == 1 and 'member data detected' in text
+  # One section per set, each with its power curve; the verdict at the top names both.
+  assert text.index('id="verdict"') < text.index('<h3>Suspect set my_photos</h3>')
+  assert text.index('<h3>Suspect set my_photos</h3>') < text.index('<h3>Suspect set nonmembers-30')
+  verdict = text[: text.index('</section>')]
+  assert 'Suspect set my_photos (30 images)' in verdict
+  assert 'Suspect set nonmembers-30 (30 images)' in verdict
+  assert 'no evidence of training use (p = 0.4)' in text
   assert 'FPR &lt;= alpha within its CI' in text and '&lt;calibration&gt;' in text
-  assert (tmp_path / 'report' / 'power.png').exists()
+  assert (tmp_path / 'report' / 'dataset_00_power.png').exists()
+  assert (tmp_path / 'report' / 'dataset_01_power.png').exists()
+  # The strongest suspect's panel, in its set's section only, named by its file.
+  assert text.count('<h4>Strongest suspects</h4>') == 1
+  assert 'strongest: suspect #' in text and 'combined score 2.5 (#1), sub/img_07.png' in text
+  assert (tmp_path / 'report' / 'dataset_00_strongest_00.png').exists()
+  assert not (tmp_path / 'report' / 'dataset_01_strongest_00.png').exists()
   # Size 50 exceeds the member pool (40), not half the reference pool: non-member sets only.
   assert '<tr><td>50</td><td>-</td>' in text
 
