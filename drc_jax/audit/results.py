@@ -19,7 +19,7 @@ from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
 from drc_jax.audit import suspects as suspects_lib
-from drc_jax.core import errors, fileio, parallel, records, streams
+from drc_jax.core import errors, fileio, parallel, progress, records, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.drc import scorer as drc_lib
 
@@ -336,6 +336,7 @@ def drc_panels(config, scorer, source, indices, key_indices):
   indices, key_indices = np.asarray(indices), np.asarray(key_indices)
   pad = np.resize(np.arange(n), -(-n // bs) * bs)  # fixed batch shape: one compiled program
   originals, degraded, restored = [], [], []
+  bar = progress.Progress('restoring the evidence panels', n, 'images')
   for lo in range(0, len(pad), bs):
     pos = pad[lo : lo + bs]
     images, _, _ = data_lib.load_images(source, indices[pos], config.data)
@@ -351,6 +352,8 @@ def drc_panels(config, scorer, source, indices, key_indices):
     )
     degraded.append(parallel.to_host(d))
     restored.append(parallel.to_host(r))
+    bar.update(min(bs, n - lo))
+  bar.close()
   # the images just restored: read once
   return tuple(np.concatenate(x)[:n] for x in (originals, degraded, restored))
 
