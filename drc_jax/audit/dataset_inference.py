@@ -17,24 +17,31 @@ images into their own resumable shards (a suspect folder's in its set's folder
 
 Who sees what (``metrics.calibration_split``: the audit's calibration fraction, same seed):
 
-* the combiner, an L2-regularized logistic regression on the attacks' standardized scores, is
-  fitted on the calibration fraction of the members and of the reference, and on nothing else;
+* the combiner (``combiners.py``, ``dataset.combiner``) is fitted on the calibration fraction of
+  the reference, and on nothing else: by default (``'zsum'``) the sum of the attacks' scores
+  standardized by those reference images, which uses no member labels; ``'member_labels'``, a
+  logistic regression, also reads the calibration fraction of the target's members (an
+  insider's power);
 * the test compares the suspect set with the held-out reference, less any image drawn into the
   suspect set and any image identical (SHA-256) to a suspect image;
 * the suspect images never fit anything.
 
 So under the null hypothesis "the suspect images are non-members like the reference", suspect and
 test-reference scores are exchangeable given the combiner, and the one-sided Mann-Whitney U test
-(``stats.mann_whitney_greater``: exact without ties when small enough, else the normal
-approximation) has P(p < alpha) <= alpha. The verdict is the combined test's (one pre-declared
-test); the per-attack tests are reported beside it, each at alpha, uncorrected for multiplicity.
+(``stats.mann_whitney_greater``: exact without ties when small enough; with ties exact conditional
+on the tied groups, or a permutation p-value; else the normal approximation) has
+P(p < alpha) <= alpha. The verdict is the combined test's (one pre-declared test); the per-attack
+tests are reported beside it, each at alpha, uncorrected for multiplicity.
 
 The power curve repeats the test on random suspect sets of each size in ``dataset.power_sizes``:
 drawn from the held-out members (true-positive rate) and from the held-out reference (false-positive
 rate, with the rest of the held-out reference as the test reference), each with a Clopper-Pearson
-95% interval. A random partition of one pool of non-members makes the exact test exact
-conditionally on the pool, so each non-member repetition rejects with probability at most alpha.
-The repetitions share one pool, so the binomial interval is approximate.
+95% interval; the false-positive rate passes its check only when the interval's upper end is at
+most alpha (``stats.false_positive_check``), which needs ``stats.repetitions_to_show(alpha)``
+repetitions at least (368 at alpha = 0.01). A random partition of one pool of non-members makes
+the exact test exact conditionally on the pool, so each non-member repetition rejects with
+probability at most alpha. The repetitions share one pool, so the binomial interval is
+approximate.
 
 A workdir keeps any number of suspect sets, each under its name (``suspects.py``): its result
 goes to ``W/dataset/suspects/<name>/dataset.json`` with DRC's panels of its strongest suspects;
@@ -43,7 +50,6 @@ the report shows a section per set (``report.html``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any
@@ -51,14 +57,13 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from drc_jax.audit import combiners, stats, store, suspects, validate
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import results as results_lib
 from drc_jax.audit import scoring as audit_lib
-from drc_jax.audit import stats, store, suspects, validate
 from drc_jax.core import fileio, parallel, streams
 
 COMBINED = 'combined'
-COMBINER_L2 = 1e-2  # ridge penalty of the logistic combiner (standardized scores, balanced classes)
 # Attack keys of folder images derive from their position plus an offset per role, so a folder
 # image shares no key with a dataset image (indices < 2^31) or with the reference folder (suspect
 # folders share one offset: sets are never compared with each other).
@@ -66,96 +71,12 @@ FOLDER_KEY_OFFSETS = {'suspect': 2**31, 'reference': 2**31 + 2**30}
 
 
 # ----------------------------------------------------------------------------------------------
-# The combiner.
-
-
-@dataclasses.dataclass(frozen=True)
-class Combiner:
-  """A linear combination of the attacks' scores, higher = member.
-
-  Attributes:
-    names: the attacks, in feature order.
-    mean, scale: float64 [A], the standardization (of the fitting images).
-    weights: float64 [A], logistic-regression weights on standardized scores.
-    bias: the intercept (irrelevant to the rank test; kept for the probability).
-  """
-
-  names: tuple[str, ...]
-  mean: np.ndarray
-  scale: np.ndarray
-  weights: np.ndarray
-  bias: float
-
-  def score(self, features) -> np.ndarray:
-    """The combined score of each row of ``features`` [N, A]: [N]."""
-    return ((np.asarray(features, np.float64) - self.mean) / self.scale) @ self.weights
-
-
-def _objective(beta, z, y, w, l2):
-  f = z @ beta
-  loss = np.sum(w * (np.logaddexp(0.0, f) - y * f))  # balanced log loss
-  return loss + 0.5 * l2 * np.sum(beta[1:] ** 2)
-
-
-def fit_combiner(
-  member_features, nonmember_features, names, l2: float = COMBINER_L2, max_steps: int = 100
-) -> Combiner:
-  """L2-regularized logistic regression of membership on standardized scores (damped Newton).
-
-  Minimizes ``sum_i c_i (log(1 + e^f_i) - y_i f_i) + l2 / 2 |w|^2`` with ``f = b + w . z``, class
-  weights ``c_i`` of 1 / (2 P) for members and 1 / (2 N) for non-members (balanced), and ``z`` the
-  scores standardized by the fitting images' mean and standard deviation. The intercept is not
-  penalized. Strictly convex for ``l2 > 0``, so the Newton steps (halved until the objective
-  decreases) reach the unique minimum.
-
-  Args:
-    member_features: float [P, A], P >= 1.
-    nonmember_features: float [N, A], N >= 1.
-    names: the A attack names.
-    l2: the ridge penalty, > 0.
-    max_steps: Newton steps at most.
-
-  Returns:
-    A ``Combiner``.
-  """
-  mem = np.asarray(member_features, np.float64)
-  non = np.asarray(nonmember_features, np.float64)
-  if mem.ndim != 2 or non.ndim != 2 or mem.shape[1] != non.shape[1] or not len(mem) or not len(non):
-    raise ValueError(f'combiner features must be [P, A] and [N, A], got {mem.shape}, {non.shape}')
-  if l2 <= 0:
-    raise ValueError(f'l2 must be > 0, got {l2}')
-  x = np.concatenate([mem, non])
-  y = np.concatenate([np.ones(len(mem)), np.zeros(len(non))])
-  w = np.concatenate([np.full(len(mem), 0.5 / len(mem)), np.full(len(non), 0.5 / len(non))])
-  mean = x.mean(axis=0)
-  scale = x.std(axis=0)
-  scale = np.where(scale > 0, scale, 1.0)
-  z = np.concatenate([np.ones((len(x), 1)), (x - mean) / scale], axis=1)  # [P + N, 1 + A]
-  penalty = np.diag(np.r_[0.0, np.full(x.shape[1], l2)])
-  beta = np.zeros(z.shape[1])
-  current = _objective(beta, z, y, w, l2)
-  for _ in range(max_steps):
-    p = 1.0 / (1.0 + np.exp(-(z @ beta)))
-    grad = z.T @ (w * (p - y)) + penalty @ beta
-    hess = z.T @ (z * (w * p * (1 - p))[:, None]) + penalty
-    step = np.linalg.solve(hess + 1e-12 * np.eye(len(beta)), grad)
-    t = 1.0
-    while t > 1e-8:
-      new = _objective(beta - t * step, z, y, w, l2)
-      if new <= current:
-        break
-      t /= 2
-    beta, current = beta - t * step, new
-    if np.max(np.abs(t * step)) < 1e-10:
-      break
-  return Combiner(tuple(names), mean, scale, beta[1:], float(beta[0]))
-
-
-# ----------------------------------------------------------------------------------------------
 # The test.
 
 
-def compare_sets(suspect, reference, combiner: Combiner, alpha: float) -> dict[str, dict[str, Any]]:
+def compare_sets(
+  suspect, reference, combiner: combiners.Combiner, alpha: float
+) -> dict[str, dict[str, Any]]:
   """The one-sided test per attack and on the combined score.
 
   Args:
@@ -227,7 +148,7 @@ def _verdict(p: float, alpha: float, n: int, m: int) -> str:
 def power_curve(
   member_pool,
   reference_pool,
-  combiner: Combiner,
+  combiner: combiners.Combiner,
   *,
   sizes,
   repetitions: int,
@@ -251,10 +172,14 @@ def power_curve(
     seed: seed of the draws.
 
   Returns:
-    {``alpha``, ``repetitions``, ``interval`` ('Clopper-Pearson 95%'), ``pools``, and per kind
-    ('members', 'nonmembers'): ``sizes`` and per test name (combined and each attack)
-    ``rejections``, ``rate`` and ``ci95`` (one per size); for 'nonmembers' also
-    ``within_alpha`` (per size: the interval's lower end is at most alpha)}.
+    {``alpha``, ``repetitions``, ``repetitions_needed`` (the fewest that can show a false-positive
+    rate <= alpha: ``stats.repetitions_to_show``), ``interval`` ('Clopper-Pearson 95%'),
+    ``pools``, and per kind ('members', 'nonmembers'): ``sizes`` and per test name (combined and
+    each attack) ``rejections``, ``rate`` and ``ci95`` (one per size); for 'nonmembers' also, per
+    test name and size, ``fpr_upper`` (the interval's upper end), ``within_alpha`` (it is at most
+    alpha: the false-positive rate is shown <= alpha) and ``fpr_check`` (``stats.
+    false_positive_check``'s status: 'shown', 'not shown', 'too few repetitions', 'exceeds
+    alpha')}.
   """
   member_pool = np.asarray(member_pool, np.float64)
   reference_pool = np.asarray(reference_pool, np.float64)
@@ -267,6 +192,7 @@ def power_curve(
   out: dict[str, Any] = {
     'alpha': float(alpha),
     'repetitions': int(repetitions),
+    'repetitions_needed': stats.repetitions_to_show(alpha),
     'interval': 'Clopper-Pearson 95%',
     'seed': int(seed),
     'pools': {'members': len(members), 'reference': len(reference)},
@@ -294,9 +220,13 @@ def power_curve(
         entry[name]['rate'].append(k / repetitions)
         entry[name]['ci95'].append(list(stats.clopper_pearson(k, repetitions)))
     if kind == 'nonmembers':
-      entry['within_alpha'] = {
-        name: [lo <= alpha for lo, _ in entry[name]['ci95']] for name in names
+      checks = {
+        name: [stats.false_positive_check(k, repetitions, alpha) for k in entry[name]['rejections']]
+        for name in names
       }
+      for field, key in (('fpr_upper', 'upper'), ('within_alpha', 'within_alpha')):
+        entry[field] = {name: [c[key] for c in checks[name]] for name in names}
+      entry['fpr_check'] = {name: [c['status'] for c in checks[name]] for name in names}
     out[kind] = entry
   return out
 
@@ -434,7 +364,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
   else:
     ref = suspects.Images({k: v[~is_member] for k, v in table.items()}, source, 0)
   member_features, ref_features = _features(table, names)[is_member], _features(ref.table, names)
-  combiner = fit_combiner(member_features[~member_heldout], ref_features[~ref_heldout], names)
+  combiner = combiners.fit(
+    ds.combiner, member_features[~member_heldout], ref_features[~ref_heldout], names
+  )
   member_pool, ref_pool = member_features[member_heldout], ref_features[ref_heldout]
   reference = ref_pool[keep]
   if suspect is not None:
@@ -466,10 +398,15 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
   evidence = results_lib.strongest_suspects(
     config, scorer, sus, sus_rows, combiner.score(suspect_features), table
   )
-  fit_what = (
+  fraction = (
     f'the calibration fraction (audit.calibration_fraction = {a.calibration_fraction}, '
-    f"seed {config.seed}) of the split's members and of {ref_source}"
+    f'seed {config.seed}) of'
   )
+  if combiner.kind == combiners.MEMBER_LABELS:
+    fit_what = f"{fraction} the split's members (their member labels) and of {ref_source}"
+  else:
+    fit_what = f'{fraction} {ref_source} (no member label, no member)'
+
   result = {
     'name': name,
     'alpha': float(ds.alpha),
@@ -483,17 +420,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
       'n_fit': int((~ref_heldout).sum()),
       'n_heldout': len(ref_pool),
     },
-    'combiner': {
-      'kind': 'logistic',
-      'l2': COMBINER_L2,
-      'features': list(names),
-      'weights': dict(zip(names, combiner.weights.tolist())),
-      'fit': {
-        'n_members': int((~member_heldout).sum()),
-        'n_nonmembers': int((~ref_heldout).sum()),
-        'images': fit_what,
-      },
-    },
+    'combiner': combiners.record(combiner, (~member_heldout).sum(), (~ref_heldout).sum(), fit_what),
     'tests': tests,
     'power': power,
     'evidence': [
@@ -506,8 +433,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict[str, Any]:
       'anything.',
       'Under the null hypothesis (suspect images are non-members distributed like the '
       'reference) suspect and reference scores are exchangeable given the combiner, so the '
-      'one-sided Mann-Whitney test rejects with probability at most alpha (exact p-values; '
-      'the normal approximation where method is "normal").',
+      'one-sided Mann-Whitney test rejects with probability at most alpha (exact p-values, '
+      'conditional on the tied groups where there are ties, or a permutation p-value; the '
+      'normal approximation where method is "normal").',
       'The verdict is the combined test; per-attack tests are not corrected for multiplicity.',
     ],
     'fingerprint': fp,
@@ -538,11 +466,26 @@ def format_summary(result: dict[str, Any]) -> str:
       f'{"detected" if t["reject"] else "-"}'
     )
   lines.append(f'verdict (combined): {result["verdict"]}')
+  lines.append(f'combiner: {combiners.describe(result["combiner"])}')
   power = result['power']
   for kind, label in (('members', 'TPR'), ('nonmembers', 'FPR')):
     entry = power[kind]
     rates = ', '.join(f'{n}: {r:.2f}' for n, r in zip(entry['sizes'], entry[COMBINED]['rate']))
     lines.append(f'power curve {label} ({kind}, {power["repetitions"]} sets per size): {rates}')
+  upper = power['nonmembers'].get('fpr_upper', {}).get(COMBINED)
+  if upper is not None:
+    status = power['nonmembers']['fpr_check'][COMBINED]
+    lines.append(
+      f'FPR upper bound (Clopper-Pearson 95%; <= alpha = {power["alpha"]:g} shows the rate): '
+      + ', '.join(
+        f'{n}: {u:.3f} {c}' for n, u, c in zip(power['nonmembers']['sizes'], upper, status)
+      )
+    )
+    if power['repetitions'] < power['repetitions_needed']:
+      lines.append(
+        f'  {power["repetitions"]} sets per size cannot show FPR <= alpha even with no rejection: '
+        f'it needs {power["repetitions_needed"]} (config.dataset.power_repetitions)'
+      )
   strongest = [e.get('file') or f'#{e["index"]}' for e in result.get('evidence', ())]
   if strongest:
     lines.append(f'strongest suspects (combined score): {", ".join(strongest)}')

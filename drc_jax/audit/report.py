@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from drc_jax.audit import combiners, plots, summary
 from drc_jax.audit import metrics as metrics_lib
-from drc_jax.audit import plots, summary
 from drc_jax.core import fileio
 
 SCORE_PREFIX = 'score/'
@@ -279,12 +279,11 @@ def _dataset_html(dataset: Mapping[str, Any], report_dir: str, number: int) -> l
     )
   )
   comb = dataset['combiner']
-  weights = ', '.join(f'{k} {v:+.3f}' for k, v in comb['weights'].items())
+  labels = combiners.uses_member_labels(comb)
   parts.append(
-    f'<p class="note">Combiner: {html.escape(comb["kind"])} regression (ridge '
-    f'{comb["l2"]:g}) on standardized scores, weights {html.escape(weights)}; fitted on '
-    f'{comb["fit"]["n_members"]} members and {comb["fit"]["n_nonmembers"]} non-members.'
-    '</p>'
+    f'<p class="note"><b>Combiner: {html.escape(str(comb["kind"]))}, '
+    f'{"uses member labels" if labels else "no member labels"}</b>: '
+    f'{html.escape(combiners.describe(comb))}.</p>'
   )
   parts.append(
     '<ul class="note">'
@@ -310,11 +309,7 @@ def _dataset_html(dataset: Mapping[str, Any], report_dir: str, number: int) -> l
           )
         else:
           row.append('-')
-      within = power['nonmembers'].get('within_alpha', {}).get('combined', [])
-      nonmember_sizes = power['nonmembers']['sizes']
-      row.append(
-        ('yes' if within[nonmember_sizes.index(n)] else 'NO') if n in nonmember_sizes else '-'
-      )
+      row += _fpr_check_cells(power, n)
       rows.append(row)
     parts.append(
       _html_table(
@@ -322,7 +317,7 @@ def _dataset_html(dataset: Mapping[str, Any], report_dir: str, number: int) -> l
           'suspect set size',
           'member sets: TPR [95% CI]',
           'non-member sets: FPR [95% CI]',
-          'FPR <= alpha within its CI',
+          'FPR upper bound <= alpha',
         ],
         rows,
       )
@@ -332,8 +327,17 @@ def _dataset_html(dataset: Mapping[str, Any], report_dir: str, number: int) -> l
       f'{power["pools"]["members"]} held-out members (tested against the held-out '
       f'reference) and from the {power["pools"]["reference"]} held-out references '
       f'(tested against the rest of them); {html.escape(power["interval"])} intervals '
-      f'(the sets share one pool, so the intervals are approximate).</p>'
+      f'(the sets share one pool, so the intervals are approximate). The false-positive rate is '
+      f'shown at most alpha = {power["alpha"]:g} only when its upper bound is; a test whose rate '
+      f'is alpha itself stays "not shown" at any number of sets.</p>'
     )
+    needed = power.get('repetitions_needed')
+    if needed and power['repetitions'] < needed:
+      parts.append(
+        f'<p class="note"><b>{power["repetitions"]} sets per size cannot show a false-positive '
+        f'rate at most alpha even with no rejection</b>: that needs {needed} '
+        '(config.dataset.power_repetitions).</p>'
+      )
   evidence = dataset.get('evidence') or ()
   if evidence:
     parts += [
@@ -350,6 +354,20 @@ def _dataset_html(dataset: Mapping[str, Any], report_dir: str, number: int) -> l
         f'<figcaption>{html.escape(caption)}</figcaption></figure>'
       )
   return parts
+
+
+def _fpr_check_cells(power: Mapping[str, Any], n: int) -> list[str]:
+  """The combined test's false-positive check at size n: its upper bound and status (a result
+  of an earlier drc_jax checked the interval's lower end instead, and says so)."""
+  entry = power['nonmembers']
+  if n not in entry['sizes']:
+    return ['-']
+  i = entry['sizes'].index(n)
+  if 'fpr_upper' not in entry:
+    within = entry.get('within_alpha', {}).get('combined', [])
+    return [('lower end <= alpha' if within[i] else 'NO') + ' (earlier check)']
+  upper, status = entry['fpr_upper']['combined'][i], entry['fpr_check']['combined'][i]
+  return [f'{summary.fmt_percent(upper)}: {"yes" if status == "shown" else status}']
 
 
 def _img_tag(png_path: str, alt: str) -> str:

@@ -7,6 +7,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from drc_jax.audit import combiners
+
 
 def tpr_columns(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
   """(metric key, label) of every TPR@FPR in ``metrics``: tpr_at_0p1pct_fpr -> 'TPR@0.1%FPR'."""
@@ -238,9 +240,11 @@ def verdict(
   for d in datasets:
     primary = d['tests'][d.get('primary', 'combined')]
     name = d.get('name') or d['suspect']['source']
+    uses_labels = combiners.uses_member_labels(d.get('combiner') or {})
     out.append(
       f'Suspect set {name} ({d["suspect"]["n"]} images): '
       f'{"detected" if primary["reject"] else "no evidence of membership"} '
-      f'(p = {p_text(primary["p_value"])}, alpha {d["alpha"]:g}).'
+      f'(p = {p_text(primary["p_value"])}, alpha {d["alpha"]:g}; combiner '
+      f'{"fitted on labelled members" if uses_labels else "using no member labels"}).'
     )
   return out

@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from drc_jax.audit import store
+from drc_jax.audit import combiners, store
 from drc_jax.core import errors, fileio, records
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
@@ -173,6 +173,7 @@ def set_record(config, name: str, fingerprint: dict, suspect, reference) -> dict
     'suspect': images,
     'reference': ref,
     'alpha': float(ds.alpha),
+    'combiner': ds.combiner,
     'seed': int(ds.seed),
     'power_sizes': [int(n) for n in ds.power_sizes],
     'power_repetitions': int(ds.power_repetitions),
@@ -213,7 +214,8 @@ def set_changes(workdir: str, record: dict) -> tuple[list[str], list[epath.Path]
   if root.exists():
     try:
       old = records.read_json(root / SET_JSON, errors.WorkdirError)
-      changes += store.diff(old, record)
+      # A set of an earlier drc_jax (no 'combiner') was combined with member labels.
+      changes += store.diff({'combiner': combiners.MEMBER_LABELS, **old}, record)
     except errors.WorkdirError as e:
       changes.append(f'{e} (unknown inputs)')
     if changes:

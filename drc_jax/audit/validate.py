@@ -10,6 +10,7 @@ import jax
 
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import calibration as calibration_lib
+from drc_jax.audit import combiners as combiners_lib
 from drc_jax.core import errors, streams
 from drc_jax.data import splits as splits_lib
 from drc_jax.drc import compare as compare_lib
@@ -310,6 +311,10 @@ def check_dataset(config, require_suspect: bool = False) -> None:
   _require(
     d.suspect in ('',) + SUSPECT_DRAWS,
     f'config.dataset.suspect: {d.suspect!r} not in {("",) + SUSPECT_DRAWS}',
+  )
+  _require(
+    d.combiner in combiners_lib.KINDS,
+    f'config.dataset.combiner: {d.combiner!r} not in {combiners_lib.KINDS}',
   )
   _require(d.size >= 1, f'config.dataset.size: {d.size} (expected >= 1)')
   _require(0.0 < d.alpha < 0.5, f'config.dataset.alpha: {d.alpha} not in (0, 0.5)')

@@ -11,8 +11,8 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
+from drc_jax.audit import combiners, metrics, stats, store, suspects, validate
 from drc_jax.audit import dataset_inference as DI
-from drc_jax.audit import metrics, stats, store, suspects, validate
 from drc_jax.audit import modes as pipeline
 from drc_jax.core import errors
 from drc_jax.data import sources as D
@@ -25,7 +25,7 @@ def test_combiner_hand_case():
   # One member at +1, one non-member at -1 (already standardized): by symmetry b = 0, and the
   # optimality condition of  1/2 log(1 + e^-w) + 1/2 log(1 + e^-w) + l2/2 w^2  is
   # l2 w = 1 / (1 + e^w).
-  c = DI.fit_combiner([[1.0]], [[-1.0]], ['a'], l2=0.01)
+  c = combiners.fit_logistic([[1.0]], [[-1.0]], ['a'], l2=0.01)
   w = c.weights[0]
   assert abs(c.bias) < 1e-9 and w > 0
   assert 0.01 * w == pytest.approx(1 / (1 + np.exp(w)), abs=1e-12)
@@ -36,7 +36,7 @@ def test_combiner_weights_the_informative_score_and_is_optimal():
   rng = np.random.default_rng(0)
   members = rng.normal(size=(60, 3)) * [1, 1, 5] + [0, 1.5, 0]  # only column 1 carries signal
   nonmembers = rng.normal(size=(400, 3)) * [1, 1, 5]
-  c = DI.fit_combiner(members, nonmembers, ['x', 'signal', 'wide'])
+  c = combiners.fit_logistic(members, nonmembers, ['x', 'signal', 'wide'])
   assert c.weights[1] > 0.5 and abs(c.weights[0]) < 0.3 and abs(c.weights[2]) < 0.3
   # The gradient of the balanced, penalized log loss vanishes at the fit.
   x = np.concatenate([members, nonmembers])
@@ -44,13 +44,15 @@ def test_combiner_weights_the_informative_score_and_is_optimal():
   cw = np.r_[np.full(60, 0.5 / 60), np.full(400, 0.5 / 400)]
   z = (x - c.mean) / c.scale
   p = 1 / (1 + np.exp(-(z @ c.weights + c.bias)))
-  grad_w = z.T @ (cw * (p - y)) + DI.COMBINER_L2 * c.weights
+  grad_w = z.T @ (cw * (p - y)) + combiners.COMBINER_L2 * c.weights
   assert np.max(np.abs(grad_w)) < 1e-9 and abs(np.sum(cw * (p - y))) < 1e-9
 
 
 def test_compare_sets_reports_each_attack_and_the_combination():
   rng = np.random.default_rng(1)
-  combiner = DI.fit_combiner(rng.normal(1, 1, (50, 2)), rng.normal(0, 1, (50, 2)), ['a', 'b'])
+  combiner = combiners.fit_logistic(
+    rng.normal(1, 1, (50, 2)), rng.normal(0, 1, (50, 2)), ['a', 'b']
+  )
   suspect, reference = rng.normal(1, 1, (20, 2)), rng.normal(0, 1, (100, 2))
   out = DI.compare_sets(suspect, reference, combiner, alpha=0.01)
   assert list(out) == ['combined', 'a', 'b']
@@ -69,7 +71,9 @@ def test_compare_sets_reports_each_attack_and_the_combination():
 
 def test_a_set_too_small_to_ever_reject_says_so():
   rng = np.random.default_rng(3)
-  combiner = DI.fit_combiner(rng.normal(1, 1, (50, 2)), rng.normal(0, 1, (50, 2)), ['a', 'b'])
+  combiner = combiners.fit_logistic(
+    rng.normal(1, 1, (50, 2)), rng.normal(0, 1, (50, 2)), ['a', 'b']
+  )
   reference = rng.normal(0, 1, (26, 2))
   one = DI.compare_sets(reference[:1] + 10.0, reference, combiner, alpha=0.01)['combined']
   assert one['smallest_p_value'] == pytest.approx(1 / 27) and one['min_suspects'] == 2
@@ -88,7 +92,7 @@ def test_power_curve_false_positive_rate_stays_within_alpha():
   # so that the false-positive rate is measurable. Non-member sets come from the reference pool
   # and are tested against the rest of it: the rate must be at most alpha within its interval.
   rng = np.random.default_rng(2)
-  combiner = DI.fit_combiner(
+  combiner = combiners.fit_logistic(
     rng.normal(size=(100, 2)) + [1, 0], rng.normal(size=(100, 2)), ['signal', 'noise']
   )
   members, reference = rng.normal(size=(80, 2)) + [1, 0], rng.normal(size=(300, 2))
@@ -98,12 +102,21 @@ def test_power_curve_false_positive_rate_stays_within_alpha():
   assert power['members']['sizes'] == [1, 5, 20] and power['members']['skipped_sizes'] == [100, 200]
   assert power['nonmembers']['sizes'] == [1, 5, 20, 100]
   assert power['nonmembers']['skipped_sizes'] == [200]
+  assert power['repetitions_needed'] == stats.repetitions_to_show(0.05) == 72
+  nonmembers = power['nonmembers']
   for name in ('combined', 'signal', 'noise'):
-    assert all(power['nonmembers']['within_alpha'][name]), power['nonmembers'][name]
-    for k, (lo, hi) in zip(
-      power['nonmembers'][name]['rejections'], power['nonmembers'][name]['ci95']
+    # The rate is at most alpha within its interval; the check reports the interval's upper end
+    # and passes only where it is at most alpha (a test of size alpha itself: seldom).
+    assert all(lo <= 0.05 for lo, _ in nonmembers[name]['ci95']), nonmembers[name]
+    for k, (lo, hi), upper, within, status in zip(
+      nonmembers[name]['rejections'],
+      nonmembers[name]['ci95'],
+      nonmembers['fpr_upper'][name],
+      nonmembers['within_alpha'][name],
+      nonmembers['fpr_check'][name],
     ):
-      assert (lo, hi) == stats.clopper_pearson(k, 400)
+      assert (lo, hi) == stats.clopper_pearson(k, 400) and upper == hi
+      assert within == (hi <= 0.05) and status == ('shown' if within else 'not shown')
   tpr = power['members']['combined']['rate']
   assert tpr[0] < tpr[1] < tpr[2] and tpr[2] > 0.95  # power grows with the set size
   assert max(power['members']['noise']['rate']) < 0.15  # a score without signal has none
@@ -111,6 +124,11 @@ def test_power_curve_false_positive_rate_stays_within_alpha():
     members, reference, combiner, sizes=(1, 5, 20, 100, 200), repetitions=400, alpha=0.05, seed=0
   )
   assert again == power  # seeded
+  # 50 repetitions cannot show a rate <= 0.05 even with no rejection (72 can): said, not passed.
+  few = DI.power_curve(members, reference, combiner, sizes=(5,), repetitions=50, alpha=0.05, seed=0)
+  assert few['repetitions_needed'] == 72
+  assert few['nonmembers']['fpr_check']['combined'] == ['too few repetitions']
+  assert few['nonmembers']['within_alpha']['combined'] == [False]
 
 
 def test_dataset_config_errors_name_the_field(tmp_path):
@@ -122,6 +140,7 @@ def test_dataset_config_errors_name_the_field(tmp_path):
     ('size', 0, 'config.dataset.size'),
     ('power_sizes', (1, 0), 'config.dataset.power_sizes'),
     ('power_repetitions', 0, 'config.dataset.power_repetitions'),
+    ('combiner', 'logistic', 'config.dataset.combiner'),
   ):
     bad = load_config('fashion_mnist', 'runlocal')
     bad.dataset[field] = value
@@ -253,9 +272,14 @@ def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
   for t in result['tests'].values():
     assert 0.0 <= t['p_value'] <= 1.0 and (t['n_suspect'], t['n_reference']) == (5, 26)
     assert t['method'] == 'exact'
-  # 32 members / 32 non-members, calibration fraction 0.2: 6 + 6 fit the combiner, the held-out
-  # 26 + 26 are the pools; non-member sets of size n are tested against the other 26 - n.
-  assert result['combiner']['fit']['n_members'] == result['combiner']['fit']['n_nonmembers'] == 6
+  # 32 members / 32 non-members, calibration fraction 0.2: the default combiner is standardized
+  # on the reference's 6 and reads no member; the held-out 26 + 26 are the pools; non-member sets
+  # of size n are tested against the other 26 - n.
+  comb = result['combiner']
+  assert (comb['kind'], comb['uses_member_labels']) == ('zsum', False)
+  assert comb['fit'] == {'n_members': 0, 'n_nonmembers': 6}
+  assert comb['weights'] == dict.fromkeys(ATTACKS, 1.0)
+  assert 'no member label' in comb['standardized_by']
   assert result['reference'] == {
     'source': "the split's non-members",
     'n_test': 26,
@@ -267,7 +291,32 @@ def test_mode_dataset_reuses_the_audit_scores(audited, tmp_path, monkeypatch):
   assert result['verdict'] == result['tests']['combined']['verdict']
   html = open(f'{wd}/report.html').read()
   assert 'Dataset inference' in html and 'Power curve' in html and 'power curve' in html
-  assert 'Per-image calibration' in html
+  assert 'Per-image calibration' in html and 'Combiner: zsum, no member labels' in html
+  assert 'using no member labels' in html  # the verdict at the top
+  summary = DI.format_summary(result)
+  assert 'combiner: sum of the attacks' in summary and 'uses no member labels' in summary
+  assert 'cannot show FPR <= alpha even with no rejection: it needs 368' in summary
+  # The member-label combiner, an option: fitted on the 6 calibration members too. A set of the
+  # same name and another combiner is other inputs; under its own name it is kept beside.
+  c = _config(suspect='members', size=5, combiner='member_labels')
+  with pytest.raises(store.AuditConfigMismatch, match=r"other inputs \(combiner: 'zsum' -> 'mem"):
+    pipeline.run(c, wd, 'dataset')
+  c.dataset.name = 'members-5-labels'
+  labels = pipeline.run(c, wd, 'dataset')
+  comb = labels['combiner']
+  assert (comb['kind'], comb['uses_member_labels']) == ('member_labels', True)
+  assert comb['fit']['n_members'] == comb['fit']['n_nonmembers'] == 6 and comb['l2'] == 0.01
+  assert "the split's members (their member labels)" in comb['fit']['images']
+  assert labels['tests']['drc'] == result['tests']['drc']  # the attacks' own tests: the same
+  assert 'USES MEMBER LABELS' in DI.format_summary(labels)
+  assert 'Combiner: member_labels, uses member labels' in open(f'{wd}/report.html').read()
+  # A set.json of an earlier drc_jax (no combiner field) was combined with member labels.
+  path = suspects.set_dir(wd, 'members-5-labels') / suspects.SET_JSON
+  old = json.loads(path.read_text())
+  del old['combiner']
+  path.write_text(json.dumps(old))
+  assert pipeline.run(c, wd, 'dataset')['tests'] == labels['tests']
+  shutil.rmtree(suspects.set_dir(wd, 'members-5-labels'))
   m = json.loads(open(f'{wd}/metrics.json').read())
   for name in ATTACKS:
     cal = m[name]['per_image_calibration']

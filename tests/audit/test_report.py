@@ -175,7 +175,7 @@ def test_evidence_caption_names_the_class():
 
 
 def test_dataset_and_per_image_calibration_sections(tmp_path):
-  from drc_jax.audit import calibration, dataset_inference
+  from drc_jax.audit import calibration, combiners, dataset_inference
   from drc_jax.core import config_base
 
   table = _synthetic_table(num_per_split=100)
@@ -186,7 +186,7 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
   for name, entry in calibration.per_image_calibration(c, table, features).items():
     m[name]['per_image_calibration'] = entry
   rng = np.random.default_rng(4)
-  combiner = dataset_inference.fit_combiner(
+  combiner = combiners.fit_logistic(
     rng.normal(1, 1, (20, 3)), rng.normal(0, 1, (20, 3)), list(ATTACKS)
   )
   dataset = {
@@ -194,12 +194,7 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
     'verdict': 'member data detected (p = 1e-05, alpha = 0.01)',
     'suspect': {'source': 'folder /x', 'n': 30},
     'reference': {'source': 'the split', 'n_test': 80, 'n_fit': 20},
-    'combiner': {
-      'kind': 'logistic',
-      'l2': 0.01,
-      'weights': {'drc': 1.0},
-      'fit': {'n_members': 20, 'n_nonmembers': 20},
-    },
+    'combiner': combiners.record(combiner, 20, 20, 'calibration members and reference'),
     'tests': dataset_inference.compare_sets(
       rng.normal(1, 1, (30, 3)), rng.normal(0, 1, (80, 3)), combiner, 0.01
     ),
@@ -223,10 +218,29 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
     file='sub/img_07.png',
     sha256='ab' * 32,
   )
+  # A set of the label-free default, and one of an earlier drc_jax (a 'logistic' combiner
+  # without the flag, the power curve's lower-end check).
   other = dict(
-    dataset, name='nonmembers-30', verdict='no evidence of training use (p = 0.4)', evidence=[]
+    dataset,
+    name='nonmembers-30',
+    verdict='no evidence of training use (p = 0.4)',
+    evidence=[],
+    combiner=combiners.record(
+      combiners.fit_zsum(rng.normal(0, 1, (20, 3)), list(ATTACKS)), 0, 20, 'the reference'
+    ),
   )
-  datasets = [dict(dataset, name='my_photos', evidence=[strongest]), other]
+  power = dataset['power']
+  old_nonmembers = {
+    k: v for k, v in power['nonmembers'].items() if k not in ('fpr_upper', 'fpr_check')
+  }
+  earlier = dict(
+    dataset,
+    name='older',
+    evidence=[],
+    combiner={'kind': 'logistic', 'l2': 0.01, 'weights': {'drc': 1.0}, 'fit': {'n_members': 20}},
+    power=dict(power, nonmembers=old_nonmembers),
+  )
+  datasets = [dict(dataset, name='my_photos', evidence=[strongest]), other, earlier]
   text = open(report.write_report(str(tmp_path), table, m, [], datasets=datasets)).read()
   assert '<h2>Per-image calibration (held-out images)</h2>' in text
   assert 'TPR@1%FPR calibrated' in text
@@ -238,7 +252,17 @@ def test_dataset_and_per_image_calibration_sections(tmp_path):
   assert 'Suspect set my_photos (30 images)' in verdict
   assert 'Suspect set nonmembers-30 (30 images)' in verdict
   assert 'no evidence of training use (p = 0.4)' in text
-  assert 'FPR &lt;= alpha within its CI' in text and '&lt;calibration&gt;' in text
+  assert 'FPR upper bound &lt;= alpha' in text and '&lt;calibration&gt;' in text
+  # Each set says which combiner ran and whether it used member labels (the top too).
+  assert text.count('Combiner: member_labels, uses member labels') == 1
+  assert text.count('Combiner: zsum, no member labels') == 1
+  assert text.count('Combiner: logistic, uses member labels') == 1
+  assert 'USES MEMBER LABELS' in text and 'uses no member labels' in text
+  assert 'combiner using no member labels' in verdict
+  assert 'combiner fitted on labelled members' in verdict
+  # 10 sets per size cannot show a false-positive rate <= 0.01: said (368 needed), not passed.
+  assert text.count('needs 368 (config.dataset.power_repetitions)') == 3
+  assert 'too few repetitions' in text and '(earlier check)' in text
   assert (tmp_path / 'report' / 'dataset_00_power.png').exists()
   assert (tmp_path / 'report' / 'dataset_01_power.png').exists()
   # The strongest suspect's panel, in its set's section only, named by its file.
@@ -291,14 +315,24 @@ def test_the_verdict_names_a_failed_control_and_each_suspect_set():
     'primary': 'combined',
     'suspect': {'source': 'my_photos', 'n': 50},
     'tests': {'combined': {'p_value': 1.5e-6, 'reject': True}},
+    'combiner': {'kind': 'zsum', 'uses_member_labels': False},
   }
+  labels = {'kind': 'member_labels', 'uses_member_labels': True}
   lines = summary.verdict(
-    m, [dataset, {**dataset, 'tests': {'combined': {'p_value': 0.4, 'reject': False}}}]
+    m,
+    [
+      dataset,
+      {**dataset, 'tests': {'combined': {'p_value': 0.4, 'reject': False}}, 'combiner': labels},
+    ],
   )
   assert lines[0] == f'The evaluation is not valid as it stands: {shift}.'
   assert not any(line.startswith('Control:') for line in lines)
-  assert lines[-2] == 'Suspect set my_photos (50 images): detected (p = 1.5e-06, alpha 0.01).'
+  assert lines[-2] == (
+    'Suspect set my_photos (50 images): detected (p = 1.5e-06, alpha 0.01; combiner using no '
+    'member labels).'
+  )
   assert lines[-1].startswith('Suspect set my_photos (50 images): no evidence of membership')
+  assert lines[-1].endswith('combiner fitted on labelled members).')
   m['drc']['generated'] = {'n': 16, 'fpr': 0.5, 'real_nonmember_fpr': 0.1}
   m['loss']['generated'] = {'n': 16, 'fpr': 0.25, 'real_nonmember_fpr': 0.2}
   line = next(x for x in summary.verdict(m) if x.startswith('Generated images'))

@@ -27,15 +27,19 @@ PINNED_RANK_TESTS = [
   (([0.0, 0.05], [0.1, 0.9, 1.5]), (0.0, 1.0, 'exact', 0.978345928594604)),
   ((_S8, _R40), (210.0, 0.08710670896872724, 'exact', 0.08544084642316467)),  # 3652181/41927666
   ((_S30, _R200), (5535.0, 3.8090196854828794e-18, 'exact', 4.404361391680524e-14)),
-  # ties: the normal approximation with the tie-corrected variance, whatever the size
-  (([1.0, 2.0, 2.0, 3.0], [1.0, 1.5, 2.0, 4.0]), (8.5, 0.5, 'normal', 0.5)),
-  (([1.0, 2.0], [1.0, 3.0]), (1.5, 0.7928919108787374, 'normal', 0.7928919108787374)),
-  (([1.0, 1.0], [1.0]), (1.0, 1.0, 'normal', 1.0)),
+  # ties: the exact conditional p-value (counted by hand below or by enumeration in
+  # test_exact_ties_p_value_equals_enumeration); the normal approximation with the tie-corrected
+  # variance when asked for (p normal)
+  # 34 of the C(8, 4) = 70 placements
+  (([1.0, 2.0, 2.0, 3.0], [1.0, 1.5, 2.0, 4.0]), (8.5, 34 / 70, 'exact-ties', 0.5)),
+  (([1.0, 2.0], [1.0, 3.0]), (1.5, 5 / 6, 'exact-ties', 0.7928919108787374)),
+  (([1.0, 1.0], [1.0]), (1.0, 1.0, 'exact-ties', 1.0)),
   (
     ([0, 1, 1, 2, 2, 2, 3, 5], [0, 0, 1, 1, 2, 3, 3, 4, 4, 4]),
-    (36.5, 0.641109966134092, 'normal', 0.641109966134092),
+    (36.5, 27582 / 43758, 'exact-ties', 0.641109966134092),  # of C(18, 8) = 43758
   ),
 ]
+NORMAL = {'exact_max_work': 0, 'ties_max_work': 0, 'permutations': 0}  # the normal approximation
 # (k, n, level) -> the interval, by bisection on the hand-written binomial CDF
 PINNED_CLOPPER_PEARSON = [
   ((0, 200, 0.95), (0.0, 0.01827534035513624)),
@@ -75,7 +79,7 @@ def test_rank_test_keeps_its_pinned_values(samples, want):
     assert t.p_value == p
   else:
     assert t.p_value == pytest.approx(p, rel=1e-12, abs=1e-300)
-  a = stats.mann_whitney_greater(s, r, exact_max_work=0)
+  a = stats.mann_whitney_greater(s, r, **NORMAL)
   assert (a.u, a.method) == (u, 'normal')
   assert a.p_value == pytest.approx(p_normal, rel=1e-12, abs=1e-300)
 
@@ -126,10 +130,14 @@ def test_normal_approximation_with_ties_by_hand():
   # Combined [1, 1, 2, 3], midranks 1.5, 1.5, 3, 4; suspects {1, 2}: W = 4.5, U = 4.5 - 3 = 1.5.
   # var = n m / 12 * (N + 1 - sum(t^3 - t) / (N (N - 1))) = 4/12 * (5 - 6/12) = 1.5;
   # z = (1.5 - 2 - 0.5) / sqrt(1.5); p = 1 - Phi(z) = Phi(0.81650) = 0.79289.
-  t = stats.mann_whitney_greater([1.0, 2.0], [1.0, 3.0])
+  t = stats.mann_whitney_greater([1.0, 2.0], [1.0, 3.0], **NORMAL)
   assert t.u == 1.5 and t.method == 'normal'
   assert t.p_value == pytest.approx(0.792892, abs=1e-6)
-  assert stats.mann_whitney_greater([1.0, 1.0], [1.0]).p_value == 1.0  # all tied
+  assert stats.mann_whitney_greater([1.0, 1.0], [1.0], **NORMAL).p_value == 1.0  # all tied
+  # The exact conditional p-value: of the C(4, 2) = 6 ways to place the suspects among the
+  # mid-ranks 1.5, 1.5, 3, 4, the rank sums are 3, 4.5, 5.5, 4.5, 5.5, 7: P(W >= 4.5) = 5/6.
+  t = stats.mann_whitney_greater([1.0, 2.0], [1.0, 3.0])
+  assert (t.u, t.method) == (1.5, 'exact-ties') and t.p_value == pytest.approx(5 / 6, abs=1e-15)
 
 
 def test_agrees_with_scipy():
@@ -140,7 +148,7 @@ def test_agrees_with_scipy():
     ref = scipy.stats.mannwhitneyu(s, r, alternative='greater', method='exact')
     assert t.method == 'exact' and t.u == ref.statistic
     assert t.p_value == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-15)
-    a = stats.mann_whitney_greater(s, r, exact_max_work=0)
+    a = stats.mann_whitney_greater(s, r, **NORMAL)
     ref = scipy.stats.mannwhitneyu(s, r, alternative='greater', method='asymptotic')
     assert a.method == 'normal' and a.p_value == pytest.approx(ref.pvalue, rel=1e-9)
 
@@ -181,3 +189,73 @@ def test_bad_samples_raise():
     stats.mann_whitney_greater([], [1.0])
   with pytest.raises(ValueError, match='reference has 1 non-finite'):
     stats.mann_whitney_greater([1.0], [np.nan, 2.0])
+
+
+def _enumerated_p_value(s, r) -> float:
+  """P(U >= u) over every choice of which len(s) of the pooled values are the suspects'."""
+  x = np.concatenate([s, r]).astype(np.float64)
+  observed = stats.mann_whitney_greater(s, r).u
+  hits = total = 0
+  for chosen in itertools.combinations(range(len(x)), len(s)):
+    mask = np.zeros(len(x), bool)
+    mask[list(chosen)] = True
+    diff = x[mask][:, None] - x[~mask][None, :]
+    hits += np.sum(diff > 0) + 0.5 * np.sum(diff == 0) >= observed
+    total += 1
+  return hits / total
+
+
+def test_exact_ties_p_value_equals_enumeration():
+  rng = np.random.default_rng(4)
+  for n, m in ((2, 3), (3, 5), (5, 3), (4, 4), (1, 6), (6, 1), (3, 7)):
+    for _ in range(4):
+      s, r = rng.integers(0, 3, n).astype(float), rng.integers(0, 3, m).astype(float)
+      if np.unique(np.r_[s, r]).size == n + m:
+        continue
+      t = stats.mann_whitney_greater(s, r)
+      assert t.method == 'exact-ties'
+      assert t.p_value == pytest.approx(_enumerated_p_value(s, r), rel=1e-12), (s, r)
+  for (s, r), (_, p, method, _) in PINNED_RANK_TESTS:  # the pinned values with ties
+    if method == 'exact-ties':
+      assert p == pytest.approx(_enumerated_p_value(s, r), rel=1e-12), (s, r)
+
+
+def test_permutation_p_value_where_the_exact_count_is_too_large():
+  rng = np.random.default_rng(5)
+  s, r = rng.integers(0, 4, 12).astype(float) + 0.5, rng.integers(0, 4, 60).astype(float)
+  exact = stats.mann_whitney_greater(s, r)
+  perm = stats.mann_whitney_greater(s, r, ties_max_work=0)
+  assert (exact.method, perm.method) == ('exact-ties', 'permutation') and perm.u == exact.u
+  # (1 + hits) / (1 + B): a multiple of 1 / 20,001, within Monte Carlo error of the exact value
+  b = stats.PERMUTATIONS
+  assert round(perm.p_value * (1 + b)) == pytest.approx(perm.p_value * (1 + b), abs=1e-6)
+  assert perm.p_value == pytest.approx(exact.p_value, abs=4 * np.sqrt(exact.p_value / b) + 1e-4)
+  assert stats.mann_whitney_greater(s, r, ties_max_work=0) == perm  # a fixed seed
+  # More references than suspects or the reverse: the smaller side is drawn, same answer.
+  swapped = stats.mann_whitney_greater(-r, -s, ties_max_work=0)
+  assert swapped.method == 'permutation'
+  assert swapped.p_value == pytest.approx(exact.p_value, abs=4 * np.sqrt(exact.p_value / b) + 1e-4)
+  assert stats.mann_whitney_greater(-r, -s).p_value == pytest.approx(exact.p_value, rel=1e-12)
+  # Every suspect above every reference: the smallest p a permutation test reaches is 1 / (1 + B).
+  top = stats.mann_whitney_greater([9.0, 9.0, 9.0], [0.0] * 200 + [1.0], ties_max_work=0)
+  assert top.p_value == 1 / (1 + b)
+
+
+def test_false_positive_rate_with_ties_is_at_most_alpha():
+  # Two suspects against 50 references, scores on three levels (probabilities 0.9, 0.05, 0.05),
+  # every image drawn alike (the null hypothesis). The normal approximation rejects at alpha = 0.05
+  # about 11% of the time (0.1095 by enumeration of the level counts); the exact conditional
+  # p-values reject at alpha = 0.01 with a Clopper-Pearson upper bound below 0.01.
+  rng = np.random.default_rng(6)
+  reps, levels = 5000, rng.choice(3, size=(5000, 52), p=[0.9, 0.05, 0.05]).astype(float)
+  new, normal = np.empty(reps), np.empty(reps)
+  for i, x in enumerate(levels):
+    t = stats.mann_whitney_greater(x[:2], x[2:])
+    assert t.method in ('exact', 'exact-ties')
+    new[i] = t.p_value
+    normal[i] = stats.mann_whitney_greater(x[:2], x[2:], **NORMAL).p_value
+  k = int(np.sum(new < 0.01))
+  assert stats.clopper_pearson(k, reps)[1] < 0.01, k
+  assert stats.clopper_pearson(int(np.sum(new < 0.05)), reps)[1] < 0.05
+  lower, _ = stats.clopper_pearson(int(np.sum(normal < 0.05)), reps)
+  assert lower > 0.09, np.mean(normal < 0.05)  # anti-conservative: about twice alpha
