@@ -58,7 +58,10 @@ def enable_compilation_cache(directory: str) -> None:
   if not directory or jax.config.jax_compilation_cache_dir:
     return
   jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  # Every program, the small ones too: a run compiles hundreds of sub-second programs (eager
+  # operations, key derivations, metrics), which together cost a repeat run more than its scorer.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 def compilation_cache_dir() -> str:
