@@ -144,5 +144,11 @@ def write_thresholds(config, audit_workdir: str, target_dir: str) -> dict[str, A
     record['sha256'][shipped.THRESHOLDS_JSON] = shipped.sha256_file(
       out_dir / shipped.THRESHOLDS_JSON
     )
+    # The protocol the shipped audit runs (its 'config' records what trained the target; the
+    # DRC and attack settings there are those of the training run, not of the audit).
+    c = config.to_dict()
+    record['audit_protocol'] = json.loads(
+      json.dumps({'drc': c['drc'], 'attacks': c['attacks']}, default=list)
+    )
     fileio.atomic_write_text(training, json.dumps(record, indent=1))
   return doc

@@ -141,6 +141,13 @@ def test_the_shipped_default_target_loads_and_matches_its_hashes():
   assert len(manifest.members) == c.split.num_members
   assert len(manifest.nonmembers) == c.split.num_nonmembers
   assert os.path.getsize(os.path.join(directory, 'ema.safetensors')) < 20e6
+  # the audit protocol it records is the one that ships (the training config's DRC is not)
+  for field in ('drc', 'attacks'):
+    assert doc['audit_protocol'][field] == json.loads(
+      json.dumps(c[field].to_dict(), default=list)
+    ), field
+  thresholds = json.loads(open(os.path.join(directory, shipped.THRESHOLDS_JSON)).read())
+  assert set(thresholds['nonmember_scores']) == set(c.attacks.names.split(','))
 
 
 def test_precision_recall_and_near_copies_by_hand():
