@@ -256,6 +256,13 @@ def per_image_calibration(
       entry[kind]['ci95'] = {k: v for k, v in m['ci95'].items() if k in _REPORTED}
       entry['n_members'], entry['n_nonmembers'] = m['n_members'], m['n_nonmembers']
     entry['difference'] = {k: entry['calibrated'][k] - entry['raw'][k] for k in _REPORTED}
+    # Paired: the same resampled held-out images for the raw and the calibrated score.
+    entry['difference_ci95'] = metrics_lib.paired_difference_ci(
+      (scores[i][test_members], calibrated[i][test_members]),
+      (scores[i][test_nonmembers], calibrated[i][test_nonmembers]),
+      bootstrap=a.bootstrap,
+      seed=config.seed,
+    )
     entry['at_zero'] = {
       'tpr': float(np.mean(calibrated[i, test_members] > 0)),
       'fpr': float(np.mean(calibrated[i, test_nonmembers] > 0)),

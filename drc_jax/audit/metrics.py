@@ -135,6 +135,37 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
   return float(qualifying.max()) if qualifying.size else 0.0
 
 
+def paired_difference_ci(
+  members: tuple[Any, Any],
+  nonmembers: tuple[Any, Any],
+  *,
+  fprs: Sequence[float] = (0.01, 0.001),
+  bootstrap: int = 1000,
+  seed: int = 0,
+) -> dict[str, list[float]]:
+  """95% paired-bootstrap intervals of ``B - A`` for AUC and TPR@FPR, where ``members`` and
+  ``nonmembers`` each hold the two scores (A, B) of the same images: every resample draws
+  members and non-members with replacement, the same draw for both scores ({} without
+  resamples)."""
+  if bootstrap <= 0:
+    return {}
+  ma, mb = (_as_scores(v, 'member_scores') for v in members)
+  na, nb = (_as_scores(v, 'nonmember_scores') for v in nonmembers)
+  if ma.shape != mb.shape or na.shape != nb.shape:
+    raise ValueError('paired scores must be of the same images (same lengths)')
+  rng = np.random.default_rng(seed)
+  draws: dict[str, list[float]] = {'auc': [], **{tpr_metric_name(f): [] for f in fprs}}
+  for _ in range(bootstrap):
+    i, j = rng.integers(0, ma.size, ma.size), rng.integers(0, na.size, na.size)
+    draws['auc'].append(auc(mb[i], nb[j]) - auc(ma[i], na[j]))
+    roc_a, roc_b = roc_curve(ma[i], na[j]), roc_curve(mb[i], nb[j])
+    for f in fprs:
+      draws[tpr_metric_name(f)].append(
+        tpr_at_fpr(roc_b[0], roc_b[1], f) - tpr_at_fpr(roc_a[0], roc_a[1], f)
+      )
+  return {k: np.percentile(v, [2.5, 97.5]).tolist() for k, v in draws.items()}
+
+
 def _fpr_percent_text(max_fpr: float) -> str:
   """0.01 -> '1', 0.001 -> '0.1'."""
   return f'{max_fpr * 100:g}'

@@ -176,10 +176,21 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
     for key, percent in (('auc', False), ('tpr_at_1pct_fpr', True), ('tpr_at_0p1pct_fpr', True)):
       raw, new, diff = cal['raw'][key], cal['calibrated'][key], cal['difference'][key]
       fmt = summary.fmt_percent if percent else (lambda v: summary.fmt(v, '.4f'))
+      ci = (cal.get('difference_ci95') or {}).get(key)
+      if ci is None:
+        interval = ''
+      elif percent:
+        interval = f' [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]'
+      else:
+        interval = f' [{ci[0]:+.4f}, {ci[1]:+.4f}]'
+      clear = ci is not None and (ci[0] > 0 or ci[1] < 0)  # the paired interval excludes 0
       row += [
         fmt(raw),
         fmt(new) + summary.fmt_interval(cal['calibrated']['ci95'].get(key), percent),
-        ('+' if diff >= 0 else '') + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}'),
+        ('+' if diff >= 0 else '')
+        + (f'{100 * diff:.2f} pts' if percent else f'{diff:.4f}')
+        + interval
+        + ('' if clear else ' (interval includes 0)' if ci is not None else ''),
       ]
     row += [
       summary.fmt_percent(cal['at_zero']['tpr'])
@@ -198,13 +209,13 @@ def _per_image_calibration_html(metrics: Mapping[str, Mapping[str, Any]]) -> str
     'held-out members / non-members',
     'AUC raw',
     'AUC calibrated',
-    'difference',
+    'difference [95% paired CI]',
     'TPR@1%FPR raw',
     'TPR@1%FPR calibrated',
-    'difference',
+    'difference [95% paired CI]',
     'TPR@0.1%FPR raw',
     'TPR@0.1%FPR calibrated',
-    'difference',
+    'difference [95% paired CI]',
     'calibrated > 0: TPR / FPR',
     'warnings',
   ]

@@ -92,6 +92,26 @@ def test_calibration_removes_difficulty_and_reports_heldout_numbers_only():
   score = table['score/a']
   assert a['raw']['auc'] == metrics.auc(score[members][mh], score[~members][nh])
   assert abs(out['b']['calibrated']['auc'] - 0.5) < 0.1  # a score without signal stays at chance
+  # Paired intervals of the differences: clear for the confounded score, around 0 for noise.
+  assert a['difference_ci95'] == {}  # no resamples (bootstrap 0), no intervals
+  c.audit.bootstrap = 200
+  out = C.per_image_calibration(c, table, features)
+  a = out['a']
+  lo, hi = a['difference_ci95']['auc']
+  assert 0 < lo < a['difference']['auc'] < hi
+  assert a['difference_ci95']['tpr_at_1pct_fpr'][0] > 0
+  lo, hi = out['b']['difference_ci95']['auc']
+  assert lo < 0.05 and hi > -0.05 and lo <= out['b']['difference']['auc'] <= hi
+
+
+def test_paired_difference_intervals_pair_the_draws():
+  rng = np.random.default_rng(0)
+  m, n = rng.normal(1, 1, 200), rng.normal(0, 1, 300)
+  same = metrics.paired_difference_ci((m, m), (n, n), bootstrap=100)
+  assert same == {k: [0.0, 0.0] for k in ('auc', 'tpr_at_1pct_fpr', 'tpr_at_0p1pct_fpr')}
+  shifted = metrics.paired_difference_ci((m, m + 0.01), (n, n), bootstrap=200)
+  lo, hi = shifted['auc']
+  assert 0 <= lo <= hi < 0.02  # a tiny, consistent gain: a narrow interval above 0
 
 
 def test_the_fit_sees_only_calibration_nonmembers():
