@@ -277,6 +277,7 @@ def redraw(workdir: str) -> dict:
   suspect set of the same scores with its evidence panels): no config, no model, nothing
   recomputed. Returns metrics."""
   wd = epath.Path(workdir)
+  store.check_saved_results(workdir)  # the scores and target the page describes are still there
   metrics_path = wd / 'metrics.json'
   if not metrics_path.exists():
     raise errors.WorkdirError(f'{workdir}: no metrics.json; run --mode=audit first')

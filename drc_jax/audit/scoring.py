@@ -11,8 +11,6 @@ All processes compute every batch (each its slice); only process 0 writes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -51,21 +49,6 @@ def _items(split: splits_lib.SplitManifest, max_images: int) -> tuple[np.ndarray
   )
 
 
-def _description_sha256(target) -> str:
-  """SHA-256 of a loaded target's description: its UNet config, its noise schedule's betas and,
-  for a latent target, the autoencoder config and latent section."""
-  doc = {
-    'unet': target.config.to_dict(),
-    'betas_sha256': hashlib.sha256(
-      np.asarray(target.schedule.betas, np.float64).tobytes()
-    ).hexdigest(),
-  }
-  if target.is_latent:
-    doc['autoencoder'] = target.autoencoder.config.to_dict()
-    doc['latent'] = {k: v for k, v in target.latent.items() if k != 'autoencoder'}
-  return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
-
-
 class AuditedTarget:
   """The audited model: EMA params replicated on the mesh, with its schedule and identity."""
 
@@ -80,7 +63,7 @@ class AuditedTarget:
       self.model, params = target.model, target.params
       h = w = self.model.config.resolution
       c = self.model.config.in_channels
-    params = jax.tree_util.tree_map(np.asarray, params)
+    params = store.audited_params(target)
     res = config.data.resolution
     if (h, w, c) != (res, res, config.data.channels):
       raise validate.ConfigError(
@@ -93,7 +76,7 @@ class AuditedTarget:
     self.ema_sha256 = checkpoints.tree_sha256(params)  # part of what the scores depend on
     # ... and so is the model as loaded: architecture, noise schedule and latent section (an
     # edited model.json changes them without changing a weight)
-    self.description_sha256 = _description_sha256(target)
+    self.description_sha256 = store.description_sha256(target)
     random = str(path).startswith(target_lib.RANDOM_PREFIX)
     self.workdir = epath.Path(path) if random else checkpoints.workdir_of(path)
     self.trained_on = None if random else checkpoints.trained_on(self.workdir)

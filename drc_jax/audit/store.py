@@ -21,6 +21,7 @@ import time
 import zipfile
 import zlib
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -28,7 +29,9 @@ from etils import epath
 from drc_jax.audit import samples as samples_lib
 from drc_jax.audit import validate
 from drc_jax.core import errors, fileio, parallel, records
-from drc_jax.targets import encoders
+from drc_jax.models import latent as latent_lib
+from drc_jax.targets import checkpoints, encoders, shipped
+from drc_jax.targets import load as target_lib
 
 AUDIT_CONFIG = 'audit_config.json'
 SCORES_DIR = 'scores'
@@ -87,6 +90,62 @@ def _encoder_digests(config) -> dict[str, str]:
     meta = json.loads((epath.Path(config.drc[field]) / encoders.ENCODER_JSON).read_text())
     out[role] = meta.get('sha256', {}).get(encoders.WEIGHTS, '')
   return out
+
+
+def description_sha256(target) -> str:
+  """SHA-256 of a loaded target's description: its UNet config, its noise schedule's betas and,
+  for a latent target, the autoencoder config and latent section."""
+  doc = {
+    'unet': target.config.to_dict(),
+    'betas_sha256': hashlib.sha256(
+      np.asarray(target.schedule.betas, np.float64).tobytes()
+    ).hexdigest(),
+  }
+  if target.is_latent:
+    doc['autoencoder'] = target.autoencoder.config.to_dict()
+    doc['latent'] = {k: v for k, v in target.latent.items() if k != 'autoencoder'}
+  return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def audited_params(target):
+  """The params an audit scores with (a latent target: ``{'unet', 'vq'}``), as NumPy arrays."""
+  params = latent_lib.from_target(target)[1] if target.is_latent else target.params
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def check_saved_results(workdir: str) -> dict:
+  """The recorded fingerprint of ``workdir``'s results, after checking, without any config, that
+  they still describe what is there: every score shard intact and of that fingerprint, and the
+  audited target (the workdir's own or the one ``audit.checkpoint`` named) the one scored.
+
+  Raises:
+    WorkdirError: no audit results, or a shard of another fingerprint.
+    DamagedShard: a damaged shard (named).
+    AuditConfigMismatch: the target changed since its scores were written.
+  """
+  recorded = recorded_fingerprint(workdir)
+  if recorded is None:
+    raise errors.WorkdirError(
+      f'{workdir} holds no audit results ({AUDIT_CONFIG} not found); run --mode=audit first'
+    )
+  load_scores(workdir, fingerprint_digest(recorded))
+  checkpoint = (recorded.get('audit') or {}).get('checkpoint', '')
+  path = shipped.resolve(checkpoint) if checkpoint else workdir
+  target = target_lib.load_target(path)
+  now = {
+    'step': target.step,
+    'ema_sha256': checkpoints.tree_sha256(audited_params(target)),
+    'description_sha256': description_sha256(target),
+  }
+  was = {k: (recorded.get('target') or {}).get(k) for k in now}
+  changes = diff({'target': was}, {'target': now})
+  if changes:
+    raise AuditConfigMismatch(
+      f'{workdir}: its saved scores are not those of this config and target '
+      f'({"; ".join(changes)}); run --mode=audit --overwrite to score the target anew (the '
+      f'old results move to {workdir}/{SUPERSEDED_DIR}/)'
+    )
+  return recorded
 
 
 def fingerprint(config, target) -> dict:

@@ -11,14 +11,16 @@ from drc_jax.audit import combiners
 
 
 def tpr_columns(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
-  """(metric key, label) of every TPR@FPR in ``metrics``: tpr_at_0p1pct_fpr -> 'TPR@0.1%FPR'."""
-  columns = []
+  """(metric key, label) of every TPR@FPR in ``metrics``: tpr_at_0p1pct_fpr -> 'TPR@0.1%FPR';
+  the largest FPR first, whatever the order of the keys (metrics computed or read back)."""
+  columns = {}
   for per_attack in metrics.values():
     for key in per_attack:
       match = re.fullmatch(r'tpr_at_(.+)pct_fpr', key)
-      if match and key not in [c[0] for c in columns]:
-        columns.append((key, f'TPR@{match.group(1).replace("p", ".")}%FPR'))
-  return columns
+      if match:
+        columns[key] = match.group(1).replace('p', '.')
+  order = sorted(columns, key=lambda k: -float(columns[k]))
+  return [(key, f'TPR@{columns[key]}%FPR') for key in order]
 
 
 def fmt(value: Any, spec: str, missing: str = '-') -> str:
