@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drc_jax.core import streams
+from drc_jax.core import parallel, streams
 from drc_jax.drc import scorer as drc_lib
 
 
@@ -250,6 +250,22 @@ def make_batch_scorer(attacks: dict[str, Attack]) -> Callable:
     }
 
   return score
+
+
+def score_batch(scorer, key_data, images, side, valid) -> dict[str, np.ndarray]:
+  """Every attack of ``scorer`` (``audit.Scorer``) on one padded batch, this process's slice of
+  it: ``key_data`` {name: [B, 2]}, ``images`` [B, ...], ``side`` {name: [B, ...]}, ``valid`` bool
+  [B]. Returns each attack's scores of the valid rows of the global batch, on the host."""
+  mesh = scorer.mesh
+  out = scorer.score_fn(
+    scorer.target.params,
+    scorer.aux,
+    {n: parallel.shard_batch(mesh, k) for n, k in key_data.items()},
+    parallel.shard_batch(mesh, images),
+    {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
+  )
+  keep = parallel.to_host(parallel.shard_batch(mesh, valid))
+  return {name: parallel.to_host(v)[keep] for name, v in out.items()}
 
 
 def aux_params(attacks: dict[str, Attack]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.core import fileio, parallel, progress, streams
 from drc_jax.data import sources as data_lib
@@ -73,7 +74,7 @@ def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
   (DRC: the mean over its K restorations, as its audit score)."""
   source = SampleSource(samples)
   data_cfg = _data_config(config.data)
-  names, mesh = scorer.names, scorer.mesh
+  names = scorer.names
   bs = config.audit.batch_size
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   rows: dict[str, list] = {}
@@ -83,17 +84,10 @@ def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
     images, _, _ = data_lib.load_images(source, pos, data_cfg)
     keys = keys_for(names, config.seed, pos)
     side, _ = scorer.side_fn(source, pos)
-    out = scorer.score_fn(
-      scorer.target.params,
-      scorer.aux,
-      {n: parallel.shard_batch(mesh, k) for n, k in keys.items()},
-      parallel.shard_batch(mesh, images),
-      {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
-    )
-    valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
+    out = attacks_lib.score_batch(scorer, keys, images, side, slot.valid)
     for name, v in out.items():
-      rows.setdefault(name, []).append(parallel.to_host(v)[valid])
-    bar.update(int(valid.sum()))
+      rows.setdefault(name, []).append(v)
+    bar.update(len(next(iter(out.values()))))
   bar.close()
   scores = {}
   for name, chunks in rows.items():

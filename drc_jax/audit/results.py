@@ -325,6 +325,26 @@ def median_restoration(sims) -> int:
   return int(np.argsort(np.asarray(sims), kind='stable')[(len(sims) - 1) // 2])
 
 
+def panel_fields(config, score, nonmember_scores, threshold, original, degraded, restored, sims):
+  """The fields every evidence panel has: its DRC score, that score's percentile among
+  ``nonmember_scores`` and the decision at ``threshold``, the original, the median restoration
+  (degraded and restored) and all K restorations with their similarities ``sims`` [K]."""
+  sims = np.asarray(sims, np.float64)
+  k_med = median_restoration(sims)
+  return {
+    'score': float(score),
+    'percentile': float(metrics_lib.percentile_among([score], nonmember_scores)[0]),
+    'decision': 'member' if score >= threshold else 'non-member',
+    'original': original,
+    'degraded': degraded[k_med],
+    'restored': restored[k_med],
+    'shown_restoration': k_med,
+    'restorations': restored,
+    'similarities': sims.tolist(),
+    'comparator': config.drc.comparator,
+  }
+
+
 def drc_panels(config, scorer, source, indices, key_indices):
   """DRC's restorations of images ``indices`` of ``source``, recomputed exactly with the keys
   their scores were drawn with (derived from ``key_indices``, as ``scoring.score_images`` did).
@@ -369,24 +389,16 @@ def _evidence(config, table, metrics, scorer, source: data_lib.ImageSource) -> l
   thr = metrics['drc']['calibrated']['threshold']
   out = []
   for j, (kind, r) in enumerate(picks):
-    sims = table['drc/sim'][r]  # [K]; all K are shown as thumbnails
-    k_med = median_restoration(sims)
     out.append(
       {
         'kind': kind,
         'index': int(table['index'][r]),
         'split': int(table['split'][r]),
         'label_name': data_lib.label_name(source, int(table['label'][r])),
-        'score': float(s[r]),
-        'percentile': float(metrics_lib.percentile_among(s[r : r + 1], non)[0]),
-        'decision': 'member' if s[r] >= thr else 'non-member',
-        'original': originals[j],
-        'degraded': degraded[j, k_med],
-        'restored': restored[j, k_med],
-        'shown_restoration': k_med,
-        'restorations': restored[j],
-        'similarities': sims.tolist(),
-        'comparator': config.drc.comparator,
+        # all K restorations are shown as thumbnails
+        **panel_fields(
+          config, s[r], non, thr, originals[j], degraded[j], restored[j], table['drc/sim'][r]
+        ),
       }
     )
   return out
@@ -414,9 +426,6 @@ def strongest_suspects(
   )['threshold']
   out = []
   for j, r in enumerate(picked):
-    sims = np.asarray(t['drc/sim'][r], np.float64)
-    k_med = median_restoration(sims)
-    score = float(t['score/drc'][r])
     out.append(
       {
         'kind': 'strongest',
@@ -429,16 +438,16 @@ def strongest_suspects(
           None if images.files else data_lib.label_name(images.source, int(t['label'][r]))
         ),
         'sha256': str(t['hash'][r]),
-        'score': score,
-        'percentile': float(metrics_lib.percentile_among([score], s[~members])[0]),
-        'decision': 'member' if score >= thr else 'non-member',
-        'original': originals[j],
-        'degraded': degraded[j, k_med],
-        'restored': restored[j, k_med],
-        'shown_restoration': k_med,
-        'restorations': restored[j],
-        'similarities': sims.tolist(),
-        'comparator': config.drc.comparator,
+        **panel_fields(
+          config,
+          t['score/drc'][r],
+          s[~members],
+          thr,
+          originals[j],
+          degraded[j],
+          restored[j],
+          t['drc/sim'][r],
+        ),
       }
     )
   return out

@@ -57,10 +57,10 @@ class AuditedTarget:
     target = target_lib.load_target(path)  # a workdir or one step directory W/checkpoints/N
     self.schedule, self.step = target.schedule, target.step
     if target.is_latent:  # the UNet on latents and its autoencoder, params {'unet', 'vq'}
-      self.model, params = latent_lib.from_target(target)
+      self.model = latent_lib.from_target(target)[0]
       h, w, c = self.model.image_shape
     else:
-      self.model, params = target.model, target.params
+      self.model = target.model
       h = w = self.model.config.resolution
       c = self.model.config.in_channels
     params = store.audited_params(target)
@@ -228,7 +228,7 @@ def score_images(
     indices: int64 [N], indices into ``source``, in shard order.
     key_indices: int64 [N], what each image's attack keys are derived from (default ``indices``).
   """
-  names, mesh, target, score_fn = scorer.names, scorer.mesh, scorer.target, scorer.score_fn
+  names, target = scorer.names, scorer.target
   key_indices = indices if key_indices is None else key_indices
   shard, bs = config.audit.shard_size, config.audit.batch_size
   n_shards = -(-len(indices) // shard)
@@ -267,17 +267,10 @@ def score_images(
       if found is not None:
         for j in np.flatnonzero(slot.valid):
           faces_found[pos[j] - lo] = found[j]
-      out = score_fn(
-        target.params,
-        scorer.aux,
-        {n: parallel.shard_batch(mesh, k) for n, k in keys.items()},
-        parallel.shard_batch(mesh, images),
-        {k: parallel.shard_batch(mesh, v) for k, v in side.items()},
-      )
-      valid = parallel.to_host(parallel.shard_batch(mesh, slot.valid))
+      out = attacks_lib.score_batch(scorer, keys, images, side, slot.valid)
       for name, v in out.items():
-        rows.setdefault(name, []).append(parallel.to_host(v)[valid])
-      bar.update(int(valid.sum()))
+        rows.setdefault(name, []).append(v)
+      bar.update(len(next(iter(out.values()))))
     rest = [r for r, h in enumerate(hashes) if h is None]  # rows other processes scored
     if rest:
       raw, rest_labels = source.read(indices[lo:hi][rest])
