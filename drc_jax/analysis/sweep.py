@@ -4,7 +4,7 @@ A benchmark, not a test. It restores every image of a fixed image set once per r
 setting (restorer, steps, mask kind and ratio, inversion; K_max restorations each, with the audit's
 own per-image keys, so the chosen setting's restorations are exactly what the audit computes),
 then scores them with every comparator, every way of turning K similarities into one score
-(mean, median, mean of logs, votes) and K = 1, 2, ..., K_max. Nothing is tuned on what is
+(mean, median, mean of logs, the agree number) and K = 1, 2, ..., K_max. Nothing is tuned on what is
 reported:
 
 * images are split by ``metrics.calibration_split`` (the audit's own calibration part,
@@ -148,6 +148,37 @@ GRID: list[tuple[str, dict[str, Any], int]] = [
     ),
     2,
   ),
+  # The foreground-saliency patch mask: the 4x4 patches that differ most from the border colour
+  # (the garment, not the background; the encoder-free stand-in for the paper's DINO attention).
+  (
+    'ddim T=1000 25 steps, saliency patches 0.5',
+    dict(restorer='ddim', t_start=1000, steps=25, mask='saliency_patches', mask_ratio=0.5),
+    4,
+  ),
+  (
+    'repaint 50 steps jump 10x2, saliency patches 0.25',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=10,
+      jump_n_sample=2,
+      mask='saliency_patches',
+      mask_ratio=0.25,
+    ),
+    2,
+  ),
+  (
+    'repaint 50 steps jump 10x2, saliency patches 0.5',
+    dict(
+      restorer='repaint',
+      steps=50,
+      jump_length=10,
+      jump_n_sample=2,
+      mask='saliency_patches',
+      mask_ratio=0.5,
+    ),
+    2,
+  ),
   (
     'repaint 50 steps jump 10x2, inverted centre box 0.25',
     dict(
@@ -172,24 +203,19 @@ def aggregate(
 ) -> np.ndarray | None:
   """One score per image from its similarities [N, K] (higher = member); None if undefined.
 
-  'mean', 'median'; 'logmean' = -mean(log(perfect - sim)) (the geometric mean of the distances
-  from a perfect match; not defined for psnr, already a log); 'votes' = how many of the K
-  similarities exceed ``vote_threshold`` (the paper's agree number).
+  The audit's scoring rules ('mean', 'median', 'agree': the paper's agree number, how many of the K
+  similarities exceed ``vote_threshold``; ``drc.aggregate``) and 'logmean' = -mean(log(perfect -
+  sim)) (the geometric mean of the distances from a perfect match; not defined for psnr, already a
+  log).
   """
-  if how == 'mean':
-    return sims.mean(axis=1)
-  if how == 'median':
-    return np.median(sims, axis=1)
   if how == 'logmean':
     if comparator not in PERFECT:
       return None
     return -np.mean(np.log(np.maximum(PERFECT[comparator] - sims, 1e-12)), axis=1)
-  if how == 'votes':
-    return np.sum(sims > vote_threshold, axis=1).astype(np.float64)
-  raise ValueError(f'unknown aggregation {how!r}')
+  return drc_lib.aggregate(sims, how, vote_threshold)
 
 
-AGGREGATIONS = ('mean', 'median', 'logmean', 'votes')
+AGGREGATIONS = ('mean', 'median', 'logmean', 'agree')
 
 
 @dataclasses.dataclass
@@ -212,8 +238,10 @@ def score_rows(
   sims_by_comparator: dict[str, np.ndarray],
   is_member: np.ndarray,
   heldout: np.ndarray,
+  vote_quantile: float = 0.5,
 ) -> list[Row]:
-  """Every (comparator, aggregation, K) row of one restoration setting."""
+  """Every (comparator, aggregation, K) row of one restoration setting ('agree' votes at the
+  ``vote_quantile`` quantile of the calibration non-members' similarities, as the audit fits it)."""
   rows = []
   cal = ~heldout
   for comp, sims in sims_by_comparator.items():  # sims [N, K_max]
@@ -222,7 +250,7 @@ def score_rows(
         continue
       s_k = sims[:, :k]
       # The vote threshold comes from the calibration non-members only.
-      thr = float(np.median(s_k[cal & (is_member == 0)]))
+      thr = drc_lib.vote_threshold(s_k[cal & (is_member == 0)], vote_quantile)
       for how in AGGREGATIONS:
         if k == 1 and how != 'mean':
           continue  # every aggregation of one similarity ranks like the similarity itself
@@ -390,7 +418,9 @@ def run(
     t0 = time.time()
     sims, nfe = restore_all(config, target, images, indices, overrides, k_max, batch_size)
     timings[label] = time.time() - t0
-    new = score_rows(label, overrides, nfe, sims, is_member, heldout)
+    new = score_rows(
+      label, overrides, nfe, sims, is_member, heldout, float(config.drc.vote_quantile)
+    )
     rows += new
     top = max(new, key=lambda r: r.auc_calibration)
     logging.info(

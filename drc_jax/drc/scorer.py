@@ -157,3 +157,38 @@ def image_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
 def votes(sims: np.ndarray, threshold: float) -> np.ndarray:
   """Per image, how many of its K restorations are above the member threshold: int [B]."""
   return np.sum(np.asarray(sims) > threshold, axis=1).astype(np.int64)
+
+
+# How K similarities become one score (``config.drc.aggregation``): 'mean' and 'median' need
+# nothing fitted; 'agree' is the paper's agree number: how many of the K restorations vote
+# "member", a vote being a similarity above a threshold fitted on calibration non-members only
+# (``vote_threshold``).
+AGGREGATIONS = ('mean', 'median', 'agree')
+
+
+def vote_threshold(nonmember_sims: np.ndarray, quantile: float) -> float:
+  """The per-restoration vote threshold: the ``quantile`` quantile of the given non-members'
+  similarities, every restoration pooled. Pass calibration non-members only."""
+  sims = np.asarray(nonmember_sims, np.float64)
+  if sims.size == 0:
+    raise ValueError('vote_threshold: no non-member similarities to fit the threshold on')
+  return float(np.quantile(sims, quantile))
+
+
+def aggregate(sims: np.ndarray, how: str, threshold: float | None = None) -> np.ndarray:
+  """One score per image (higher = member) from its similarities [N, K]: float64 [N].
+
+  'agree' needs the vote threshold (``vote_threshold``); the others ignore it.
+  """
+  sims = np.asarray(sims, np.float64)
+  if sims.ndim != 2:
+    raise ValueError(f'aggregate: similarities must be [N, K], got shape {sims.shape}')
+  if how == 'mean':
+    return sims.mean(axis=1)
+  if how == 'median':
+    return np.median(sims, axis=1)
+  if how == 'agree':
+    if threshold is None:
+      raise ValueError("aggregate: 'agree' needs the vote threshold fitted on calibration non-members")
+    return votes(sims, threshold).astype(np.float64)
+  raise ValueError(f'config.drc.aggregation: {how!r} is not one of {", ".join(AGGREGATIONS)}')

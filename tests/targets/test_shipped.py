@@ -180,7 +180,7 @@ def test_sweep_selects_on_calibration_only():
   np.testing.assert_allclose(
     sweep.aggregate(sims, 'logmean', 'masked_mse'), [-np.log(8) / 3, -np.log(0.5)]
   )
-  np.testing.assert_array_equal(sweep.aggregate(sims, 'votes', 'masked_mse', -1.5), [1, 3])
+  np.testing.assert_array_equal(sweep.aggregate(sims, 'agree', 'masked_mse', -1.5), [1, 3])
   assert sweep.aggregate(sims, 'logmean', 'psnr') is None
 
 
