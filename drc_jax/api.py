@@ -34,6 +34,7 @@ from drc_jax.audit import scoring, validate
 from drc_jax.core import config_base, errors, parallel
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
+from drc_jax.drc import scorer as drc_lib
 from drc_jax.targets import shipped
 
 
@@ -118,8 +119,17 @@ class Auditor:
     self.scorer = scoring.make_scorer(config, workdir='')
     self.target_dir = self.scorer.target.path
     self.calibration = None
+    # DRC's rule (config.drc.aggregation; 'agree' needs the vote threshold its calibration fit)
+    self.drc_rule = {'aggregation': config.drc.aggregation, 'vote_threshold': None}
     if calibrated:
       self.calibration = shipped.read_thresholds(self.target_dir, self.scorer.names)
+      if 'drc' in self.scorer.names:
+        self.drc_rule = _drc_rule(config, self.target_dir)
+    elif config.drc.aggregation == 'agree' and 'drc' in self.scorer.names:
+      raise validate.ConfigError(
+        "config.drc.aggregation='agree' needs the vote threshold fitted on calibration "
+        f'non-members, and {self.target_dir} ships no {shipped.THRESHOLDS_JSON}'
+      )
 
   @property
   def attacks(self) -> tuple[str, ...]:
@@ -200,7 +210,13 @@ class Auditor:
         ev.setdefault('degraded', []).append(parallel.to_host(deg)[:n])
         ev.setdefault('restored', []).append(parallel.to_host(rest)[:n])
     raw = {name: np.concatenate(v) for name, v in rows.items()}
-    scores = {a: raw[a].mean(axis=1) if a == 'drc' else raw[a] for a in s.names}
+    rule = self.drc_rule
+    scores = {
+      a: drc_lib.aggregate(raw[a], rule['aggregation'], rule['vote_threshold'])
+      if a == 'drc'
+      else raw[a]
+      for a in s.names
+    }
     evidence_out = None
     if ev:
       evidence_out = {k: np.concatenate(v) for k, v in ev.items()}
@@ -225,6 +241,20 @@ class Auditor:
     raw = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
     side, _ = self.scorer.side_fn(_ArraySource(raw), np.arange(len(raw)))
     return {k: parallel.shard_batch(self.scorer.mesh, v) for k, v in side.items()}
+
+
+def _drc_rule(config, directory) -> dict:
+  """The DRC rule of the target's calibration scores; a config asking for another is an error
+  (its scores would not be comparable with the calibration's)."""
+  rule = shipped.read_drc_rule(directory)
+  if rule['aggregation'] != config.drc.aggregation:
+    raise validate.ConfigError(
+      f'config.drc.aggregation={config.drc.aggregation!r}, but the calibration scores of '
+      f'{os.path.join(str(directory), shipped.THRESHOLDS_JSON)} are DRC scores under '
+      f'{rule["aggregation"]!r}: use that rule or write thresholds for this one '
+      '(python -m drc_jax.analysis thresholds)'
+    )
+  return rule
 
 
 def _calibrated_names(config, directory) -> tuple[bool, list[str]]:

@@ -20,7 +20,7 @@ from etils import epath
 from safetensors import numpy as st_numpy
 
 from drc_jax.audit import metrics as metrics_lib
-from drc_jax.audit import store
+from drc_jax.audit import results, store
 from drc_jax.core import errors, fileio
 from drc_jax.data import splits as splits_lib
 from drc_jax.models import unet as model_lib
@@ -116,6 +116,7 @@ def write_thresholds(config, audit_workdir: str, target_dir: str) -> dict[str, A
   split = table['split']
   if (split == 1).sum() < 2 or (split == 0).sum() < 2:
     raise errors.WorkdirError(f'{audit_workdir}: too few scored members and non-members')
+  rule = results.apply_drc_rule(config, table)  # DRC scored as the audit scores it
   _, non_heldout = metrics_lib.calibration_split(
     int((split == 1).sum()),
     int((split == 0).sum()),
@@ -133,6 +134,9 @@ def write_thresholds(config, audit_workdir: str, target_dir: str) -> dict[str, A
     'seed': int(config.seed),
     'n_nonmembers': int((~non_heldout).sum()),
     'nonmember_index': table['index'][split == 0][~non_heldout].tolist(),
+    'drc_rule': None
+    if rule is None
+    else {k: rule[k] for k in ('aggregation', 'vote_threshold', 'vote_quantile')},
     'nonmember_scores': {
       n: table[f'score/{n}'][split == 0][~non_heldout].astype(float).tolist() for n in names
     },

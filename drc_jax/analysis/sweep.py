@@ -37,7 +37,7 @@ from absl import logging
 
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.audit import plots
-from drc_jax.core import fileio, progress, streams
+from drc_jax.core import fileio, progress, protocol, streams
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.drc import compare as compare_lib
@@ -154,6 +154,13 @@ GRID: list[tuple[str, dict[str, Any], int]] = [
     'ddim T=1000 25 steps, saliency patches 0.5',
     dict(restorer='ddim', t_start=1000, steps=25, mask='saliency_patches', mask_ratio=0.5),
     4,
+  ),
+  (
+    "ddim T=1000 200 steps (the paper's restorer), saliency patches 0.5",
+    dict(
+      protocol.paper_restorer(), mask='saliency_patches', mask_ratio=protocol.PAPER['mask_ratio']
+    ),
+    2,
   ),
   (
     'repaint 50 steps jump 10x2, saliency patches 0.25',

@@ -71,7 +71,7 @@ def _data_config(data_cfg):
 
 def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
   """Every attack's scores of the samples ``[S, H, W, C]`` in [-1, 1]: ``{name: float64 [S]}``
-  (DRC: the mean over its K restorations, as its audit score)."""
+  (DRC: its K similarities [S, K]; ``control`` turns them into its audited score)."""
   source = SampleSource(samples)
   data_cfg = _data_config(config.data)
   names = scorer.names
@@ -89,11 +89,7 @@ def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
       rows.setdefault(name, []).append(v)
     bar.update(len(next(iter(out.values()))))
   bar.close()
-  scores = {}
-  for name, chunks in rows.items():
-    v = np.concatenate(chunks).astype(np.float64)
-    scores[name] = v.mean(axis=1) if v.ndim == 2 else v
-  return scores
+  return {name: np.concatenate(chunks).astype(np.float64) for name, chunks in rows.items()}
 
 
 def load_or_score(
@@ -105,6 +101,7 @@ def load_or_score(
       'fingerprint': fingerprint,
       'samples_sha256': data_lib.image_hashes(SampleSource(samples).images),
       'names': list(scorer.names),
+      'drc': 'similarities [S, K]',
     },
     sort_keys=True,
   )
@@ -127,11 +124,16 @@ def load_or_score(
 
 def control(metrics: dict[str, Any], scores: dict[str, np.ndarray]) -> dict[str, dict]:
   """Per attack: the false-positive rate on generated samples at the attack's calibrated
-  threshold, with its 95% Wilson interval, beside the held-out FPR on real non-members."""
+  threshold, with its 95% Wilson interval, beside the held-out FPR on real non-members. DRC's
+  similarities [S, K] are scored by the audit's rule (``metrics['drc']``: aggregation and vote
+  threshold)."""
   out = {}
   for name, s in scores.items():
     cal = metrics[name]['calibrated']
     s = np.asarray(s, np.float64)
+    if s.ndim == 2:
+      rule = metrics[name]
+      s = drc_lib.aggregate(s, rule.get('aggregation', 'mean'), rule.get('vote_threshold'))
     flagged = int(np.sum(s >= cal['threshold']))
     out[name] = {
       'n': int(s.size),

@@ -76,20 +76,39 @@ def compute_metrics(
   return _json_safe(out)
 
 
-def drc_votes(config, table) -> tuple[np.ndarray, dict] | tuple[None, None]:
-  """Votes of the K restorations at the per-restoration threshold, and the agree curve.
+def apply_drc_rule(config, table) -> dict | None:
+  """DRC's audited score from its saved similarities (``drc/sim`` [N, K]), in place.
 
-  The threshold is the ``drc.vote_quantile`` quantile of the non-members' similarities
-  (all restorations pooled); an image's votes count its restorations above it.
+  The vote threshold is the ``drc.vote_quantile`` quantile of the calibration non-members'
+  similarities (every restoration pooled; nothing held-out is used). ``score/drc`` becomes
+  ``drc.aggregate`` of the similarities under ``config.drc.aggregation`` (the shards keep the mean)
+  and ``drc/votes`` each image's votes at that threshold. Returns the rule and the agree curve on
+  the held-out images (``metrics['drc']['agree']``), None without DRC similarities.
   """
   if 'drc/sim' not in table:
-    return None, None
-  sims, members = table['drc/sim'], table['split'] == 1
-  threshold = float(np.quantile(sims[~members], config.drc.vote_quantile))
+    return None
+  sims, members = np.asarray(table['drc/sim'], np.float64), table['split'] == 1
+  heldout = heldout_rows(config, table)
+  how = config.drc.get('aggregation', 'mean')
+  threshold = drc_lib.vote_threshold(sims[~members & ~heldout], config.drc.vote_quantile)
+  table['score/drc'] = drc_lib.aggregate(sims, how, threshold)
   votes = drc_lib.votes(sims, threshold)
-  agree = metrics_lib.agree_curve(votes[members], votes[~members], sims.shape[1])
+  table['drc/votes'] = votes
+  agree = metrics_lib.agree_curve(
+    votes[members & heldout], votes[~members & heldout], sims.shape[1]
+  )
   agree['threshold'] = threshold
-  return votes, _json_safe(agree)
+  agree['threshold_fit_on'] = 'calibration non-members'
+  agree['scope'] = 'heldout'
+  return _json_safe(
+    {
+      'aggregation': how,
+      'vote_threshold': threshold,
+      'vote_quantile': float(config.drc.vote_quantile),
+      'protocol': drc_lib.describe(config.drc),
+      'agree': agree,
+    }
+  )
 
 
 def _pick_evidence(table, metrics, n: int) -> list[tuple[str, int]]:
@@ -118,6 +137,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
   target, attacks = scorer.target, scorer.attacks
   store.check_scores_match(config, workdir, target)
   table = store.load_scores(workdir, store.fingerprint_digest(store.fingerprint(config, target)))
+  drc_rule = apply_drc_rule(config, table)  # DRC's score under drc.aggregation
   # The images are read once: the blind baseline's features start with per-image calibration's.
   blind = calibration_lib.table_features(
     source, table['index'], config.data, controls.blind_features
@@ -140,10 +160,10 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
     logging.warning('%s', warning)
     for m in metrics.values():
       m['warnings'].insert(0, warning)
-  votes, agree = drc_votes(config, table)
-  if votes is not None:
-    table['drc/votes'] = votes
-    metrics['drc']['agree'] = agree
+  agree = None
+  if drc_rule is not None:
+    metrics['drc'].update(drc_rule)
+    agree = drc_rule['agree']
   if scorer.evidence_fn is not None:
     evidence = _evidence(config, table, metrics, scorer, source)
   else:

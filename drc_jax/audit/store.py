@@ -154,7 +154,9 @@ def fingerprint(config, target) -> dict:
   loaded: architecture, schedule) and DRC's encoders."""
   c = config.to_dict()
   audit = {k: c['audit'][k] for k in ('shard_size', 'checkpoint', 'max_images')}
-  drc = without_later_defaults('drc', c['drc'])
+  # DRC's aggregation turns the saved similarities into scores after scoring (results.py): a
+  # new rule re-reads the same shards
+  drc = {k: v for k, v in without_later_defaults('drc', c['drc']).items() if k != 'aggregation'}
   identity = {
     'step': target.step,
     'ema_sha256': target.ema_sha256,

@@ -16,6 +16,7 @@ from drc_jax.data import splits as splits_lib
 from drc_jax.drc import compare as compare_lib
 from drc_jax.drc import degrade as degrade_lib
 from drc_jax.drc import restore as restore_lib
+from drc_jax.drc import scorer as drc_lib
 from drc_jax.models import unet as model_lib
 
 # The valid names are the registries the code itself runs from.
@@ -140,6 +141,10 @@ def _check(config) -> None:
   _require(r.eta >= 0.0, f'config.drc.eta: {r.eta} < 0')
   _require(
     0.0 <= r.vote_quantile <= 1.0, f'config.drc.vote_quantile: {r.vote_quantile} not in [0, 1]'
+  )
+  _require(
+    r.get('aggregation', 'mean') in drc_lib.AGGREGATIONS,
+    f'config.drc.aggregation: {r.get("aggregation")!r} not in {drc_lib.AGGREGATIONS}',
   )
   if r.mask in ('random_patches', 'saliency_patches'):
     _require(

@@ -16,7 +16,7 @@ import tokenize
 
 import ml_collections
 
-from drc_jax.core import errors
+from drc_jax.core import errors, protocol
 
 
 def configs_dir() -> str:
@@ -128,7 +128,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.drc.restorations = 'scan'
   c.drc.comparator = 'masked_mse'  # 'masked_mse', 'psnr', 'ssim', 'ssim_region', 'cosine'
   c.drc.compare_encoder = ''  # 'cosine': encoder directory (CLIP, face-ID, DINO)
-  c.drc.vote_quantile = 0.5  # votes: similarity above this quantile of non-member sims (agree plot)
+  # One score from the K similarities: 'mean', 'median' or 'agree' (the paper's agree number: how
+  # many of the K restorations vote member, a vote = similarity above the vote threshold)
+  c.drc.aggregation = 'mean'
+  # the vote threshold: this quantile of the calibration non-members' similarities (every
+  # restoration pooled); used by aggregation='agree' and the agree plot
+  c.drc.vote_quantile = 0.5
 
   c.attacks = ml_collections.ConfigDict()
   c.attacks.names = 'drc,loss,secmi,pia,pian,sima,rediffuse'  # attacks run in one pass (comma list)
@@ -235,14 +240,10 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
 
 
 def set_paper_drc(c: ml_collections.ConfigDict) -> None:
-  """The DRC protocol and audit batching of the paper-size configs (cifar10/100, celeba)."""
-  c.drc.restorer = 'ddim'  # DDIM inpainting (the restorer third parties report)
-  c.drc.mask = 'center_box'  # the central region is removed
-  c.drc.mask_ratio = 0.5  # rho (the paper's value on CIFAR)
-  c.drc.t_start = 1000  # restore from pure noise (the masked region carries no hint)
-  c.drc.steps = 100  # DDIM steps (interval 10; 200 gives the reported interval 5)
-  c.drc.eta = 0.0  # deterministic DDIM
-  c.drc.num_restorations = 4  # K restorations per image
+  """The paper's restorer (``protocol.PAPER``: deterministic DDIM inpainting, interval 5), ratio
+  and K with the encoder-free pixel steps (centre box, masked MSE, mean of K), and the audit
+  batching of the paper-size configs (cifar10/100, celeba, ffhq)."""
+  protocol.paper_pixel(c.drc)
   c.audit.batch_size = 256  # images per attack step (a multiple of 8 devices)
   c.audit.shard_size = 2048  # images per score shard
 
@@ -250,20 +251,12 @@ def set_paper_drc(c: ml_collections.ConfigDict) -> None:
 def set_paper_semantic_drc(
   c: ml_collections.ConfigDict, mask: str, runlocal: bool, compare_random: str
 ) -> None:
-  """The paper's DRC degrade and compare steps: the important region removed (``mask`` 'dino':
-  the top-rho 4x4 patches of a DINO ViT's CLS attention; 'face': the detected face box) and a
-  semantic comparison (cosine of an encoder's embeddings). The encoder directories come from
-  ``config.drc.saliency_encoder`` / ``compare_encoder`` (a missing one is an error naming the
-  field); ``runlocal`` uses tiny random encoders instead (``encoders.RANDOM``)."""
-  if mask == 'dino':
-    c.drc.mask = 'saliency_patches'
-    c.drc.saliency = 'dino'
-    c.drc.patch_size = 4
-  elif mask == 'face':
-    c.drc.mask = 'face'
-  else:
-    raise ValueError(f"config argument mask={mask!r}: expected 'dino' or 'face'")
-  c.drc.comparator = 'cosine'
+  """The paper's DRC (``protocol.PAPER``): the important region removed (``mask`` 'dino': the
+  top-rho 4x4 patches of a DINO ViT's CLS attention; 'face': the detected face box), a semantic
+  comparison (cosine of an encoder's embeddings) and the agree number. The encoder directories
+  come from ``config.drc.saliency_encoder`` / ``compare_encoder`` (a missing one is an error
+  naming the field); ``runlocal`` uses tiny random encoders instead (``encoders.RANDOM``)."""
+  protocol.paper_semantic(c.drc, mask)
   if runlocal:
     if mask == 'dino':
       c.drc.saliency_encoder = 'random:vit-tiny'

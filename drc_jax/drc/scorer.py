@@ -189,6 +189,59 @@ def aggregate(sims: np.ndarray, how: str, threshold: float | None = None) -> np.
     return np.median(sims, axis=1)
   if how == 'agree':
     if threshold is None:
-      raise ValueError("aggregate: 'agree' needs the vote threshold fitted on calibration non-members")
+      raise ValueError("aggregate: 'agree' needs the vote threshold (calibration non-members)")
     return votes(sims, threshold).astype(np.float64)
   raise ValueError(f'config.drc.aggregation: {how!r} is not one of {", ".join(AGGREGATIONS)}')
+
+
+_MASK_WORDS = {
+  'center_box': 'the centre box',
+  'random_box': 'a random box',
+  'random_patches': 'random {p}x{p} patches',
+  'saliency_patches': 'the most salient {p}x{p} patches ({saliency} saliency)',
+  'face': 'the detected face box',
+  'downsample': 'downsampling',
+  'grayscale': 'grayscale',
+}
+
+
+def describe(cfg) -> str:
+  """DRC's protocol in words, named for what it is: the variant (the paper's semantic comparison,
+  or the pixel variant), restorer and its cost, mask, comparator and aggregation, e.g. "DRC, pixel
+  variant: RePaint 50 steps, jumps 10 x 2; random 4x4 patches over 25% removed; masked MSE; mean of
+  K = 2"."""
+  variant = 'semantic variant' if cfg.comparator == 'cosine' else 'pixel variant'
+  if cfg.restorer == 'repaint':
+    jumps = (
+      f'jumps {cfg.jump_length} x {cfg.jump_n_sample}'
+      if cfg.jump_length > 1 and cfg.jump_n_sample > 1
+      else 'no jumps'
+    )
+    restorer = f'RePaint {cfg.steps} steps, {jumps}'
+  else:
+    start = '' if cfg.t_start >= 1000 else f' from t = {cfg.t_start}'
+    eta = '' if cfg.restorer != 'ddim' or cfg.eta == 0 else f', eta {cfg.eta}'
+    restorer = f'{cfg.restorer.upper()} {cfg.steps} steps{start}{eta}'
+  words = _MASK_WORDS.get(cfg.mask, cfg.mask).format(
+    p=cfg.patch_size, saliency=cfg.get('saliency', 'foreground')
+  )
+  removed = 'kept, the rest removed' if cfg.invert_mask else 'removed'
+  if cfg.mask in ('downsample', 'grayscale'):
+    degrade = words
+  else:
+    degrade = f'{words} over {100 * cfg.mask_ratio:.0f}% {removed}'
+  comparator = {
+    'masked_mse': 'masked MSE',
+    'psnr': 'PSNR',
+    'ssim': 'SSIM',
+    'ssim_region': 'SSIM of the removed region',
+    'cosine': 'cosine of encoder embeddings',
+  }.get(cfg.comparator, cfg.comparator)
+  how = cfg.get('aggregation', 'mean')
+  k = int(cfg.num_restorations)
+  agg = {
+    'mean': f'mean of K = {k}',
+    'median': f'median of K = {k}',
+    'agree': f'agree number of K = {k} votes',
+  }.get(how, how)
+  return f'DRC, {variant}: {restorer}; {degrade}; {comparator}; {agg}'

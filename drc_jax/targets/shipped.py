@@ -152,3 +152,21 @@ def read_thresholds(directory, attacks) -> dict[str, np.ndarray] | None:
       f'write them with python -m drc_jax.analysis thresholds'
     )
   return {a: np.sort(np.asarray(scores[a], np.float64))[::-1] for a in attacks}
+
+
+def read_drc_rule(directory) -> dict | None:
+  """How ``thresholds.json`` in a target directory scored DRC: ``{'aggregation', 'vote_threshold'}``
+  (files written before the rule was recorded: the mean over K); None when the target ships none.
+
+  Raises:
+    CheckpointError: the file is damaged.
+  """
+  path = epath.Path(directory) / THRESHOLDS_JSON
+  if not path.exists():
+    return None
+  rule = records.read_json(path, checkpoints.CheckpointError).get('drc_rule')
+  if rule is None:
+    return {'aggregation': 'mean', 'vote_threshold': None}
+  if not isinstance(rule, dict) or 'aggregation' not in rule:
+    raise checkpoints.CheckpointError(f'{path}: drc_rule must hold the aggregation, got {rule!r}')
+  return {'aggregation': rule['aggregation'], 'vote_threshold': rule.get('vote_threshold')}
