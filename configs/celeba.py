@@ -13,8 +13,9 @@ Choices, the published ones where one exists and not tuned for any attack:
 * Attack hyper-parameters are the papers' (t = 200 for Loss and PIA, SecMI t = 100, k = 10).
 * DRC: the paper removes the face area; after the centre crop the face fills the centre, so the
   centre box holding half the image is removed (rho = 0.5), restored by deterministic DDIM
-  inpainting from pure noise (t_start = 1000) in 100 steps, K = 4 restorations per image,
-  compared by masked MSE on the removed region (the face encoder of the paper is not used).
+  inpainting from pure noise (t_start = 1000) in 200 steps (the paper's restorer,
+  ``core/protocol.py``), K = 4 restorations per image, compared by masked MSE on the removed
+  region and scored by their mean (the face encoder of the paper is not used).
 * Audit batches of 256 images, score shards of 2,048 (the unit of resume).
 
 Variants (combine with commas, e.g. ``:runlocal,res=64``):
@@ -22,7 +23,8 @@ Variants (combine with commas, e.g. ``:runlocal,res=64``):
 * ``runlocal``: a CPU smoke run of seconds (tiny UNet, 32 + 32 images).
 * ``paper``: the paper's DRC steps: the face area removed (the MTCNN face box; ``mask=dino``: the
   top patches of a DINO ViT's attention, ``--config.drc.saliency_encoder=DIR``) and face-ID cosine
-  (facenet InceptionResnetV1, ``--config.drc.compare_encoder=DIR``; README, "Encoders"). With
+  (facenet InceptionResnetV1, ``--config.drc.compare_encoder=DIR``; README, "Encoders"), scored
+  by the agree number (``core/protocol.py``'s ``PAPER``). With
   ``runlocal``, random encoders stand in (a smoke run, not a measurement).
 """
 

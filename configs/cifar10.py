@@ -18,16 +18,17 @@ and not tuned for any attack:
 * DRC: the centre box holding half the image is removed (rho = 0.5, as the paper uses on CIFAR;
   its DINO "important region" is not public and is mostly central on CIFAR), restored by
   deterministic DDIM inpainting (eta 0, the restorer third parties report) from pure noise
-  (t_start = 1000) in 100 steps (interval 10; ``config.drc.steps=200`` gives the reported
-  interval 5 at twice the cost), K = 4 restorations per image (different keys), compared by
-  masked MSE on the removed region: 50,000 x 4 x 100 = 20M model calls for the whole audit.
+  (t_start = 1000) in 200 steps (the reported interval 5; ``core/protocol.py``'s ``PAPER``),
+  K = 4 restorations per image (different keys), compared by masked MSE on the removed region
+  and scored by their mean: 50,000 x 4 x 200 = 40M model calls for the whole audit.
+  ``config.drc.steps=100`` halves that at interval 10.
 * Audit batches of 256 images, score shards of 2,048 (the unit of resume).
 
 Variants: ``:runlocal`` shrinks to a CPU smoke run of seconds (tiny UNet, 32 + 32 images, tfds
 record order since mock data ids are random strings). ``:paper`` uses the paper's DRC steps: the
 top-rho 4x4 patches of a DINO ViT's CLS attention removed (``--config.drc.saliency_encoder=DIR``)
-and CLIP cosine (``--config.drc.compare_encoder=DIR``; README, "Encoders"); with ``runlocal``,
-tiny random encoders stand in.
+and CLIP cosine (``--config.drc.compare_encoder=DIR``; README, "Encoders"), scored by the agree
+number (``core/protocol.py``'s ``PAPER``); with ``runlocal``, tiny random encoders stand in.
 """
 
 from drc_jax.core import config_base

@@ -15,8 +15,9 @@ Choices, the published ones where one exists and not tuned for any attack:
   the autoencoder's factor); DRC degrades and compares in pixel space and restores on the
   latents (the mask carried to the latent grid, the restoration decoded).
 * DRC: the paper's faces protocol as for CelebA: the centre box holding half the image removed,
-  deterministic DDIM inpainting from pure noise in 100 steps, K = 4, masked MSE. ``:paper`` uses
-  the paper's semantic steps instead (MTCNN face box, face-ID cosine; README, "Encoders").
+  deterministic DDIM inpainting from pure noise in 200 steps (the paper's restorer), K = 4, masked
+  MSE. ``:paper`` uses the paper's semantic steps instead (MTCNN face box, face-ID cosine, the
+  agree number; README, "Encoders").
 
 Variants: ``:runlocal`` audits a tiny random latent target (``random:ldm-tiny``: 32x32x3 images,
 8x8x3 latents) on 32 + 32 real Fashion-MNIST images as RGB, every attack, in seconds; a smoke run

@@ -7,6 +7,7 @@
   python -m drc_jax.analysis export --config=C --workdir=W --step=N --out=DIR [--log=train.log]
   python -m drc_jax.analysis thresholds --workdir=W   # the shipped target's calibration scores
   python -m drc_jax.analysis black-box --out=runs/black_box --audit_workdir=runs/fashion_mnist
+  python -m drc_jax.analysis drc-rules --workdir=runs/fashion_mnist   # DRC's mean/median/agree
 
 Each tool defines only its own flags; ``TOOL --help`` lists them. Errors in what a user gives are
 one line and exit status 2, as for ``python -m drc_jax.main``.
@@ -22,7 +23,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from drc_jax.analysis import bench, black_box, export, frontier, steps_curve, sweep
+from drc_jax.analysis import bench, black_box, drc_rules, export, frontier, steps_curve, sweep
 from drc_jax.core import config_base, errors, parallel
 from drc_jax.targets import shipped
 
@@ -221,6 +222,18 @@ def _black_box() -> None:
   print(epath.Path(F.out, 'black_box.md').read_text())
 
 
+def _drc_rules_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'A finished audit workdir (its saved DRC similarities).')
+  flags.DEFINE_string('out', 'runs/drc_rules', 'Output directory.')
+  flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples of each interval.')
+
+
+def _drc_rules() -> None:
+  _require('workdir')
+  drc_rules.run(F.workdir, F.out, bootstrap=F.bootstrap)
+  print(epath.Path(F.out, 'drc_rules.md').read_text())
+
+
 # tool -> (define its flags, run it)
 TOOLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
   'sweep': (lambda: _grid_flags('runs/sweep'), _sweep),
@@ -230,6 +243,7 @@ TOOLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
   'export': (_export_flags, _export),
   'thresholds': (_thresholds_flags, _thresholds),
   'black-box': (_black_box_flags, _black_box),
+  'drc-rules': (_drc_rules_flags, _drc_rules),
 }
 
 

@@ -34,8 +34,10 @@ def new_figure(width: float, height: float):
 
 
 def save_figure(fig, path: str) -> str:
+  """Writes ``fig`` as a PNG (zlib level 1: about three times faster to encode than the default
+  level 6, for files about a fifth larger)."""
   buffer = io.BytesIO()
-  fig.savefig(buffer, format='png')
+  fig.savefig(buffer, format='png', pil_kwargs={'compress_level': 1})
   fileio.atomic_write_bytes(path, buffer.getvalue())
   return path
 
@@ -112,10 +114,23 @@ def plot_histograms(table: Mapping[str, np.ndarray], path: str) -> str:
     scores = np.asarray(table[SCORE_PREFIX + attack], dtype=np.float64)
     members, nonmembers = member_nonmember(table, scores)
     bins = np.histogram_bin_edges(scores[np.isfinite(scores)], bins=50)
+    # one filled outline per histogram, not one rectangle per bin (800 patches to lay out)
     ax.hist(
-      nonmembers, bins=bins, density=True, alpha=0.55, label=f'non-members ({nonmembers.size})'
+      nonmembers,
+      bins=bins,
+      density=True,
+      alpha=0.55,
+      histtype='stepfilled',
+      label=f'non-members ({nonmembers.size})',
     )
-    ax.hist(members, bins=bins, density=True, alpha=0.55, label=f'members ({members.size})')
+    ax.hist(
+      members,
+      bins=bins,
+      density=True,
+      alpha=0.55,
+      histtype='stepfilled',
+      label=f'members ({members.size})',
+    )
     ax.set_title(attack)
     ax.set_xlabel('score (higher = member)')
     ax.legend(fontsize='x-small')

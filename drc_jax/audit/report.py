@@ -516,6 +516,11 @@ def write_report(
     else '<h2>Metrics</h2>',
     f'<p class="note">{html.escape(summary.scope_line(metrics) or "all images")}.</p>',
     _metrics_html(metrics),
+  ]
+  protocol = (metrics.get('drc') or {}).get('protocol')
+  if protocol:
+    parts.append(f'<p class="note">drc = {html.escape(protocol)}.</p>')
+  parts += [
     '<p class="note">Higher score = member; an image is called a member iff score &gt;= '
     'threshold. TPR@f%FPR is the highest TPR whose FPR does not exceed f, without '
     'interpolation; with n non-members it rests on about n&middot;f false positives. '

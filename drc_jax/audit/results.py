@@ -188,9 +188,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
       f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
       f'members: {int(np.sum(table["split"] == 1))}, non-members: '
       f'{int(np.sum(table["split"] == 0))}\n'
-      f'DRC: mask {config.drc.mask} rho={config.drc.mask_ratio}, restorer '
-      f'{config.drc.restorer} ({config.drc.steps} steps), K={config.drc.num_restorations}'
-      f', comparator {config.drc.comparator}'
+      f'{drc_lib.describe(config.drc)}'
     )
     if sample_info is not None:
       fileio.atomic_write_text(

@@ -11,6 +11,7 @@ All processes compute every batch (each its slice); only process 0 writes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from etils import epath
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import results, store, validate
 from drc_jax.audit import samples as samples_lib
-from drc_jax.core import parallel, progress
+from drc_jax.core import export_cache, parallel, progress
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.drc import faces
@@ -120,20 +121,35 @@ def make_scorer(config, workdir: str) -> Scorer:
     calls = ''.join(f', {n} {r} encoder calls' for r, n in a.encoder_calls.items())
     logging.info('attack %-6s %5d model calls per image%s', a.name, a.nfe, calls)
   aux = parallel.replicate(mesh, attacks_lib.aux_params(attacks))
-  # Each logs a line before it compiles (progress.compiling): the first batch is silent for long.
-  score_fn = progress.announce_compiles(
+  # What the programs' closures depend on: a repeat run loads their lowered form (export_cache).
+  key = json.dumps(
+    {
+      'config': config.to_dict(),
+      'description_sha256': target.description_sha256,
+      'encoders': store.encoder_digests(config),
+    },
+    sort_keys=True,
+    default=list,
+  )
+
+  def program(fn, what: str, batch_arg: int):
+    """``fn`` jitted, kept lowered on disk, logging a line before it compiles (the first batch
+    is silent for long)."""
+    return progress.announce_compiles(export_cache.Exported(fn, what, key), what, batch_arg)
+
+  score_fn = program(
     jax.jit(attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rrddd', 'd')),
     f'scorer of {", ".join(names)}',
-    batch_arg=3,
+    3,
   )
   evidence_fn = None
   if 'drc' in attacks:  # the DRC attack's own scorer: the same restorations as its scores
-    evidence_fn = progress.announce_compiles(
+    evidence_fn = program(
       jax.jit(attacks['drc'].evidence, **parallel.shardings(mesh, 'rddrd', 'dd')),
       'DRC evidence program',
-      batch_arg=2,
+      2,
     )
-  sample_fn = progress.announce_compiles(
+  sample_fn = program(
     jax.jit(samples_lib.make_sampler(target.model, target.schedule)), "target's sampler", 1
   )
   side_fn = make_side_fn(config, names)

@@ -42,7 +42,6 @@ import functools
 import math
 
 import numpy as np
-import scipy.stats
 
 # The exact null distribution costs about min(n, m)^2 * max(n, m) integer additions; above this
 # the normal approximation is used (n = 100 suspects against m = 800 references is 8e6: ~1 s).
@@ -76,6 +75,14 @@ class RankTest:
   auc: float
   n_suspect: int
   n_reference: int
+
+
+def _scipy_stats():
+  """``scipy.stats``, imported on first use: it takes about a second to import, and an audit needs
+  it only once its scores are in (``import drc_jax`` and the scoring start without it)."""
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+
+  return scipy.stats
 
 
 def _as_sample(x, name: str) -> np.ndarray:
@@ -159,7 +166,7 @@ def _permutation_upper_tail(ranks: np.ndarray, k: int, observed: int, b: int, se
 
 def normal_sf(z: float) -> float:
   """P(Z > z) for a standard normal Z."""
-  return float(scipy.stats.norm.sf(z))
+  return float(_scipy_stats().norm.sf(z))
 
 
 def mann_whitney_greater(
@@ -220,7 +227,7 @@ def mann_whitney_greater(
   else:
     # U - n m / 2 - 1/2 over the tie-corrected standard deviation; every score tied (variance 0)
     # gives p = 1: no evidence either way.
-    p = scipy.stats.mannwhitneyu(s, r, alternative='greater', method='asymptotic').pvalue
+    p = _scipy_stats().mannwhitneyu(s, r, alternative='greater', method='asymptotic').pvalue
     method = 'normal'
   return RankTest(
     u=u,
@@ -240,7 +247,7 @@ def binom_cdf(k: int, n: int, p: float) -> float:
     return 1.0
   if p >= 1.0:
     return 0.0
-  return float(scipy.stats.binom.cdf(k, n, p))
+  return float(_scipy_stats().binom.cdf(k, n, p))
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -263,8 +270,8 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     raise ValueError(f'level must be in (0, 1), got {level}')
   # P(X >= k | p) is the Beta(k, n - k + 1) CDF at p, P(X <= k | p) one minus Beta(k + 1, n - k)'s
   tail = (1.0 - level) / 2
-  lower = 0.0 if k == 0 else float(scipy.stats.beta.ppf(tail, k, n - k + 1))
-  upper = 1.0 if k == n else float(scipy.stats.beta.ppf(1.0 - tail, k + 1, n - k))
+  lower = 0.0 if k == 0 else float(_scipy_stats().beta.ppf(tail, k, n - k + 1))
+  upper = 1.0 if k == n else float(_scipy_stats().beta.ppf(1.0 - tail, k + 1, n - k))
   return lower, upper
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 import zipfile
 import zlib
@@ -80,7 +81,7 @@ def without_later_defaults(section: str, values: dict) -> dict:
   return {k: v for k, v in values.items() if later.get(k, object()) != v}
 
 
-def _encoder_digests(config) -> dict[str, str]:
+def encoder_digests(config) -> dict[str, str]:
   """SHA-256 of the weights of each encoder DRC uses (recorded in its ``encoder.json``)."""
   out = {}
   for role, field in validate.drc_encoder_fields(config).items():
@@ -113,6 +114,57 @@ def audited_params(target):
   return jax.tree_util.tree_map(np.asarray, params)
 
 
+# SHA-256 of the files the audited target was loaded from, beside the scores (it moves aside with
+# them): a redraw that finds the same files need not load the model to know it is the same.
+TARGET_FILES = f'{SCORES_DIR}/target_files.json'
+
+
+def files_sha256(paths) -> str:
+  """One SHA-256 over files: each one's name (relative to the first's folder), size and bytes."""
+  h = hashlib.sha256()
+  paths = list(paths)
+  root = epath.Path(paths[0]).parent if paths else None
+  for p in paths:
+    p = epath.Path(p)
+    data = p.read_bytes()
+    h.update(f'{os.path.relpath(str(p), str(root))}\0{len(data)}\0'.encode())
+    h.update(data)
+  return h.hexdigest()
+
+
+def _target_path(recorded: dict, workdir) -> str:
+  checkpoint = (recorded.get('audit') or {}).get('checkpoint', '')
+  return shipped.resolve(checkpoint) if checkpoint else str(workdir)
+
+
+def record_target_files(workdir, fp: dict) -> None:
+  """Writes ``TARGET_FILES``: the digest of the audited target's files (none for a random one)."""
+  files = target_lib.target_files(_target_path(fp, workdir))
+  if not files:
+    return
+  doc = {'target': fp.get('target'), 'files_sha256': files_sha256(files)}
+  path = epath.Path(workdir) / TARGET_FILES
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fileio.atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True))
+
+
+def _same_target_files(workdir, recorded: dict, path: str) -> bool:
+  """Whether the target's files are those recorded when the scores were written."""
+  record = epath.Path(workdir) / TARGET_FILES
+  if not record.exists():
+    return False
+  try:
+    doc = json.loads(record.read_text())
+    files = target_lib.target_files(path)
+  except (OSError, ValueError, errors.UserError):
+    return False
+  return (
+    bool(files)
+    and doc.get('target') == recorded.get('target')
+    and doc.get('files_sha256') == files_sha256(files)
+  )
+
+
 def check_saved_results(workdir: str) -> dict:
   """The recorded fingerprint of ``workdir``'s results, after checking, without any config, that
   they still describe what is there: every score shard intact and of that fingerprint, and the
@@ -129,8 +181,9 @@ def check_saved_results(workdir: str) -> dict:
       f'{workdir} holds no audit results ({AUDIT_CONFIG} not found); run --mode=audit first'
     )
   load_scores(workdir, fingerprint_digest(recorded))
-  checkpoint = (recorded.get('audit') or {}).get('checkpoint', '')
-  path = shipped.resolve(checkpoint) if checkpoint else workdir
+  path = _target_path(recorded, workdir)
+  if _same_target_files(workdir, recorded, path):
+    return recorded  # the very files the scores were computed from
   target = target_lib.load_target(path)
   now = {
     'step': target.step,
@@ -162,7 +215,7 @@ def fingerprint(config, target) -> dict:
     'ema_sha256': target.ema_sha256,
     'description_sha256': target.description_sha256,
   }
-  digests = _encoder_digests(config)
+  digests = encoder_digests(config)
   if digests:
     identity['encoders_sha256'] = digests
   return json.loads(
@@ -284,6 +337,7 @@ def check_workdir(config, workdir: str, overwrite: bool, target) -> None:
     fileio.atomic_write_text(
       epath.Path(workdir) / AUDIT_CONFIG, json.dumps(fp, indent=1, sort_keys=True)
     )
+    record_target_files(workdir, fp)
   parallel.sync('audit_config_written')
 
 

@@ -99,6 +99,9 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
   lines.insert(1, '  '.join('-' * w for w in widths))
   if scope_line(metrics):
     lines.insert(0, scope_line(metrics))
+  protocol = (metrics.get('drc') or {}).get('protocol')
+  if protocol:
+    lines.append(f'drc = {protocol}')
   for warning, who in warnings_once(metrics):  # the same warning for every attack: printed once
     lines.append(f'note ({who}): {warning}')
   lines += format_generated_lines(metrics)

@@ -24,6 +24,12 @@ see ``drc_jax.convert.compvis_ldm``):
   python -m drc_jax.convert --format=compvis-ldm --src=models/ldm/ffhq256/model.ckpt \
       --config=models/ldm/ffhq256/config.yaml --workdir=runs/ffhq_ldm
 
+A Stable Diffusion target (text-conditioned UNet, KL autoencoder, CLIP text tower and tokenizer,
+loaded as ``targets.sd.SDTarget``) comes from a diffusers ``StableDiffusionPipeline`` or
+``StableDiffusionInpaintPipeline`` folder (see ``drc_jax.convert.diffusers_sd``):
+
+  python -m drc_jax.convert --format=diffusers-sd --src=stable-diffusion-2-1 --workdir=runs/sd2
+
 Every parameter of the model must come from exactly one source tensor of the expected shape, and
 every source tensor must be used: a missing, unexpected, misshapen or non-finite tensor is a
 ``ConversionError`` naming the key, raised before anything is written. Safetensors files are read
@@ -39,6 +45,7 @@ from typing import Any
 
 from absl import logging
 
+from drc_jax.convert import diffusers_sd
 from drc_jax.convert.common import (
   DEFAULT_DIFFUSION,
   ConversionError,
@@ -50,15 +57,16 @@ from drc_jax.convert.common import (
 from drc_jax.convert.compvis_ldm import convert_compvis_ldm
 from drc_jax.convert.diffusers import convert_diffusers, diffusers_config
 from drc_jax.convert.diffusers_ldm import convert_diffusers_ldm
+from drc_jax.convert.diffusers_sd import convert_diffusers_sd
 from drc_jax.convert.pytorch_ddpm import (
   convert_pytorch_ddpm,
   pytorch_ddpm_config,
   select_pytorch_ddpm_weights,
 )
 from drc_jax.models import unet as model_lib
-from drc_jax.targets import encoders
+from drc_jax.targets import encoders, sd
 
-TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm', 'compvis-ldm')
+TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm', 'compvis-ldm', 'diffusers-sd')
 LATENT_FORMATS = ('diffusers-ldm', 'compvis-ldm')
 # Encoder formats: format -> module under drc_jax.convert with
 # ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
@@ -82,6 +90,7 @@ __all__ = [
   'convert_diffusers',
   'convert_compvis_ldm',
   'convert_diffusers_ldm',
+  'convert_diffusers_sd',
   'convert_pytorch_ddpm',
   'diffusers_config',
   'pytorch_ddpm_config',
@@ -101,18 +110,37 @@ def convert(
   diffusion: dict[str, Any] | None = None,
   scaling_factor: float | None = None,
   config=None,
-) -> Converted:
+) -> Converted | sd.SDParts:
   """Converts ``src`` (format ``fmt``, one of ``TARGET_FORMATS``) into the target ``workdir``.
 
   ``weights`` ('ema' or 'net') applies to 'pytorch-ddpm' (default 'ema') and 'compvis-ldm'
   (default: EMA when the checkpoint has it); ``resolution`` is the image side (for latent targets
   too, where the latents are smaller); ``scaling_factor`` applies to latent targets
   (``LATENT_FORMATS``) and ``config`` (the training config) to 'compvis-ldm' only.
+  'diffusers-sd' takes none of these (only ``diffusion``, checked against its scheduler config).
 
   Returns:
-    The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``
-    and ``drc_jax.load_target``).
+    The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``):
+    a ``Converted``, or for 'diffusers-sd' the ``targets.sd.SDParts`` written.
   """
+  if fmt == 'diffusers-sd':
+    options = {'weights': weights, 'resolution': resolution, 'scaling_factor': scaling_factor}
+    given = [k for k, v in dict(options, config=config).items() if v is not None]
+    if given:
+      raise ConversionError(f'{given[0]} does not apply to diffusers-sd')
+    parts = convert_diffusers_sd(src, diffusion)
+    diffusers_sd.write(workdir, parts)
+    logging.info(
+      'converted %s -> %s: %s, in_channels %d, %s, schedule %s; %d + %d + %d parameters',
+      parts.source,
+      workdir,
+      parts.pipeline,
+      parts.unet[0].in_channels,
+      parts.prediction_type,
+      parts.diffusion,
+      *(model_lib.count_params(getattr(parts, p)[1]) for p in sd.PARTS),
+    )
+    return parts
   if scaling_factor is not None and fmt not in LATENT_FORMATS:
     raise ConversionError(f'scaling_factor applies to latent targets {LATENT_FORMATS}, not {fmt!r}')
   if config is not None and fmt != 'compvis-ldm':

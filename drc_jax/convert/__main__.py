@@ -4,6 +4,7 @@ python -m drc_jax.convert --format=pytorch-ddpm --src=ckpt.pt --workdir=runs/sec
 python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=runs/google_ddpm
 python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
 python -m drc_jax.convert --format=compvis-ldm --src=ffhq256/model.ckpt --workdir=runs/ffhq_ldm
+python -m drc_jax.convert --format=diffusers-sd --src=stable-diffusion-2-1 --workdir=runs/sd2
 python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
 python -m drc_jax.convert --format=facenet --src=20180402-114759-vggface2.pt --out=enc/facenet
 """
@@ -24,7 +25,9 @@ def _define_flags() -> None:
     None,
     'pytorch-ddpm: .pt/.pth/.safetensors file; diffusers: model '
     'folder (config.json + weights), pipeline folder or weights file; diffusers-ldm: '
-    'LDMPipeline folder (vqvae/, unet/, scheduler/); compvis-ldm: latent-diffusion .ckpt; facenet: '
+    'LDMPipeline folder (vqvae/, unet/, scheduler/); diffusers-sd: StableDiffusion(Inpaint)'
+    'Pipeline folder or a repo id in the local Hugging Face cache; compvis-ldm: latent-diffusion '
+    '.ckpt; facenet: '
     'InceptionResnetV1 state dict (.pt/.pth/.safetensors).',
   )
   flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')

@@ -232,7 +232,10 @@ class MidBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  def __init__(self, cfg: VQConfig, dtype, rngs: nnx.Rngs):
+  """diffusers' ``vae.Encoder``; ``double_z`` doubles ``conv_out``'s width (the KL autoencoder's
+  mean and log-variance), as diffusers' flag of that name does."""
+
+  def __init__(self, cfg: VQConfig, dtype, rngs: nnx.Rngs, double_z: bool = False):
     boc = cfg.block_out_channels
     self.conv_in = _conv(cfg.in_channels, boc[0], 3, rngs, dtype)
     self.down_blocks = nnx.List(
@@ -252,9 +255,9 @@ class Encoder(nnx.Module):
     )
     self.mid_block = MidBlock(boc[-1], cfg, dtype, rngs)
     self.conv_norm_out = _norm(boc[-1], cfg, dtype, rngs)
-    self.conv_out = _conv(boc[-1], cfg.latent_channels, 3, rngs, dtype)
+    self.conv_out = _conv(boc[-1], (2 if double_z else 1) * cfg.latent_channels, 3, rngs, dtype)
 
-  def __call__(self, x):  # [B, H, W, in] -> [B, H/f, W/f, latent]
+  def __call__(self, x):  # [B, H, W, in] -> [B, H/f, W/f, latent (x2 if double_z)]
     h = self.conv_in(x)
     for block in self.down_blocks:
       h = block(h)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ from etils import epath
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
 from drc_jax.models import vq as vq_lib
-from drc_jax.targets import checkpoints, shipped
+from drc_jax.targets import checkpoints, sd, shipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +271,49 @@ def random_target(name: str, seed: int = 0) -> Target:
   )
 
 
+def target_files(path) -> list[epath.Path]:
+  """The files ``load_target(path)`` reads its model from: ``model.json``, the weights (a
+  safetensors directory's ``ema.safetensors``; a workdir's latest checkpoint step, every file) and
+  a latent target's autoencoder folder. Equal files mean an equal target, so a saved digest of
+  them (``audit.store``) spares loading the model to check it. A Stable Diffusion workdir:
+  ``model.json`` and the files it records (weights, tokenizer). A random target: none.
+
+  Raises:
+    checkpoints.CheckpointError: ``path`` is not a target (as ``load_target``).
+  """
+  if str(path).startswith(RANDOM_PREFIX):
+    return []
+  path = epath.Path(shipped.resolve(path))
+  if sd.is_sd_workdir(path):
+    return sd.target_files(path)
+  if shipped.is_weights_dir(path):
+    root, weights = path, [path / shipped.WEIGHTS]
+  elif (path / checkpoints.MODEL_JSON).exists():
+    # the latest finished step (orbax renames a step's folder to its number once written); no
+    # CheckpointManager: it synchronises every process, and only one process calls this
+    ckpt_dir = path / checkpoints.CHECKPOINT_DIR
+    steps = (
+      [int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit()] if ckpt_dir.is_dir() else []
+    )
+    step = max(steps) if steps else None
+    if step is None:
+      raise checkpoints.CheckpointError(f'{path / checkpoints.CHECKPOINT_DIR}: no checkpoint found')
+    root, weights = path, [path / checkpoints.CHECKPOINT_DIR / str(step)]
+  elif path.name.isdigit() and path.parent.name == checkpoints.CHECKPOINT_DIR:
+    root, weights = path.parent.parent, [path]
+  elif path.name == checkpoints.CHECKPOINT_DIR:
+    return target_files(path.parent)
+  else:
+    raise checkpoints.CheckpointError(f'{path} is not a drc_jax target')
+  out = [root / checkpoints.MODEL_JSON]
+  for top in [*weights, root / checkpoints.AUTOENCODER_DIR]:
+    if top.is_dir():
+      out += sorted(epath.Path(d) / f for d, _, files in os.walk(str(top)) for f in files)
+    elif top.exists():
+      out.append(top)
+  return out
+
+
 def load_target(path) -> Target:
   """Loads a target model for auditing.
 
@@ -282,7 +326,9 @@ def load_target(path) -> Target:
   Returns:
     The Target: ``.apply(x, t)`` (jitted), ``.config``, ``.params``, ``.schedule``, ``.model``;
     for a latent diffusion target a LatentTarget, which adds ``.encode(x)``, ``.decode(z)``,
-    ``.latent_shape``, ``.scaling_factor`` (``.is_latent`` is True).
+    ``.latent_shape``, ``.scaling_factor`` (``.is_latent`` is True); for a Stable Diffusion
+    workdir (``--format=diffusers-sd``) a ``targets.sd.SDTarget`` (``tokenize``,
+    ``encode_text``, ``apply(z, t, context)``, ``encode``, ``decode``).
 
   Raises:
     checkpoints.CheckpointError: ``path`` is none of these, or its checkpoint does not match
@@ -291,6 +337,8 @@ def load_target(path) -> Target:
   if str(path).startswith(RANDOM_PREFIX):
     return random_target(str(path)[len(RANDOM_PREFIX) :])
   path = epath.Path(shipped.resolve(path))
+  if sd.is_sd_workdir(path):
+    return sd.load(path, jax.jit)
   if shipped.is_weights_dir(path):
     return _load_weights_dir(path)
   if (path / checkpoints.MODEL_JSON).exists():

@@ -8,6 +8,7 @@ restarted from its last checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from drc_jax.core import errors, parallel, progress, streams
+from drc_jax.core import errors, export_cache, parallel, progress, streams
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
@@ -149,8 +150,20 @@ def train(config, workdir: str) -> State:
     state = checkpoints.restore(mngr, abstract)
     logging.info('resumed from step %d', int(state['step']))
   state = parallel.replicate(mesh, state)
+  # kept lowered on disk (export_cache): what the step's closure depends on is the config
+  key_doc = json.dumps(
+    {'config': config.to_dict(), 'mesh': str(mesh)}, sort_keys=True, default=list
+  )
   train_step = progress.announce_compiles(
-    make_train_step(model, schedule, tx, tcfg, mesh), 'train step', batch_arg=1
+    export_cache.Exported(
+      make_train_step(model, schedule, tx, tcfg, mesh),
+      'train step',
+      key_doc,
+      donate_argnums=(0,),
+      out_like=lambda state, *_: (state, {'loss': 0, 'grad_norm': 0}),  # (new state, metrics)
+    ),
+    'train step',
+    batch_arg=1,
   )
   key = jax.random.fold_in(jax.random.key(config.seed), streams.TRAIN)
   n_proc, p_idx = jax.process_count(), jax.process_index()

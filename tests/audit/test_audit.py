@@ -96,6 +96,10 @@ def test_every_attack_finds_the_members_and_the_report_renders(trained, tmp_path
   os.remove(f'{wd}/report.html')
   monkeypatch.setattr(A, 'make_scorer', _refuse)
   monkeypatch.setattr(D, 'make_source', _refuse)
+  # the target's files are those the scores were computed from (their digest was saved): the
+  # model is not loaded to check them
+  assert (Path(wd) / store.TARGET_FILES).exists()
+  monkeypatch.setattr(store.target_lib, 'load_target', _refuse)
   again = pipeline.run(load_config('fashion_mnist'), wd, 'report')
   assert again == saved
   after = _hashes(wd)
@@ -140,10 +144,15 @@ def _check_generated_control(wd, saved):
       ]
     )
     np.testing.assert_allclose(gen[f'score/{name}'], direct, rtol=2e-4, atol=1e-6)
+  assert gen['score/drc'].shape == (16, 2)  # DRC's similarities, scored by the audit's rule
   for name in scorer.names:
     g, cal = saved[name]['generated'], saved[name]['calibrated']
+    s = gen[f'score/{name}']
+    if name == 'drc':
+      assert saved['drc']['aggregation'] == 'mean'
+      s = s.mean(axis=1)
     assert g['n'] == 16
-    assert g['fpr'] == np.mean(gen[f'score/{name}'] >= cal['threshold'])
+    assert g['fpr'] == np.mean(s >= cal['threshold'])
     assert g['real_nonmember_fpr'] == cal['fpr']
   assert 'blind' not in {k for k, v in saved.items() if 'generated' in v}
 
