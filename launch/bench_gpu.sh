@@ -32,3 +32,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 args=(--out="$out")  # the PyTorch side: launch/torch_repaint.py with launch/peer/
 [[ ${QUICK:-0} == 1 ]] && args+=(--quick)
 "$py" launch/bench_gpu.py "${args[@]}"
+# Stable Diffusion's UNet (SD 1.5 layout, random weights) and one DRC latent restoration step,
+# drc_jax against diffusers, latents 32x32, batch 4 (tiny layout with QUICK=1)
+sd_layout=sd15
+[[ ${QUICK:-0} == 1 ]] && sd_layout=tiny
+"$py" launch/bench_sd.py --layout="$sd_layout" --batch=4 --latent=32 | tee "$out/sd_bench.json" \
+  || echo "bench_sd: skipped (torch and diffusers do not import here)" >&2
