@@ -112,13 +112,7 @@ def diffusers_config(
   Returns:
     The UNetConfig.
   """
-  cls = config.get('_class_name', 'UNet2DModel')
-  if cls != 'UNet2DModel':
-    raise ConversionError(f'{where}: _class_name {cls!r} is not UNet2DModel')
-  unknown = sorted(k for k in config if not k.startswith('_') and k not in _DIFFUSERS_DEFAULTS)
-  if unknown:
-    raise ConversionError(f'{where}: unsupported UNet2DModel fields {unknown}')
-  c = dict(_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith('_')})
+  c = records.diffusers_config(config, 'UNet2DModel', _DIFFUSERS_DEFAULTS, where, ConversionError)
 
   def refuse(field, why):
     raise ConversionError(f'{where}: unsupported {field}={c[field]!r} ({why})')

@@ -106,13 +106,7 @@ def vq_config(config: dict[str, Any], where: str = 'vqvae/config.json') -> tuple
   Raises:
     ConversionError: naming the field our autoencoder does not compute.
   """
-  cls = config.get('_class_name', 'VQModel')
-  if cls != 'VQModel':
-    raise ConversionError(f'{where}: _class_name {cls!r} is not VQModel')
-  unknown = sorted(k for k in config if not k.startswith('_') and k not in VQ_DEFAULTS)
-  if unknown:
-    raise ConversionError(f'{where}: unsupported VQModel fields {unknown}')
-  c = dict(VQ_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith('_')})
+  c = records.diffusers_config(config, 'VQModel', VQ_DEFAULTS, where, ConversionError)
   if c['norm_type'] != 'group':
     raise ConversionError(
       f"{where}: unsupported norm_type={c['norm_type']!r} (only 'group'; 'spatial' is the MoVQ "

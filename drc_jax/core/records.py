@@ -46,3 +46,26 @@ def dataclass_from_dict(cls: type, d: dict[str, Any], where: str, error: type[Ex
     return cls(**kw)
   except (TypeError, ValueError) as e:
     raise error(f'{where}: invalid {cls.__name__} ({e})') from e
+
+
+def diffusers_config(
+  config: dict[str, Any],
+  class_name: str,
+  defaults: dict[str, Any],
+  where: str,
+  error: type[Exception],
+) -> dict[str, Any]:
+  """A diffusers ``config.json`` dict completed with ``defaults`` (the class's ``__init__``
+  defaults), after checking that its ``_class_name`` (when present) is ``class_name`` and that
+  every field is one ``defaults`` knows (``_``-prefixed bookkeeping fields aside).
+
+  Raises:
+    error: naming ``where`` and the class or the unknown fields.
+  """
+  name = config.get('_class_name', class_name)
+  if name != class_name:
+    raise error(f'{where}: _class_name {name!r} is not {class_name}')
+  unknown = sorted(k for k in config if not k.startswith('_') and k not in defaults)
+  if unknown:
+    raise error(f'{where}: unsupported {class_name} fields {unknown}')
+  return dict(defaults, **{k: v for k, v in config.items() if not k.startswith('_')})

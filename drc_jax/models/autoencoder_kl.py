@@ -189,13 +189,7 @@ class AutoencoderKLConfig:
     """
     if not isinstance(config, dict):
       raise ValueError(f'{where}: expected a JSON object, found {type(config).__name__}')
-    name = config.get('_class_name', 'AutoencoderKL')
-    if name != 'AutoencoderKL':
-      raise ValueError(f'{where}: _class_name {name!r} is not AutoencoderKL')
-    unknown = sorted(k for k in config if not k.startswith('_') and k not in DIFFUSERS_DEFAULTS)
-    if unknown:
-      raise ValueError(f'{where}: unsupported AutoencoderKL fields {unknown}')
-    c = dict(DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith('_')})
+    c = records.diffusers_config(config, 'AutoencoderKL', DIFFUSERS_DEFAULTS, where, ValueError)
     if c['norm_type'] != 'group':
       raise ValueError(
         f"{where}: unsupported norm_type={c['norm_type']!r} (only 'group'; 'spatial' is the MoVQ "

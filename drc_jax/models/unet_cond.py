@@ -242,13 +242,9 @@ class UNetCondConfig:
       ValueError: naming the file and the field this UNet does not compute (an unknown field, a
         non-default value of a field in ``DIFFUSERS_REQUIRED``, ``only_cross_attention``...).
     """
-    name = config.get('_class_name', 'UNet2DConditionModel')
-    if name != 'UNet2DConditionModel':
-      raise ValueError(f'{where}: _class_name {name!r} is not UNet2DConditionModel')
-    unknown = sorted(k for k in config if not k.startswith('_') and k not in DIFFUSERS_DEFAULTS)
-    if unknown:
-      raise ValueError(f'{where}: unsupported UNet2DConditionModel fields {unknown}')
-    c = dict(DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith('_')})
+    c = records.diffusers_config(
+      config, 'UNet2DConditionModel', DIFFUSERS_DEFAULTS, where, ValueError
+    )
 
     def refuse(field, why):
       raise ValueError(f'{where}: unsupported {field}={c[field]!r} ({why})')
