@@ -95,7 +95,8 @@ class Exported:
     self.fn, self.what, self.key = fn, what, key
     self.donate_argnums = tuple(donate_argnums)
     self.out_like = out_like
-    self._programs: dict[str, Callable] = {}
+    self._programs: dict[str, Callable] = {}  # by digest
+    self._by_shape: dict[tuple, Callable] = {}  # by the top-level arrays' shapes and dtypes
 
   def _program(self, args: tuple) -> Callable:
     if jax.process_count() > 1:
@@ -156,7 +157,20 @@ class Exported:
     return program
 
   def __call__(self, *args) -> Any:
-    return self._program(args)(*args)
+    # Per call only the shapes of the arrays at the top and one dict level down are looked at (a
+    # batch, its keys), much as progress.Announced does: the full digest flattens every params
+    # leaf, and the params of a program's closure keep their structure (exported.call refuses
+    # any other).
+    quick = tuple(
+      (i, k, x.shape, x.dtype)
+      for i, a in enumerate(args)
+      for k, x in (a.items() if isinstance(a, dict) else [(None, a)])
+      if hasattr(x, 'shape')
+    )
+    program = self._by_shape.get(quick)
+    if program is None:
+      program = self._by_shape[quick] = self._program(args)
+    return program(*args)
 
   def __getattr__(self, name: str) -> Any:
     if name == 'fn':  # not set yet (copying, unpickling)

@@ -87,3 +87,13 @@ def test_the_digest_covers_the_package_source():
   args = _args(mesh)
   assert export_cache.digest('k', args) == export_cache.digest('k', args)
   assert export_cache.digest('k', args) != export_cache.digest('k2', args)
+
+
+def test_one_wrapper_keeps_a_program_per_batch_shape(cache):
+  mesh, f = _fn()
+  prog = export_cache.Exported(f, 'p', key='k1')
+  for n in (16, 24, 16):
+    args = _args(mesh, n=n)
+    got = jax.device_get(prog(*args))
+    np.testing.assert_array_equal(got['score'], jax.device_get(f(*args))['score'])
+  assert len(list(cache.iterdir())) == 2
