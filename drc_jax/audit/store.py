@@ -120,15 +120,13 @@ TARGET_FILES = f'{SCORES_DIR}/target_files.json'
 
 
 def files_sha256(paths) -> str:
-  """One SHA-256 over files: each one's name (relative to the first's folder), size and bytes."""
+  """One SHA-256 over files: each one's name (relative to the first's folder) and its own
+  SHA-256 (``shipped.sha256_file``, read in chunks: checkpoints can be large)."""
   h = hashlib.sha256()
   paths = list(paths)
   root = epath.Path(paths[0]).parent if paths else None
   for p in paths:
-    p = epath.Path(p)
-    data = p.read_bytes()
-    h.update(f'{os.path.relpath(str(p), str(root))}\0{len(data)}\0'.encode())
-    h.update(data)
+    h.update(f'{os.path.relpath(str(p), str(root))}\0{shipped.sha256_file(p)}\0'.encode())
   return h.hexdigest()
 
 
