@@ -38,8 +38,11 @@ by name), and non-special added tokens whose text is not in vocab.json (refused)
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import os
+import tempfile
 import typing
 import unicodedata
 from collections.abc import Sequence
@@ -391,3 +394,129 @@ class CLIPTokenizer:
 def load(folder, max_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
   """The CLIP tokenizer of an SD pipeline's ``tokenizer/`` folder (``from_folder``)."""
   return CLIPTokenizer.from_folder(folder, max_length)
+
+
+def from_files(files: dict[str, bytes], max_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
+  """The tokenizer of a folder's files held in memory ({file name: bytes}, e.g.
+  ``vocabulary_files``'), read as ``load`` reads the folder."""
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, data in files.items():
+      if os.path.basename(name) != name:
+        raise TokenizerError(f'tokenizer file name {name!r} is not a plain file name')
+      with open(os.path.join(tmp, name), 'wb') as f:
+        f.write(data)
+    return load(tmp, max_length)
+
+
+def _token_entry(text: str, normalized: bool) -> dict:
+  """An AddedToken object as the SD repositories' config files write it."""
+  return {
+    '__type': 'AddedToken',
+    'content': text,
+    'lstrip': False,
+    'normalized': normalized,
+    'rstrip': False,
+    'single_word': False,
+  }
+
+
+def learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:
+  """Up to ``n_merges`` BPE merges learned from ``corpus`` (pre-tokenized as ``tokenize``
+  does): the most frequent adjacent pair first (ties: the greatest pair), fewer when the corpus
+  runs out of pairs."""
+  byte = bytes_to_unicode()
+  words: collections.Counter = collections.Counter()
+  for piece in pre_tokenize(normalize(corpus)):
+    symbols = [byte[b] for b in piece.encode('utf-8')]
+    symbols[-1] += END_OF_WORD
+    words[tuple(symbols)] += 1
+  merges = []
+  for _ in range(n_merges):
+    pairs: collections.Counter = collections.Counter()
+    for word, count in words.items():
+      for pair in zip(word[:-1], word[1:]):
+        pairs[pair] += count
+    if not pairs:
+      break
+    best = max(pairs, key=lambda p: (pairs[p], p))
+    merges.append(best)
+    merged: collections.Counter = collections.Counter()
+    for word, count in words.items():
+      out, i = [], 0
+      while i < len(word):
+        if word[i : i + 2] == best:
+          out.append(best[0] + best[1])
+          i += 2
+        else:
+          out.append(word[i])
+          i += 1
+      merged[tuple(out)] += count
+    words = merged
+  return merges
+
+
+def vocabulary_files(
+  corpus: str,
+  n_merges: int,
+  max_length: int = CONTEXT_LENGTH,
+  *,
+  pad: str = EOS,
+  style: str = 'legacy',
+) -> dict[str, bytes]:
+  """The files of a CLIP-layout tokenizer folder with merges learned from ``corpus``: a tokenizer
+  for a target trained or built here (offline, no download).
+
+  The vocabulary is CLIP's layout: the 256 byte symbols, their ``</w>`` variants, one token per
+  merge (``learn_merges``), then bos and eos. Any text tokenizes (every byte is a symbol); the
+  corpus decides which words are single tokens.
+
+  Args:
+    corpus: the text the merges are learned from (e.g. the training captions).
+    n_merges: the most merges learned.
+    max_length: the padded length (``model_max_length``), bos and eos included.
+    pad: the pad token: ``EOS`` (SD 1.x, OpenAI CLIP) or ``'!'`` (SD 2.x, OpenCLIP).
+    style: 'legacy' (as the SD 1.x / 2.x repositories ship them: ``tokenizer_config.json`` and
+      ``special_tokens_map.json`` with AddedToken objects) or 'decoder' (as transformers 4.3x
+      saves them: ``added_tokens_decoder`` with explicit flags, no ``special_tokens_map.json``).
+
+  Returns:
+    {file name: bytes}: ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and, in the
+    legacy style, ``special_tokens_map.json``.
+  """
+  if style not in ('legacy', 'decoder'):
+    raise ValueError(f"style {style!r} is not 'legacy' or 'decoder'")
+  base = list(bytes_to_unicode().values())
+  merges = learn_merges(corpus, n_merges)
+  vocab = base + [c + END_OF_WORD for c in base] + [a + b for a, b in merges] + [BOS, EOS]
+  ids = {t: i for i, t in enumerate(vocab)}
+  files = {
+    'vocab.json': json.dumps(ids).encode(),
+    'merges.txt': ('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges)).encode(),
+  }
+  common = {
+    'model_max_length': int(max_length),
+    'tokenizer_class': 'CLIPTokenizer',
+    'do_lower_case': True,
+  }
+  if style == 'legacy':
+    special = {
+      'bos_token': _token_entry(BOS, True),
+      'eos_token': _token_entry(EOS, True),
+      'unk_token': _token_entry(EOS, True),
+      'pad_token': pad,
+    }
+    files['tokenizer_config.json'] = json.dumps(dict(common, **special)).encode()
+    files['special_tokens_map.json'] = json.dumps(special).encode()
+  else:
+
+    def entry(text, normalized):
+      return dict(_token_entry(text, normalized), special=True)
+
+    decoder = {str(ids[BOS]): entry(BOS, False), str(ids[EOS]): entry(EOS, True)}
+    if pad in ids and pad not in (BOS, EOS):
+      decoder[str(ids[pad])] = entry(pad, False)
+    names = {'bos_token': BOS, 'eos_token': EOS, 'unk_token': EOS, 'pad_token': pad}
+    files['tokenizer_config.json'] = json.dumps(
+      dict(common, added_tokens_decoder=decoder, **names)
+    ).encode()
+  return files

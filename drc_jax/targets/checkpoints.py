@@ -37,6 +37,8 @@ from drc_jax.models import unet as model_lib
 from drc_jax.models import vq as vq_lib
 
 MODEL_JSON = 'model.json'
+# model.json's format of a Stable Diffusion workdir (targets/sd.py)
+SD_FORMAT = 'drc_jax.stable_diffusion/1'
 CHECKPOINT_DIR = 'checkpoints'
 AUTOENCODER_DIR = 'autoencoder'
 AUTOENCODER_JSON = 'config.json'
@@ -115,27 +117,72 @@ def check_config_matches(workdir, config) -> None:
   path = epath.Path(workdir) / MODEL_JSON
   if not path.exists() or is_imported(workdir):
     return
-  unet, diffusion = load_model_json(workdir)
-  d = config.data
-  want = model_lib.unet_config_from(config.model, d.resolution, d.channels).to_dict()
-  have = unet.to_dict()
-  field = {'resolution': 'data.resolution', 'in_channels': 'data.channels'}
-  diffs = [
-    (field.get(k, f'model.{k}'), want.get(k), have.get(k))
-    for k in sorted(set(want) | set(have))
-    if k not in ('dtype', 'dropout', 'out_channels') and want.get(k) != have.get(k)
-  ]
-  diffs += [
-    (f'diffusion.{k}', config.diffusion[k], diffusion[k])
-    for k in config.diffusion
-    if k in diffusion and config.diffusion[k] != diffusion[k]
-  ]
+  doc = read_model_doc(workdir)
+  if doc.get('format') == SD_FORMAT:  # a text-conditioned target trained here
+    diffs = _text_target_diffs(path, doc, config)
+  elif config.get('text_model'):
+    raise CheckpointError(
+      f'{path}: the target in {workdir} is unconditional, but config.text_model asks for a '
+      f'text-conditioned one; use another --workdir'
+    )
+  else:
+    unet, diffusion = load_model_json(workdir)
+    d = config.data
+    want = model_lib.unet_config_from(config.model, d.resolution, d.channels).to_dict()
+    have = unet.to_dict()
+    field = {'resolution': 'data.resolution', 'in_channels': 'data.channels'}
+    diffs = [
+      (field.get(k, f'model.{k}'), want.get(k), have.get(k))
+      for k in sorted(set(want) | set(have))
+      if k not in ('dtype', 'dropout', 'out_channels') and want.get(k) != have.get(k)
+    ]
+    diffs += _diffusion_diffs(config, diffusion)
   if diffs:
     text = '; '.join(f'config.{f}: {w!r}, trained with {h!r}' for f, w, h in diffs[:3])
     raise CheckpointError(
       f'{path}: the target in {workdir} was trained with another architecture or schedule '
       f'({text}); set those fields as it was trained, or use another --workdir'
     )
+
+
+def _diffusion_diffs(config, diffusion: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+  return [
+    (f'diffusion.{k}', config.diffusion[k], diffusion[k])
+    for k in config.diffusion
+    if k in diffusion and config.diffusion[k] != diffusion[k]
+  ]
+
+
+def _text_target_diffs(path: epath.Path, doc: dict, config) -> list[tuple[str, Any, Any]]:
+  """(config field, config's value, recorded value) of a text-conditioned target trained here
+  (``targets/train_text.py``: ``model.json`` records its ``text_model`` section)."""
+  recorded, unet, diffusion = doc.get('text_model'), doc.get('unet'), doc.get('diffusion')
+  if (
+    not isinstance(recorded, dict) or not isinstance(unet, dict) or not isinstance(diffusion, dict)
+  ):
+    raise CheckpointError(f'{path}: a text-conditioned target without its text_model section')
+  if not config.get('text_model'):
+    raise CheckpointError(
+      f'{path}: the target in {path.parent} is text-conditioned (trained with a '
+      f'config.text_model section), the config has no text_model; use its config or another '
+      f'--workdir'
+    )
+  want = json.loads(json.dumps(config.text_model.to_dict(), default=list))
+  diffs = [
+    (f'text_model.{k}', want.get(k), recorded.get(k))
+    for k in sorted(set(want) | set(recorded))
+    if want.get(k) != recorded.get(k)
+  ]
+  d = config.data
+  diffs += [
+    (f'data.{f}', v, unet.get(k))
+    for f, v, k in (
+      ('resolution', d.resolution, 'sample_size'),
+      ('channels', d.channels, 'in_channels'),
+    )
+    if v != unet.get(k)
+  ]
+  return diffs + _diffusion_diffs(config, diffusion)
 
 
 def trained_on(workdir) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ from etils import epath
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.models import unet as model_lib
 from drc_jax.models import vq as vq_lib
-from drc_jax.targets import checkpoints, sd, shipped
+from drc_jax.targets import checkpoints, sd, sd_random, shipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,12 +227,21 @@ def _load_weights_dir(path: epath.Path) -> Target:
 RANDOM_PREFIX = 'random:'
 
 
-def random_target(name: str, seed: int = 0) -> Target:
+RANDOM_TARGETS = ('ldm-tiny', *sd_random.RANDOM_TARGETS)
+
+
+def random_target(name: str, seed: int = 0) -> Target | sd.SDTarget:
   """A seeded random target built in memory: 'ldm-tiny' is a latent diffusion target (a two-level
   VQ autoencoder, factor 4, on 32x32x3 images; a multi-head UNet on its 8x8x3 latents; the CompVis
-  LDM schedule). Its scores mean nothing; it runs every latent code path."""
+  LDM schedule); 'sd-tiny' and 'sd-tiny-inpaint' are tiny Stable Diffusion targets
+  (``sd_random.random_parts``: 32x32x3 images, 8x8x4 latents, a CLIP text tower; the second with a
+  9-channel inpainting UNet). Their scores mean nothing; they run every latent code path."""
+  if name in sd_random.RANDOM_TARGETS:
+    return sd_random.random_target(name, seed, jax.jit)
   if name != 'ldm-tiny':
-    raise checkpoints.CheckpointError(f'{RANDOM_PREFIX}{name}: unknown random target (ldm-tiny)')
+    raise checkpoints.CheckpointError(
+      f'{RANDOM_PREFIX}{name}: unknown random target (one of {", ".join(RANDOM_TARGETS)})'
+    )
   vq_cfg = vq_lib.VQConfig(
     block_out_channels=(32, 64, 64),
     down_block_types=('DownEncoderBlock2D',) * 3,

@@ -13,6 +13,11 @@ What each computes, in diffusers terms: ``encode`` is ``vae.encode(x).latent_dis
 (an inpainting UNet, ``in_channels`` 9, takes the noisy latents, the mask and the masked image's
 latents concatenated along channels, as ``StableDiffusionInpaintPipeline`` builds them), and
 ``encode_text`` is the context ``encode_prompt`` gives the UNet (no ``clip_skip``). Arrays are NHWC.
+
+A pixel-space target (``vae`` None: one trained here by ``targets/train_text.py``) runs its UNet
+on the images themselves: ``encode`` and ``decode`` are the identity, ``downsampling_factor`` and
+``scaling_factor`` 1, ``latent_channels`` the UNet's ``out_channels``; its workdir has no
+``vae.safetensors`` and ``model.json`` says ``"vae": null``.
 The methods are compiled once per input shape (``load`` is given the compiler by
 ``targets/load.py``, a program boundary); ``apply_fn``, ``encode_fn``, ``decode_fn`` and
 ``encode_text_fn`` are the same computations as pure functions of ``params``, for jitting inside
@@ -26,11 +31,17 @@ The workdir (``W/``), written by ``save`` (``python -m drc_jax.convert --format=
 * ``tokenizer/``: the pipeline's CLIP tokenizer files (``vocab.json``, ``merges.txt`` and, when
   present, ``tokenizer_config.json`` and ``special_tokens_map.json``), copied byte for byte;
 * ``model.json`` (written last: it marks the workdir complete): ``format`` (``FORMAT``), the
-  three architectures (``unet``, ``vae``, ``text_encoder``), the noise schedule (``diffusion``:
-  num_timesteps, beta_schedule, beta_start, beta_end), ``prediction_type`` (``epsilon`` or
-  ``v_prediction``), ``scaling_factor``, ``source``, ``pipeline`` (the diffusers class), ``step``
-  and ``sha256``: the SHA-256 of every weights and tokenizer file. Loading checks every hash
-  first, so a changed or corrupted file is an error naming it, never a silently different model.
+  three architectures (``unet``, ``vae`` or null, ``text_encoder``), the noise schedule
+  (``diffusion``: num_timesteps, beta_schedule, beta_start, beta_end), ``prediction_type``
+  (``epsilon`` or ``v_prediction``), ``scaling_factor``, ``source`` (``drc_jax`` for a target
+  trained here), ``pipeline`` (the diffusers class), ``step``, ``sha256``: the SHA-256 of every
+  weights and tokenizer file, and any extra fields the writer adds (a target trained here:
+  ``trained_on``, the member split, and ``text_model``, its config section). Loading checks every
+  hash first, so a changed or corrupted file is an error naming it, never a silently different
+  model.
+
+Random tiny targets for smoke runs (``load_target('random:sd-tiny')``) are built in memory by
+``targets/sd_random.py``.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from drc_jax.models import clip_text, clip_tokenizer, unet_cond
 from drc_jax.models import unet as unet_lib
 from drc_jax.targets import checkpoints
 
-FORMAT = 'drc_jax.stable_diffusion/1'
+FORMAT = checkpoints.SD_FORMAT
 KIND = 'stable_diffusion'
 PREDICTION_TYPES = ('epsilon', 'v_prediction')
 PARTS = ('unet', 'vae', 'text_encoder')  # each saved as <part>.safetensors
@@ -62,6 +73,7 @@ TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json')
 REQUIRED_TOKENIZER_FILES = TOKENIZER_FILES[:2]
 DIFFUSION_KEYS = ('num_timesteps', 'beta_schedule', 'beta_start', 'beta_end')
+PIPELINE = 'StableDiffusionPipeline'
 
 
 def weights_name(part: str) -> str:
@@ -73,8 +85,9 @@ class SDParts:
   """A Stable Diffusion model in memory, as ``save`` writes it.
 
   Attributes:
-    unet: (UNetCondConfig, params); vae: (AutoencoderKLConfig, params); text_encoder:
-      (CLIPTextConfig, params): params are nested dicts of float32 arrays in our layouts.
+    unet: (UNetCondConfig, params); vae: (AutoencoderKLConfig, params), or None for a
+      pixel-space target; text_encoder: (CLIPTextConfig, params): params are nested dicts of
+      float32 arrays in our layouts.
     tokenizer_files: file name (of ``TOKENIZER_FILES``) -> its bytes.
     diffusion: the noise schedule (``DIFFUSION_KEYS``, our beta_schedule names).
     prediction_type: 'epsilon' or 'v_prediction'.
@@ -82,38 +95,43 @@ class SDParts:
   """
 
   unet: tuple[unet_cond.UNetCondConfig, Any]
-  vae: tuple[kl_lib.AutoencoderKLConfig, Any]
+  vae: tuple[kl_lib.AutoencoderKLConfig, Any] | None
   text_encoder: tuple[clip_text.CLIPTextConfig, Any]
   tokenizer_files: dict[str, bytes]
   diffusion: dict[str, Any]
   prediction_type: str
   source: str
-  pipeline: str = 'StableDiffusionPipeline'
+  pipeline: str = PIPELINE
   step: int = 0
 
 
-def _flat_bytes(params) -> bytes:
+def flat_bytes(params) -> bytes:
+  """A params tree as the safetensors file ``save`` writes (its SHA-256 is the recorded one)."""
   flat = unet_lib.flat_params(params)
   return safetensors.numpy.save({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()})
 
 
-def save(workdir, parts: SDParts) -> None:
+def save(workdir, parts: SDParts, extra: dict[str, Any] | None = None) -> None:
   """Writes ``parts`` into ``workdir``: the weights, the tokenizer, then ``model.json`` (last).
 
-  The caller checks that the workdir holds no target (``workdir_files``).
+  The caller checks that the workdir holds no target (``workdir_files``), or rewrites its own.
+  ``extra``: more top-level fields of ``model.json`` (JSON values; e.g. ``trained_on``), none of
+  the fields ``save`` writes itself.
   """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   hashes = {}
   for part in PARTS:
-    data = _flat_bytes(getattr(parts, part)[1])
+    if getattr(parts, part) is None:  # a pixel-space target's vae
+      continue
+    data = flat_bytes(getattr(parts, part)[1])
     fileio.atomic_write_bytes(workdir / weights_name(part), data)
     hashes[weights_name(part)] = hashlib.sha256(data).hexdigest()
   (workdir / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
   for name, data in sorted(parts.tokenizer_files.items()):
     fileio.atomic_write_bytes(workdir / TOKENIZER_DIR / name, data)
     hashes[f'{TOKENIZER_DIR}/{name}'] = hashlib.sha256(data).hexdigest()
-  vae_cfg = parts.vae[0]
+  vae_cfg = None if parts.vae is None else parts.vae[0]
   doc = {
     'format': FORMAT,
     'kind': KIND,
@@ -121,14 +139,18 @@ def save(workdir, parts: SDParts) -> None:
     'pipeline': parts.pipeline,
     'step': int(parts.step),
     'unet': parts.unet[0].to_dict(),
-    'vae': vae_cfg.to_dict(),
+    'vae': None if vae_cfg is None else vae_cfg.to_dict(),
     'text_encoder': dataclasses.asdict(parts.text_encoder[0]),
     'diffusion': {k: parts.diffusion[k] for k in DIFFUSION_KEYS if k in parts.diffusion},
     'prediction_type': parts.prediction_type,
-    'scaling_factor': vae_cfg.scaling_factor,
+    'scaling_factor': 1.0 if vae_cfg is None else vae_cfg.scaling_factor,
     'tokenizer': TOKENIZER_DIR,
     'sha256': hashes,
   }
+  clash = sorted(set(extra or {}) & set(doc))
+  if clash:
+    raise ValueError(f'sd.save: extra fields {clash} are written by save itself')
+  doc.update(extra or {})
   fileio.atomic_write_text(workdir / checkpoints.MODEL_JSON, json.dumps(doc, indent=1))
 
 
@@ -176,7 +198,7 @@ def _verify(path: epath.Path, doc: dict[str, Any]) -> dict[str, bytes]:
   """{recorded name: bytes}, each checked against its recorded SHA-256."""
   where = path / checkpoints.MODEL_JSON
   recorded = doc['sha256']
-  need = [weights_name(p) for p in PARTS] + [
+  need = [weights_name(p) for p in PARTS if doc[p] is not None] + [
     f'{TOKENIZER_DIR}/{n}' for n in REQUIRED_TOKENIZER_FILES
   ]
   unrecorded = [n for n in need if not isinstance(recorded, dict) or n not in recorded]
@@ -213,7 +235,8 @@ def _params(data: bytes, where: epath.Path, abstract) -> Any:
   return jax.tree_util.tree_map(jnp.asarray, unet_lib.unflatten_params(abstract, flat))
 
 
-def _identity(fn):
+def no_compile(fn):
+  """The default ``compile_fn``: the pure functions run as they are."""
   return fn
 
 
@@ -222,8 +245,10 @@ class SDTarget:
   """A Stable Diffusion target (see the module docstring).
 
   Attributes:
-    unet, vae, text_encoder: the models as (config, graphdef) with pure functions.
-    params: {'unet': ..., 'vae': ..., 'text_encoder': ...} (jax arrays).
+    unet, vae, text_encoder: the models as (config, graphdef) with pure functions; ``vae`` None:
+      a pixel-space target (the UNet on the images; ``encode``, ``decode`` the identity).
+    params: {'unet': ..., 'vae': ..., 'text_encoder': ...} (jax arrays; no 'vae' when ``vae`` is
+      None).
     tokenizer: the CLIP tokenizer (``clip_tokenizer.CLIPTokenizer``).
     schedule: the noise schedule the UNet was trained with.
     prediction_type: what the UNet predicts: 'epsilon' or 'v_prediction'.
@@ -233,7 +258,7 @@ class SDTarget:
   """
 
   unet: unet_cond.CondUNet
-  vae: kl_lib.AutoencoderKL
+  vae: kl_lib.AutoencoderKL | None
   text_encoder: clip_text.CLIPTextEncoder
   params: dict[str, Any]
   tokenizer: clip_tokenizer.CLIPTokenizer
@@ -248,7 +273,7 @@ class SDTarget:
   )
 
   @classmethod
-  def create(cls, compile_fn: Callable = _identity, **fields) -> SDTarget:
+  def create(cls, compile_fn: Callable = no_compile, **fields) -> SDTarget:
     """The target of ``fields``; its methods run ``compile_fn`` (e.g. ``jax.jit``) of the pure
     functions."""
     target = cls(**fields)
@@ -267,11 +292,17 @@ class SDTarget:
     return self.unet.apply(params['unet'], z, t, context)
 
   def encode_fn(self, params, x) -> jax.Array:
-    """[B, H, W, 3] images in [-1, 1] -> [B, H/f, W/f, 4] posterior mean (unscaled)."""
+    """[B, H, W, 3] images in [-1, 1] -> [B, H/f, W/f, 4] posterior mean (unscaled); a
+    pixel-space target: ``x`` itself."""
+    if self.vae is None:
+      return jnp.asarray(x, jnp.float32)
     return self.vae.posterior_mean(params['vae'], x)
 
   def decode_fn(self, params, z) -> jax.Array:
-    """[B, h, w, 4] unscaled latents -> [B, h*f, w*f, 3] images (not clipped)."""
+    """[B, h, w, 4] unscaled latents -> [B, h*f, w*f, 3] images (not clipped); a pixel-space
+    target: ``z`` itself."""
+    if self.vae is None:
+      return jnp.asarray(z, jnp.float32)
     return self.vae.decode(params['vae'], z)
 
   def encode_text_fn(self, params, ids) -> jax.Array:
@@ -289,6 +320,11 @@ class SDTarget:
     return True
 
   @property
+  def is_pixel_space(self) -> bool:
+    """True when the UNet runs on the images themselves (no autoencoder)."""
+    return self.vae is None
+
+  @property
   def in_channels(self) -> int:
     """4, or 9 for an inpainting UNet (noisy latents, mask, masked image's latents)."""
     return self.unet.config.in_channels
@@ -299,12 +335,19 @@ class SDTarget:
 
   @property
   def latent_channels(self) -> int:
+    """The autoencoder's latent width (SD: 4); a pixel-space target's UNet output channels."""
+    if self.vae is None:
+      return self.unet.config.out_channels
     return self.vae.config.latent_channels
 
   @property
+  def image_channels(self) -> int:
+    return self.latent_channels if self.vae is None else self.vae.config.in_channels
+
+  @property
   def downsampling_factor(self) -> int:
-    """Image side / latent side (8 for SD)."""
-    return self.vae.config.downsampling_factor
+    """Image side / latent side (8 for SD, 1 for a pixel-space target)."""
+    return 1 if self.vae is None else self.vae.config.downsampling_factor
 
   @property
   def context_dim(self) -> int:
@@ -354,7 +397,7 @@ class SDTarget:
     """[B, H, W, 3] images in [-1, 1] (H, W multiples of the factor) -> [B, H/f, W/f, 4]:
     ``vae.encode(x).latent_dist.mean``, unscaled."""
     x = jnp.asarray(x, jnp.float32)
-    f, c = self.downsampling_factor, self.vae.config.in_channels
+    f, c = self.downsampling_factor, self.image_channels
     if x.ndim != 4 or x.shape[-1] != c or x.shape[1] % f or x.shape[2] % f:
       raise ValueError(f'x must be [B, H, W, {c}] (NHWC), H, W multiples of {f}; got {x.shape}')
     return self._compiled['encode'](self.params, x)
@@ -368,7 +411,7 @@ class SDTarget:
     return self._compiled['decode'](self.params, z)
 
 
-def load(path, compile_fn: Callable = _identity) -> SDTarget:
+def load(path, compile_fn: Callable = no_compile) -> SDTarget:
   """Loads a Stable Diffusion workdir, every recorded SHA-256 checked first.
 
   Args:
@@ -386,7 +429,7 @@ def load(path, compile_fn: Callable = _identity) -> SDTarget:
   data = _verify(path, doc)
   try:
     unet_cfg = unet_cond.UNetCondConfig.from_dict(doc['unet'])
-    vae_cfg = kl_lib.AutoencoderKLConfig.from_dict(doc['vae'])
+    vae_cfg = None if doc['vae'] is None else kl_lib.AutoencoderKLConfig.from_dict(doc['vae'])
     text_cfg = records.dataclass_from_dict(
       clip_text.CLIPTextConfig, doc['text_encoder'], 'text_encoder', ValueError
     )
@@ -394,11 +437,11 @@ def load(path, compile_fn: Callable = _identity) -> SDTarget:
     if not isinstance(diffusion, dict):
       raise ValueError(f'diffusion is not an object ({diffusion!r})')
     schedule = checkpoints.schedule_from(diffusion)
-    scaling = float(doc.get('scaling_factor', vae_cfg.scaling_factor))
+    scaling = 1.0 if vae_cfg is None else float(doc.get('scaling_factor', vae_cfg.scaling_factor))
   except (KeyError, TypeError, ValueError) as e:
     raise checkpoints.CheckpointError(f'{where}: invalid model description ({e})') from e
   unet, unet_abstract = unet_cond.abstract_model(unet_cfg)
-  vae, vae_abstract = kl_lib.abstract_autoencoder_kl(vae_cfg)
+  vae, vae_abstract = (None, None) if vae_cfg is None else kl_lib.abstract_autoencoder_kl(vae_cfg)
   text, text_abstract = clip_text.abstract_text_encoder(text_cfg)
   params = {
     part: _params(data[weights_name(part)], path / weights_name(part), abstract)
@@ -407,9 +450,10 @@ def load(path, compile_fn: Callable = _identity) -> SDTarget:
       ('vae', vae_abstract),
       ('text_encoder', text_abstract),
     )
+    if abstract is not None
   }
   try:
-    tokenizer = clip_tokenizer.load(path / TOKENIZER_DIR)
+    tokenizer = clip_tokenizer.load(path / TOKENIZER_DIR, tokenizer_length(text_cfg))
   except clip_tokenizer.TokenizerError as e:
     raise checkpoints.CheckpointError(str(e)) from e
   return SDTarget.create(
@@ -425,4 +469,31 @@ def load(path, compile_fn: Callable = _identity) -> SDTarget:
     step=int(doc.get('step', 0)),
     path=str(path),
     source=str(doc.get('source', '')),
+  )
+
+
+def tokenizer_length(text_cfg: clip_text.CLIPTextConfig) -> int:
+  """The padded token length: 77 (SD), or a shorter text tower's position table (trained here)."""
+  return min(clip_tokenizer.CONTEXT_LENGTH, text_cfg.max_position_embeddings)
+
+
+def from_parts(parts: SDParts, compile_fn: Callable = no_compile, path: str = '') -> SDTarget:
+  """The target of ``parts`` held in memory (what ``load`` returns after ``save(W, parts)``)."""
+  text_cfg = parts.text_encoder[0]
+  params = {'unet': parts.unet[1], 'text_encoder': parts.text_encoder[1]}
+  if parts.vae is not None:
+    params['vae'] = parts.vae[1]
+  return SDTarget.create(
+    compile_fn,
+    unet=unet_cond.abstract_model(parts.unet[0])[0],
+    vae=None if parts.vae is None else kl_lib.abstract_autoencoder_kl(parts.vae[0])[0],
+    text_encoder=clip_text.abstract_text_encoder(text_cfg)[0],
+    params=jax.tree_util.tree_map(jnp.asarray, params),
+    tokenizer=clip_tokenizer.from_files(parts.tokenizer_files, tokenizer_length(text_cfg)),
+    schedule=checkpoints.schedule_from(parts.diffusion),
+    prediction_type=parts.prediction_type,
+    scaling_factor=1.0 if parts.vae is None else parts.vae[0].scaling_factor,
+    step=int(parts.step),
+    path=path,
+    source=parts.source,
   )
