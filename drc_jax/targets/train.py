@@ -9,7 +9,6 @@ restarted from its last checkpoint continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,29 +18,18 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from drc_jax.core import errors, export_cache, parallel, progress, streams
+from drc_jax.core import export_cache, parallel, progress, streams
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.models import unet as model_lib
-from drc_jax.targets import checkpoints
+from drc_jax.targets import checkpoints, train_common, train_text
 
-State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
-
-
-def make_optimizer(tcfg) -> optax.GradientTransformation:
-  warmup = max(int(tcfg.warmup_steps), 1)
-  lr = optax.linear_schedule(0.0, tcfg.lr, warmup)  # constant tcfg.lr after warm-up
-  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), optax.adam(lr))
-
-
-def init_state(model_params, tx: optax.GradientTransformation) -> State:
-  return {
-    'step': jnp.zeros((), jnp.int32),
-    'params': model_params,
-    'ema_params': jax.tree_util.tree_map(jnp.copy, model_params),
-    'opt_state': tx.init(model_params),
-  }
+State = train_common.State  # {'step', 'params', 'ema_params', 'opt_state'}
+# shared with targets/train_text.py (train_common.py), named here as before
+make_optimizer = train_common.make_optimizer
+init_state = train_common.init_state
+batch_indices = train_common.batch_indices
 
 
 def make_train_step(
@@ -68,36 +56,11 @@ def make_train_step(
     w = valid.astype(jnp.float32)
     return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
 
-  def step(state, images, valid, key):
-    key = jax.random.fold_in(key, state['step'])
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'], images, valid, key)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    # EMA warm-up: the decay grows as (1 + step) / (10 + step) up to ema_decay, so that short runs
-    # do not keep a large share of the random initial weights (0.999^1000 would keep 37%).
-    step_f = state['step'].astype(jnp.float32)
-    d = jnp.minimum(tcfg.ema_decay, (1.0 + step_f) / (10.0 + step_f))
-    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state['ema_params'], params)
-    new = {'step': state['step'] + 1, 'params': params, 'ema_params': ema, 'opt_state': opt_state}
-    return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
-
+  step = train_common.make_step(loss_fn, tx, tcfg)  # EMA with warm-up (train_common.ema_decay)
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(
     step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,)
   )
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-  """Global batch of member positions for ``step``: epochs of seeded permutations, no repeats
-  within an epoch; a function of (seed, step) alone, so resuming reproduces the order."""
-  out, pos = [], step * batch_size
-  while len(out) < batch_size:
-    epoch, offset = divmod(pos, n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    take = perm[offset : offset + batch_size - len(out)]
-    out.extend(take)
-    pos += len(take)
-  return np.asarray(out, np.int64)
 
 
 def build(config):
@@ -109,7 +72,10 @@ def build(config):
 
 
 def train(config, workdir: str) -> State:
-  """Trains (or resumes training) the target in ``workdir`` up to ``config.train.steps``."""
+  """Trains (or resumes training) the target in ``workdir`` up to ``config.train.steps``; a
+  text-conditioned target (``config.text_model`` set) by ``targets/train_text.py``."""
+  if config.get('text_model'):
+    return train_text.train(config, workdir, jax.jit)
   tcfg = config.train
   parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
   mesh = parallel.make_mesh()
@@ -169,38 +135,20 @@ def train(config, workdir: str) -> State:
   n_proc, p_idx = jax.process_count(), jax.process_index()
   local = tcfg.batch_size // n_proc
 
-  step = start = int(state['step'])
-  # A bar on a terminal, a line at least every 10 s in a log; the time left leaves out the first
-  # step (compilation). A step counts once its metrics are computed: waiting for the step before
-  # the one just dispatched keeps the device busy.
-  bar = progress.Progress('training', tcfg.steps - start, 'steps')
-  in_flight = None
-  while step < tcfg.steps:
+  def batch_args(step):
     idx = batch_indices(step, len(members), tcfg.batch_size, config.seed)
     rows = members[idx[p_idx * local : (p_idx + 1) * local]]
-    images = parallel.shard_batch(mesh, rows)
-    valid = parallel.shard_batch(mesh, np.ones((local,), bool))
-    state, metrics = train_step(state, images, valid, key)
-    step += 1
-    if in_flight is not None:
-      jax.block_until_ready(in_flight)
-      bar.update(1)
-    in_flight = metrics
-    if step % tcfg.log_every == 0 or step == tcfg.steps:
-      loss = float(metrics['loss'])
-      bar.update(1)
-      in_flight = None
-      if not np.isfinite(loss):
-        raise errors.TrainingError(
-          f'training loss became {loss} at step {step} in {workdir}: lower config.train.lr or '
-          f'raise config.train.warmup_steps; the run resumes from its last checkpoint'
-        )
-      bar.log(
-        'step %d/%d loss %.5f grad_norm %.3f', step, tcfg.steps, loss, float(metrics['grad_norm'])
-      )
-    if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-      checkpoints.save_state(mngr, step, state)
-  bar.close()
+    valid = np.ones((local,), bool)
+    return parallel.shard_batch(mesh, rows), parallel.shard_batch(mesh, valid), key
+
+  state = train_common.run_loop(
+    state,
+    train_step,
+    batch_args,
+    tcfg,
+    workdir,
+    lambda step, state: checkpoints.save_state(mngr, step, state),
+  )
   mngr.wait_until_finished()
   mngr.close()
   return state
