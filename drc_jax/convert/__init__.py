@@ -30,6 +30,13 @@ loaded as ``targets.sd.SDTarget``) comes from a diffusers ``StableDiffusionPipel
 
   python -m drc_jax.convert --format=diffusers-sd --src=stable-diffusion-2-1 --workdir=runs/sd2
 
+or from one checkpoint in the original CompVis/Stability layout (``.safetensors`` or ``.ckpt``) with
+its original inference YAML and a tokenizer folder, or a diffusers pipeline folder as its config
+(see ``drc_jax.convert.sd_single_file``):
+
+  python -m drc_jax.convert --format=sd-single-file --src=v1-5-pruned-emaonly.safetensors \
+      --original_config=v1-inference.yaml --tokenizer=sd15/tokenizer --workdir=runs/sd15
+
 Every parameter of the model must come from exactly one source tensor of the expected shape, and
 every source tensor must be used: a missing, unexpected, misshapen or non-finite tensor is a
 ``ConversionError`` naming the key, raised before anything is written. Safetensors files are read
@@ -63,10 +70,18 @@ from drc_jax.convert.pytorch_ddpm import (
   pytorch_ddpm_config,
   select_pytorch_ddpm_weights,
 )
+from drc_jax.convert.sd_single_file import convert_sd_single_file
 from drc_jax.models import unet as model_lib
 from drc_jax.targets import encoders, sd
 
-TARGET_FORMATS = ('pytorch-ddpm', 'diffusers', 'diffusers-ldm', 'compvis-ldm', 'diffusers-sd')
+TARGET_FORMATS = (
+  'pytorch-ddpm',
+  'diffusers',
+  'diffusers-ldm',
+  'compvis-ldm',
+  'diffusers-sd',
+  'sd-single-file',
+)
 LATENT_FORMATS = ('diffusers-ldm', 'compvis-ldm')
 # Encoder formats: format -> module under drc_jax.convert with
 # ``read(src) -> (family, config, params, encoders.Preprocess, source)``.
@@ -91,6 +106,7 @@ __all__ = [
   'convert_compvis_ldm',
   'convert_diffusers_ldm',
   'convert_diffusers_sd',
+  'convert_sd_single_file',
   'convert_pytorch_ddpm',
   'diffusers_config',
   'pytorch_ddpm_config',
@@ -110,6 +126,9 @@ def convert(
   diffusion: dict[str, Any] | None = None,
   scaling_factor: float | None = None,
   config=None,
+  original_config=None,
+  tokenizer=None,
+  no_ema: bool = False,
 ) -> Converted | sd.SDParts:
   """Converts ``src`` (format ``fmt``, one of ``TARGET_FORMATS``) into the target ``workdir``.
 
@@ -118,17 +137,35 @@ def convert(
   too, where the latents are smaller); ``scaling_factor`` applies to latent targets
   (``LATENT_FORMATS``) and ``config`` (the training config) to 'compvis-ldm' only.
   'diffusers-sd' takes none of these (only ``diffusion``, checked against its scheduler config).
+  'sd-single-file' takes ``config`` (a diffusers pipeline folder) or ``original_config`` (the
+  original YAML) with ``tokenizer`` (a tokenizer folder), ``no_ema`` and ``diffusion``; the other
+  formats none of these three.
 
   Returns:
     The converted target (also written to ``workdir``, readable with ``drc_jax.load_target``):
-    a ``Converted``, or for 'diffusers-sd' the ``targets.sd.SDParts`` written.
+    a ``Converted``, or for 'diffusers-sd' and 'sd-single-file' the ``targets.sd.SDParts`` written.
   """
-  if fmt == 'diffusers-sd':
+  single = {'original_config': original_config, 'tokenizer': tokenizer, 'no_ema': no_ema or None}
+  if fmt != 'sd-single-file' and any(v is not None for v in single.values()):
+    raise ConversionError(f'{", ".join(k for k, v in single.items() if v)} apply to sd-single-file')
+  if fmt in ('diffusers-sd', 'sd-single-file'):
     options = {'weights': weights, 'resolution': resolution, 'scaling_factor': scaling_factor}
-    given = [k for k, v in dict(options, config=config).items() if v is not None]
+    if fmt == 'diffusers-sd':
+      options['config'] = config
+    given = [k for k, v in options.items() if v is not None]
     if given:
-      raise ConversionError(f'{given[0]} does not apply to diffusers-sd')
-    parts = convert_diffusers_sd(src, diffusion)
+      raise ConversionError(f'{given[0]} does not apply to {fmt}')
+    if fmt == 'sd-single-file':
+      parts = convert_sd_single_file(
+        src,
+        config=config,
+        original_config=original_config,
+        tokenizer=tokenizer,
+        no_ema=no_ema,
+        diffusion=diffusion,
+      )
+    else:
+      parts = convert_diffusers_sd(src, diffusion)
     diffusers_sd.write(workdir, parts)
     logging.info(
       'converted %s -> %s: %s, in_channels %d, %s, schedule %s; %d + %d + %d parameters',

@@ -5,6 +5,8 @@ python -m drc_jax.convert --format=diffusers --src=ddpm-cifar10-32 --workdir=run
 python -m drc_jax.convert --format=diffusers-ldm --src=ldm-ffhq --workdir=runs/ffhq_ldm
 python -m drc_jax.convert --format=compvis-ldm --src=ffhq256/model.ckpt --workdir=runs/ffhq_ldm
 python -m drc_jax.convert --format=diffusers-sd --src=stable-diffusion-2-1 --workdir=runs/sd2
+python -m drc_jax.convert --format=sd-single-file --src=v1-5.safetensors \
+    --original_config=v1-inference.yaml --tokenizer=sd15/tokenizer --workdir=runs/sd15
 python -m drc_jax.convert --format=timm-vit --src=dino_deitsmall16_pretrain.pth --out=enc/dino
 python -m drc_jax.convert --format=facenet --src=20180402-114759-vggface2.pt --out=enc/facenet
 """
@@ -27,7 +29,7 @@ def _define_flags() -> None:
     'folder (config.json + weights), pipeline folder or weights file; diffusers-ldm: '
     'LDMPipeline folder (vqvae/, unet/, scheduler/); diffusers-sd: StableDiffusion(Inpaint)'
     'Pipeline folder or a repo id in the local Hugging Face cache; compvis-ldm: latent-diffusion '
-    '.ckpt; facenet: '
+    '.ckpt; sd-single-file: an original-layout Stable Diffusion .safetensors or .ckpt; facenet: '
     'InceptionResnetV1 state dict (.pt/.pth/.safetensors).',
   )
   flags.DEFINE_string('workdir', None, 'Targets: fresh drc_jax workdir to write (local or gs://).')
@@ -54,7 +56,26 @@ def _define_flags() -> None:
   flags.DEFINE_string(
     'config',
     None,
-    'compvis-ldm: the training config, YAML or JSON (default: config.yaml beside --src).',
+    'compvis-ldm: the training config, YAML or JSON (default: config.yaml beside --src); '
+    'sd-single-file: a diffusers pipeline folder whose configs describe --src.',
+  )
+  flags.DEFINE_string(
+    'original_config',
+    None,
+    'sd-single-file: the original inference YAML (v1-inference.yaml, v2-inference-v.yaml, '
+    'v1-inpainting-inference.yaml), instead of --config.',
+  )
+  flags.DEFINE_string(
+    'tokenizer',
+    None,
+    'sd-single-file: a CLIP tokenizer folder (vocab.json, merges.txt); required with '
+    '--original_config (default with --config: its tokenizer/). Nothing is downloaded.',
+  )
+  flags.DEFINE_bool(
+    'no_ema',
+    False,
+    'sd-single-file: convert the raw UNet weights (model.diffusion_model.*) even when the '
+    'checkpoint holds EMA weights (model_ema.*, converted by default).',
   )
   flags.DEFINE_integer(
     'heads', None, 'timm-vit, open-clip: attention heads (not stored; default width / 64).'
@@ -88,8 +109,11 @@ def main(argv):
     raise app.UsageError('--weights applies to --format=pytorch-ddpm and compvis-ldm only')
   if f.format not in LATENT_FORMATS and f.scaling_factor is not None:
     raise app.UsageError(f'--scaling_factor applies to --format={"/".join(LATENT_FORMATS)} only')
-  if f.format != 'compvis-ldm' and f.config is not None:
-    raise app.UsageError('--config applies to --format=compvis-ldm only')
+  if f.format not in ('compvis-ldm', 'sd-single-file') and f.config is not None:
+    raise app.UsageError('--config applies to --format=compvis-ldm and sd-single-file only')
+  single = [n for n in ('original_config', 'tokenizer', 'no_ema') if f[n].present]
+  if f.format != 'sd-single-file' and single:
+    raise app.UsageError(f'--{single[0]} applies to --format=sd-single-file only')
   overrides = {
     k: getattr(f, k)
     for k in ('num_timesteps', 'beta_start', 'beta_end')
@@ -105,6 +129,11 @@ def main(argv):
       diffusion=overrides,
       scaling_factor=f.scaling_factor,
       config=f.config,
+      **(
+        {'original_config': f.original_config, 'tokenizer': f.tokenizer, 'no_ema': f.no_ema}
+        if f.format == 'sd-single-file'
+        else {}
+      ),
     ),
     f.verbose,
   )
