@@ -26,6 +26,8 @@ DEGRADATIONS_LINEAR = degrade_lib.LINEAR
 SALIENCY = degrade_lib.SALIENCY
 COMPARATORS = tuple(compare_lib.COMPARATORS) + compare_lib.ENCODER_COMPARATORS
 ATTACKS = tuple(attacks_lib.ATTACKS)
+TEXT_ONLY_ATTACKS = ('clid',)  # attacks that need each image's caption (config.text.captions)
+CAPTION_KINDS = ('', 'class_template', 'file')
 SOURCES = ('fashion_mnist', 'tfds', 'folder')
 SUSPECT_DRAWS = ('members', 'nonmembers')  # config.dataset.suspect (experiments)
 # config.dataset.name: a safe file name (it names the set's folder W/dataset/suspects/<name>)
@@ -43,8 +45,15 @@ def _require(ok: bool, msg: str) -> None:
 
 def attack_names(config) -> list[str]:
   names = [n.strip() for n in config.attacks.names.split(',') if n.strip()]
+  text = bool(config.get('text') and config.text.get('captions', ''))
+  known = ATTACKS + TEXT_ONLY_ATTACKS
   for n in names:
-    _require(n in ATTACKS, f'config.attacks.names: unknown attack {n!r}; known: {ATTACKS}')
+    _require(n in known, f'config.attacks.names: unknown attack {n!r}; known: {known}')
+    _require(
+      text or n not in TEXT_ONLY_ATTACKS,
+      f'config.attacks.names: {n!r} needs captions (set config.text.captions for a '
+      f'text-conditioned target)',
+    )
   _require(len(set(names)) == len(names), 'config.attacks.names: an attack is listed twice')
   _require(bool(names), 'config.attacks.names: no attack named')
   return names
@@ -163,6 +172,7 @@ def _check(config) -> None:
     f'config.drc.steps x jump_n_sample must stay below {streams.MAX_STEPS}',
   )
   attack_names(config)
+  _check_text(config)
   _require(config.attacks.pia_p > 0, f'config.attacks.pia_p: {config.attacks.pia_p} (expected > 0)')
   check_timesteps(config, T, 'config.diffusion.num_timesteps', names=ATTACKS)
   au, t = config.audit, config.train
@@ -175,6 +185,34 @@ def _check(config) -> None:
   for name in ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(t[name] >= 1, f'config.train.{name}: {t[name]} (expected >= 1)')
   _require(t.warmup_steps >= 0, f'config.train.warmup_steps: {t.warmup_steps} (expected >= 0)')
+
+
+def _check_text(config) -> None:
+  t = config.get('text')
+  if t is None:
+    return
+  _require(
+    t.captions in CAPTION_KINDS, f'config.text.captions: {t.captions!r} not in {CAPTION_KINDS}'
+  )
+  for f in ('guidance_scale', 'attack_guidance_scale'):
+    v = t[f]
+    _require(
+      isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+      f'config.text.{f}: {v} (expected a finite number >= 0; 1 = no guidance)',
+    )
+  _require(
+    0.0 <= t.caption_dropout < 1.0,
+    f'config.text.caption_dropout: {t.caption_dropout} not in [0, 1)',
+  )
+  _require(
+    t.clid_captions in ('thirds', 'none'),
+    f"config.text.clid_captions: {t.clid_captions!r} not in ('thirds', 'none')",
+  )
+  if t.captions == 'class_template':
+    try:
+      t.template.format('x')
+    except (IndexError, KeyError, ValueError) as e:
+      raise ConfigError(f'config.text.template: {t.template!r} is not a template ({e})') from e
 
 
 # Size-like fields and their bounds: each sets how much memory or time a run takes, so a slip
@@ -261,6 +299,13 @@ def check_timesteps(config, T: int, where: str, names=None) -> None:
   names = attack_names(config) if names is None else names
   a, r = config.attacks, config.drc
   fields = {'loss': ('loss_t',), 'pia': ('pia_t',), 'pian': ('pia_t',), 'sima': ('sima_t',)}
+  if 'clid' in names:
+    t_mid = a.get('clid_t_mid', 450)
+    _require(
+      t_mid - 10 >= 0 and t_mid + 10 < T,
+      f'config.attacks.clid_t_mid: {t_mid} needs t_mid - 10 and t_mid + 10 in [0, {T}) '
+      f'({where}: {T})',
+    )
   for name in names:
     for f in fields.get(name, ()):
       _require(0 <= a[f] < T, f'config.attacks.{f}: {a[f]} not in [0, {T}) ({where}: {T})')

@@ -148,6 +148,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.attacks.rediffuse_k = 100  # ReDiffuse DDIM interval k back to 0 (t / k model calls a draw)
   c.attacks.rediffuse_n = 10  # ReDiffuse draws averaged (n t / k model calls per image)
 
+  # Text-conditioned targets (Stable Diffusion, or one trained here with config.text_model): each
+  # image's caption is part of the data (data/captions.py) and the attacks run under it.
+  c.text = ml_collections.ConfigDict()
+  c.text.captions = ''  # '' (unconditional), 'class_template' or 'file' (captions.jsonl, .txt)
+  c.text.template = 'a photo of a {}'  # 'class_template': filled with the class name, lower case
+  c.text.captions_file = ''  # 'file': a captions file ('' = each folder's captions.jsonl)
+  c.text.guidance_scale = 1.0  # classifier-free guidance of DRC's restorations (1 = none)
+  c.text.attack_guidance_scale = 1.0  # ... of Loss, SecMI, PIA(N), SimA, ReDiffuse (CLiD: none)
+  c.text.caption_dropout = 0.1  # training a text target: captions replaced by '' this often
+  c.text.clid_captions = 'thirds'  # CLiD's degraded captions: 'thirds' of the text, or 'none'
+
   c.audit = ml_collections.ConfigDict()
   c.audit.batch_size = 64  # global batch of images per attack step (padded at the end)
   c.audit.shard_size = 512  # images per score shard file (the unit of resume)

@@ -28,7 +28,16 @@ Changing a number here changes every score drawn from it (keys are part of a sco
 from __future__ import annotations
 
 TRAIN = 1
-ATTACKS = {'drc': 2, 'loss': 3, 'secmi': 4, 'pia': 5, 'sima': 6, 'pian': 7, 'rediffuse': 9}
+ATTACKS = {
+  'drc': 2,
+  'loss': 3,
+  'secmi': 4,
+  'pia': 5,
+  'sima': 6,
+  'pian': 7,
+  'rediffuse': 9,
+  'clid': 10,
+}
 SAMPLES = 8  # the target's own samples in the report (sample i: fold_in(fold_in(key, 8), i))
 # The generated-image control: attack ``name`` scores sample i with the key of stream
 # GENERATED + ATTACKS[name] and index i (``audit/generated.py``); above every seed stream here.
