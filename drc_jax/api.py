@@ -179,12 +179,24 @@ class Auditor:
       raise data_lib.DataError('images: no image given')
     return np.stack(out)
 
-  def score(self, images, fpr: float = 0.05, evidence: bool = True) -> AuditResult:
+  def score(self, images, fpr: float = 0.05, evidence: bool = True, captions=None) -> AuditResult:
     """Every attack's score of ``images`` (see ``preprocess`` for what they may be), the
-    calibrated decisions at ``fpr`` and DRC's evidence."""
+    calibrated decisions at ``fpr`` and DRC's evidence. A text-conditioned target (Stable
+    Diffusion) audits each image under its caption: ``captions``, one str per image."""
     if not 0.0 < fpr < 1.0:
       raise validate.ConfigError(f'fpr: {fpr} not in (0, 1)')
     x = self.preprocess(images)
+    text = self.scorer.target.is_text_conditioned
+    if text and (captions is None or isinstance(captions, str) or len(captions) != len(x)):
+      got = (
+        'none' if captions is None else ('a str' if isinstance(captions, str) else len(captions))
+      )
+      raise data_lib.DataError(
+        f'captions: a text-conditioned target needs one caption per image ({len(x)}), got {got}'
+      )
+    if not text and captions is not None:
+      raise data_lib.DataError('captions: the target is not text-conditioned; pass none')
+    captions = None if captions is None else [str(c) for c in captions]
     hashes = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in x]
     key_indices = np.asarray([int(h[:8], 16) for h in hashes], np.int64)  # uint32 range
     s = self.scorer
@@ -201,7 +213,7 @@ class Auditor:
         k: parallel.shard_batch(s.mesh, v)
         for k, v in attacks_lib.keys_for(s.names, self.config.seed, keyi[pad]).items()
       }
-      side = self._side(chunk[pad])
+      side = self._side(chunk[pad], None if captions is None else [captions[lo + i] for i in pad])
       out = s.score_fn(s.target.params, s.aux, keys, batch, side)
       for name, v in out.items():
         rows.setdefault(name, []).append(parallel.to_host(v)[:n].astype(np.float64))
@@ -236,10 +248,11 @@ class Auditor:
       self.attacks, scores, decisions, p_values, fpr, thresholds, evidence_out, hashes, self.notes
     )
 
-  def _side(self, images: np.ndarray) -> dict[str, Any]:
-    """Per-image host inputs (DRC's face masks) from the prepared images' pixels."""
+  def _side(self, images: np.ndarray, captions=None) -> dict[str, Any]:
+    """Per-image host inputs (DRC's face masks, the captions' token ids) from the prepared
+    images' pixels and their captions."""
     raw = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-    side, _ = self.scorer.side_fn(_ArraySource(raw), np.arange(len(raw)))
+    side, _ = self.scorer.side_fn(_ArraySource(raw, captions), np.arange(len(raw)))
     return {k: parallel.shard_batch(self.scorer.mesh, v) for k, v in side.items()}
 
 
@@ -289,8 +302,10 @@ class _ArraySource:
   name = 'images'
   label_names: Sequence[str] = ()
 
-  def __init__(self, raw: np.ndarray):
+  def __init__(self, raw: np.ndarray, captions=None):
     self._raw = raw
+    if captions is not None:  # a text-conditioned target's captions (data/captions.py)
+      self.captions = list(captions)
 
   def __len__(self) -> int:
     return len(self._raw)

@@ -1,6 +1,6 @@
 """Membership attacks on a text-conditioned latent target (Stable Diffusion, ``targets/sd.py``):
-Loss, SecMI, PIA, PIAN and SimA under the image's own caption, and CLiD. Pure functions, not wired
-into the audit yet.
+Loss, SecMI, PIA, PIAN and SimA under the image's own caption, and CLiD. Pure functions; the
+audit runs them through ``make_text_attacks`` and ``make_text_batch_scorer``.
 
 Every attack has the registry's interface, ``scores(params, key_data [B, 2] uint32, images [B, H,
 W, 3], aux, side) -> [B]`` (higher = member), over the target's params dict
@@ -48,11 +48,13 @@ scaling and alpha are fitted on a shadow model, which a per-image function can o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drc_jax.attacks import registry
 from drc_jax.drc import conditional as cond_lib
@@ -201,6 +203,46 @@ def sima(config, target, null_context=None, guidance_scale=1.0) -> registry.Atta
   return _attack('sima', den.calls, target, fn, null_context)
 
 
+def rediffuse_scores(den: cond_lib.Denoiser, t_re: int, k: int, n: int) -> Callable:
+  """ReDiffuse on latents under the caption: n times, z0 noised to t with fresh noise (draw i from
+  ``fold_in(key, i)``) and brought back to 0 by deterministic DDIM steps of k;
+  -||z0 - mean of the n reconstructions||^2 (``attacks/registry.py``'s ``rediffuse``)."""
+  steps = jnp.arange(t_re, 0, -k, dtype=jnp.int32)
+
+  def scores(params, key_data, z0, context, null=None):
+    b = z0.shape[0]
+    keys = _keys_of(key_data)
+
+    def ddim(z, t):
+      eps = den.eps(params, z, _t(b, t), context, null)
+      return den.schedule.ddim_step(z, t, t - k, eps), None
+
+    def variation(total, i):
+      eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), z0.shape[1:]))(keys)
+      recon, _ = jax.lax.scan(ddim, den.schedule.q_sample(z0, _t(b, t_re), eps), steps)
+      return total + recon, None
+
+    total, _ = jax.lax.scan(variation, jnp.zeros_like(z0), jnp.arange(n, dtype=jnp.uint32))
+    return -_sum_hw(jnp.square(z0 - total / n))
+
+  return scores
+
+
+def rediffuse(config, target, null_context=None, guidance_scale=1.0) -> registry.Attack:
+  den = cond_lib.make_denoiser(target, guidance_scale)
+  a = config.attacks
+  t_re, k, n = int(a.rediffuse_t), int(a.rediffuse_k), int(a.rediffuse_n)
+  nfe = n * len(range(t_re, 0, -k)) * den.calls
+  att = _attack('rediffuse', nfe, target, rediffuse_scores(den, t_re, k, n), null_context)
+  return dataclasses.replace(att, access='black-box')
+
+
+def drc(config, target, null_context=None, guidance_scale=1.0) -> registry.Attack:
+  """DRC under the caption (``drc/conditional.make_conditional_drc``): similarities [B, K]."""
+  c = cond_lib.make_conditional_drc(config.drc, target, null_context, guidance_scale)
+  return registry.Attack('drc', c.nfe, c.similarities, c.aux, {}, c.evidence, access='black-box')
+
+
 # ----------------------------------------------------------------------------- CLiD
 
 
@@ -313,6 +355,8 @@ def clid(config, target, null_context=None, guidance_scale=1.0) -> registry.Atta
 
 
 CONDITIONAL_ATTACKS: dict[str, Callable[..., registry.Attack]] = {
+  'drc': drc,
+  'rediffuse': rediffuse,
   'loss': loss,
   'secmi': secmi,
   'pia': pia,
@@ -331,3 +375,74 @@ def make_conditional_attacks(
   if unknown:
     raise ValueError(f'config.attacks.names: {unknown} have no text-conditional version')
   return {n: CONDITIONAL_ATTACKS[n](config, target, null_context, guidance_scale) for n in names}
+
+
+# ----------------------------------------------------------------------------- the audit's use
+
+
+def make_text_attacks(config, target, names: Sequence[str]) -> dict[str, registry.Attack]:
+  """The audit's attacks on a text-conditioned target: DRC restores under
+  ``config.text.guidance_scale``, the other attacks predict under
+  ``config.text.attack_guidance_scale``, CLiD unguided; the empty prompt's context is computed
+  here, once, and travels as each attack's ``aux``."""
+  null = jnp.asarray(cond_lib.empty_context(target))
+  text = config.text
+  unknown = [n for n in names if n not in CONDITIONAL_ATTACKS]
+  if unknown:
+    raise ValueError(f'config.attacks.names: {unknown} have no text-conditional version')
+  return {
+    n: CONDITIONAL_ATTACKS[n](
+      config,
+      target,
+      null,
+      float(text.guidance_scale if n == 'drc' else text.attack_guidance_scale),
+    )
+    for n in names
+  }
+
+
+def with_contexts(target, params, side) -> dict:
+  """``side`` with the token ids the host made turned into contexts by the target's text tower:
+  ``'ids'`` [B, L] -> ``'context'`` [B, L, D]; ``'clid_ids'`` [B, M, L] -> ``'clid_contexts'``
+  [B, M, L, D]."""
+  side = dict(side or {})
+  if 'ids' in side:
+    side['context'] = target.encode_text_fn(params, side.pop('ids'))
+  if 'clid_ids' in side:
+    ids = side.pop('clid_ids')
+    b, m, length = ids.shape
+    ctx = target.encode_text_fn(params, ids.reshape(b * m, length))
+    side['clid_contexts'] = ctx.reshape((b, m) + ctx.shape[1:])
+  return side
+
+
+def make_text_batch_scorer(attacks: dict[str, registry.Attack], target) -> Callable:
+  """``registry.make_batch_scorer`` for a text-conditioned target: each batch's captions are
+  encoded once (``with_contexts``) and shared by every attack."""
+  base = registry.make_batch_scorer(attacks)
+
+  def score(params, aux, key_data, images, side=None):
+    return base(params, aux, key_data, images, with_contexts(target, params, side))
+
+  return score
+
+
+def text_evidence(attack: registry.Attack, target) -> Callable:
+  """DRC's evidence program on a text-conditioned target, the captions encoded first."""
+
+  def evidence(params, key_data, images, aux=None, side=None):
+    return attack.evidence(params, key_data, images, aux, with_contexts(target, params, side))
+
+  return evidence
+
+
+def text_inputs(target, captions: Sequence[str], clid: bool) -> dict:
+  """The host side of a batch: ``'ids'`` int32 [B, L] of the captions and, for CLiD
+  (``clid``), ``'clid_ids'`` [B, 3, L] of each caption's degraded captions (its character
+  thirds, ``degraded_captions``)."""
+  out = {'ids': np.asarray(target.tokenize(list(captions)), np.int32)}
+  if clid:
+    thirds = [degraded_captions(c) for c in captions]
+    flat = np.asarray(target.tokenize([t for three in thirds for t in three]), np.int32)
+    out['clid_ids'] = flat.reshape(len(captions), 3, -1)
+  return out

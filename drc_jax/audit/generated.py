@@ -43,6 +43,8 @@ class SampleSource:
     self.images = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     self.name = 'generated samples of the target'
     self.label_names = ()
+    # a text-conditioned target samples under the empty prompt (samples.make_text_sampler)
+    self.captions = [''] * len(self.images)
 
   def __len__(self) -> int:
     return len(self.images)

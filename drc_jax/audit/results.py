@@ -105,7 +105,7 @@ def apply_drc_rule(config, table) -> dict | None:
       'aggregation': how,
       'vote_threshold': threshold,
       'vote_quantile': float(config.drc.vote_quantile),
-      'protocol': drc_lib.describe(config.drc),
+      'protocol': drc_lib.describe(config.drc, config.get('text')),
       'agree': agree,
     }
   )
@@ -188,7 +188,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
       f'{config.data.resolution}x{config.data.resolution}x{config.data.channels}\n'
       f'members: {int(np.sum(table["split"] == 1))}, non-members: '
       f'{int(np.sum(table["split"] == 0))}\n'
-      f'{drc_lib.describe(config.drc)}'
+      f'{drc_lib.describe(config.drc, config.get("text"))}'
     )
     if sample_info is not None:
       fileio.atomic_write_text(

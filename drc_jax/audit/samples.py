@@ -40,6 +40,7 @@ from etils import epath
 
 from drc_jax.audit import metrics as metrics_lib
 from drc_jax.core import fileio, parallel, progress, streams
+from drc_jax.drc import conditional as cond_lib
 from drc_jax.drc import degrade as degrade_lib
 from drc_jax.drc import restore as restore_lib
 from drc_jax.drc import scorer as drc_lib
@@ -68,6 +69,28 @@ def make_sampler(model, schedule, steps: int = 50):
     nothing_known = degrade_lib.Degradation(zeros, jnp.zeros(shape[:3] + (1,), jnp.float32))
     out = restore(params, key_data, zeros, nothing_known)
     return model.decode(params, out) if getattr(model, 'is_latent', False) else out
+
+  return sample
+
+
+def make_text_sampler(target, image_shape, steps: int = 50):
+  """``sample(params, key_data [B, 2]) -> [B, H, W, C]`` of a text-conditioned target: DDIM
+  (eta = 0) from pure noise under the empty prompt, unguided (the model's unconditional branch,
+  which caption dropout trained), nothing known; an inpainting UNet is given the whole image to
+  fill. ``image_shape`` (H, W, C) is the audit's image size."""
+  cfg = types.SimpleNamespace(
+    restorer='ddim', steps=steps, t_start=target.schedule.num_timesteps, eta=0.0
+  )
+  restore = cond_lib.make_restorer(cfg, target, 1.0).restore
+  null_ids = jnp.asarray(target.tokenize(['']), jnp.int32)
+
+  def sample(params, key_data):
+    b = key_data.shape[0]
+    zeros = jnp.zeros((b, *image_shape), jnp.float32)
+    nothing_known = degrade_lib.Degradation(zeros, jnp.zeros((b, *image_shape[:2], 1), jnp.float32))
+    null = target.encode_text_fn(params, null_ids)
+    context = jnp.broadcast_to(null, (b,) + null.shape[1:])
+    return restore(params, key_data, zeros, nothing_known, context, None)
 
   return sample
 

@@ -20,10 +20,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from drc_jax.attacks import conditional as text_attacks
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import results, store, validate
 from drc_jax.audit import samples as samples_lib
 from drc_jax.core import export_cache, parallel, progress
+from drc_jax.data import captions as captions_lib
 from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.drc import faces
@@ -57,7 +59,28 @@ class AuditedTarget:
     path = shipped.resolve(config.audit.checkpoint) if config.audit.checkpoint else workdir
     target = target_lib.load_target(path)  # a workdir or one step directory W/checkpoints/N
     self.schedule, self.step = target.schedule, target.step
-    if target.is_latent:  # the UNet on latents and its autoencoder, params {'unet', 'vq'}
+    self.is_text_conditioned = bool(getattr(target, 'is_text_conditioned', False))
+    if self.is_text_conditioned != captions_lib.is_text_conditioned(config):
+      raise validate.ConfigError(
+        f'the target in {path} is {"" if self.is_text_conditioned else "not "}text-conditioned '
+        f'but config.text.captions is {config.text.captions!r}: '
+        + (
+          "set it ('class_template' or 'file') so each image is audited under its caption"
+          if self.is_text_conditioned
+          else "set it to '' for an unconditional target"
+        )
+      )
+    if self.is_text_conditioned:  # SDTarget: the UNet, autoencoder and text tower as one
+      self.model = target
+      h = w = config.data.resolution
+      c = target.vae.config.in_channels if target.vae is not None else target.latent_channels
+      f = target.downsampling_factor * target.unet.config.downsampling_factor
+      if h % f:
+        raise validate.ConfigError(
+          f'config.data.resolution: {h} is not a multiple of {f}, the factor the target in '
+          f'{path} downsamples by (autoencoder x UNet)'
+        )
+    elif target.is_latent:  # the UNet on latents and its autoencoder, params {'unet', 'vq'}
       self.model = latent_lib.from_target(target)[0]
       h, w, c = self.model.image_shape
     else:
@@ -116,7 +139,15 @@ def make_scorer(config, workdir: str) -> Scorer:
   mesh = parallel.make_mesh()
   target = AuditedTarget(config, workdir, mesh)
   encoders = load_drc_encoders(config)
-  attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names, encoders)
+  if target.is_text_conditioned:
+    if encoders:
+      raise validate.ConfigError(
+        'config.drc: a text-conditioned target is audited with pixel comparators and random, '
+        'central or given masks (no DRC encoder yet)'
+      )
+    attacks = text_attacks.make_text_attacks(config, target.model, names)
+  else:
+    attacks = attacks_lib.make_attacks(config, target.model, target.schedule, names, encoders)
   for a in attacks.values():
     calls = ''.join(f', {n} {r} encoder calls' for r, n in a.encoder_calls.items())
     logging.info('attack %-6s %5d model calls per image%s', a.name, a.nfe, calls)
@@ -137,22 +168,33 @@ def make_scorer(config, workdir: str) -> Scorer:
     is silent for long)."""
     return progress.announce_compiles(export_cache.Exported(fn, what, key), what, batch_arg)
 
+  text = target.is_text_conditioned
+  if text:  # each batch's captions encoded once by the target's text tower, in the program
+    batch_scorer = text_attacks.make_text_batch_scorer(attacks, target.model)
+  else:
+    batch_scorer = attacks_lib.make_batch_scorer(attacks)
   score_fn = program(
-    jax.jit(attacks_lib.make_batch_scorer(attacks), **parallel.shardings(mesh, 'rrddd', 'd')),
+    jax.jit(batch_scorer, **parallel.shardings(mesh, 'rrddd', 'd')),
     f'scorer of {", ".join(names)}',
     3,
   )
   evidence_fn = None
   if 'drc' in attacks:  # the DRC attack's own scorer: the same restorations as its scores
+    evidence = attacks['drc'].evidence
+    if text:
+      evidence = text_attacks.text_evidence(attacks['drc'], target.model)
     evidence_fn = program(
-      jax.jit(attacks['drc'].evidence, **parallel.shardings(mesh, 'rddrd', 'dd')),
+      jax.jit(evidence, **parallel.shardings(mesh, 'rddrd', 'dd')),
       'DRC evidence program',
       2,
     )
-  sample_fn = program(
-    jax.jit(samples_lib.make_sampler(target.model, target.schedule)), "target's sampler", 1
-  )
-  side_fn = make_side_fn(config, names)
+  if text:
+    shape = (config.data.resolution, config.data.resolution, config.data.channels)
+    sampler = samples_lib.make_text_sampler(target.model, shape)
+  else:
+    sampler = samples_lib.make_sampler(target.model, target.schedule)
+  sample_fn = program(jax.jit(sampler), "target's sampler", 1)
+  side_fn = make_side_fn(config, names, target.model if text else None)
   return Scorer(target, mesh, names, attacks, score_fn, evidence_fn, sample_fn, aux, side_fn)
 
 
@@ -164,13 +206,25 @@ def load_drc_encoders(config) -> dict[str, Any]:
   }
 
 
-def make_side_fn(config, names: list[str]) -> Callable:
+def make_side_fn(config, names: list[str], text_target=None) -> Callable:
   """``side(source, indices) -> (inputs, found)``: the per-image host inputs of a batch.
 
   For ``drc.mask='face'``: ``{'keep_mask': [B, R, R, 1]}`` from MTCNN on the raw images (read
   through the run cache) and ``found`` [B] (False: no face, the centre box stands in); otherwise
-  ``({}, None)``.
+  ``({}, None)``. For a text-conditioned target (``text_target``) also each image's caption as
+  token ids (``'ids'``; ``'clid_ids'``: CLiD's degraded captions), encoded in the program.
   """
+  if text_target is not None:
+    captions = captions_lib.Captions(config)
+    clid = 'clid' in names and config.text.clid_captions == 'thirds'
+    inner = make_side_fn(config, names)
+
+    def with_captions(source, indices):
+      side, found = inner(source, indices)
+      texts = captions(source, indices)
+      return {**side, **text_attacks.text_inputs(text_target, texts, clid)}, found
+
+    return with_captions
   if 'drc' not in names or config.drc.mask != 'face':
     return lambda source, indices: ({}, None)
   path = config.drc.face_detector or None

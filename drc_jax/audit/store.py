@@ -14,6 +14,7 @@ to ``W/superseded/<time>/``; nothing is deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -96,6 +97,19 @@ def encoder_digests(config) -> dict[str, str]:
 def description_sha256(target) -> str:
   """SHA-256 of a loaded target's description: its UNet config, its noise schedule's betas and,
   for a latent target, the autoencoder config and latent section."""
+  if getattr(target, 'is_text_conditioned', False):  # a Stable Diffusion-style target
+    doc = {
+      'unet': target.unet.config.to_dict(),
+      'vae': None if target.vae is None else target.vae.config.to_dict(),
+      'text_encoder': dataclasses.asdict(target.text_encoder.config),
+      'tokenizer': target.tokenizer.tokenize(['a photo of a cat', '']).tolist(),
+      'prediction_type': target.prediction_type,
+      'scaling_factor': target.scaling_factor,
+      'betas_sha256': hashlib.sha256(
+        np.asarray(target.schedule.betas, np.float64).tobytes()
+      ).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=list).encode()).hexdigest()
   doc = {
     'unet': target.config.to_dict(),
     'betas_sha256': hashlib.sha256(
@@ -110,7 +124,12 @@ def description_sha256(target) -> str:
 
 def audited_params(target):
   """The params an audit scores with (a latent target: ``{'unet', 'vq'}``), as NumPy arrays."""
-  params = latent_lib.from_target(target)[1] if target.is_latent else target.params
+  if getattr(target, 'is_text_conditioned', False):
+    params = target.params  # {'unet', 'vae', 'text_encoder'}
+  elif target.is_latent:
+    params = latent_lib.from_target(target)[1]
+  else:
+    params = target.params
   return jax.tree_util.tree_map(np.asarray, params)
 
 
@@ -213,6 +232,11 @@ def fingerprint(config, target) -> dict:
     'ema_sha256': target.ema_sha256,
     'description_sha256': target.description_sha256,
   }
+  # a text-conditioned run: the captions and guidance the scores were made under (training's
+  # caption dropout plays no part)
+  text = {}
+  if c.get('text', {}).get('captions'):
+    text = {'text': {k: v for k, v in c['text'].items() if k != 'caption_dropout'}}
   digests = encoder_digests(config)
   if digests:
     identity['encoders_sha256'] = digests
@@ -228,6 +252,7 @@ def fingerprint(config, target) -> dict:
         'attacks': without_later_defaults('attacks', c['attacks']),
         'audit': audit,
         'target': identity,
+        **text,
       },
       default=list,
     )

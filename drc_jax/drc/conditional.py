@@ -139,9 +139,25 @@ class Denoiser:
 
 
 def make_denoiser(target, guidance_scale: float = 1.0) -> Denoiser:
-  """The ``Denoiser`` of a loaded ``SDTarget`` over its full params dict."""
+  """The ``Denoiser`` of a loaded ``SDTarget`` over its full params dict.
+
+  An inpainting UNet given latents alone (the attacks) runs in its text-to-image mode: the whole
+  image to fill (mask 1 everywhere) and the masked image all zeros (its latents those of a
+  uniformly grey image), the fully masked case its training includes."""
+  apply = target.apply_fn
+  if target.is_inpainting:
+    c, f = int(target.latent_channels), int(target.downsampling_factor)
+
+    def apply(params, z, t, context):
+      if z.shape[-1] == c:
+        b, h, w, _ = z.shape
+        grey = latents(target, params, jnp.zeros((1, h * f, w * f, 3), z.dtype))
+        mask = jnp.ones((b, h, w, 1), z.dtype)
+        z = inpaint_unet_input(z, mask, jnp.broadcast_to(grey, (b, h, w, c)))
+      return target.apply_fn(params, z, t, context)
+
   return Denoiser(
-    target.apply_fn,
+    apply,
     target.schedule,
     target.prediction_type,
     float(guidance_scale),
@@ -316,6 +332,7 @@ class ConditionalDrc:
   similarities: Callable
   restored: Callable
   aux: Any = None
+  evidence: Callable | None = None  # (..) -> (degraded, restored) [B, K, H, W, 3] as drc/scorer
 
 
 def make_conditional_drc(cfg, target, null_context=None, guidance_scale=1.0) -> ConditionalDrc:
@@ -347,5 +364,13 @@ def make_conditional_drc(cfg, target, null_context=None, guidance_scale=1.0) -> 
 
     return jax.lax.scan(sim, None, jnp.arange(k_total))[1].T  # [K, B] -> [B, K]
 
+  def evidence(params, key_data, images, aux=None, side=None):
+    def pair(_, k):
+      d, y = one(params, key_data, images, k, aux, side)
+      return None, (d.degraded_image(images.shape[-1]), y)
+
+    degraded, rest = jax.lax.scan(pair, None, jnp.arange(k_total))[1]
+    return jnp.moveaxis(degraded, 0, 1), jnp.moveaxis(rest, 0, 1)  # [B, K, H, W, C]
+
   aux = None if null_context is None else {'null_context': null_context}
-  return ConditionalDrc(k_total * restorer.nfe, restorer, similarities, restored, aux)
+  return ConditionalDrc(k_total * restorer.nfe, restorer, similarities, restored, aux, evidence)

@@ -205,11 +205,12 @@ _MASK_WORDS = {
 }
 
 
-def describe(cfg) -> str:
+def describe(cfg, text=None) -> str:
   """DRC's protocol in words, named for what it is: the variant (the paper's semantic comparison,
   or the pixel variant), restorer and its cost, mask, comparator and aggregation, e.g. "DRC, pixel
   variant: RePaint 50 steps, jumps 10 x 2; random 4x4 patches over 25% removed; masked MSE; mean of
-  K = 2"."""
+  K = 2". ``text``: a text-conditioned run's ``config.text`` (the restorations are then made
+  under each image's caption, with its guidance scale)."""
   variant = 'semantic variant' if cfg.comparator == 'cosine' else 'pixel variant'
   if cfg.restorer == 'repaint':
     jumps = (
@@ -244,4 +245,7 @@ def describe(cfg) -> str:
     'median': f'median of K = {k}',
     'agree': f'agree number of K = {k} votes',
   }.get(how, how)
+  if text is not None and text.get('captions', ''):
+    s = float(text.get('guidance_scale', 1.0))
+    restorer += " under each image's caption" + ('' if s == 1.0 else f', guidance {s:g}')
   return f'DRC, {variant}: {restorer}; {degrade}; {comparator}; {agg}'

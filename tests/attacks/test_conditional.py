@@ -273,7 +273,7 @@ def test_degraded_captions():
 def test_unknown_attack_and_missing_context_are_named(built):
   target = built['sd2'][0]
   with pytest.raises(ValueError, match='config.attacks.names'):
-    attacks_lib.make_conditional_attacks(_config(), target, ['rediffuse'], None)
+    attacks_lib.make_conditional_attacks(_config(), target, ['pfami'], None)
   att = attacks_lib.make_conditional_attacks(_config(), target, ['sima'], None)['sima']
   with pytest.raises(ValueError, match="side\\['context'\\]"):
     att.scores(target.params, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, SIZE, SIZE, 3)))
