@@ -1,9 +1,9 @@
-"""Membership attacks on a text-conditioned latent target (Stable Diffusion, ``targets/sd.py``):
-Loss, SecMI, PIA, PIAN and SimA under the image's own caption, and CLiD. Pure functions; the
-audit runs them through ``make_text_attacks`` and ``make_text_batch_scorer``.
+"""Membership attacks on a text-conditioned target (Stable Diffusion, ``targets/sd.py``): DRC,
+ReDiffuse, Loss, SecMI, PIA, PIAN and SimA under the image's own caption, and CLiD. Pure
+functions; the audit runs them through ``make_text_attacks`` and ``make_text_batch_scorer``.
 
 Every attack has the registry's interface, ``scores(params, key_data [B, 2] uint32, images [B, H,
-W, 3], aux, side) -> [B]`` (higher = member), over the target's params dict
+W, C], aux, side) -> [B]`` (higher = member), over the target's params dict
 (``{'unet', 'vae', 'text_encoder'}``): ``aux = {'null_context': [1, L, D]}`` is the empty
 prompt's context computed once (``drc/conditional.empty_context``), ``side['context']`` [B, L, D]
 each image's caption context (``target.encode_text(target.tokenize(captions))``). The attacks
@@ -329,7 +329,8 @@ def clid(config, target, null_context=None, guidance_scale=1.0) -> registry.Atta
   captions' contexts (absent: the empty caption alone); ``config.attacks`` may set ``clid_t_mid``,
   ``clid_interval``, ``clid_n``, ``clid_alpha``, ``clid_center``, ``clid_scale``. CLiD always uses
   the plain conditional prediction (``guidance_scale`` is ignored, as in the authors' code).
-  ``nfe`` counts the M = 0 case; each degraded caption adds ``clid_n`` calls."""
+  ``nfe`` counts the calls the audit makes: the caption, the empty caption and, with
+  ``config.text.clid_captions='thirds'``, the three degraded captions, at each timestep."""
   del guidance_scale
   a = config.attacks
   den = cond_lib.make_denoiser(target, 1.0)
@@ -351,7 +352,9 @@ def clid(config, target, null_context=None, guidance_scale=1.0) -> registry.Atta
     return clid_th(f, alpha, center, scale)
 
   aux = None if null_context is None else {'null_context': null_context}
-  return registry.Attack('clid', 2 * len(ts), scores, aux)
+  text = config.get('text')
+  m = 3 if text is not None and text.get('clid_captions', 'thirds') == 'thirds' else 0
+  return registry.Attack('clid', (2 + m) * len(ts), scores, aux)
 
 
 CONDITIONAL_ATTACKS: dict[str, Callable[..., registry.Attack]] = {

@@ -36,7 +36,7 @@ def test_every_attack_including_clid_is_scored_held_out(audited):
     assert np.std(v) > 0, name  # a real score per image, not a constant
   assert table['drc/sim'].shape == (32, config.drc.num_restorations)
   assert (w / 'report.html').exists()
-  assert metrics['clid']['nfe_per_image'] == 6  # 3 timesteps x (caption + empty caption)
+  assert metrics['clid']['nfe_per_image'] == 15  # 3 timesteps x (caption, its 3 thirds, empty)
 
 
 def test_resume_scores_nothing_again(audited, caplog):
