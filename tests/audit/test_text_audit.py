@@ -85,3 +85,24 @@ def test_mismatched_conditioning_is_refused(tmp_path):
   plain.attacks.names = 'loss,clid'
   with pytest.raises(validate.ConfigError, match="'clid' needs captions"):
     validate.check(plain)
+
+
+def test_text_target_is_trained_on_its_members_then_audited(tmp_path):
+  """``configs/fashion_mnist_text.py:runlocal`` in one ``--mode=all`` run: the text target is
+  trained in the workdir on the captioned members, loaded as a Stable Diffusion target and
+  audited under each image's caption; a second run trains and scores nothing again."""
+  config = load_config('fashion_mnist_text', 'runlocal')
+  config.attacks.names = 'drc,loss,clid'
+  config.audit.num_samples = 0
+  metrics = modes.run(config, str(tmp_path), 'all')
+  doc = json.loads((tmp_path / 'model.json').read_text())
+  assert doc['vae'] is None and doc['step'] == config.train.steps
+  assert doc['trained_on']['num_members'] == config.split.num_members
+  for name in ('drc', 'loss', 'clid'):
+    assert 0.0 <= metrics[name]['auc'] <= 1.0, name
+  assert "under each image's caption" in metrics['drc']['protocol']
+  shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'scores').glob('*.npz')}
+  unet = (tmp_path / 'unet.safetensors').stat().st_mtime_ns
+  modes.run(config, str(tmp_path), 'all')
+  assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'scores').glob('*.npz')} == shards
+  assert (tmp_path / 'unet.safetensors').stat().st_mtime_ns == unet
