@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -40,21 +39,11 @@ def make_train_step(
   mesh,
 ):
   """Returns a jitted ``step(state, images [B,H,W,C], valid [B], key) -> (state, metrics)``."""
-  num_t = schedule.num_timesteps
 
   def loss_fn(params, images, valid, key):
-    k_t, k_eps, k_flip, k_drop = jax.random.split(key, 4)
-    b = images.shape[0]
-    if tcfg.random_flip:
-      flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
-      images = jnp.where(flip, images[:, :, ::-1, :], images)
-    t = jax.random.randint(k_t, (b,), 0, num_t)
-    eps = jax.random.normal(k_eps, images.shape, images.dtype)
-    x_t = schedule.q_sample(images, t, eps)
+    x_t, t, eps, k_drop = train_common.noised_batch(tcfg, schedule, images, key)
     pred = model.apply_train(params, x_t, t, k_drop)
-    per_example = jnp.mean(jnp.square(pred - eps), axis=(1, 2, 3))  # [B]
-    w = valid.astype(jnp.float32)
-    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return train_common.masked_mean_mse(pred, eps, valid)
 
   step = train_common.make_step(loss_fn, tx, tcfg)  # EMA with warm-up (train_common.ema_decay)
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)

@@ -46,6 +46,28 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step_f) / (10.0 + step_f))
 
 
+def noised_batch(tcfg, schedule, images: jax.Array, key: jax.Array):
+  """A training batch's diffusion inputs: random horizontal flips (``tcfg.random_flip``), t uniform
+  over the schedule, eps normal. Returns ``(x_t, t, eps, k_drop)``, ``k_drop`` the key left for the
+  model's dropout or caption dropout. The key is split the same way in every trainer, so a step
+  draws the same t and eps whatever the model."""
+  k_t, k_eps, k_flip, k_drop = jax.random.split(key, 4)
+  b = images.shape[0]
+  if tcfg.random_flip:
+    flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+    images = jnp.where(flip, images[:, :, ::-1, :], images)
+  t = jax.random.randint(k_t, (b,), 0, schedule.num_timesteps)
+  eps = jax.random.normal(k_eps, images.shape, images.dtype)
+  return schedule.q_sample(images, t, eps), t, eps, k_drop
+
+
+def masked_mean_mse(pred: jax.Array, eps: jax.Array, valid: jax.Array) -> jax.Array:
+  """The epsilon MSE averaged over the valid rows of a padded batch."""
+  per_example = jnp.mean(jnp.square(pred - eps), axis=(1, 2, 3))  # [B]
+  w = valid.astype(jnp.float32)
+  return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def make_step(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransformation, tcfg):
   """The pure train step ``step(state, *batch, key) -> (state, {'loss', 'grad_norm'})`` of
   ``loss_fn(params, *batch, key) -> scalar``: the key folded with the step, one optimizer update,

@@ -179,22 +179,12 @@ def select_context(table, caption_rows, key, dropout: float):
 def make_loss(unet: unet_cond.CondUNet, schedule: schedule_lib.NoiseSchedule, tcfg, dropout: float):
   """``loss(params, images [B,H,W,C], rows int [B], valid [B], table [U+1,L,D], key)``: the
   epsilon MSE at uniform t under each example's context (``select_context``), over valid rows."""
-  num_t = schedule.num_timesteps
 
   def loss_fn(params, images, rows, valid, table, key):
-    k_t, k_eps, k_flip, k_drop = jax.random.split(key, 4)
-    b = images.shape[0]
-    if tcfg.random_flip:
-      flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
-      images = jnp.where(flip, images[:, :, ::-1, :], images)
-    t = jax.random.randint(k_t, (b,), 0, num_t)
-    eps = jax.random.normal(k_eps, images.shape, images.dtype)
-    x_t = schedule.q_sample(images, t, eps)
+    x_t, t, eps, k_drop = train_common.noised_batch(tcfg, schedule, images, key)
     context, _ = select_context(table, rows, k_drop, dropout)
     pred = unet.apply(params, x_t, t, context)
-    per_example = jnp.mean(jnp.square(pred - eps), axis=(1, 2, 3))  # [B]
-    w = valid.astype(jnp.float32)
-    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return train_common.masked_mean_mse(pred, eps, valid)
 
   return loss_fn
 
