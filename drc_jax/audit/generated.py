@@ -3,7 +3,8 @@
 Attacks flag a model's generations as training members (Tracing the Roots, arXiv 2411.07449), and
 a restoration score such as DRC's is exposed to it by construction: a model restores what it
 generates well. A user who audits scraped images that may be generations needs that rate. So the
-audit scores the samples of the sample check (``samples.py``: deterministic DDIM from pure noise)
+audit scores the samples of the sample check (``samples.py``: deterministic DDIM from pure noise;
+a text-conditioned target's under the held-out real non-members' captions, and scored under them)
 with every attack, as known non-members, and reports each attack's false-positive rate on them at
 its calibrated threshold (fit on the calibration part), beside its held-out false-positive rate on
 real non-members, both with 95% Wilson intervals.
@@ -17,6 +18,7 @@ so a report redraws without scoring them again.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import types
@@ -38,13 +40,15 @@ GENERATED_FILE = 'generated.npz'
 class SampleSource:
   """The target's samples as an ``ImageSource``: uint8 images, no labels."""
 
-  def __init__(self, samples: np.ndarray):
+  def __init__(self, samples: np.ndarray, captions: list[str] | None = None):
     x = np.asarray(samples, np.float64)
     self.images = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     self.name = 'generated samples of the target'
     self.label_names = ()
-    # a text-conditioned target samples under the empty prompt (samples.make_text_sampler)
-    self.captions = [''] * len(self.images)
+    # a text-conditioned target's samples are audited under the prompts they were sampled with
+    self.captions = [''] * len(self.images) if captions is None else list(captions)
+    if len(self.captions) != len(self.images):
+      raise ValueError(f'SampleSource: {len(self.captions)} captions, {len(self.images)} samples')
 
   def __len__(self) -> int:
     return len(self.images)
@@ -71,10 +75,11 @@ def _data_config(data_cfg):
   )
 
 
-def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
+def score_samples(config, scorer, samples: np.ndarray, captions=None) -> dict[str, np.ndarray]:
   """Every attack's scores of the samples ``[S, H, W, C]`` in [-1, 1]: ``{name: float64 [S]}``
-  (DRC: its K similarities [S, K]; ``control`` turns them into its audited score)."""
-  source = SampleSource(samples)
+  (DRC: its K similarities [S, K]; ``control`` turns them into its audited score); a
+  text-conditioned target's under ``captions``, the samples' prompts."""
+  source = SampleSource(samples, captions)
   data_cfg = _data_config(config.data)
   names = scorer.names
   bs = config.audit.batch_size
@@ -95,18 +100,19 @@ def score_samples(config, scorer, samples: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def load_or_score(
-  config, workdir: str, scorer, samples: np.ndarray, fingerprint: str
+  config, workdir: str, scorer, samples: np.ndarray, fingerprint: str, captions=None
 ) -> dict[str, np.ndarray]:
-  """``score_samples``, kept in ``W/generated.npz`` for this fingerprint and these samples."""
-  ident = json.dumps(
-    {
-      'fingerprint': fingerprint,
-      'samples_sha256': data_lib.image_hashes(SampleSource(samples).images),
-      'names': list(scorer.names),
-      'drc': 'similarities [S, K]',
-    },
-    sort_keys=True,
-  )
+  """``score_samples``, kept in ``W/generated.npz`` for this fingerprint, these samples and their
+  captions."""
+  fields = {
+    'fingerprint': fingerprint,
+    'samples_sha256': data_lib.image_hashes(SampleSource(samples).images),
+    'names': list(scorer.names),
+    'drc': 'similarities [S, K]',
+  }
+  if captions is not None:
+    fields['captions_sha256'] = hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest()
+  ident = json.dumps(fields, sort_keys=True)
   path = epath.Path(workdir) / GENERATED_FILE
   if path.exists():
     try:
@@ -116,7 +122,7 @@ def load_or_score(
         return {n: np.asarray(z[f'score/{n}'], np.float64) for n in scorer.names}
     except (OSError, ValueError, KeyError):
       pass  # unreadable or of another version: scored again and replaced
-  scores = score_samples(config, scorer, samples)
+  scores = score_samples(config, scorer, samples, captions)
   if parallel.is_writer():
     buf = io.BytesIO()
     np.savez(buf, ident=np.asarray(ident), **{f'score/{n}': v for n, v in scores.items()})

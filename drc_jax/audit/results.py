@@ -20,6 +20,7 @@ from drc_jax.audit import report as report_lib
 from drc_jax.audit import samples as samples_lib
 from drc_jax.audit import suspects as suspects_lib
 from drc_jax.core import errors, fileio, parallel, progress, records, streams
+from drc_jax.data import captions as captions_lib
 from drc_jax.data import sources as data_lib
 from drc_jax.drc import scorer as drc_lib
 
@@ -173,7 +174,7 @@ def write_results(config, workdir: str, scorer, source: data_lib.ImageSource) ->
     # The generated-image control: the samples scored by every attack, as known non-members.
     digest = store.fingerprint_digest(store.fingerprint(config, target))
     gen_scores = generated_lib.load_or_score(
-      config, workdir, scorer, sample_info['samples'], digest
+      config, workdir, scorer, sample_info['samples'], digest, sample_info['prompts']
     )
     for name, entry in generated_lib.control(metrics, gen_scores).items():
       metrics[name]['generated'] = _json_safe(entry)
@@ -322,6 +323,10 @@ def _samples(config, workdir: str, table, scorer, source) -> dict | None:
   # floor and the real set of precision / recall.
   calibration, _, _ = data_lib.load_images(source, table['index'][non & ~heldout], config.data)
   nonmembers, _, _ = data_lib.load_images(source, table['index'][non & heldout], config.data)
+  prompts = None
+  if scorer.target.is_text_conditioned:  # sampled under the held-out non-members' captions
+    heldout_captions = captions_lib.Captions(config)(source, table['index'][non & heldout])
+    prompts = samples_lib.sample_prompts(heldout_captions, num)
   info = samples_lib.load_or_generate(
     workdir,
     scorer.target,
@@ -332,6 +337,7 @@ def _samples(config, workdir: str, table, scorer, source) -> dict | None:
     num=num,
     seed=config.seed,
     batch_size=config.audit.batch_size,
+    prompts=prompts,
   )
   info['nearest_index'] = member_idx[info['nearest_pos']]  # dataset index of each nearest member
   return info

@@ -29,6 +29,7 @@ A report warns when precision < 0.5 or more than a quarter of the samples are no
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import types
@@ -74,39 +75,52 @@ def make_sampler(model, schedule, steps: int = 50):
 
 
 def make_text_sampler(target, image_shape, steps: int = 50):
-  """``sample(params, key_data [B, 2]) -> [B, H, W, C]`` of a text-conditioned target: DDIM
-  (eta = 0) from pure noise under the empty prompt, unguided (the model's unconditional branch,
-  which caption dropout trained), nothing known; an inpainting UNet is given the whole image to
-  fill. ``image_shape`` (H, W, C) is the audit's image size."""
+  """``sample(params, key_data [B, 2], ids [B, L]) -> [B, H, W, C]`` of a text-conditioned target:
+  DDIM (eta = 0) from pure noise under each sample's prompt (its token ids, encoded by the
+  target's text tower in the program), unguided (the model's conditional prediction), nothing
+  known; an inpainting UNet is given the whole image to fill. ``image_shape`` (H, W, C) is the
+  audit's image size."""
   cfg = types.SimpleNamespace(
     restorer='ddim', steps=steps, t_start=target.schedule.num_timesteps, eta=0.0
   )
   restore = cond_lib.make_restorer(cfg, target, 1.0).restore
-  null_ids = jnp.asarray(target.tokenize(['']), jnp.int32)
 
-  def sample(params, key_data):
+  def sample(params, key_data, ids):
     b = key_data.shape[0]
     zeros = jnp.zeros((b, *image_shape), jnp.float32)
     nothing_known = degrade_lib.Degradation(zeros, jnp.zeros((b, *image_shape[:2], 1), jnp.float32))
-    null = target.encode_text_fn(params, null_ids)
-    context = jnp.broadcast_to(null, (b,) + null.shape[1:])
+    context = target.encode_text_fn(params, ids)
     return restore(params, key_data, zeros, nothing_known, context, None)
 
   return sample
 
 
-def generate(sample_fn, params, num: int, seed: int, *, batch_size: int = 64) -> np.ndarray:
+def sample_prompts(captions: list[str], num: int) -> list[str]:
+  """The prompts of ``num`` samples of a text-conditioned target: ``captions`` (the held-out real
+  non-members' captions, in split order) repeated, so sample i has caption i mod len."""
+  if not captions:
+    raise ValueError('sample_prompts: no captions to sample under')
+  return [captions[i % len(captions)] for i in range(num)]
+
+
+def generate(
+  sample_fn, params, num: int, seed: int, *, batch_size: int = 64, inputs: np.ndarray | None = None
+) -> np.ndarray:
   """``num`` samples [num, H, W, C] in [-1, 1] from ``sample_fn`` (``make_sampler``, jitted).
 
   Sample i starts from the noise of key ``fold_in(fold_in(key(seed), streams.SAMPLES), i)``, so a
-  sample does not depend on the batch size.
+  sample does not depend on the batch size. ``inputs`` [num, ...] (a text target's prompt ids):
+  row i goes to sample i, ``sample_fn(params, keys, inputs_of_the_batch)``.
   """
   out = []
   bar = progress.Progress('sampling the target', num, 'samples')
   for lo in range(0, num, batch_size):
     idx = np.arange(lo, lo + batch_size)
     keys = drc_lib.image_keys(seed, streams.SAMPLES, idx)
-    out.append(np.asarray(sample_fn(params, keys)))
+    if inputs is None:
+      out.append(np.asarray(sample_fn(params, keys)))
+    else:  # the last batch is padded with the last row
+      out.append(np.asarray(sample_fn(params, keys, inputs[np.minimum(idx, num - 1)])))
     bar.update(min(batch_size, num - lo))
   bar.close()
   return np.concatenate(out)[:num]
@@ -263,23 +277,30 @@ def load_or_generate(
   seed: int,
   steps: int = 50,
   batch_size: int = 64,
+  prompts: list[str] | None = None,
 ) -> dict[str, Any]:
   """Samples and their figures, cached in ``W/samples.npz`` for this target, seed and size.
 
-  ``sample_fn``: ``make_sampler(target.model, target.schedule, steps)``, jitted by the caller;
-  ``nonmembers`` and ``calibration_nonmembers`` as in ``quality``.
+  ``sample_fn``: ``make_sampler(target.model, target.schedule, steps)``, jitted by the caller (a
+  text-conditioned target: ``make_text_sampler``, with ``prompts``, one per sample, tokenized by
+  the target); ``nonmembers`` and ``calibration_nonmembers`` as in ``quality``. The result holds
+  ``prompts`` too.
   """
-  ident = json.dumps(
-    {
-      'target': str(target.path),
-      'step': int(target.step),
-      'num': num,
-      'seed': seed,
-      'steps': steps,
-      'members': len(members),
-    },
-    sort_keys=True,
-  )
+  fields = {
+    'target': str(target.path),
+    'step': int(target.step),
+    'num': num,
+    'seed': seed,
+    'steps': steps,
+    'members': len(members),
+  }
+  inputs = None
+  if prompts is not None:
+    if len(prompts) != num:
+      raise ValueError(f'load_or_generate: {len(prompts)} prompts for {num} samples')
+    fields['prompts_sha256'] = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+    inputs = np.asarray(target.model.tokenize(list(prompts)), np.int32)
+  ident = json.dumps(fields, sort_keys=True)
   path = epath.Path(workdir) / SAMPLES_FILE
   samples = None
   if path.exists():
@@ -288,7 +309,7 @@ def load_or_generate(
     if str(z['ident']) == ident:
       samples = z['samples']
   if samples is None:
-    samples = generate(sample_fn, target.params, num, seed, batch_size=batch_size)
+    samples = generate(sample_fn, target.params, num, seed, batch_size=batch_size, inputs=inputs)
     buf = io.BytesIO()
     np.savez(buf, samples=samples, ident=np.asarray(ident))
     if parallel.is_writer():  # every process computes the same samples; process 0 writes them
@@ -303,6 +324,7 @@ def load_or_generate(
     'nearest_pos': nearest,
     'nearest_distance': d_nearest,
     'is_copy': is_copy,
+    'prompts': None if prompts is None else list(prompts),
   }
 
 

@@ -2,16 +2,20 @@
 Stable Diffusion on Fashion-MNIST captioned by class): every attack including CLiD in one run, the
 captions flowing from the data to the restorations, resume, and the refusals."""
 
+import hashlib
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import load_config
 
 from drc_jax import api
-from drc_jax.audit import modes, store, validate
+from drc_jax.audit import modes, results, samples, store, validate
 from drc_jax.audit import scoring as A
+from drc_jax.data import captions
 from drc_jax.data import sources as D
+from drc_jax.targets.load import load_target
 
 NAMES = ['drc', 'loss', 'secmi', 'pia', 'pian', 'sima', 'rediffuse', 'clid']
 
@@ -37,6 +41,35 @@ def test_every_attack_including_clid_is_scored_held_out(audited):
   assert table['drc/sim'].shape == (32, config.drc.num_restorations)
   assert (w / 'report.html').exists()
   assert metrics['clid']['nfe_per_image'] == 15  # 3 timesteps x (caption, its 3 thirds, empty)
+
+
+def test_samples_are_drawn_and_scored_under_the_heldout_nonmembers_captions(audited):
+  config, w, _ = audited
+  table = store.load_scores(
+    w, store.fingerprint_digest(json.loads((w / store.AUDIT_CONFIG).read_text()))
+  )
+  idx = table['index'][(table['split'] == 0) & results.heldout_rows(config, table)]
+  source = D.make_source(config.data)
+  expected = samples.sample_prompts(captions.Captions(config)(source, idx), 8)
+  assert len(set(expected)) > 1  # class captions of several classes
+  digest = hashlib.sha256(json.dumps(expected).encode()).hexdigest()
+  ident = json.loads(str(np.load(w / 'samples.npz')['ident']))
+  assert ident['prompts_sha256'] == digest
+  assert json.loads(str(np.load(w / 'generated.npz')['ident']))['captions_sha256'] == digest
+
+
+def test_text_sampler_follows_each_prompt_whatever_the_batch():
+  target = load_target('random:sd-tiny')
+  sample = jax.jit(samples.make_text_sampler(target, (32, 32, 3), steps=3))
+  prompts = samples.sample_prompts(['a photo of a bag', 'a photo of a sneaker', ''], 5)
+  assert prompts[3:] == ['a photo of a bag', 'a photo of a sneaker']
+  ids = np.asarray(target.tokenize(prompts), np.int32)
+  one = samples.generate(sample, target.params, 5, seed=0, batch_size=2, inputs=ids)
+  other = samples.generate(sample, target.params, 5, seed=0, batch_size=4, inputs=ids)
+  np.testing.assert_allclose(one, other, atol=1e-5)
+  swapped = samples.generate(sample, target.params, 5, seed=0, batch_size=4, inputs=ids[::-1])
+  assert np.abs(swapped[0] - one[0]).max() > 1e-3  # sample 0 under another prompt
+  np.testing.assert_allclose(swapped[2], one[2], atol=1e-5)  # the middle prompt is the same
 
 
 def test_resume_scores_nothing_again(audited, caplog):
