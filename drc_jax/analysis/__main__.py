@@ -8,6 +8,7 @@
   python -m drc_jax.analysis thresholds --workdir=W   # the shipped target's calibration scores
   python -m drc_jax.analysis black-box --out=runs/black_box --audit_workdir=runs/fashion_mnist
   python -m drc_jax.analysis drc-rules --workdir=runs/fashion_mnist   # DRC's mean/median/agree
+  python -m drc_jax.analysis compare --workdir=W [--against=W2]   # attacks or audits, paired
 
 Each tool defines only its own flags; ``TOOL --help`` lists them. Errors in what a user gives are
 one line and exit status 2, as for ``python -m drc_jax.main``.
@@ -23,7 +24,16 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from drc_jax.analysis import bench, black_box, drc_rules, export, frontier, steps_curve, sweep
+from drc_jax.analysis import (
+  bench,
+  black_box,
+  compare,
+  drc_rules,
+  export,
+  frontier,
+  steps_curve,
+  sweep,
+)
 from drc_jax.core import config_base, errors, parallel
 from drc_jax.targets import shipped
 
@@ -234,6 +244,28 @@ def _drc_rules() -> None:
   print(epath.Path(F.out, 'drc_rules.md').read_text())
 
 
+def _compare_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'A finished audit workdir.')
+  flags.DEFINE_string('against', '', 'A second audit of the same images: W minus it per attack.')
+  flags.DEFINE_string('reference', 'drc', 'One workdir: the attack the others are compared with.')
+  flags.DEFINE_string('attacks', '', 'Comma list of attacks (default: every one scored).')
+  flags.DEFINE_string('out', 'runs/compare', 'Output directory.')
+  flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples of each interval.')
+
+
+def _compare() -> None:
+  _require('workdir')
+  compare.run(
+    F.workdir,
+    F.out,
+    against=F.against,
+    reference=F.reference,
+    attacks=F.attacks,
+    bootstrap=F.bootstrap,
+  )
+  print(epath.Path(F.out, 'compare.md').read_text())
+
+
 # tool -> (define its flags, run it)
 TOOLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
   'sweep': (lambda: _grid_flags('runs/sweep'), _sweep),
@@ -244,6 +276,7 @@ TOOLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
   'thresholds': (_thresholds_flags, _thresholds),
   'black-box': (_black_box_flags, _black_box),
   'drc-rules': (_drc_rules_flags, _drc_rules),
+  'compare': (_compare_flags, _compare),
 }
 
 
