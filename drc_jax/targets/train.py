@@ -19,7 +19,6 @@ from etils import epath
 
 from drc_jax.core import export_cache, parallel, progress, streams
 from drc_jax.core import schedule as schedule_lib
-from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.models import unet as model_lib
 from drc_jax.targets import checkpoints, train_common, train_text
@@ -66,13 +65,7 @@ def train(config, workdir: str) -> State:
   if config.get('text_model'):
     return train_text.train(config, workdir, jax.jit)
   tcfg = config.train
-  parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
-  mesh = parallel.make_mesh()
-  source = splits_lib.run_source(config)
-  split = splits_lib.resolve(config.split, source, workdir, write=False)
-  members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
-  logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
-  data_identity = splits_lib.training_data(config, source, split)
+  mesh, source, split, members, data_identity = train_common.member_data(config, workdir)
 
   unet_cfg, model, params, schedule, tx = build(config)
   model_json = epath.Path(workdir) / checkpoints.MODEL_JSON

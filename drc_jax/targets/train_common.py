@@ -1,5 +1,6 @@
 """What the two trainers share (``targets/train.py``, the DDPM; ``targets/train_text.py``, a
-text-conditioned UNet): the optimizer, the training state, one pure train step with the EMA
+text-conditioned UNet): the member images, the optimizer, the training state, the noised batch
+and its loss, one pure train step with the EMA
 warm-up, the batch order and the loop that logs, checks the loss and checkpoints.
 
 The pure step is jitted by the trainer's program boundary (``targets/train.py``). The data order is
@@ -16,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
-from drc_jax.core import errors, progress
+from drc_jax.core import errors, parallel, progress
+from drc_jax.data import sources as data_lib
+from drc_jax.data import splits as splits_lib
 
 State = dict[str, Any]  # {'step', 'params', 'ema_params', 'opt_state'}
 
@@ -44,6 +48,19 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
   random initial weights (0.999^1000 would keep 37%)."""
   step_f = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + step_f) / (10.0 + step_f))
+
+
+def member_data(config, workdir: str):
+  """What every trainer starts from: ``(mesh, source, split, members [N, H, W, C], data
+  identity)``, the batch size checked against the devices and the split read (or drawn) but not
+  written (the trainer writes it with its first checkpoint)."""
+  parallel.check_batch_size(config.train.batch_size, 'config.train.batch_size')
+  mesh = parallel.make_mesh()
+  source = splits_lib.run_source(config)
+  split = splits_lib.resolve(config.split, source, workdir, write=False)
+  members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
+  logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
+  return mesh, source, split, members, splits_lib.training_data(config, source, split)
 
 
 def noised_batch(tcfg, schedule, images: jax.Array, key: jax.Array):

@@ -43,7 +43,6 @@ from etils import epath
 from drc_jax.core import errors, parallel, progress, streams
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.data import captions as captions_lib
-from drc_jax.data import sources as data_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.models import clip_text, clip_tokenizer, unet_cond
 from drc_jax.models import unet as unet_lib
@@ -301,13 +300,7 @@ def train(config, workdir: str, compile_fn: Callable) -> train_common.State:
   ``config.train.steps`` (module docstring); ``compile_fn`` is ``jax.jit`` (``targets/train.py``).
   """
   tcfg = config.train
-  parallel.check_batch_size(tcfg.batch_size, 'config.train.batch_size')
-  mesh = parallel.make_mesh()
-  source = splits_lib.run_source(config)
-  split = splits_lib.resolve(config.split, source, workdir, write=False)
-  members, _, _ = data_lib.load_images(source, split.members, config.data)  # [N, H, W, C]
-  logging.info('training on %d members of %s at %s', len(members), source.name, members.shape)
-  data_identity = splits_lib.training_data(config, source, split)
+  mesh, source, split, members, data_identity = train_common.member_data(config, workdir)
 
   unet_cfg = unet_config(config)
   files = tokenizer_files(config)
