@@ -222,3 +222,14 @@ def test_parse_arg_booleans(arg, want):
 def test_parse_arg_refuses_typos(arg, match):
   with pytest.raises(ValueError, match=match):
     config_base.parse_arg(arg, runlocal=False, res=32)
+
+
+def test_test_modules_have_unique_names():
+  """pytest imports test files by basename (no packages under tests/): two files of one name in
+  different folders stop the whole run at collection."""
+  names = {}
+  for root, _, files in os.walk(os.path.join(REPO, 'tests')):
+    for f in files:
+      if f.startswith('test_') and f.endswith('.py'):
+        names.setdefault(f, []).append(os.path.relpath(os.path.join(root, f), REPO))
+  assert not {f: p for f, p in names.items() if len(p) > 1}
