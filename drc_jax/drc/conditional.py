@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drc_jax.core import schedule as schedule_lib
 from drc_jax.core import streams
@@ -143,15 +144,26 @@ def make_denoiser(target, guidance_scale: float = 1.0) -> Denoiser:
 
   An inpainting UNet given latents alone (the attacks) runs in its text-to-image mode: the whole
   image to fill (mask 1 everywhere) and the masked image all zeros (its latents those of a
-  uniformly grey image), the fully masked case its training includes."""
+  uniformly grey image), the fully masked case its training includes. Those grey latents are
+  encoded once per latent shape from the target's own weights (as ``empty_context``), not at
+  every UNet call of an attack's loop."""
   apply = target.apply_fn
   if target.is_inpainting:
     c, f = int(target.latent_channels), int(target.downsampling_factor)
+    grey_by_shape: dict[tuple, np.ndarray] = {}
+
+    def grey_latents(h: int, w: int, dtype) -> np.ndarray:
+      key = (h, w, jnp.dtype(dtype).name)
+      if key not in grey_by_shape:
+        with jax.ensure_compile_time_eval():  # a constant of the program, computed now
+          grey = latents(target, target.params, jnp.zeros((1, h * f, w * f, 3), dtype))
+          grey_by_shape[key] = np.asarray(grey)
+      return grey_by_shape[key]
 
     def apply(params, z, t, context):
       if z.shape[-1] == c:
         b, h, w, _ = z.shape
-        grey = latents(target, params, jnp.zeros((1, h * f, w * f, 3), z.dtype))
+        grey = jnp.asarray(grey_latents(h, w, z.dtype))
         mask = jnp.ones((b, h, w, 1), z.dtype)
         z = inpaint_unet_input(z, mask, jnp.broadcast_to(grey, (b, h, w, c)))
       return target.apply_fn(params, z, t, context)
