@@ -256,6 +256,23 @@ def clid_timesteps(t_mid: int = CLID_T_MID, interval: int = CLID_INTERVAL, n: in
   return sorted(below + above)
 
 
+def config_clid_timesteps(config) -> list[int]:
+  """CLiD's timesteps under ``config.attacks`` (``clid_t_mid``, ``clid_interval``, ``clid_n``)."""
+  a = config.attacks
+  return clid_timesteps(
+    int(_get(a, 'clid_t_mid', CLID_T_MID)),
+    int(_get(a, 'clid_interval', CLID_INTERVAL)),
+    int(_get(a, 'clid_n', CLID_N)),
+  )
+
+
+def clid_weakens_captions(config) -> bool:
+  """Whether CLiD scores each caption's three character thirds (``config.text.clid_captions``
+  'thirds', the default) besides the empty caption (the audit then sends their ids)."""
+  text = config.get('text')
+  return text is not None and text.get('clid_captions', 'thirds') == 'thirds'
+
+
 def degraded_captions(
   caption: str,
   importance: Sequence[float] | None = None,
@@ -334,11 +351,7 @@ def clid(config, target, null_context=None, guidance_scale=1.0) -> registry.Atta
   del guidance_scale
   a = config.attacks
   den = cond_lib.make_denoiser(target, 1.0)
-  ts = clid_timesteps(
-    int(_get(a, 'clid_t_mid', CLID_T_MID)),
-    int(_get(a, 'clid_interval', CLID_INTERVAL)),
-    int(_get(a, 'clid_n', CLID_N)),
-  )
+  ts = config_clid_timesteps(config)
   if min(ts) < 0 or max(ts) >= den.schedule.num_timesteps:
     raise ValueError(f'config.attacks.clid_t_mid: timesteps {ts} outside [0, T)')
   feats = clid_features(den, ts)
@@ -352,8 +365,7 @@ def clid(config, target, null_context=None, guidance_scale=1.0) -> registry.Atta
     return clid_th(f, alpha, center, scale)
 
   aux = None if null_context is None else {'null_context': null_context}
-  text = config.get('text')
-  m = 3 if text is not None and text.get('clid_captions', 'thirds') == 'thirds' else 0
+  m = 3 if clid_weakens_captions(config) else 0
   return registry.Attack('clid', (2 + m) * len(ts), scores, aux)
 
 
@@ -374,10 +386,14 @@ def make_conditional_attacks(
 ) -> dict[str, registry.Attack]:
   """The named attacks (of ``CONDITIONAL_ATTACKS``) on a text-conditioned target, as pure
   functions; ``null_context`` is ``drc/conditional.empty_context(target)``, computed once."""
+  _check_names(names)
+  return {n: CONDITIONAL_ATTACKS[n](config, target, null_context, guidance_scale) for n in names}
+
+
+def _check_names(names: Sequence[str]) -> None:
   unknown = [n for n in names if n not in CONDITIONAL_ATTACKS]
   if unknown:
     raise ValueError(f'config.attacks.names: {unknown} have no text-conditional version')
-  return {n: CONDITIONAL_ATTACKS[n](config, target, null_context, guidance_scale) for n in names}
 
 
 # ----------------------------------------------------------------------------- the audit's use
@@ -390,9 +406,7 @@ def make_text_attacks(config, target, names: Sequence[str]) -> dict[str, registr
   here, once, and travels as each attack's ``aux``."""
   null = jnp.asarray(cond_lib.empty_context(target))
   text = config.text
-  unknown = [n for n in names if n not in CONDITIONAL_ATTACKS]
-  if unknown:
-    raise ValueError(f'config.attacks.names: {unknown} have no text-conditional version')
+  _check_names(names)
   return {
     n: CONDITIONAL_ATTACKS[n](
       config,

@@ -73,7 +73,7 @@ class AuditedTarget:
     if self.is_text_conditioned:  # SDTarget: the UNet, autoencoder and text tower as one
       self.model = target
       h = w = config.data.resolution
-      c = target.vae.config.in_channels if target.vae is not None else target.latent_channels
+      c = target.image_channels
       f = target.downsampling_factor * target.unet.config.downsampling_factor
       if h % f:
         raise validate.ConfigError(
@@ -216,7 +216,7 @@ def make_side_fn(config, names: list[str], text_target=None) -> Callable:
   """
   if text_target is not None:
     captions = captions_lib.Captions(config)
-    clid = 'clid' in names and config.text.clid_captions == 'thirds'
+    clid = 'clid' in names and text_attacks.clid_weakens_captions(config)
     inner = make_side_fn(config, names)
 
     def with_captions(source, indices):

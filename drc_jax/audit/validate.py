@@ -8,10 +8,12 @@ import re
 
 import jax
 
+from drc_jax.attacks import conditional as text_attacks
 from drc_jax.attacks import registry as attacks_lib
 from drc_jax.audit import calibration as calibration_lib
 from drc_jax.audit import combiners as combiners_lib
 from drc_jax.core import errors, streams
+from drc_jax.data import captions as captions_lib
 from drc_jax.data import splits as splits_lib
 from drc_jax.drc import compare as compare_lib
 from drc_jax.drc import degrade as degrade_lib
@@ -45,7 +47,7 @@ def _require(ok: bool, msg: str) -> None:
 
 def attack_names(config) -> list[str]:
   names = [n.strip() for n in config.attacks.names.split(',') if n.strip()]
-  text = bool(config.get('text') and config.text.get('captions', ''))
+  text = captions_lib.is_text_conditioned(config)
   known = ATTACKS + TEXT_ONLY_ATTACKS
   for n in names:
     _require(n in known, f'config.attacks.names: unknown attack {n!r}; known: {known}')
@@ -300,11 +302,14 @@ def check_timesteps(config, T: int, where: str, names=None) -> None:
   a, r = config.attacks, config.drc
   fields = {'loss': ('loss_t',), 'pia': ('pia_t',), 'pian': ('pia_t',), 'sima': ('sima_t',)}
   if 'clid' in names:
-    t_mid = a.get('clid_t_mid', 450)
+    try:
+      ts = text_attacks.config_clid_timesteps(config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
     _require(
-      t_mid - 10 >= 0 and t_mid + 10 < T,
-      f'config.attacks.clid_t_mid: {t_mid} needs t_mid - 10 and t_mid + 10 in [0, {T}) '
-      f'({where}: {T})',
+      min(ts) >= 0 and max(ts) < T,
+      f'config.attacks.clid_t_mid: {a.get("clid_t_mid", text_attacks.CLID_T_MID)} gives CLiD '
+      f'timesteps {ts}, not all in [0, {T}) ({where}: {T})',
     )
   for name in names:
     for f in fields.get(name, ()):
